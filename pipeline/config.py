@@ -1,0 +1,216 @@
+"""Typed configuration: YAML recipe -> dataclasses, CLI flags override, unknown keys are errors.
+
+Every stage declares its arguments as dataclasses (plus a transformers/TRL training-arguments class)
+and calls `parse_config`. The YAML file named by `--config` (or `--preset NAME`, which means
+`configs/NAME/<stage>.yaml`) is turned into flags placed *before* the user's flags, so argparse does
+the type checking for both and the command line wins. TRL's own parser silently ignores unknown YAML
+keys; we refuse them, because a typo in a recipe should not silently train the wrong model.
+
+Errors the user can fix are raised as `UsageError` and printed as one line by `run_cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UsageError(message)
+
+
+def run_cli(main: Callable[..., Any]) -> None:
+    """Run a stage's `main()` as a command: user errors become one line on stderr and exit code 2."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def presets() -> list[str]:
+    return sorted(p.name for p in CONFIGS_DIR.iterdir() if p.is_dir() and p.name != "accelerate")
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        fail(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        fail(f"config file {path} is not valid YAML: {first_line}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        fail(f"config file {path} must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _pop_flag(argv: list[str], name: str) -> str | None:
+    """Remove `--name VALUE` / `--name=VALUE` from argv and return VALUE (the last one wins)."""
+    value = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == f"--{name}":
+            if i + 1 >= len(argv):
+                fail(f"flag --{name} needs a value")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+            del argv[i]
+        else:
+            i += 1
+    return value
+
+
+def _yaml_to_argv(values: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue  # `key: null` keeps the dataclass default
+        if isinstance(value, (list, tuple)):
+            if not value:
+                continue
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, bool):
+            argv += [f"--{key}", "true" if value else "false"]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _field_names(dataclass_types) -> set[str]:
+    return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
+
+
+def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] | None = None):
+    """Parse `--config`/`--preset` YAML plus CLI flags into instances of `dataclass_types`.
+
+    Returns the instances in order, with `config_file` (Path or None) appended.
+    """
+    from transformers import HfArgumentParser
+
+    class StrictParser(HfArgumentParser):
+        def error(self, message):  # argparse would print usage and exit; we want one line
+            raise UsageError(message)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_arg = _pop_flag(argv, "config")
+    preset = _pop_flag(argv, "preset")
+    if config_arg and preset:
+        fail("give either --config or --preset, not both")
+    config_file = None
+    if preset:
+        if preset not in presets():
+            fail(f"unknown preset '{preset}'{_did_you_mean(preset, presets())}; choose from {', '.join(presets())}")
+        config_file = CONFIGS_DIR / preset / f"{stage}.yaml"
+    elif config_arg:
+        config_file = Path(config_arg)
+
+    known = _field_names(dataclass_types)
+    yaml_values = load_yaml(config_file) if config_file else {}
+    for key in yaml_values:
+        if key not in known:
+            fail(f"{config_file}: unknown key '{key}'{_did_you_mean(key, known)}")
+    for arg in argv:
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            if key not in known and key not in ("help", "h"):
+                fail(f"unknown flag --{key}{_did_you_mean(key, known)}")
+
+    parser = StrictParser(dataclass_types, allow_abbrev=False)
+    full_argv = _yaml_to_argv(yaml_values) + argv
+    if "bf16" in known and on_cpu_only():
+        full_argv += _cpu_precision(full_argv)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+    except UsageError as err:
+        message = str(err)
+        cli_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+        from_yaml = [k for k in yaml_values if f"--{k}" in message and k not in cli_keys]
+        raise UsageError(f"{config_file}: {message}" if from_yaml else message) from None
+    except (ValueError, TypeError) as err:  # raised by a dataclass __post_init__ validation
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(first_line) from None
+    return (*parsed, config_file)
+
+
+def _cpu_precision(argv: list[str]) -> list[str]:
+    """Mixed precision on a CPU-only machine: train in fp32 (fastest for small models on CPU, and
+    transformers/TRL refuse bf16 without a GPU) and say so, so one recipe runs on both."""
+
+    def last_value(flag: str) -> str:
+        where = [i for i, arg in enumerate(argv) if arg == flag]
+        if not where:
+            return "false"
+        nxt = argv[where[-1] + 1 : where[-1] + 2]
+        return nxt[0] if nxt and not nxt[0].startswith("--") else "true"
+
+    asked = [f for f in ("bf16", "fp16") if last_value(f"--{f}").lower() not in ("false", "0", "no")]
+    if asked and main_process():
+        print(f"note: --{asked[0]} ignored: no GPU here, training in fp32", file=sys.stderr)
+    return ["--bf16", "false", "--fp16", "false"]
+
+
+def to_dict(obj) -> dict[str, Any]:
+    if hasattr(obj, "to_dict"):  # TrainingArguments: serialises enums, hides tokens
+        return obj.to_dict()
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(obj).items()}
+
+
+SECRET_KEYS = ("token", "hub_token", "push_to_hub_token")
+
+
+def resolved_config(*objs, config_file: Path | None = None) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for obj in objs:
+        merged.update(to_dict(obj))
+    for key in SECRET_KEYS:  # never write a Hub token to disk
+        if merged.get(key):
+            merged[key] = "<redacted>"
+    merged["config_file"] = str(config_file) if config_file else None
+    return merged
+
+
+def save_resolved_config(path: Path, *objs, config_file: Path | None = None) -> None:
+    from pipeline.runs import atomic_write_text
+
+    text = yaml.safe_dump(resolved_config(*objs, config_file=config_file), sort_keys=True, allow_unicode=True)
+    atomic_write_text(path, text)
+
+
+def on_cpu_only() -> bool:
+    import torch
+
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
+def main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

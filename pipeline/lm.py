@@ -1,0 +1,180 @@
+"""Language-model pieces for pretraining: token packing, the GPT-2 model, bits per byte, samples."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
+
+from pipeline import chat_format
+from pipeline.config import fail
+
+logger = logging.getLogger("fluxchat")
+
+
+def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents as one token stream, each followed by <|endoftext|>.
+
+    `split_special_tokens=True`: a corpus that contains the literal text "<|endoftext|>" is data,
+    not a document boundary.
+    """
+    eos = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TEXT)
+    ids: list[int] = []
+    for doc in documents:
+        ids += chat_format.encode_text(tokenizer, doc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class RandomWindows(torch.utils.data.Dataset):
+    """Every offset of the token stream is a sample, as nanoGPT's `get_batch` draws them.
+
+    The Trainer's seeded sampler shuffles the offsets, so batches are random windows (far more
+    variety than fixed chunks when a small corpus is seen many times), and `--resume` replays the
+    same order because the sampler state is saved with the checkpoint.
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, accounting: "RankAccounting | None" = None):
+        if len(tokens) <= block_size:
+            fail(f"training text is only {len(tokens)} tokens, shorter than one block ({block_size}): add text or lower --block_size")
+        self.tokens, self.block_size, self.accounting = tokens, block_size, accounting
+
+    def __len__(self):
+        return len(self.tokens) - self.block_size
+
+    def __getitem__(self, i):
+        window = self.tokens[i : i + self.block_size]
+        if self.accounting is not None:
+            self.accounting.record(i, len(window))
+        return {"input_ids": window, "labels": window}
+
+
+class Blocks(RandomWindows):
+    """Consecutive non-overlapping blocks: every validation token is scored exactly once."""
+
+    def __len__(self):
+        return len(self.tokens) // self.block_size
+
+    def __getitem__(self, i):
+        return super().__getitem__(i * self.block_size)
+
+
+def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
+    """A fresh GPT-2 (transformers' init: N(0, 0.02), residual projections scaled by 1/sqrt(2*n_layer))
+    or a saved causal LM to continue from. Vocab and special ids always come from our tokenizer."""
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    if model_args.model_name_or_path:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
+        if model.config.vocab_size < len(tokenizer):
+            fail(
+                f"--tokenizer_name_or_path has {len(tokenizer)} tokens but --model_name_or_path "
+                f"{model_args.model_name_or_path} has vocab_size {model.config.vocab_size}: use the tokenizer it was trained with"
+            )
+        return model
+    vocab_size = len(tokenizer)
+    multiple = model_args.pad_vocab_to_multiple_of
+    if multiple:  # e.g. 50257 -> 50304: matmul-friendly shapes on GPUs
+        vocab_size = math.ceil(vocab_size / multiple) * multiple
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=model_args.block_size,
+        n_embd=model_args.n_embd,
+        n_layer=model_args.n_layer,
+        n_head=model_args.n_head,
+        resid_pdrop=model_args.dropout,
+        embd_pdrop=model_args.dropout,
+        attn_pdrop=model_args.dropout,
+        **ids,
+    )
+    return GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+def generation_config(tokenizer, max_new_tokens: int = 200) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        max_new_tokens=max_new_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=chat_format.stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int = 0, **sampling) -> str:
+    """One sampled continuation of `prompt`, with the KV cache, reproducible by `seed`."""
+    was_training = model.training
+    model.eval()
+    ids = chat_format.encode_text(tokenizer, prompt) or [tokenizer.bos_token_id]
+    ids = ids[-(model.config.n_positions - max_new_tokens) :] if max_new_tokens < model.config.n_positions else ids[-1:]
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+        generation_config=generation_config(tokenizer, max_new_tokens),
+        **sampling,
+    )
+    model.train(was_training)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+class BitsPerByteTrainer(Trainer):
+    """Trainer that reports validation bits per byte next to the loss.
+
+    bits/byte = summed nats over the evaluated tokens / their UTF-8 bytes / ln 2. The validation
+    blocks cover the held-out text, so bytes per evaluated token is held-out bytes / held-out tokens;
+    runs with different tokenizers become comparable (for ASCII text this is bits per character).
+    """
+
+    def __init__(self, *args, bytes_per_token: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bytes_per_token = bytes_per_token
+
+    def log(self, logs, *args, **kwargs):
+        if "eval_loss" in logs:
+            logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.bytes_per_token
+        super().log(logs, *args, **kwargs)
+
+
+class SampleCallback(TrainerCallback):
+    """A few fixed prompts sampled after each evaluation, so the log shows the text getting better."""
+
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int):
+        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or not self.prompts:
+            return
+        for i, prompt in enumerate(self.prompts):
+            text = sample(model, self.tokenizer, prompt, self.max_new_tokens, seed=i)
+            logger.info(f"sample @ step {state.global_step} | {prompt!r} -> {text!r}")
+            print(f"--- sample @ step {state.global_step}\n{prompt}{text}\n---", flush=True)
+
+
+class RankAccounting:
+    """What this rank trained on, recorded by the training dataset; gathered at the end to prove
+    every data-parallel rank took part (each draws different windows)."""
+
+    def __init__(self):
+        self.samples = 0
+        self.tokens = 0
+        self.first_offsets: list[int] = []
+
+    def record(self, offset: int, n_tokens: int):
+        self.samples += 1
+        self.tokens += n_tokens
+        if len(self.first_offsets) < 8:
+            self.first_offsets.append(offset)
+
+    def summary(self) -> dict:
+        import os
+
+        return {"rank": int(os.environ.get("RANK", 0)), "samples": self.samples, "tokens": self.tokens, "first_offsets": self.first_offsets}

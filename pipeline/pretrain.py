@@ -1,0 +1,137 @@
+"""Pretrain a GPT-2-style model from scratch with transformers' Trainer.
+
+    accelerate launch pipeline/pretrain.py --config configs/tiny/pretrain.yaml --run_name demo
+    python pipeline/pretrain.py --preset tiny --run_name demo --train_file ../shared/data/pretrain/tinyshakespeare.txt
+    torchrun --nproc_per_node 2 pipeline/pretrain.py --preset tiny --run_name ddp      # 2 CPU processes (gloo)
+    python pipeline/pretrain.py --preset tiny --run_name demo --resume                  # continue the newest checkpoint
+
+Reads the tokenizer from runs/<run_name>/tokenizer (or --tokenizer_name_or_path), writes the model,
+tokenizer, generation config, metrics.json and train.log to runs/<run_name>/pretrain (or --output_dir).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
+
+from transformers import AutoTokenizer, TrainingArguments
+
+from pipeline import lm, runs, training
+from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+from pipeline.data import load_text
+
+DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
+
+
+@dataclass
+class ModelArguments:
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id; default runs/<run_name>/tokenizer."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from this causal LM instead of a fresh GPT-2."})
+    n_layer: int = field(default=4, metadata={"help": "Transformer blocks."})
+    n_embd: int = field(default=128, metadata={"help": "Hidden width."})
+    n_head: int = field(default=4, metadata={"help": "Attention heads (must divide n_embd)."})
+    block_size: int = field(default=128, metadata={"help": "Context length in tokens (GPT-2's n_positions)."})
+    dropout: float = field(default=0.0, metadata={"help": "For pretraining 0 is good; for small data and many epochs try 0.1+."})
+    pad_vocab_to_multiple_of: int = field(default=0, metadata={"help": "Round the embedding up (64 helps GPUs); 0 = exact."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fused attention) or eager."})
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+
+
+@dataclass
+class DataArguments:
+    train_file: list[str] | None = field(default=None, metadata={"help": "Text files/folders (.txt/.jsonl/.parquet); default tinyshakespeare (downloaded once)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id instead of files."})
+    text_column: str = field(default="text", metadata={"help": "Column with text for jsonl/parquet/Hub data."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out tail of each text file (nanoGPT: last 10%)."})
+    sample_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts sampled after each evaluation."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in the output folder."})
+
+
+def main(argv: list[str] | None = None) -> Path:
+    model_args, data_args, args, config_file = parse_config("pretrain", (ModelArguments, DataArguments, TrainingArguments), argv)
+    output_dir = training.resolve_output_dir(args, "pretrain")
+    run_name = args.run_name or "default"
+    runs.refuse_finished(output_dir, data_args.overwrite)
+    resume_from = runs.latest_checkpoint(output_dir) if data_args.resume else None
+    if data_args.resume and resume_from is None:
+        fail(f"--resume: no complete checkpoint in {output_dir} (drop --resume to start afresh)")
+
+    tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, run_name, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.model_max_length = model_args.block_size
+    train_docs, val_docs = load_text(data_args.train_file, data_args.dataset_name, data_args.text_column, data_args.validation_fraction)
+    train_tokens = lm.tokenize_documents(tokenizer, train_docs)
+    val_tokens = lm.tokenize_documents(tokenizer, val_docs) if val_docs else None
+    model = lm.build_model(model_args, tokenizer)
+    if train_tokens.max() >= model.config.vocab_size:
+        fail(f"tokenizer {tokenizer_path} produces id {int(train_tokens.max())} but the model's vocab_size is {model.config.vocab_size}")
+    block_size = model.config.n_positions
+    accounting = lm.RankAccounting()
+    train_set = lm.RandomWindows(train_tokens, block_size, accounting)
+    eval_set = lm.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
+    if eval_set is None:
+        args.eval_strategy = "no"
+    val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
+    bytes_per_token = val_bytes / len(val_tokens) if eval_set else 1.0
+
+    if not resume_from:
+        runs.prepare_output_dir(output_dir, overwrite=data_args.overwrite)
+    training.log_to_file(output_dir)
+    save_resolved_config(output_dir / "config.yaml", model_args, data_args, args, config_file=config_file)
+    n_params = sum(p.numel() for p in model.parameters())
+    world = args.world_size
+    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * world
+    training.logger.info(
+        f"pretrain: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, context {block_size}, "
+        f"{len(train_tokens):,} train / {0 if val_tokens is None else len(val_tokens):,} val tokens, "
+        f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es)"
+    )
+
+    trainer = lm.BitsPerByteTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        bytes_per_token=bytes_per_token,
+    )
+    training.use_dense_progress(trainer, tokens_per_step)
+    trainer.add_callback(lm.SampleCallback(tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens))
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - start
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == result.global_step]
+    final_eval = evals[-1] if evals else (trainer.evaluate() if eval_set is not None else {})
+    ranks = training.gather_rank_info(accounting.summary())
+
+    model.generation_config = lm.generation_config(tokenizer)
+    trainer.save_model(str(output_dir))  # rank 0 only: weights (safetensors), config, tokenizer, generation config
+    if trainer.is_world_process_zero():
+        metrics = {
+            **{k: v for k, v in result.metrics.items() if k != "total_flos"},
+            **final_eval,
+            "parameters": n_params,
+            "train_wall_seconds": round(train_seconds, 1),
+            "tokens_per_second": round(result.global_step * tokens_per_step / max(train_seconds, 1e-9), 1),
+            "global_step": result.global_step,
+            "ranks": ranks,
+        }
+        runs.write_json(output_dir / "metrics.json", metrics)
+        runs.mark_finished(output_dir, "pretrain", global_step=result.global_step)
+        bpb = final_eval.get("eval_bits_per_byte")
+        print(f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {output_dir}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,142 @@
+"""The run-directory layout, and the only module that knows it.
+
+    runs/<run_name>/
+        tokenizer/   tokenizer.json, chat_template.jinja, tokenizer_stats.json
+        pretrain/    model.safetensors, config.json, tokenizer, metrics.json, train.log, checkpoint-N/
+        sft/ reward/ ppo/   same shape
+
+A stage folder is *finished* when `stage_complete.json` exists; it is written last, atomically, so a
+crash at any moment leaves either a finished stage or an unfinished one, never a half-finished one
+that looks complete. The next stage refuses an unfinished input and names the command that makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import fail
+
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")
+FINISHED_MARKER = "stage_complete.json"
+DEFAULT_RUNS_DIR = "runs"
+
+# The command that produces each stage, for "run this first" errors.
+PRODUCER = {
+    "tokenizer": "python tokenizer/train.py --config configs/tiny/tokenizer.yaml --run_name {run}",
+    "pretrain": "accelerate launch pipeline/pretrain.py --config configs/tiny/pretrain.yaml --run_name {run}",
+    "sft": "accelerate launch pipeline/sft.py --config configs/tiny/sft.yaml --run_name {run}",
+    "reward": "accelerate launch pipeline/reward.py --config configs/tiny/reward.yaml --run_name {run}",
+    "ppo": "accelerate launch pipeline/ppo.py --config configs/tiny/ppo.yaml --run_name {run}",
+}
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("FLUXCHAT_RUNS_DIR", DEFAULT_RUNS_DIR))
+
+
+def run_dir(run_name: str) -> Path:
+    return runs_dir() / run_name
+
+
+def stage_dir(run_name: str, stage: str) -> Path:
+    assert stage in STAGES, stage
+    return run_dir(run_name) / stage
+
+
+def is_finished(folder: str | Path) -> bool:
+    return (Path(folder) / FINISHED_MARKER).is_file()
+
+
+def looks_like_hub_id(value: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not Path(value).exists()
+
+
+def resolve_input(value: str | None, run_name: str, stage: str) -> str:
+    """The folder (or Hub id) a stage reads: `value` if given, else the run's `stage` folder.
+
+    A local folder must hold a finished stage; a missing one names the command that produces it.
+    """
+    if value and looks_like_hub_id(value):
+        return value
+    folder = Path(value) if value else stage_dir(run_name, stage)
+    if not folder.exists():
+        hint = PRODUCER[stage].format(run=run_name)
+        fail(f"{folder} does not exist: run `{hint}` first, or pass a path with the matching flag")
+    if not is_finished(folder) and not _is_plain_model_dir(folder):
+        hint = PRODUCER[stage].format(run=run_name)
+        fail(f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}): finish it with `{hint}`")
+    return str(folder)
+
+
+def _is_plain_model_dir(folder: Path) -> bool:
+    """A folder saved by `save_pretrained` outside our layout (downloaded, hand-made) is usable as is."""
+    return (folder / "tokenizer.json").is_file() and not any(folder.glob("checkpoint-*"))
+
+
+def refuse_finished(folder: Path, overwrite: bool) -> None:
+    """Call before any work: a finished stage is only replaced on `--overwrite`."""
+    if is_finished(folder) and not overwrite:
+        fail(f"{folder} already holds a finished run: pass --overwrite to replace it, or choose another --run_name/--output_dir")
+
+
+def prepare_output_dir(folder: Path, *, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to clobber a finished stage unless asked; `--overwrite` starts the folder afresh."""
+    refuse_finished(folder, overwrite)
+    if resume:
+        if latest_checkpoint(folder) is None:
+            fail(f"--resume: no complete checkpoint in {folder} to resume from (drop --resume to start afresh)")
+        return
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """Newest `checkpoint-N` whose save completed (trainer_state.json is written last by the Trainer)."""
+    if not Path(folder).is_dir():
+        return None
+    complete = [
+        ckpt
+        for ckpt in Path(folder).glob("checkpoint-*")
+        if ckpt.name.split("-")[-1].isdigit() and (ckpt / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def mark_finished(folder: Path, stage: str, **info: Any) -> None:
+    write_json(Path(folder) / FINISHED_MARKER, {"stage": stage, **info})
+
+
+def latest_stage(folder: str | Path) -> Path | None:
+    """For a run folder, the most aligned finished stage with a model (ppo > sft > pretrain)."""
+    for stage in ("ppo", "sft", "pretrain"):
+        candidate = Path(folder) / stage
+        if is_finished(candidate):
+            return candidate
+    return None

@@ -1,0 +1,112 @@
+"""What every Trainer-based stage shares: output folder, dense logs (console + train.log), rank bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import ProgressCallback, TrainerCallback
+
+from pipeline import runs
+
+logger = logging.getLogger("fluxchat")
+
+
+def resolve_output_dir(training_args, stage: str) -> Path:
+    """`--output_dir` if given, else runs/<run_name>/<stage>; written back into the training args."""
+    if training_args.output_dir in (None, "trainer_output"):  # transformers' placeholder when unset
+        training_args.output_dir = str(runs.stage_dir(training_args.run_name or "default", stage))
+    return Path(training_args.output_dir)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log_to_file(output_dir: Path) -> None:
+    """Mirror our log lines into <stage>/train.log so an overnight run can be followed with `tail -f`."""
+    if not is_main_process():
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _fmt(key: str, value) -> str:
+    if isinstance(value, float):
+        if key in ("learning_rate",):
+            return f"{key} {value:.2e}"
+        return f"{key} {value:,.1f}" if abs(value) >= 1000 else f"{key} {value:.4f}"
+    return f"{key} {value}"
+
+
+class DenseProgress(ProgressCallback):
+    """The Trainer's tqdm bar, with a dense one-line log per logging step instead of a printed dict.
+
+    Adds tokens/s measured over training time only (evaluation and sampling excluded), so the
+    number compares with a plain training loop's.
+    """
+
+    def __init__(self, tokens_per_step: int | None = None):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self._window = None  # (time, step) at the start of the current measuring window
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._window is None:
+            self._window = (time.perf_counter(), state.global_step)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        super().on_evaluate(args, state, control, **kwargs)
+        self._window = None  # restart the clock after evaluation
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if self.tokens_per_step and "loss" in logs and self._window is not None:
+            start, step = self._window
+            elapsed = time.perf_counter() - start
+            if state.global_step > step and elapsed > 0:
+                logs["tokens_per_second"] = (state.global_step - step) * self.tokens_per_step / elapsed
+                state.log_history[-1]["tokens_per_second"] = round(logs["tokens_per_second"], 1)
+            self._window = (time.perf_counter(), state.global_step)
+        if not state.is_world_process_zero:
+            return
+        logs.pop("total_flos", None)
+        line = f"step {state.global_step}/{state.max_steps} | " + " | ".join(_fmt(k, v) for k, v in logs.items())
+        logger.info(line)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+            shown = {k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "eval_loss")}
+            if "tokens_per_second" in logs:
+                shown["tok/s"] = f"{logs['tokens_per_second']:,.0f}"
+            self.training_bar.set_postfix(shown, refresh=False)
+        else:
+            print(line, flush=True)
+
+
+def use_dense_progress(trainer, tokens_per_step: int | None = None) -> DenseProgress:
+    trainer.remove_callback(ProgressCallback)
+    progress = DenseProgress(tokens_per_step)
+    trainer.add_callback(progress)
+    return progress
+
+
+def gather_rank_info(info: dict) -> list[dict]:
+    """Every rank's `info`, on every rank (a single process gets a list of one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, info)
+        return gathered
+    return [info]
+
+
+def finite_or_none(value):
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -1,0 +1,148 @@
+"""Train our own tokenizer with the `tokenizers` library: byte-level BPE (default), word or char.
+
+    python tokenizer/train.py --config configs/tiny/tokenizer.yaml --run_name demo
+    python tokenizer/train.py --train_file my_corpus.txt --tokenizer_type char --run_name chars
+
+Writes runs/<run_name>/tokenizer/ (`AutoTokenizer.from_pretrained` loads it) with the special tokens
+and the chat template baked in, plus tokenizer_stats.json (bytes per token on held-out text).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python tokenizer/train.py` from anywhere
+
+from pipeline import chat_format, runs
+from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+from pipeline.data import load_text
+
+UNK = "<|unk|>"  # only the word tokenizer needs one: bpe and char fall back to bytes
+
+
+@dataclass
+class TokenizerArguments:
+    run_name: str = field(default="default", metadata={"help": "Run folder: runs/<run_name>/tokenizer."})
+    output_dir: str | None = field(default=None, metadata={"help": "Write here instead of the run folder."})
+    train_file: list[str] | None = field(default=None, metadata={"help": "Text files or folders (.txt/.jsonl/.parquet); default: tinyshakespeare."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id to train on instead of files."})
+    text_column: str = field(default="text", metadata={"help": "Column holding text in jsonl/parquet/Hub data."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out tail of each file, used for the compression report."})
+    tokenizer_type: str = field(default="bpe", metadata={"help": "bpe (byte-level, lossless), char (byte fallback, lossless) or word (lossy).", "choices": ["bpe", "char", "word"]})
+    vocab_size: int = field(default=1024, metadata={"help": "Total vocabulary size, special tokens included."})
+    split_digits: bool = field(default=True, metadata={"help": "One token per digit (as LLaMA): arithmetic gets much easier to learn."})
+    chat_format: str = field(default=chat_format.DEFAULT_FORMAT, metadata={"help": "Chat template to bake in: fluxchat or instruction."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished tokenizer in the output folder."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.chat_format not in chat_format.FORMATS:
+            raise ValueError(f"--chat_format must be one of {', '.join(chat_format.FORMATS)}, got '{self.chat_format}'")
+
+
+def minimum_vocab_size(tokenizer_type: str) -> int:
+    specials = len(chat_format.SPECIAL_TOKENS)
+    return specials + 2 if tokenizer_type == "word" else specials + 256 + 1  # 256 byte symbols
+
+
+def build_backend(args: TokenizerArguments, texts: list[str]):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = list(chat_format.SPECIAL_TOKENS)
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if args.split_digits else []
+    if args.tokenizer_type == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(digits + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=args.vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: nothing is ever unknown
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+    elif args.tokenizer_type == "char":
+        # One token per character, the most frequent ones; anything else falls back to its UTF-8 bytes
+        # (<0xNN> tokens), so any text round-trips. BPE with no merges is exactly a char model.
+        byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+        room = args.vocab_size - len(specials) - len(byte_tokens)
+        counts = Counter(ch for text in texts for ch in text)
+        chars = [ch for ch, _ in counts.most_common() if ch not in byte_tokens][:room]
+        vocab = {token: i for i, token in enumerate(specials + byte_tokens + chars)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    else:  # word: spaces dropped, newlines kept as tokens; decoding re-inserts single spaces (lossy)
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            digits
+            + [
+                pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+                pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="isolated"),
+            ]
+        )
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+        trainer = trainers.WordLevelTrainer(vocab_size=args.vocab_size, special_tokens=specials + [UNK], show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(specials)  # marks them special (never split, skippable on decode)
+    return tok
+
+
+def wrap(backend, args: TokenizerArguments):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=chat_format.END_OF_TEXT,
+        eos_token=chat_format.END_OF_TEXT,
+        pad_token=chat_format.PAD,
+        unk_token=UNK if args.tokenizer_type == "word" else None,
+        extra_special_tokens=[chat_format.SYSTEM, chat_format.USER, chat_format.ASSISTANT, chat_format.END_OF_TURN],
+        clean_up_tokenization_spaces=False,
+    )
+    return chat_format.set_chat_format(tokenizer, args.chat_format)
+
+
+def compression_stats(tokenizer, texts: list[str], tokenizer_type: str) -> dict:
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    ids = [chat_format.encode_text(tokenizer, t) for t in texts]
+    n_tokens = sum(len(i) for i in ids)
+    stats = {"heldout_bytes": n_bytes, "heldout_tokens": n_tokens, "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4)}
+    if tokenizer_type != "word":
+        stats["lossless_round_trip"] = all(tokenizer.decode(i) == t for i, t in zip(ids, texts))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args, config_file = parse_config("tokenizer", (TokenizerArguments,), argv)
+    if args.vocab_size < minimum_vocab_size(args.tokenizer_type):
+        fail(
+            f"--vocab_size {args.vocab_size} is too small for a {args.tokenizer_type} tokenizer: it needs at least "
+            f"{minimum_vocab_size(args.tokenizer_type)} (alphabet + {len(chat_format.SPECIAL_TOKENS)} special tokens)"
+        )
+    output_dir = Path(args.output_dir) if args.output_dir else runs.stage_dir(args.run_name, "tokenizer")
+    runs.refuse_finished(output_dir, args.overwrite)
+    train_texts, heldout_texts = load_text(args.train_file, args.dataset_name, args.text_column, args.validation_fraction)
+    tokenizer = wrap(build_backend(args, train_texts), args)
+    stats = compression_stats(tokenizer, heldout_texts or train_texts[-1:], args.tokenizer_type)
+    stats.update(tokenizer_type=args.tokenizer_type, vocab_size=len(tokenizer))
+
+    runs.prepare_output_dir(output_dir, overwrite=args.overwrite)
+    tokenizer.save_pretrained(output_dir)
+    save_resolved_config(output_dir / "config.yaml", args, config_file=config_file)
+    runs.write_json(output_dir / "tokenizer_stats.json", stats)
+    runs.mark_finished(output_dir, "tokenizer", **stats)
+    round_trip = {True: "lossless", False: "LOSSY"}.get(stats.get("lossless_round_trip"), "lossy (word)")
+    print(
+        f"tokenizer: {args.tokenizer_type}, {len(tokenizer)} tokens, {stats['bytes_per_token']} bytes/token on held-out "
+        f"text, round trip {round_trip} -> {output_dir}"
+    )
+    return output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)
