@@ -121,7 +121,7 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
         def error(self, message):  # argparse would print usage and exit; we want one line
             raise UsageError(message)
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     config_arg = _pop_flag(argv, "config")
     preset = _pop_flag(argv, "preset")
     if config_arg and preset:

@@ -1,0 +1,91 @@
+"""Shared fixtures: offline environment, the shared data, and a tiny trained run reused by many tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Before any Hugging Face import: tests never touch the network.
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    TRL_EXPERIMENTAL_SILENCE="1",
+    GRADIO_ANALYTICS_ENABLED="False",
+    TOKENIZERS_PARALLELISM="false",
+    WANDB_DISABLED="true",
+)
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("FLUXCHAT_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHAKESPEARE = DATA / "pretrain" / "tinyshakespeare.txt"
+PYTHON = sys.executable
+
+# A model small enough to train in seconds on 2 cores, big enough to learn something.
+TINY_MODEL_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "64"]
+TINY_TRAIN_FLAGS = [
+    "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "5",
+    "--logging_steps", "10", "--eval_steps", "40", "--save_steps", "40", "--seed", "0",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_runs(tmp_path, monkeypatch):
+    """Every test writes its runs under its own temporary folder."""
+    monkeypatch.setenv("FLUXCHAT_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("FLUXCHAT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "runs"
+
+
+def run_main(main, argv) -> tuple[int, str]:
+    """Call a stage's real `main(argv)` as the CLI would; returns (exit code, error line)."""
+    from pipeline.config import UsageError
+
+    try:
+        main([str(a) for a in argv])
+    except UsageError as err:
+        return 2, str(err)
+    return 0, ""
+
+
+def run_script(*args, env=None, cwd=REPO, timeout=600, input=None) -> subprocess.CompletedProcess:
+    """Run a command-line entry point in a subprocess exactly as a user types it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=input
+    )
+
+
+def train_tiny_tokenizer(run_name: str, *extra) -> Path:
+    from tokenizer import train
+
+    return train.main(["--preset", "tiny", "--train_file", SHAKESPEARE, "--run_name", run_name, *extra])
+
+
+def train_tiny_model(run_name: str, steps: int = 40, *extra) -> Path:
+    from pipeline import pretrain
+
+    argv = ["--preset", "tiny", "--train_file", SHAKESPEARE, "--run_name", run_name, "--max_steps", steps]
+    return pretrain.main([str(a) for a in argv + TINY_MODEL_FLAGS + TINY_TRAIN_FLAGS + list(extra)])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """runs/<name>/{tokenizer,pretrain} of a tiny model trained once per test session (read-only!)."""
+    root = tmp_path_factory.mktemp("shared_runs")
+    old = os.environ.get("FLUXCHAT_RUNS_DIR")
+    os.environ["FLUXCHAT_RUNS_DIR"] = str(root)
+    try:
+        train_tiny_tokenizer("shared")
+        train_tiny_model("shared", 80)
+    finally:
+        if old is None:
+            os.environ.pop("FLUXCHAT_RUNS_DIR")
+        else:
+            os.environ["FLUXCHAT_RUNS_DIR"] = old
+    return root / "shared"
