@@ -110,9 +110,11 @@ def _field_names(dataclass_types) -> set[str]:
     return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
 
-def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] | None = None):
+def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] | None = None, positional: str | None = None):
     """Parse `--config`/`--preset` YAML plus CLI flags into instances of `dataclass_types`.
 
+    `positional`: a field that may also be given as the first bare argument
+    (`generate.py runs/demo/pretrain` == `generate.py --model_name_or_path runs/demo/pretrain`).
     Returns the instances in order, with `config_file` (Path or None) appended.
     """
     from transformers import HfArgumentParser
@@ -122,6 +124,8 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
             raise UsageError(message)
 
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{positional}", argv[0], *argv[1:]]
     config_arg = _pop_flag(argv, "config")
     preset = _pop_flag(argv, "preset")
     if config_arg and preset:
@@ -147,8 +151,8 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
 
     parser = StrictParser(dataclass_types, allow_abbrev=False)
     full_argv = _yaml_to_argv(yaml_values) + argv
-    if "bf16" in known and on_cpu_only():
-        full_argv += _cpu_precision(full_argv)
+    if "use_cpu" in known and on_cpu_only():
+        full_argv += _cpu_only_flags(full_argv)
     try:
         parsed = parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
     except UsageError as err:
@@ -162,9 +166,10 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
     return (*parsed, config_file)
 
 
-def _cpu_precision(argv: list[str]) -> list[str]:
-    """Mixed precision on a CPU-only machine: train in fp32 (fastest for small models on CPU, and
-    transformers/TRL refuse bf16 without a GPU) and say so, so one recipe runs on both."""
+def _cpu_only_flags(argv: list[str]) -> list[str]:
+    """On a CPU-only machine: train in fp32 (fastest for small models on CPU, and transformers/TRL
+    refuse bf16 without a GPU; we say so, so one recipe runs on both), and set `use_cpu`, without
+    which transformers ignores a torchrun/accelerate process group on CPU and every process trains alone."""
 
     def last_value(flag: str) -> str:
         where = [i for i, arg in enumerate(argv) if arg == flag]
@@ -176,7 +181,7 @@ def _cpu_precision(argv: list[str]) -> list[str]:
     asked = [f for f in ("bf16", "fp16") if last_value(f"--{f}").lower() not in ("false", "0", "no")]
     if asked and main_process():
         print(f"note: --{asked[0]} ignored: no GPU here, training in fp32", file=sys.stderr)
-    return ["--bf16", "false", "--fp16", "false"]
+    return ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]
 
 
 def to_dict(obj) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Sample text from a trained model (the roadmap's generate_v2), with the KV cache.
+
+    python pipeline/generate.py runs/demo/pretrain --prompt "To be, or not to be" --max_new_tokens 200
+    python pipeline/generate.py runs/demo/pretrain --prompt "ROMEO:" --temperature 0.7 --top_k 40 --num_samples 3
+    python pipeline/generate.py runs/demo --interactive          # a run folder picks its newest stage
+
+Plain continuation, no chat template: for conversations use pipeline/chat.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import fail, parse_config, run_cli
+
+
+@dataclass
+class GenerateArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder, run folder or Hub id (also the first bare argument)."})
+    prompt: str = field(default="\n", metadata={"help": "Text to continue."})
+    max_new_tokens: int = field(default=200, metadata={"help": "Tokens to generate (at most the model's context)."})
+    temperature: float = field(default=0.8, metadata={"help": "Softmax temperature; 0 = greedy."})
+    top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    num_samples: int = field(default=1, metadata={"help": "Independent samples to print."})
+    seed: int = field(default=1337, metadata={"help": "Random seed: the same seed gives the same text."})
+    interactive: bool = field(default=False, metadata={"help": "Prompt loop: each line you type is continued."})
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
+
+
+def load_model(path: str):
+    """A causal LM and its tokenizer from a model folder, a run folder or a Hub id; safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import runs
+
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        stage = runs.latest_stage(folder)
+        if stage is None:
+            fail(f"{folder} holds no finished model (no config.json, no finished pretrain/sft/ppo stage)")
+        folder = stage
+    elif not folder.exists() and not runs.looks_like_hub_id(path):
+        fail(f"model {path} not found: give a model folder, a run folder (runs/<name>) or a Hub id")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+    except OSError as err:
+        fail(f"could not load a model from {folder}: {str(err).splitlines()[0][:200]}")
+    return model.eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args, _ = parse_config("generate", (GenerateArguments,), argv, positional="model_name_or_path")
+    if not args.model_name_or_path:
+        fail("give a model: python pipeline/generate.py runs/<name>/pretrain --prompt '...'")
+    if not args.interactive and not args.prompt.strip() and args.prompt != "\n":
+        fail("--prompt is only whitespace: give some text to continue (or omit --prompt to start from a newline)")
+    from pipeline import lm
+
+    model, tokenizer = load_model(args.model_name_or_path)
+    context = model.config.n_positions
+    if args.max_new_tokens >= context:
+        fail(f"--max_new_tokens {args.max_new_tokens} must be below the model's context of {context} tokens")
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.temperature == 0:
+        sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+
+    def continue_text(prompt: str) -> list[str]:
+        texts = []
+        for i in range(args.num_samples):
+            text = lm.sample(model, tokenizer, prompt, args.max_new_tokens, seed=args.seed + i, **sampling)
+            print(prompt + text, flush=True)
+            if args.num_samples > 1:
+                print("-" * 40, flush=True)
+            texts.append(text)
+        return texts
+
+    if not args.interactive:
+        return continue_text(args.prompt)
+    print("type a prompt and press enter (empty line or Ctrl-D quits)", file=sys.stderr)
+    outputs = []
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        outputs += continue_text(line.rstrip("\n"))
+    return outputs
+
+
+if __name__ == "__main__":
+    run_cli(main)
