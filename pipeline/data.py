@@ -8,7 +8,9 @@ text file (nanoGPT's split) or of the rows of a row dataset, so train and valida
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -130,3 +132,377 @@ def load_text(
         train += part_train
         validation += part_val
     return train, validation
+
+
+# ---------------------------------------------------------------------------------------------------
+# Instruction and preference data: every format normalised to chat messages
+#
+# Local .jsonl/.json files (gzipped too) are parsed here line by line so an error names the exact line;
+# parquet files and Hub ids go through `datasets`. A file's format is detected from its first row and
+# every row must then fit it, so a missing field is reported as missing rather than as "unknown format".
+
+BUILTIN = "builtin"
+CONVERSATION_FORMATS = (
+    "messages (OpenAI), conversations (ShareGPT from/value), prompt+completion, "
+    "instruction+output[+input] (Alpaca), instruction+response[+context] (Dolly), instruction+instances (self-instruct)"
+)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "system": "system"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _read_rows(source: str):
+    """(name, iterator of (row label, row)) for a local file or a Hub dataset id."""
+    import datasets
+
+    path = Path(source)
+    name = source
+    if not path.exists() and looks_like_hub_dataset(source):
+        datasets.disable_progress_bars()
+        try:
+            rows = datasets.load_dataset(source, split="train")
+        except Exception as err:  # the Hub client raises many types; the user needs one line
+            fail(f"{source}: could not load as a local file or Hub dataset ({str(err).splitlines()[0][:200]})")
+        return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
+    if not path.is_file():
+        fail(f"{source}: no such file (give a .jsonl/.json/.parquet file, a Hub dataset id, or '{BUILTIN}')")
+    suffixes = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffixes in (".jsonl", ".jsonl.gz"):
+        return name, _jsonl_rows(path)
+    if suffixes in (".json", ".json.gz"):
+        return name, _json_rows(path)
+    if suffixes == ".parquet":
+        try:
+            rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as err:
+            fail(f"{path}: could not be read as parquet ({str(err).splitlines()[0][:200]})")
+        return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
+    fail(f"{path}: unsupported file type '{suffixes}' (use .jsonl, .jsonl.gz, .json or .parquet)")
+
+
+def looks_like_hub_dataset(value: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.endswith((".json", ".jsonl", ".gz", ".parquet"))
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _jsonl_rows(path: Path):
+    try:
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    fail(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})")
+                if not isinstance(row, dict):
+                    fail(f"{path}: line {number} must be a JSON object, got {type(row).__name__}")
+                yield f"line {number}", row
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        fail(f"{path}: could not be read as UTF-8 JSON lines ({err.__class__.__name__}: {str(err)[:120]})")
+
+
+def _json_rows(path: Path):
+    try:
+        with _open_text(path) as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        fail(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); for one object per line name it .jsonl")
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        fail(f"{path}: could not be read as UTF-8 JSON ({err.__class__.__name__})")
+    if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: one list of rows inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            fail(f"{path}: expected a JSON list of rows (or an object holding exactly one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        fail(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            fail(f"{path}: row {i + 1} must be a JSON object, got {type(row).__name__}")
+        yield f"row {i + 1}", row
+
+
+class _RowError(Exception):
+    """A problem with one row; the caller adds the file and row."""
+
+
+def _text_field(row: dict, key: str, required: bool = True, allow_empty: bool = False) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise _RowError(f"missing field '{key}'")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise _RowError(f"field '{key}' must be a string, got {type(value).__name__}")
+    if required and not allow_empty and not value.strip():
+        raise _RowError(f"field '{key}' is empty")
+    return value
+
+
+def _user_turn(instruction: str, extra: str) -> str:
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _message_list(value, key: str, role_key: str = "role", content_key: str = "content", role_map=None) -> list[dict]:
+    if not isinstance(value, list):
+        raise _RowError(f"field '{key}' must be a list of messages, got {type(value).__name__}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _RowError(f"{key}[{i}] must be an object with '{role_key}' and '{content_key}'")
+        for field_name in (role_key, content_key):
+            if field_name not in message:
+                raise _RowError(f"{key}[{i}] has no field '{field_name}'")
+        role = message[role_key]
+        role = role_map.get(str(role).lower()) if role_map else role
+        if role not in ("system", "user", "assistant"):
+            allowed = ", ".join(role_map) if role_map else "system, user, assistant"
+            raise _RowError(f"{key}[{i}].{role_key} is {message[role_key]!r}; expected one of {allowed}")
+        if not isinstance(message[content_key], str):
+            raise _RowError(f"{key}[{i}].{content_key} must be a string, got {type(message[content_key]).__name__}")
+        messages.append({"role": role, "content": message[content_key]})
+    return messages
+
+
+def _text_or_messages(value, key: str, role: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _message_list(value, key)
+
+
+def _detect_conversation_format(columns) -> str | None:
+    columns = set(columns)
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        return "sharegpt"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    if "instruction" in columns:
+        if "instances" in columns:
+            return "self_instruct"
+        if "output" in columns:
+            return "alpaca"
+        if "response" in columns:
+            return "dolly"
+    return None
+
+
+def _finish_conversation(messages: list[dict]) -> list[dict]:
+    """Trailing user turns carry no answer to learn from; a conversation needs a user and an answer."""
+    while messages and messages[-1]["role"] != "assistant":
+        messages = messages[:-1]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _RowError("has no assistant message")
+    if not any(m["role"] == "user" for m in messages):
+        raise _RowError("has no user message before the assistant's")
+    return messages
+
+
+def _row_conversations(fmt: str, row: dict) -> list[list[dict]]:
+    if fmt == "messages":
+        if "messages" not in row:
+            raise _RowError("missing field 'messages'")
+        return [_finish_conversation(_message_list(row["messages"], "messages"))]
+    if fmt == "sharegpt":
+        if "conversations" not in row:
+            raise _RowError("missing field 'conversations'")
+        turns = row["conversations"]
+        first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+        if "from" in first or "value" in first or not first:
+            messages = _message_list(turns, "conversations", "from", "value", SHAREGPT_ROLES)
+        else:
+            messages = _message_list(turns, "conversations")
+        return [_finish_conversation(messages)]
+    if fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if key not in row:
+                raise _RowError(f"missing field '{key}'")
+        prompt = _text_or_messages(row["prompt"], "prompt", "user")
+        completion = _text_or_messages(row["completion"], "completion", "assistant")
+        return [_finish_conversation(prompt + completion)]
+    instruction = _text_field(row, "instruction")
+    if fmt == "self_instruct":
+        instances = row.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise _RowError("field 'instances' must be a non-empty list of {input, output}" if "instances" in row else "missing field 'instances'")
+        out = []
+        for i, instance in enumerate(instances):
+            if not isinstance(instance, dict):
+                raise _RowError(f"instances[{i}] must be an object with 'input' and 'output'")
+            try:
+                extra = _text_field(instance, "input", required=False)
+                output = _text_field(instance, "output")
+            except _RowError as err:
+                raise _RowError(f"instances[{i}]: {err}") from None
+            out.append([{"role": "user", "content": _user_turn(instruction, extra)}, {"role": "assistant", "content": output}])
+        return out
+    answer_key, extra_key = ("output", "input") if fmt == "alpaca" else ("response", "context")
+    extra = _text_field(row, extra_key, required=False)
+    answer = _text_field(row, answer_key)
+    return [[{"role": "user", "content": _user_turn(instruction, extra)}, {"role": "assistant", "content": answer}]]
+
+
+def load_conversations(sources: list[str], corpus_file: str | None = None) -> list[dict]:
+    """[{"messages": [...]}] from every source, concatenated in order (mix sources by listing them).
+
+    A source is a local .jsonl/.jsonl.gz/.json/.parquet file, a Hub dataset id, or "builtin" (the
+    built-in tasks' train split; quote/speaker read `corpus_file`, default tinyshakespeare).
+    """
+    if not sources:
+        fail("no instruction data given: pass files, Hub dataset ids, or 'builtin'")
+    out: list[dict] = []
+    for source in sources:
+        if source == BUILTIN:
+            from pipeline import tasks
+
+            out += [{"messages": example["messages"]} for example in tasks.conversations("train", corpus_file=corpus_file)]
+            continue
+        name, rows = _read_rows(source)
+        fmt = None
+        count = 0
+        for label, row in rows:
+            if fmt is None:
+                fmt = _detect_conversation_format(row.keys())
+                if fmt is None:
+                    fail(f"{name}: {label}: unrecognised columns ({', '.join(sorted(row.keys()))}); expected one of: {CONVERSATION_FORMATS}")
+            try:
+                conversations = _row_conversations(fmt, row)
+            except _RowError as err:
+                fail(f"{name}: {label}: {err}")
+            out += [{"messages": messages} for messages in conversations]
+            count += 1
+        if count == 0:
+            fail(f"{name}: no rows")
+    return out
+
+
+def _parse_transcript(text: str) -> list[dict]:
+    """hh-rlhf style "\\n\\nHuman: ...\\n\\nAssistant: ..." text into messages."""
+    pieces = HH_TURN.split(text)
+    messages = []
+    if pieces[0].strip():  # text before the first marker belongs to the user
+        messages.append({"role": "user", "content": pieces[0].strip()})
+    for speaker, content in zip(pieces[1::2], pieces[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def _is_transcript(text: str) -> bool:
+    return "\n\nAssistant:" in text or text.startswith(("\n\nHuman:", "Human:"))
+
+
+def _common_prefix_length(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _row_preference(row: dict) -> dict:
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise _RowError(f"missing field '{key}'")
+        if not isinstance(row[key], (str, list)):
+            raise _RowError(f"field '{key}' must be a string or a list of messages, got {type(row[key]).__name__}")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row and row["prompt"] is not None:
+        if not isinstance(row["prompt"], (str, list)):
+            raise _RowError(f"field 'prompt' must be a string or a list of messages, got {type(row['prompt']).__name__}")
+        prompt = _text_or_messages(row["prompt"], "prompt", "user")
+        return {
+            "prompt": prompt,
+            "chosen": _text_or_messages(chosen, "chosen", "assistant"),
+            "rejected": _text_or_messages(rejected, "rejected", "assistant"),
+        }
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise _RowError("fields 'chosen' and 'rejected' must both be text or both be message lists")
+    if isinstance(chosen, str) and (_is_transcript(chosen) or _is_transcript(rejected)):
+        # The prompt is the shared text up to its last "\n\nAssistant:" (hh-rlhf's convention).
+        shared = chosen[: _common_prefix_length(chosen, rejected)]
+        cut = shared.rfind("\n\nAssistant:")
+        for key, text in (("chosen", chosen), ("rejected", rejected)):
+            if "\n\nAssistant:" not in text:
+                raise _RowError(f"field '{key}' has no \"\\n\\nAssistant:\" turn")
+        if cut < 0:
+            raise _RowError("'chosen' and 'rejected' share no turns before their last \"\\n\\nAssistant:\"")
+        return {
+            "prompt": _parse_transcript(chosen[:cut]),
+            "chosen": _parse_transcript(chosen[cut:]),
+            "rejected": _parse_transcript(rejected[cut:]),
+        }
+    if isinstance(chosen, str):  # implicit prompt in plain text: the shared leading words
+        shared = chosen[: _common_prefix_length(chosen, rejected)]
+        cut = shared.rfind(" ") + 1 if shared and not (shared == chosen or shared == rejected) else 0
+        prompt = [{"role": "user", "content": chosen[:cut].strip()}] if chosen[:cut].strip() else []
+        return {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen[cut:].strip()}],
+            "rejected": [{"role": "assistant", "content": rejected[cut:].strip()}],
+        }
+    chosen_messages = _message_list(chosen, "chosen")
+    rejected_messages = _message_list(rejected, "rejected")
+    shared = _common_prefix_length(chosen_messages, rejected_messages)
+    while shared and chosen_messages[shared - 1]["role"] == "assistant":  # the answers start after the last user turn
+        shared -= 1
+    return {"prompt": chosen_messages[:shared], "chosen": chosen_messages[shared:], "rejected": rejected_messages[shared:]}
+
+
+def load_preferences(sources: list[str], corpus_file: str | None = None) -> tuple[list[dict], int]:
+    """([{"prompt", "chosen", "rejected"}] as message lists, number of dropped chosen == rejected pairs).
+
+    Accepts TRL preference data (explicit prompt or implicit shared prefix, text or conversational),
+    hh-rlhf transcripts (.jsonl.gz is fine), or "builtin" (the built-in tasks' train pairs).
+    """
+    if not sources:
+        fail("no preference data given: pass files, Hub dataset ids, or 'builtin'")
+    out: list[dict] = []
+    dropped = 0
+    for source in sources:
+        if source == BUILTIN:
+            from pipeline import tasks
+
+            pairs = tasks.preference_pairs("train", corpus_file=corpus_file)
+            out += [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
+            continue
+        name, rows = _read_rows(source)
+        count = 0
+        for label, row in rows:
+            try:
+                pair = _row_preference(row)
+            except _RowError as err:
+                fail(f"{name}: {label}: {err}")
+            count += 1
+            if pair["chosen"] == pair["rejected"]:
+                dropped += 1
+                continue
+            if not pair["chosen"] or not pair["rejected"]:
+                fail(f"{name}: {label}: 'chosen' or 'rejected' has nothing after the prompt")
+            out.append(pair)
+        if count == 0:
+            fail(f"{name}: no rows")
+    if not out:
+        fail(f"no usable preference pairs in {', '.join(sources)} (all {dropped} had chosen == rejected)")
+    return out, dropped
+
+
+def split_heldout(rows: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(train rows, held-out rows): a seeded shuffle, the last `fraction` held out (at least one row)."""
+    import random
+
+    if not 0 < fraction < 1:
+        fail(f"held-out fraction must be between 0 and 1, got {fraction}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_heldout = max(1, int(round(len(rows) * fraction)))
+    if n_heldout >= len(rows):
+        fail(f"cannot hold out {fraction:.0%} of {len(rows)} rows and keep any for training")
+    cut = len(rows) - n_heldout
+    return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
