@@ -125,7 +125,7 @@ def _check_split(split: str) -> None:
         fail(f"unknown split '{split}': use 'train' or 'eval'")
 
 
-def _check_tasks(tasks) -> tuple[str, ...]:
+def select_tasks(tasks) -> tuple[str, ...]:
     tasks = TASKS if tasks is None else tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -184,7 +184,7 @@ def _corpus_items(corpus_path: str):
     return tuple(quotes), tuple(speaker_items), frequent
 
 
-def _resolve_corpus(corpus_file) -> str:
+def resolve_corpus(corpus_file) -> str:
     if corpus_file is None:
         from pipeline.data import default_corpus
 
@@ -242,7 +242,7 @@ class _Generator:
     def __init__(self, task: str, split: str, corpus_file):
         self.task, self.split = task, split
         if task in CORPUS_TASKS:
-            quotes, speakers, self.frequent_speakers = _corpus_items(_resolve_corpus(corpus_file))
+            quotes, speakers, self.frequent_speakers = _corpus_items(resolve_corpus(corpus_file))
             if task == "quote":
                 self.items = _split_items("line", quotes, lambda q: q[2], split)
             else:
@@ -309,7 +309,7 @@ def _per_task_counts(n: int, tasks) -> dict[str, int]:
 def _examples(split, n, seed, corpus_file, tasks):
     """Yield (task, prompt messages, answer, wrong answer, rng) in a deterministic shuffled order."""
     _check_split(split)
-    tasks = _check_tasks(tasks)
+    tasks = select_tasks(tasks)
     if n is None:
         counts = _per_task_counts(DEFAULT_TRAIN_SIZE, tasks) if split == "train" else {t: DEFAULT_EVAL_PER_TASK for t in tasks}
     else:

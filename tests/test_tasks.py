@@ -1,0 +1,164 @@
+"""Built-in tasks: deterministic, balanced, correct answers, held-out items never in train, exact checker."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+from conftest import SHAKESPEARE
+
+from pipeline import tasks
+from pipeline.config import UsageError
+
+
+def item_key(example: dict) -> str:
+    """What identifies the underlying item (line, number pair, phrase, country) of an example."""
+    first = example["messages"][0]["content"] if "messages" in example else example["prompt"][0]["content"]
+    if example["task"] == "copy":
+        return first.removeprefix("Repeat after me: ")
+    if example["task"] == "upper":
+        return re.fullmatch(r'Say "(.*)" in capital letters\.', first).group(1)
+    if example["task"] in ("capital", "followup"):
+        return re.fullmatch(r"What's the capital of (.*)\?", first).group(1)
+    return first
+
+
+@pytest.fixture(scope="module")
+def train_examples():
+    return tasks.conversations("train", seed=0, corpus_file=SHAKESPEARE) + tasks.conversations("train", seed=1, corpus_file=SHAKESPEARE)
+
+
+@pytest.fixture(scope="module")
+def eval_examples():
+    return tasks.conversations("eval", corpus_file=SHAKESPEARE)
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+    first = tasks.conversations("train", n=140, seed=5, corpus_file=SHAKESPEARE)
+    assert first == tasks.conversations("train", n=140, seed=5, corpus_file=SHAKESPEARE)
+    assert first != tasks.conversations("train", n=140, seed=6, corpus_file=SHAKESPEARE)
+    assert tasks.preference_pairs("eval", n=35, corpus_file=SHAKESPEARE) == tasks.preference_pairs("eval", n=35, corpus_file=SHAKESPEARE)
+
+
+def test_balanced_counts_and_format(train_examples, eval_examples):
+    counts = Counter(e["task"] for e in tasks.conversations("train", n=72, corpus_file=SHAKESPEARE))
+    assert set(counts) == set(tasks.TASKS) and sum(counts.values()) == 72 and max(counts.values()) - min(counts.values()) <= 1
+    assert len(train_examples) == 2 * tasks.DEFAULT_TRAIN_SIZE
+    eval_counts = Counter(e["task"] for e in eval_examples)
+    held_out_countries = [f for f in tasks.FACTS if tasks._in_split("country", f[0], "eval")]
+    assert 6 <= len(held_out_countries) <= 16
+    for task in tasks.TASKS:  # eval examples are distinct items; only the countries run out before 50
+        expected = len(held_out_countries) if task in ("capital", "followup") else tasks.DEFAULT_EVAL_PER_TASK
+        assert eval_counts[task] == expected, task
+        assert len({item_key(e) for e in eval_examples if e["task"] == task}) == expected
+    for example in train_examples[:500] + eval_examples:
+        roles = [m["role"] for m in example["messages"]]
+        assert roles[-1] == "assistant" and roles[0] == "user"
+        assert roles == ["user", "assistant"] * (len(roles) // 2)
+
+
+def test_held_out_items_never_appear_in_train(train_examples, eval_examples):
+    for task in tasks.TASKS:
+        train_keys = {item_key(e) for e in train_examples if e["task"] == task}
+        eval_keys = {item_key(e) for e in eval_examples if e["task"] == task}
+        assert train_keys and eval_keys
+        assert not train_keys & eval_keys, task
+    # A held-out line is held out for both corpus tasks, and a held-out country for both fact tasks.
+    quote_eval_lines = {e["messages"][0]["content"].removeprefix("Complete this Shakespeare quote: ") for e in eval_examples if e["task"] == "quote"}
+    train_text = "\n".join(m["content"] for e in train_examples for m in e["messages"])
+    for prefix in list(quote_eval_lines)[:20]:
+        assert f'Who says this line: "{prefix}' not in train_text
+    for country, capital, _ in tasks.FACTS:
+        if tasks._in_split("country", country, "eval"):
+            assert f" {country}?" not in train_text and f"{capital} has" not in train_text
+
+
+def test_answers_are_correct(eval_examples, train_examples):
+    facts = {country: (capital, population) for country, capital, population in tasks.FACTS}
+    corpus = SHAKESPEARE.read_text()
+    for example in eval_examples + train_examples[:700]:
+        prompt, answer = tasks.prompt_and_answer(example)
+        question = prompt[0]["content"]
+        if example["task"] == "arithmetic":
+            a, op, b = re.fullmatch(r"What is (\d\d)([+-])(\d\d)\?", question).groups()
+            result = int(a) + int(b) if op == "+" else int(a) - int(b)
+            assert answer == f"{a}{op}{b} equals {result}." and result >= 0
+        elif example["task"] == "copy":
+            assert answer == item_key(example)
+        elif example["task"] == "upper":
+            assert answer == item_key(example).upper()
+        elif example["task"] == "capital":
+            assert answer == f"The capital of {item_key(example)} is {facts[item_key(example)][0]}."
+        elif example["task"] == "followup":
+            capital, population = facts[item_key(example)]
+            assert prompt[1]["content"].endswith(f" is {capital}.") and prompt[2]["content"] == "What's the population?"
+            assert answer == f"{capital} has approximately {population} people."
+        elif example["task"] == "quote":
+            prefix = question.removeprefix("Complete this Shakespeare quote: ")
+            assert f"{prefix} {answer}" in corpus
+        elif example["task"] == "speaker":
+            line = re.fullmatch(r'Who says this line: "(.*)"', question).group(1)
+            speaker = answer.removesuffix(" says it.")
+            assert re.search(rf"^{re.escape(speaker)}:\n(.*\n)*?{re.escape(line)}", corpus, re.M)
+    assert "Paris has approximately 2.1 million people." in {e["messages"][-1]["content"] for e in train_examples}
+
+
+def test_preference_pairs_are_wrong_in_plausible_ways():
+    pairs = tasks.preference_pairs("train", n=2100, corpus_file=SHAKESPEARE)
+    assert len(pairs) == 2100 and set(p["task"] for p in pairs) == set(tasks.TASKS)
+    kinds = Counter()
+    for pair in pairs:
+        assert pair["prompt"][-1]["role"] == "user"
+        assert [m["role"] for m in pair["chosen"] + pair["rejected"]] == ["assistant", "assistant"]
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert not tasks.check(pair, rejected) and tasks.check(pair, chosen)
+        words, rejected_words = chosen.split(), rejected.split()
+        if len(rejected_words) >= 4 and len(set(rejected_words[-4:])) == 1:
+            kinds["repetitive"] += 1
+        elif chosen.startswith(rejected):
+            kinds["truncated"] += 1
+        else:  # a wrong city/number/speaker/word/line: the answer's shape, not a cut or a loop
+            assert abs(len(rejected_words) - len(words)) <= 3 or pair["task"] == "quote", (chosen, rejected)
+            kinds["wrong"] += 1
+    assert min(kinds.values()) > 300 and kinds["wrong"] > 800, kinds
+    eval_prompts = {p["prompt"][0]["content"] for p in tasks.preference_pairs("eval", corpus_file=SHAKESPEARE)}
+    assert not eval_prompts & {p["prompt"][0]["content"] for p in pairs if p["task"] != "followup"}
+
+
+def test_check_is_exact_up_to_whitespace():
+    example = {"task": "arithmetic", "messages": [{"role": "user", "content": "What is 12+30?"}, {"role": "assistant", "content": "12+30 equals 42."}]}
+    assert tasks.check(example, "12+30 equals 42.")
+    assert tasks.check(example, "  12+30  equals\n42. ")
+    assert not tasks.check(example, "12+30 equals 42")
+    assert not tasks.check(example, "12+30 Equals 42.")
+    assert not tasks.check(example, "12+30 equals 42. 12+30 equals 42.")
+    assert not tasks.check(example, "")
+    pair = {"prompt": example["messages"][:1], "chosen": example["messages"][1:], "rejected": [{"role": "assistant", "content": "12+30 equals 43."}]}
+    assert tasks.prompt_and_answer(pair) == (example["messages"][:1], "12+30 equals 42.")
+    assert tasks.check(pair, "12+30 equals 42.") and not tasks.check(pair, "12+30 equals 43.")
+
+
+def test_embedded_corpus_teaches_facts_but_holds_out_arithmetic():
+    corpus = tasks.embedded_corpus(seed=0, n_conversations=3000, fact_repeats=5)
+    assert corpus == tasks.embedded_corpus(seed=0, n_conversations=3000, fact_repeats=5)
+    assert "Paris has approximately 2.1 million people." in corpus
+    assert "User: What's the capital of France?\nAssistant: The capital of France is Paris." in corpus
+    held_out = [f for f in tasks.FACTS if tasks._in_split("country", f[0], "eval")]
+    for country, capital, population in held_out:
+        assert capital in corpus and f"What's the capital of {country}?" not in corpus
+    for a, op, b in tasks._sum_items("eval")[:200]:
+        assert f"What is {a}{op}{b}?" not in corpus
+
+
+def test_bad_arguments_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="unknown task"):
+        tasks.conversations(tasks=("quote", "poetry"), corpus_file=SHAKESPEARE)
+    with pytest.raises(UsageError, match="unknown split"):
+        tasks.conversations("test")
+    prose = tmp_path / "prose.txt"
+    prose.write_text("Just some prose without any speakers.\n\nAnd more of it.\n")
+    with pytest.raises(UsageError, match="speaker blocks"):
+        tasks.conversations(tasks=("speaker",), corpus_file=prose)
+    # Corpus-free tasks never touch the corpus (offline, nothing cached in tests).
+    assert len(tasks.conversations(n=10, tasks=tasks.CORPUS_FREE_TASKS)) == 10
