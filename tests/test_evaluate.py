@@ -1,0 +1,106 @@
+"""Evaluation library and CLI on the tiny pretrained model of the shared `tiny_run` fixture."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import DATA, PYTHON, SHAKESPEARE, run_main, run_script
+
+from pipeline import chat_format, evaluate, tasks
+
+HH_RLHF = DATA / "pref" / "hh-rlhf_helpful-base_test.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tiny_run / "pretrain"
+    torch.manual_seed(0)  # the reward head is freshly initialised
+    reward_model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, use_safetensors=True)
+    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True), reward_model
+
+
+def test_evaluate_tasks_reports_every_task(pretrained):
+    tokenizer, model, _ = pretrained
+    examples = tasks.conversations("eval", n=21, corpus_file=SHAKESPEARE)
+    result = evaluate.evaluate_tasks(model, tokenizer, examples, max_new_tokens=8)
+    assert list(result["per_task"]) == list(tasks.TASKS)
+    assert all(0.0 <= acc <= 1.0 for acc in result["per_task"].values()) and 0.0 <= result["overall"] <= 1.0
+    assert result["n"] == 21 and sum(result["n_per_task"].values()) == 21
+    assert {s["expected"] for samples in result["samples"].values() for s in samples} <= {tasks.prompt_and_answer(e)[1] for e in examples}
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time(pretrained):
+    tokenizer, model, _ = pretrained
+    examples = tasks.conversations("eval", n=14, corpus_file=SHAKESPEARE)
+    prompts = [tasks.prompt_and_answer(e)[0] for e in examples]
+    new_tokens = 4  # every prompt leaves room for it in the 64-token context, so budgets agree
+    assert max(len(chat_format.render_prompt(tokenizer, p)) for p in prompts) + new_tokens <= model.config.n_positions
+    batched = evaluate.generate_replies(model, tokenizer, prompts, new_tokens, batch_size=8)
+    single = evaluate.generate_replies(model, tokenizer, prompts, new_tokens, batch_size=1)
+    assert batched == single
+    # Scoring the model's own greedy replies as the expected answers gives 100%: checker and
+    # generation agree end to end; a different reply gives 0%.
+    own = [{"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"]}]} for e, p, r in zip(examples, prompts, batched)]
+    assert evaluate.evaluate_tasks(model, tokenizer, own, max_new_tokens=new_tokens, batch_size=5)["overall"] == 1.0
+    wrong = [{"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"] + " x"}]} for e, p, r in zip(examples, prompts, batched)]
+    assert evaluate.evaluate_tasks(model, tokenizer, wrong, max_new_tokens=new_tokens)["overall"] == 0.0
+
+
+def test_reward_model_accuracy_and_margin(pretrained):
+    tokenizer, _, reward_model = pretrained
+    pairs = tasks.preference_pairs("eval", n=28, corpus_file=SHAKESPEARE)
+    result = evaluate.evaluate_reward_model(reward_model, tokenizer, pairs, batch_size=8)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 28 and set(result["per_task"]) == set(tasks.TASKS)
+    assert math.isclose(result["margin"], result["mean_chosen"] - result["mean_rejected"], abs_tol=1e-5)
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    flipped = evaluate.evaluate_reward_model(reward_model, tokenizer, swapped, batch_size=3)
+    assert math.isclose(flipped["margin"], -result["margin"], abs_tol=1e-5)
+    assert math.isclose(flipped["accuracy"], 1 - result["accuracy"])  # no ties with a random head
+    ties = evaluate.evaluate_reward_model(reward_model, tokenizer, [{**p, "rejected": p["chosen"]} for p in pairs[:4]])
+    assert ties["accuracy"] == 0.0 and ties["margin"] == 0.0
+
+
+def test_mean_reward_of_policy_replies(pretrained):
+    tokenizer, model, reward_model = pretrained
+    examples = tasks.conversations("eval", n=7, corpus_file=SHAKESPEARE)
+    result = evaluate.mean_reward(model, reward_model, tokenizer, examples, max_new_tokens=6)
+    assert result["n"] == 7 and math.isfinite(result["mean_reward"])
+    assert 0.0 <= result["eos_rate"] <= 1.0 and 0 < result["mean_response_tokens"] <= 6
+    replies = evaluate.generate_replies(model, tokenizer, [tasks.prompt_and_answer(e)[0] for e in examples], 6)
+    scored = [tasks.prompt_and_answer(e)[0] + [{"role": "assistant", "content": r["reply"]}] for e, r in zip(examples, replies)]
+    expected = sum(evaluate.score_conversations(reward_model, tokenizer, scored)) / 7
+    assert math.isclose(result["mean_reward"], expected, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
+    output = tmp_path / "eval.json"
+    result = run_script(
+        PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", tiny_run / "pretrain", "--pairs_file", HH_RLHF,
+        "--pairs_heldout_fraction", "0.1", "--max_pairs", "12", "--n_per_task", "2", "--max_new_tokens", "6",
+        "--corpus_file", SHAKESPEARE, "--output_file", output,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["model"] == str(tiny_run / "pretrain")  # the run folder's newest finished stage
+    assert set(report["tasks"]["per_task"]) == set(tasks.TASKS) and report["tasks"]["n"] == 14
+    assert report["reward_pairs"]["builtin"]["n"] == 14 and report["reward_pairs"][str(HH_RLHF)]["n"] == 12
+    assert report["mean_reward"]["n"] == 14
+    assert "overall" in result.stdout and "dropped 2 pairs" in result.stderr
+    assert not (tiny_run / "pretrain" / "evaluation.json").exists()
+
+
+def test_bad_inputs_are_usage_errors(tiny_run, tmp_path):
+    code, error = run_main(evaluate.main, [tmp_path / "missing_run"])
+    assert code == 2 and "no such folder" in error
+    code, error = run_main(evaluate.main, [tiny_run, "--tasks", "poetry", "--output_file", tmp_path / "x.json"])
+    assert code == 2 and "unknown task(s) poetry" in error
+    code, error = run_main(evaluate.main, [tiny_run / "tokenizer"])
+    assert code == 2 and "neither a model folder" in error
+    code, error = run_main(evaluate.main, [tiny_run, "--pairs_file", HH_RLHF, "--output_file", tmp_path / "x.json"])
+    assert code == 2 and "--pairs_file needs --reward_model" in error
+    assert not (tmp_path / "x.json").exists()
