@@ -1,0 +1,133 @@
+"""Pretraining end to end through the real entry points: learning, artifacts, resume, 2 processes, bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import pretrain, runs
+from tests.conftest import PYTHON, REPO, SHAKESPEARE, TINY_MODEL_FLAGS, TINY_TRAIN_FLAGS, run_main, run_script, train_tiny_tokenizer
+
+
+def _history(stage_dir):
+    state = json.loads(max(stage_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime).read_text())
+    return state["log_history"]
+
+
+def test_tiny_pretraining_learns_and_saves_a_loadable_model(tiny_run):
+    stage = tiny_run / "pretrain"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    losses = [h["loss"] for h in _history(stage) if "loss" in h]
+    assert losses[-1] < losses[0] - 1.0, losses  # it learned
+    assert 0 < metrics["eval_bits_per_byte"] < 4.5
+    assert metrics["global_step"] == 80 and metrics["tokens_per_second"] > 0
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "train.log", "config.yaml"):
+        assert (stage / name).is_file(), name
+    assert "eval_bits_per_byte" in (stage / "train.log").read_text()
+    assert "sample @ step" in (stage / "train.log").read_text()
+    assert len(list(stage.glob("checkpoint-*"))) <= 2  # save_total_limit from the tiny preset
+
+    model = AutoModelForCausalLM.from_pretrained(stage, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(stage)
+    assert model.config.vocab_size == len(tok) and model.config.pad_token_id == tok.pad_token_id
+    out = model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=20, do_sample=False)
+    assert out.shape[1] > len(tok("ROMEO:")["input_ids"])
+
+
+def test_generate_cli_is_reproducible_and_interactive(tiny_run):
+    argv = [PYTHON, "pipeline/generate.py", tiny_run / "pretrain", "--prompt", "To be", "--max_new_tokens", "20", "--seed", "7"]
+    first, second = run_script(*argv), run_script(*argv)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("To be")
+    loop = run_script(PYTHON, "pipeline/generate.py", tiny_run, "--interactive", "--max_new_tokens", "10", input="ROMEO:\nJULIET:\n")
+    assert loop.returncode == 0, loop.stderr
+    assert "ROMEO:" in loop.stdout and "JULIET:" in loop.stdout
+    bad = run_script(PYTHON, "pipeline/generate.py", tiny_run / "pretrain", "--prompt", "   ")
+    assert bad.returncode == 2 and "whitespace" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _pretrain_cmd(run_name, steps, *extra):
+    return [PYTHON, "pipeline/pretrain.py", "--preset", "tiny", "--train_file", SHAKESPEARE, "--run_name", run_name,
+            "--max_steps", steps, *TINY_MODEL_FLAGS, *TINY_TRAIN_FLAGS, "--save_steps", "20", "--eval_steps", "30", *extra]
+
+
+def test_resume_after_a_killed_run_matches_an_uninterrupted_one(isolated_runs):
+    train_tiny_tokenizer("ref")
+    train_tiny_tokenizer("killed")
+    assert run_script(*_pretrain_cmd("ref", 60)).returncode == 0
+    # Start a run and kill -9 it once its first checkpoint is complete.
+    proc = subprocess.Popen([str(a) for a in _pretrain_cmd("killed", 60)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = runs.stage_dir("killed", "pretrain")
+    deadline = time.time() + 120
+    while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not runs.is_finished(stage)
+    resumed_from = runs.latest_checkpoint(stage)
+    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < 60
+
+    result = run_script(*_pretrain_cmd("killed", 60, "--resume"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ref = json.loads((runs.stage_dir("ref", "pretrain") / "metrics.json").read_text())
+    got = json.loads((stage / "metrics.json").read_text())
+    assert got["global_step"] == ref["global_step"] == 60
+    # Same optimizer/scheduler/RNG/data position restored: the final validation loss matches closely.
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.05)
+
+
+def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
+    train_tiny_tokenizer("ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *_pretrain_cmd("ddp", 10)[1:]]
+    result = run_script(*cmd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((runs.stage_dir("ddp", "pretrain") / "metrics.json").read_text())
+    ranks = metrics["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["tokens"] > 0 for r in ranks)
+    assert ranks[0]["first_offsets"] != ranks[1]["first_offsets"]  # each rank drew its own shard
+    assert result.stdout.count("pretrain done") == 1  # rank 0 alone saves and reports
+
+
+def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
+    # Missing previous stage: the error names the command that makes it.
+    code, err = run_main(pretrain.main, ["--preset", "tiny", "--run_name", "nothing", "--train_file", SHAKESPEARE])
+    assert code == 2 and "tokenizer/train.py" in err
+    code, err = run_main(pretrain.main, ["--preset", "tiny", "--run_name", "x", "--tokenizer_name_or_path", tiny_run / "tokenizer",
+                                         "--train_file", SHAKESPEARE, "--resume"])
+    assert code == 2 and "--resume" in err
+    # A model whose vocabulary is smaller than the tokenizer's.
+    small_tok = tmp_path / "small_tok"
+    from tokenizer import train
+
+    run_main(train.main, ["--train_file", SHAKESPEARE, "--vocab_size", 300, "--output_dir", small_tok])
+    small_model = tmp_path / "small_model"
+    code, err = run_main(pretrain.main, ["--preset", "tiny", "--tokenizer_name_or_path", small_tok, "--train_file", SHAKESPEARE,
+                                         "--output_dir", small_model, "--max_steps", 2, *TINY_MODEL_FLAGS, "--eval_strategy", "no"])
+    assert code == 0, err
+    code, err = run_main(pretrain.main, ["--preset", "tiny", "--tokenizer_name_or_path", tiny_run / "tokenizer", "--model_name_or_path",
+                                         small_model, "--train_file", SHAKESPEARE, "--output_dir", tmp_path / "mismatch"])
+    assert code == 2 and "vocab_size" in err and not (tmp_path / "mismatch").exists()
+    # A finished output is not overwritten without --overwrite, and is left intact.
+    before = (small_model / "model.safetensors").read_bytes()
+    code, err = run_main(pretrain.main, ["--preset", "tiny", "--tokenizer_name_or_path", small_tok, "--train_file", SHAKESPEARE,
+                                         "--output_dir", small_model, "--max_steps", 2])
+    assert code == 2 and "--overwrite" in err and (small_model / "model.safetensors").read_bytes() == before
+    code, err = run_main(pretrain.main, ["--preset", "tiny", "--n_embd", 65, "--n_head", 2])
+    assert code == 2 and "n_embd" in err
+    code, err = run_main(pretrain.main, ["--preset", "tiny", "--learning_rate", "fast"])
+    assert code == 2 and "learning_rate" in err
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    result = run_script(PYTHON, "pipeline/pretrain.py", "--preset", "tiny", "--max_stepz", "3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: unknown flag --max_stepz (did you mean 'max_steps'?)"]
+    result = run_script(PYTHON, "pipeline/pretrain.py", "--preset", "tiny", "--train_file", tmp_path / "missing.txt",
+                        "--tokenizer_name_or_path", tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
