@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> Path:
     model = lm.build_model(model_args, tokenizer)
     if train_tokens.max() >= model.config.vocab_size:
         fail(f"tokenizer {tokenizer_path} produces id {int(train_tokens.max())} but the model's vocab_size is {model.config.vocab_size}")
-    block_size = model.config.n_positions
+    if model_args.block_size > model.config.n_positions:
+        fail(f"--block_size {model_args.block_size} is longer than the model's context ({model.config.n_positions} positions)")
+    block_size = model_args.block_size
     accounting = lm.RankAccounting()
     train_set = lm.RandomWindows(train_tokens, block_size, accounting)
     eval_set = lm.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> Path:
     val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
     bytes_per_token = val_bytes / len(val_tokens) if eval_set else 1.0
 
-    if not resume_from:
+    if resume_from:
+        runs.discard_incomplete_checkpoints(output_dir)
+    else:
         runs.prepare_output_dir(output_dir, overwrite=data_args.overwrite)
     training.log_to_file(output_dir)
     save_resolved_config(output_dir / "config.yaml", model_args, data_args, args, config_file=config_file)

@@ -92,6 +92,8 @@ def prepare_output_dir(folder: Path, *, overwrite: bool, resume: bool = False) -
         if latest_checkpoint(folder) is None:
             fail(f"--resume: no complete checkpoint in {folder} to resume from (drop --resume to start afresh)")
         return
+    if not overwrite and latest_checkpoint(folder) is not None:
+        fail(f"{folder} holds checkpoints of an unfinished run: pass --resume to continue it, or --overwrite to start afresh")
     if overwrite and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
         if ckpt.name.split("-")[-1].isdigit() and (ckpt / "trainer_state.json").is_file()
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
+    """Remove `checkpoint-N` folders a crash left half-written (no trainer_state.json), so that
+    resuming and the Trainer's checkpoint rotation only ever see complete ones."""
+    removed = []
+    for ckpt in Path(folder).glob("checkpoint-*"):
+        if ckpt.is_dir() and not (ckpt / "trainer_state.json").is_file():
+            shutil.rmtree(ckpt, ignore_errors=True)
+            removed.append(ckpt)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
