@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate l
 
 from transformers import AutoTokenizer, TrainingArguments
 
-from pipeline import lm, runs, training
+from pipeline import cards, lm, push, runs, training
 from pipeline.config import fail, parse_config, run_cli, save_resolved_config
 from pipeline.data import load_text
 
@@ -58,6 +58,7 @@ class DataArguments:
 
 def main(argv: list[str] | None = None) -> Path:
     model_args, data_args, args, config_file = parse_config("pretrain", (ModelArguments, DataArguments, TrainingArguments), argv)
+    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
     output_dir = training.resolve_output_dir(args, "pretrain")
     run_name = args.run_name or "default"
     runs.refuse_finished(output_dir, data_args.overwrite)
@@ -131,7 +132,10 @@ def main(argv: list[str] | None = None) -> Path:
             "ranks": ranks,
         }
         runs.write_json(output_dir / "metrics.json", metrics)
+        runs.write_json(output_dir / "log_history.json", trainer.state.log_history)
+        cards.write_model_card(output_dir, "pretrain")
         runs.mark_finished(output_dir, "pretrain", global_step=result.global_step)
+        push.maybe_push(push_request, output_dir, "pretrain")
         bpb = final_eval.get("eval_bits_per_byte")
         print(f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {output_dir}")
     return output_dir

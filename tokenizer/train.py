@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python tokenizer/train.py` from anywhere
 
-from pipeline import chat_format, runs
+from pipeline import cards, chat_format, runs
 from pipeline.config import fail, parse_config, run_cli, save_resolved_config
 from pipeline.data import load_text
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer.save_pretrained(output_dir)
     save_resolved_config(output_dir / "config.yaml", args, config_file=config_file)
     runs.write_json(output_dir / "tokenizer_stats.json", stats)
+    cards.write_model_card(output_dir, "tokenizer")
     runs.mark_finished(output_dir, "tokenizer", **stats)
     round_trip = {True: "lossless", False: "LOSSY"}.get(stats.get("lossless_round_trip"), "lossy (word)")
     print(

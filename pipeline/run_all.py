@@ -1,0 +1,186 @@
+"""One command from raw text to a chat model: tokenizer -> pretrain -> SFT -> reward -> PPO -> evaluation.
+
+    python pipeline/run_all.py --preset tiny --run_name demo
+    python pipeline/run_all.py --preset tiny --run_name demo --train_file my_corpus.txt
+    python pipeline/run_all.py --preset small --run_name big --accelerate_config configs/accelerate/single_gpu.yaml
+
+Each stage runs through the same entry point a user would type (`accelerate launch pipeline/<stage>.py
+--preset P --run_name R`), so accelerate settings apply. Stages that already finished are skipped; an
+interrupted pretrain/SFT continues from its newest checkpoint; so re-running the same command after a
+crash or Ctrl-C picks up where it stopped. Ends with a per-stage summary (runs/R/summary.json).
+
+Data: the built-in fact tasks (capitals, populations) can only be recalled, so the chain pretrains on the
+corpus *plus* a small facts text rendered by our task generators (`--with_facts false` to skip). Offline
+with no corpus given, it pretrains on the embedded task corpus instead and leaves out the corpus tasks.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import runs
+from pipeline.config import REPO_ROOT, UsageError, fail, parse_config, presets, run_cli
+
+SCRIPTS = {
+    "tokenizer": "tokenizer/train.py",
+    "pretrain": "pipeline/pretrain.py",
+    "sft": "pipeline/sft.py",
+    "reward": "pipeline/reward.py",
+    "ppo": "pipeline/ppo.py",
+}
+RESUMABLE = ("pretrain", "sft")
+OFFLINE_TASKS = ("arithmetic", "copy", "upper", "capital", "followup")
+
+
+@dataclass
+class RunAllArguments:
+    preset: str = field(default="tiny", metadata={"help": "Recipe folder under configs/ used for every stage."})
+    run_name: str = field(default="demo", metadata={"help": "Everything goes to runs/<run_name>/."})
+    train_file: list[str] | None = field(default=None, metadata={"help": "Pretraining text files/folders; default tinyshakespeare (downloaded once)."})
+    with_facts: bool = field(default=True, metadata={"help": "Add the built-in facts text to pretraining, so the fact tasks can be learned."})
+    stages: list[str] = field(default_factory=lambda: [*SCRIPTS, "evaluate"], metadata={"help": "Stages to run, in order."})
+    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config for the training stages (see configs/accelerate/)."})
+    stage_args: list[str] | None = field(default=None, metadata={"help": "Extra flags as 'stage:--flag=value' (e.g. pretrain:--max_steps=100)."})
+
+
+def launcher(args: RunAllArguments, stage: str) -> list[str]:
+    if stage == "tokenizer":
+        return [sys.executable]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if args.accelerate_config:
+        return cmd + ["--config_file", args.accelerate_config]
+    # Explicit defaults: no accelerate config on this machine is normal, and silences accelerate's warning.
+    return cmd + ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], list[str]]:
+    """(pretraining files, extra flags for the alignment stages)."""
+    from pipeline import tasks
+    from pipeline.data import default_corpus
+
+    task_flags: list[str] = []
+    if args.train_file:
+        files = list(args.train_file)
+    else:
+        try:
+            corpus = default_corpus()
+            files = [str(corpus)]
+            task_flags = ["--corpus_file", str(corpus)]
+        except UsageError as err:
+            print(f"note: {err}; pretraining on the embedded task corpus instead", flush=True)
+            path = data_dir / "embedded_corpus.txt"
+            if not path.is_file():
+                runs.atomic_write_text(path, tasks.embedded_corpus())
+            return [str(path)], ["--tasks", *OFFLINE_TASKS]
+    if args.with_facts:
+        path = data_dir / "facts.txt"
+        if not path.is_file():
+            runs.atomic_write_text(path, tasks.embedded_corpus(n_conversations=0))
+        files.append(str(path))
+    return files, task_flags
+
+
+def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
+    if stage == "evaluate":
+        run = runs.run_dir(args.run_name)
+        policy = next((run / s for s in ("ppo", "sft", "pretrain") if runs.is_finished(run / s)), run / "ppo")
+        cmd = [sys.executable, "pipeline/evaluate.py", str(policy), "--output_file", str(run / "evaluation.json")]
+        if runs.is_finished(run / "reward"):
+            cmd += ["--reward_model", str(run / "reward")]
+        return cmd + task_flags + extra
+    cmd = launcher(args, stage) + [SCRIPTS[stage], "--preset", args.preset, "--run_name", args.run_name]
+    if stage in ("tokenizer", "pretrain"):
+        cmd += ["--train_file", *corpus_files]
+    else:
+        cmd += task_flags
+    folder = runs.stage_dir(args.run_name, stage)
+    if folder.exists() and not runs.is_finished(folder):  # interrupted earlier
+        cmd += ["--resume"] if stage in RESUMABLE and runs.latest_checkpoint(folder) else ["--overwrite"]
+    return cmd + extra
+
+
+def key_metric(stage: str, folder: Path) -> str:
+    import json
+
+    path = folder / ("tokenizer_stats.json" if stage == "tokenizer" else "metrics.json")
+    if stage == "evaluate":
+        path = folder / "evaluation.json"
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text())
+    picks = {
+        "tokenizer": [("bytes/token", "bytes_per_token")],
+        "pretrain": [("val bits/byte", "eval_bits_per_byte")],
+        "sft": [("task accuracy", "task_accuracy"), ("task accuracy", "eval_task_accuracy")],
+        "reward": [("pair accuracy", "reward_accuracy"), ("pair accuracy", "eval_accuracy")],
+        "ppo": [("mean reward", "mean_reward"), ("task accuracy", "task_accuracy")],
+        "evaluate": [("task accuracy", "overall")],
+    }[stage]
+    flat = _flatten(m)
+    found = [f"{label} {flat[key]:.3f}" for label, key in picks if isinstance(flat.get(key), (int, float))]
+    return ", ".join(dict.fromkeys(found))
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, ""))  # inner keys win only if absent at the top
+        out.setdefault(prefix + k, v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args, _ = parse_config("run_all", (RunAllArguments,), argv)
+    if args.preset not in presets():
+        fail(f"unknown preset '{args.preset}': choose from {', '.join(presets())}")
+    unknown = [s for s in args.stages if s not in (*SCRIPTS, "evaluate")]
+    if unknown:
+        fail(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate'])}")
+    extra: dict[str, list[str]] = {}
+    for item in args.stage_args or []:
+        stage, _, flag = item.partition(":")
+        if stage not in (*SCRIPTS, "evaluate") or not flag.startswith("--"):
+            fail(f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(SCRIPTS)}, evaluate")
+        extra.setdefault(stage, []).append(flag)
+
+    run = runs.run_dir(args.run_name)
+    corpus_files, task_flags = prepare_corpus(args, run / "data")
+    summary = []
+    for stage in args.stages:
+        folder = run if stage == "evaluate" else runs.stage_dir(args.run_name, stage)
+        done = (run / "evaluation.json").is_file() if stage == "evaluate" else runs.is_finished(folder)
+        if done:
+            print(f"== {stage}: already finished, skipped", flush=True)
+            summary.append({"stage": stage, "status": "skipped", "seconds": None, "metric": key_metric(stage, folder)})
+            continue
+        cmd = stage_command(args, stage, corpus_files, task_flags, extra.get(stage, []))
+        print(f"== {stage}: {shlex.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(cmd, cwd=REPO_ROOT)
+        seconds = round(time.perf_counter() - start, 1)
+        if code != 0:
+            fail(f"stage {stage} failed (exit {code}) after {seconds}s: fix the error above and re-run the same command to continue")
+        summary.append({"stage": stage, "status": "ran", "seconds": seconds, "metric": key_metric(stage, folder)})
+
+    runs.write_json(run / "summary.json", {"preset": args.preset, "stages": summary})
+    total = sum(s["seconds"] or 0 for s in summary)
+    print(f"\n{'stage':<10} {'status':<8} {'wall':>8}  key metric")
+    for s in summary:
+        wall = f"{s['seconds']:.0f}s" if s["seconds"] is not None else "-"
+        print(f"{s['stage']:<10} {s['status']:<8} {wall:>8}  {s['metric']}")
+    print(f"{'total':<10} {'':<8} {total:>7.0f}s\n")
+    print(f"chat:  python pipeline/chat.py {run}")
+    print(f"app:   python app.py --model {run}")
+    return run
+
+
+if __name__ == "__main__":
+    run_cli(main)
