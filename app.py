@@ -1,0 +1,229 @@
+"""fluxchat's Gradio app: chat with a trained model, or compare two stages side by side (a Space's entry point).
+
+    python app.py --model runs/demo/ppo                                  # http://127.0.0.1:7860
+    python app.py --model runs/demo                                      # a run folder: its ppo > sft > pretrain stage
+    python app.py --model runs/demo/ppo --compare_model runs/demo/sft --reward_model runs/demo/reward
+    python app.py --model runs/demo/ppo --host 0.0.0.0 --auth me:secret  # reachable from the network, behind a login
+    FLUXCHAT_MODEL=you/fluxchat-ppo FLUXCHAT_COMPARE_MODEL=you/fluxchat-sft python app.py   # a Space: models from the Hub
+
+Without --model (and FLUXCHAT_MODEL) it serves the newest finished run under runs/. Everything a public
+demo needs is enforced here on the server, whatever a client sends: message length, turns per
+conversation, sampling values (clamped), a queue that serves several users at once, safetensors-only
+loading without remote code. `--log_level debug` logs every prompt the model sees (as JSON), which is
+how the tests check that the browser's history reaches the model and that sessions never mix.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeline.config import UsageError, fail, parse_config, run_cli
+from pipeline.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling
+
+logger = logging.getLogger("fluxchat.app")
+
+
+@dataclass
+class AppArguments:
+    model: str | None = field(default=None, metadata={"help": "Model folder, run folder or Hub id (env FLUXCHAT_MODEL); default: the newest run under runs/."})
+    compare_model: str | None = field(default=None, metadata={"help": "Second model for the Compare tab, e.g. runs/demo/sft (env FLUXCHAT_COMPARE_MODEL)."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model that scores each Compare reply, e.g. runs/demo/reward (env FLUXCHAT_REWARD_MODEL)."})
+    system: str | None = field(default=None, metadata={"help": "System message that opens every conversation."})
+    host: str | None = field(default=None, metadata={"help": "Address to bind; default 127.0.0.1 (on a Space: $GRADIO_SERVER_NAME or 0.0.0.0)."})
+    port: int = field(default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), metadata={"help": "Port to listen on."})
+    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
+    auth: str | None = field(default=None, metadata={"help": "user:password required to use the app (env FLUXCHAT_AUTH)."})
+    max_message_chars: int = field(default=2000, metadata={"help": "Longest accepted user message, in characters."})
+    max_turns: int = field(default=20, metadata={"help": "User messages per conversation before it must be cleared."})
+    concurrency: int = field(default=4, metadata={"help": "Replies generated at the same time; more users wait in the queue."})
+    queue_size: int = field(default=64, metadata={"help": "Requests waiting at most; more are turned away with a 'queue full' message."})
+    log_level: str = field(default="info", metadata={"help": "info: one line per reply; debug: also every prompt the model sees, as JSON."})
+
+    def __post_init__(self):
+        self.model = self.model or os.environ.get("FLUXCHAT_MODEL")
+        self.compare_model = self.compare_model or os.environ.get("FLUXCHAT_COMPARE_MODEL")
+        self.reward_model = self.reward_model or os.environ.get("FLUXCHAT_REWARD_MODEL")
+        self.auth = self.auth or os.environ.get("FLUXCHAT_AUTH")
+        if self.auth is not None and (":" not in self.auth or not all(self.auth.split(":", 1))):
+            raise ValueError("--auth must look like user:password")
+        for name in ("max_message_chars", "max_turns", "concurrency", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"--log_level must be debug, info, warning or error, got {self.log_level}")
+
+
+def message_text(content) -> str:
+    """Gradio sends a message's content as a string (API) or a list of {"type": "text", "text"} blocks (browser)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(block) for block in content)
+    return ""
+
+
+def history_messages(history) -> list[dict]:
+    """Gradio's chat history as plain {"role", "content": str} messages; anything but text is left out."""
+    messages = []
+    for item in history or []:
+        role = item.get("role") if isinstance(item, dict) else None
+        if role in ("user", "assistant"):
+            messages.append({"role": role, "content": message_text(item.get("content"))})
+    return messages
+
+
+class ChatService:
+    """The app's server side: every limit is checked here, never trusted to the browser."""
+
+    def __init__(self, model: ChatModel, compare_model: ChatModel | None = None, scorer: RewardScorer | None = None,
+                 max_message_chars: int = 2000, max_turns: int = 20, system: str | None = None):
+        self.model, self.compare_model, self.scorer = model, compare_model, scorer
+        self.max_message_chars, self.max_turns = max_message_chars, max_turns
+        self.start = [{"role": "system", "content": system}] if system else []
+
+    def refuse(self, message: str) -> None:
+        raise gr.Error(message, print_exception=False)
+
+    def check_message(self, text: str, past: list[dict]) -> None:
+        if not text.strip():
+            self.refuse("Empty message: type something first.")
+        if len(text) > self.max_message_chars:
+            self.refuse(f"Message too long: {len(text):,} characters, the limit is {self.max_message_chars:,}. Please shorten it.")
+        if sum(m["role"] == "user" for m in past) >= self.max_turns:
+            self.refuse(f"This conversation reached its limit of {self.max_turns} turns: clear it to start a new one.")
+        # The history comes from the client, so it is checked too: this bounds the tokenizing work per request.
+        longest_reply = 16 * self.model.context_length  # a reply has at most half the context in tokens
+        for message in past:
+            if len(message["content"]) > (self.max_message_chars if message["role"] == "user" else longest_reply):
+                self.refuse("The conversation holds a message longer than this app accepts: clear it to start a new one.")
+
+    def _stream(self, model: ChatModel, messages: list[dict], sampling: Sampling, session: str) -> Iterator[str]:
+        """The reply so far, growing piece by piece; trimming to the context happens here."""
+        try:
+            kept, _, _ = model.prepare(messages, sampling.max_new_tokens)
+        except UsageError as err:
+            self.refuse(str(err))
+        logger.debug("prompt %s", json.dumps({"session": session, "model": model.source, "messages": kept}, ensure_ascii=False))
+        stats = GenerationStats()
+        reply = ""
+        for piece in model.stream(kept, sampling, stats):
+            reply += piece
+            yield reply
+        logger.info(f"reply session {session[:8]} | {model.source} | {stats.summary()[1:-1]}")
+
+    def chat(self, message, history, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None) -> Iterator[str]:
+        """gr.ChatInterface's function (api_name="chat"): streams the growing reply."""
+        text = message_text(message)
+        past = history_messages(history)
+        self.check_message(text, past)
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p).clamped()
+        messages = self.start + past + [{"role": "user", "content": text}]
+        yield from self._stream(self.model, messages, sampling, session_of(request))
+
+    def compare(self, prompt, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None) -> Iterator[tuple[str, str, str]]:
+        """One prompt, both models (one after the other: each gets the full CPU), then the reward scores."""
+        text = message_text(prompt)
+        self.check_message(text, [])
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p).clamped()
+        messages = self.start + [{"role": "user", "content": text}]
+        session = session_of(request)
+        first = second = ""
+        for first in self._stream(self.model, messages, sampling, session):
+            yield first, second, ""
+        for second in self._stream(self.compare_model, messages, sampling, session):
+            yield first, second, ""
+        yield first, second, self.score_table(messages, first, second)
+
+    def score_table(self, messages: list[dict], first: str, second: str) -> str:
+        if self.scorer is None:
+            return ""
+        scores = [self.scorer.score(messages + [{"role": "assistant", "content": reply}]) for reply in (first, second)]
+        return (
+            f"**Reward** ({self.scorer.source}): A = {scores[0]:.3f}, B = {scores[1]:.3f} "
+            f"-> {'A' if scores[0] >= scores[1] else 'B'} preferred"
+        )
+
+    def build(self, defaults: Sampling, concurrency: int = 4, queue_size: int = 64, title: str = "fluxchat") -> gr.Blocks:
+        """The app: a Chat tab, a Compare tab when there is a second model, shared sampling controls."""
+        defaults = defaults.clamped()
+        with gr.Blocks(title=title) as demo:
+            gr.Markdown(f"# {title}\nServing `{self.model.source}` (context {self.model.context_length} tokens).")
+            with gr.Accordion("Sampling", open=False):
+                with gr.Row():
+                    controls = [
+                        gr.Slider(*SAMPLING_BOUNDS["max_new_tokens"], value=defaults.max_new_tokens, step=1, label="Max new tokens"),
+                        gr.Slider(*SAMPLING_BOUNDS["temperature"], value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"),
+                        gr.Slider(*SAMPLING_BOUNDS["top_k"], value=defaults.top_k, step=1, label="Top-k (0 = off)"),
+                        gr.Slider(*SAMPLING_BOUNDS["top_p"], value=defaults.top_p, step=0.01, label="Top-p"),
+                    ]
+            with gr.Tab("Chat"):
+                gr.ChatInterface(
+                    self.chat,
+                    chatbot=gr.Chatbot(height=480, label=Path(self.model.source).name or self.model.source),
+                    additional_inputs=controls,
+                    api_name="chat",
+                    fill_height=False,
+                    concurrency_limit=concurrency,
+                )
+            if self.compare_model is not None:
+                with gr.Tab("Compare"):
+                    prompt = gr.Textbox(label="Prompt", placeholder="One prompt, answered by both models")
+                    with gr.Row():
+                        first = gr.Textbox(label=f"A: {self.model.source}", lines=8, interactive=False)
+                        second = gr.Textbox(label=f"B: {self.compare_model.source}", lines=8, interactive=False)
+                    scores = gr.Markdown()
+                    button = gr.Button("Compare", variant="primary")
+                    gr.on(
+                        [button.click, prompt.submit], self.compare, [prompt, *controls], [first, second, scores], api_name="compare",
+                        concurrency_limit=concurrency,
+                    )
+        # Gradio's default is one request at a time for the whole app: every user would wait for every other.
+        demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+        return demo
+
+
+def session_of(request) -> str:
+    return getattr(request, "session_hash", None) or "-"
+
+
+def main(argv: list[str] | None = None):
+    args, defaults, _ = parse_config("app", (AppArguments, Sampling), argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(args.log_level.upper())
+
+    if args.reward_model and not args.compare_model:
+        fail("--reward_model scores the Compare tab's replies: give --compare_model too")
+    model = ChatModel.load(args.model)
+    compare_model = ChatModel.load(args.compare_model) if args.compare_model else None
+    scorer = RewardScorer(args.reward_model) if args.reward_model else None
+    service = ChatService(model, compare_model, scorer, args.max_message_chars, args.max_turns, args.system)
+    demo = service.build(defaults, args.concurrency, args.queue_size)
+    # A Space's container must listen on all interfaces (Spaces set GRADIO_SERVER_NAME and SPACE_ID); anywhere
+    # else only this machine may connect unless --host says otherwise.
+    host = args.host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    logger.info(f"serving {model.source} on http://{host}:{args.port} (concurrency {args.concurrency}, queue {args.queue_size})")
+    demo.launch(
+        server_name=host,
+        server_port=args.port,
+        share=args.share,
+        auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+        show_error=True,
+        footer_links=["api"],
+    )
+    return demo
+
+
+if __name__ == "__main__":
+    run_cli(main)

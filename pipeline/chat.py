@@ -1,0 +1,115 @@
+"""Chat with a model in the terminal: multi-turn, streamed, with the conversation trimmed to the context.
+
+    python pipeline/chat.py runs/demo                       # a run folder: its ppo > sft > pretrain stage
+    python pipeline/chat.py runs/demo/sft --temperature 0.7 --top_p 0.9 --system "You are terse."
+    python pipeline/chat.py someone/fluxchat-tiny --max_new_tokens 64   # a Hub id (safetensors only)
+    printf 'hello\\nwhat is 2+2?\\n' | python pipeline/chat.py runs/demo --seed 1   # piped: one reply per line read
+    echo hello | python pipeline/chat.py runs/demo --show_stats                     # first-token latency, tokens/s
+
+Commands: /reset (start over, keeping --system), /history (the conversation the model sees), /quit.
+Ctrl-C stops a reply mid-stream. When the conversation no longer fits the model's context, the oldest
+whole turns are dropped (the system message stays); a note says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python pipeline/chat.py` puts only pipeline/ on sys.path
+
+from pipeline.config import UsageError, parse_config, run_cli
+from pipeline.serving import ChatModel, GenerationStats, Sampling
+
+COMMANDS = "/reset /history /quit"
+
+
+@dataclass
+class ChatArguments:
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Model folder, run folder (runs/<name>: its ppo > sft > pretrain stage) or Hub id; may also be the first argument. Default: the newest run."},
+    )
+    system: str | None = field(default=None, metadata={"help": "System message that opens every conversation and is never trimmed."})
+    seed: int = field(default=0, metadata={"help": "Random seed: the same seed and inputs give the same replies."})
+    show_stats: bool = field(default=False, metadata={"help": "After each reply, print prompt/new tokens, first-token latency and tokens/s to stderr."})
+
+
+def split_model_argument(argv: list[str]) -> list[str]:
+    """`chat.py MODEL --flags` is `chat.py --model MODEL --flags`."""
+    if argv and not argv[0].startswith("-"):
+        return ["--model", argv[0], *argv[1:]]
+    return argv
+
+
+def show_history(messages: list[dict], out) -> None:
+    if not messages:
+        print("(no messages yet)", file=out)
+    for message in messages:
+        print(f"{message['role']}: {message['content']}", file=out)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = split_model_argument([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv)
+    import torch
+
+    model = ChatModel.load(args.model)
+    torch.manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+    # Piped use: stdout carries only the replies, so it can be read by another program.
+    info = sys.stdout if interactive else sys.stderr
+    print(f"fluxchat: {model.source} (context {model.context_length} tokens). Commands: {COMMANDS}", file=info)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            break
+        if text == "/reset":
+            messages = list(start)
+            print("(conversation cleared)", file=info)
+            continue
+        if text == "/history":
+            show_history(messages, sys.stdout)
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"unknown command {text}; commands: {COMMANDS}", file=info)
+            continue
+
+        candidate = messages + [{"role": "user", "content": text}]
+        try:
+            kept, _, _ = model.prepare(candidate, sampling.max_new_tokens)
+        except UsageError as err:
+            print(f"error: {err}", file=info)
+            continue
+        if len(kept) < len(candidate):
+            print(f"(dropped the {len(candidate) - len(kept)} oldest messages to fit the context)", file=info)
+        messages = kept
+        stats = GenerationStats()
+        pieces: list[str] = []
+        if interactive:
+            print("bot> ", end="", flush=True)
+        try:
+            for piece in model.stream(messages, sampling, stats):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+        if args.show_stats:
+            print(stats.summary(), file=sys.stderr, flush=True)
+    return Path(model.source)
+
+
+if __name__ == "__main__":
+    run_cli(main)

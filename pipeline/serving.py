@@ -1,0 +1,279 @@
+"""Serving a chat model: what the CLI chat (pipeline/chat.py) and the Gradio app (app.py) share.
+
+    model = ChatModel.load("runs/demo")                  # a run folder: its most aligned finished stage
+    for piece in model.stream(messages, Sampling(temperature=0.7)):
+        print(piece, end="", flush=True)
+
+Loading is deliberately strict: safetensors weights only and never `trust_remote_code`, because the
+app may be pointed at a Hub id chosen by someone else. Generation runs in a thread and streams text
+through transformers' `TextIteratorStreamer`; when the reader stops listening (Ctrl-C, the app's stop
+button, a closed browser tab) the generation thread is told to stop too, so no CPU is spent on a reply
+nobody reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+from pipeline import chat_format, runs
+from pipeline.config import fail
+
+# Sane bounds for a public demo: values outside are clamped, never passed to generate().
+SAMPLING_BOUNDS = {
+    "max_new_tokens": (1, 1024),
+    "temperature": (0.0, 2.0),  # 0 = greedy
+    "top_k": (0, 1000),  # 0 = no top-k filter
+    "top_p": (0.05, 1.0),
+}
+# Below this size one token's matmuls are too small to split across cores: extra threads only add
+# synchronisation (measured 2x-50x slower on 2 busy cores), and concurrent users each get a core instead.
+SINGLE_THREAD_BELOW_PARAMETERS = 20_000_000
+# A reply may use at most this share of the context, so a conversation always keeps room for history.
+MAX_REPLY_SHARE = 0.5
+STREAM_TIMEOUT_SECONDS = 300  # a generation thread silent this long is treated as dead
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest reply in tokens (at most half the model's context)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 = greedy (always the likeliest token)."})
+    top_k: int = field(default=50, metadata={"help": "Sample among the k likeliest tokens; 0 = no limit."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability."})
+
+    def clamped(self) -> "Sampling":
+        """The same settings pulled into SAMPLING_BOUNDS (the app never trusts what a client sends)."""
+        values = {}
+        for name, (low, high) in SAMPLING_BOUNDS.items():
+            kind = int if name in ("max_new_tokens", "top_k") else float
+            try:
+                value = kind(getattr(self, name))
+            except (TypeError, ValueError, OverflowError):  # junk, NaN or infinity as an int
+                value = kind(getattr(Sampling, name))
+            if value != value:  # NaN
+                value = kind(getattr(Sampling, name))
+            values[name] = min(max(value, low), high)
+        return replace(self, **values)
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one reply: the numbers behind 'first-token latency' and 'tokens/s'."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_token_seconds: float | None = None  # from the call to the first generated token
+    total_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Streaming rate after the first token (the first token's cost is the latency above)."""
+        if self.first_token_seconds is None or self.new_tokens < 2:
+            return None
+        streaming = self.total_seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / streaming if streaming > 0 else None
+
+    def summary(self) -> str:
+        first = "-" if self.first_token_seconds is None else f"{self.first_token_seconds * 1000:.0f} ms"
+        rate = self.tokens_per_second
+        return (
+            f"[{self.prompt_tokens} prompt + {self.new_tokens} new tokens | first token {first} | "
+            f"{'-' if rate is None else f'{rate:,.0f}'} tokens/s]"
+        )
+
+
+def newest_run_model() -> Path | None:
+    """The most aligned finished stage (ppo > sft > pretrain) of the most recently finished run."""
+    root = runs.runs_dir()
+    if not root.is_dir():
+        return None
+    stages = [stage for run in root.iterdir() if run.is_dir() and (stage := runs.latest_stage(run))]
+    return max(stages, key=lambda s: (s / runs.FINISHED_MARKER).stat().st_mtime, default=None)
+
+
+def resolve_model(value: str | None) -> str:
+    """A model folder, a run folder (its latest finished stage), a Hub id, or (None) the newest run."""
+    if not value:
+        newest = newest_run_model()
+        if newest is None:
+            fail(
+                f"no model given and no finished run under {runs.runs_dir()}/: pass a model folder, a run folder "
+                "or a Hub id (e.g. --model runs/demo/ppo), or train one first (see README)"
+            )
+        return str(newest)
+    path = Path(value)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        stage = runs.latest_stage(path)
+        if stage is None:
+            fail(f"{path} is neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo stage")
+        return str(stage)
+    if runs.looks_like_hub_id(value):
+        return value
+    fail(f"{value} does not exist: give a model folder, a run folder (runs/<name>) or a Hub id (owner/name)")
+
+
+def load_model_and_tokenizer(source: str, model_class=None):
+    """Tokenizer and model from `source`, safetensors only, no remote code; failures as one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise in a chat
+    model_class = model_class or AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = model_class.from_pretrained(source, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(f"cannot load a model from {source} (only safetensors weights are loaded): {first_line}")
+    missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
+    if missing:
+        fail(f"{source}: its tokenizer lacks the chat tokens {missing}; use a model trained with this project's tokenizer")
+    model.eval()
+    return model, tokenizer
+
+
+class _StopWhenAsked:
+    """A stopping criterion the reading side can trigger: set the event and generation ends after this token."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _timed_streamer(tokenizer, stats: GenerationStats, start: float):
+    from transformers import TextIteratorStreamer
+
+    class TimedStreamer(TextIteratorStreamer):
+        """Counts generated tokens and stamps the first one (text is released a word at a time)."""
+
+        def put(self, value):
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                return super().put(value)
+            if stats.first_token_seconds is None:
+                stats.first_token_seconds = time.perf_counter() - start
+            stats.new_tokens += value.numel()
+            return super().put(value)
+
+    return TimedStreamer(tokenizer, skip_prompt=True, timeout=STREAM_TIMEOUT_SECONDS, skip_special_tokens=True)
+
+
+class ChatModel:
+    """A causal LM with its tokenizer, rendering conversations through pipeline.chat_format."""
+
+    def __init__(self, model, tokenizer, source: str = ""):
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+        config = model.config
+        self.context_length = getattr(config, "n_positions", None) or config.max_position_embeddings
+        self.stop_ids = chat_format.stop_token_ids(tokenizer)
+
+    @classmethod
+    def load(cls, value: str | None) -> "ChatModel":
+        source = resolve_model(value)
+        model, tokenizer = load_model_and_tokenizer(source)
+        chat_model = cls(model, tokenizer, source)
+        chat_model.warm_up()
+        return chat_model
+
+    def warm_up(self) -> None:
+        """Pick the thread count and run one tiny generation, so the first user doesn't pay for either."""
+        import torch
+
+        if sum(p.numel() for p in self.model.parameters()) < SINGLE_THREAD_BELOW_PARAMETERS:
+            torch.set_num_threads(1)
+        self.reply([{"role": "user", "content": "hi"}], Sampling(max_new_tokens=2, temperature=0))
+
+    def reply_budget(self, max_new_tokens: int) -> int:
+        return max(1, min(int(max_new_tokens), int(self.context_length * MAX_REPLY_SHARE)))
+
+    def prepare(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], list[int], int]:
+        """(messages kept after trimming to the context, prompt ids, reply budget in tokens)."""
+        budget = self.reply_budget(max_new_tokens)
+        kept = chat_format.trim_to_context(self.tokenizer, messages, self.context_length, budget)
+        return kept, chat_format.render_prompt(self.tokenizer, kept), budget
+
+    def generation_config(self, sampling: Sampling, budget: int):
+        from transformers import GenerationConfig
+
+        ids = dict(eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, bos_token_id=self.tokenizer.bos_token_id)
+        if sampling.temperature <= 0:
+            return GenerationConfig(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=budget, **ids)
+        return GenerationConfig(
+            do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=budget, **ids
+        )
+
+    def stream(self, messages: list[dict], sampling: Sampling, stats: GenerationStats | None = None) -> Iterator[str]:
+        """Yield the next assistant reply piece by piece. Raises UsageError if the newest message cannot fit."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        start = time.perf_counter()
+        sampling = sampling.clamped()
+        stats = stats if stats is not None else GenerationStats()
+        _, prompt_ids, budget = self.prepare(messages, sampling.max_new_tokens)
+        stats.prompt_tokens = len(prompt_ids)
+        streamer = _timed_streamer(self.tokenizer, stats, start)
+        stop = threading.Event()
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([prompt_ids], device=device)
+        failures: list[BaseException] = []
+
+        def generate():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        generation_config=self.generation_config(sampling, budget),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_StopWhenAsked(stop)]),
+                    )
+            except BaseException as err:  # re-raised in the reading thread, which would otherwise wait forever
+                failures.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, name="fluxchat-generate", daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            stop.set()  # the reader is gone or done: don't keep generating for nobody
+            worker.join()
+            stats.total_seconds = time.perf_counter() - start
+        if failures:
+            raise failures[0]
+
+    def reply(self, messages: list[dict], sampling: Sampling, stats: GenerationStats | None = None) -> str:
+        return "".join(self.stream(messages, sampling, stats))
+
+
+class RewardScorer:
+    """A reward model (AutoModelForSequenceClassification, one label): score = its logit on the conversation."""
+
+    def __init__(self, source: str):
+        from transformers import AutoModelForSequenceClassification
+
+        run_reward = Path(source) / "reward"
+        self.source = str(run_reward) if runs.is_finished(run_reward) else source  # a run folder: its reward stage
+        self.model, self.tokenizer = load_model_and_tokenizer(self.source, AutoModelForSequenceClassification)
+        if self.model.config.num_labels != 1:
+            fail(f"{self.source} is not a reward model: it has {self.model.config.num_labels} labels, expected 1")
+        self.context_length = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
+
+    def score(self, messages: list[dict]) -> float:
+        import torch
+
+        ids = chat_format.render_conversation(self.tokenizer, messages)[0][-self.context_length :]
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+        return float(logits[0, 0])

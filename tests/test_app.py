@@ -1,0 +1,131 @@
+"""app.py's server side, called directly: streaming, limits, clamping, compare mode with reward scores."""
+
+import json
+import logging
+import math
+
+import gradio as gr
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+import app
+from pipeline import serving
+from pipeline.config import UsageError
+from pipeline.serving import ChatModel, RewardScorer, Sampling
+from tests.conftest import run_main
+
+SAMPLING = dict(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    import torch
+
+    threads = torch.get_num_threads()
+    yield ChatModel.load(str(tiny_run / "pretrain"))
+    torch.set_num_threads(threads)  # loading a tiny model goes single-threaded; later tests train
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    import torch
+
+    torch.manual_seed(0)  # sampled replies: the same every run
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_run, tmp_path_factory):
+    """A reward model as the reward stage saves one: the pretrained body with a one-logit head."""
+    folder = tmp_path_factory.mktemp("reward")
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1)
+    reward.save_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_run / "pretrain").save_pretrained(folder)
+    return folder
+
+
+def prompts_logged(caplog) -> list[list[dict]]:
+    return [json.loads(r.getMessage().split(" ", 1)[1])["messages"] for r in caplog.records if r.getMessage().startswith("prompt ")]
+
+
+def test_chat_streams_a_growing_reply_and_uses_browser_style_history(model, caplog):
+    service = app.ChatService(model)
+    history = [  # as the browser sends it: content as a list of text blocks
+        {"role": "user", "content": [{"type": "text", "text": "good morrow"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "and to you"}]},
+    ]
+    with caplog.at_level(logging.DEBUG, logger="fluxchat.app"):
+        outputs = list(service.chat("how now?", history, **SAMPLING))
+    assert len(outputs) >= 2, "the reply arrives in pieces"
+    assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(outputs, outputs[1:]))
+    assert prompts_logged(caplog) == [[
+        {"role": "user", "content": "good morrow"},
+        {"role": "assistant", "content": "and to you"},
+        {"role": "user", "content": "how now?"},
+    ]]
+
+
+def test_limits_are_enforced_on_the_server(model):
+    service = app.ChatService(model, max_message_chars=100, max_turns=3)
+    with pytest.raises(gr.Error, match="Message too long: 101 characters, the limit is 100"):
+        next(service.chat("x" * 101, [], **SAMPLING))
+    three_turns = [{"role": role, "content": "hi"} for _ in range(3) for role in ("user", "assistant")]
+    with pytest.raises(gr.Error, match="limit of 3 turns"):
+        next(service.chat("one more", three_turns, **SAMPLING))
+    forged = [{"role": "user", "content": "x" * 101}, {"role": "assistant", "content": "ok"}]  # the client sends history
+    with pytest.raises(gr.Error, match="holds a message longer than this app accepts"):
+        next(service.chat("hi", forged, **SAMPLING))
+    with pytest.raises(gr.Error, match="Empty message"):
+        next(service.chat("   ", [], **SAMPLING))
+    # Within the character limit but longer than the model's 64-token context: refused, not crashed.
+    with pytest.raises(gr.Error, match="message too long for the model"):
+        next(app.ChatService(model).chat("the king " * 40, [], **SAMPLING))
+
+
+def test_out_of_range_sampling_is_clamped_before_generation(model, monkeypatch):
+    seen = []
+    real_stream = ChatModel.stream
+
+    def spy(self, messages, sampling, stats=None):
+        seen.append(sampling)
+        return real_stream(self, messages, sampling, stats)
+
+    monkeypatch.setattr(ChatModel, "stream", spy)
+    list(app.ChatService(model).chat("hello", [], max_new_tokens=10**9, temperature=99.0, top_k=-5, top_p=7.0))
+    list(app.ChatService(model).chat("hello", [], max_new_tokens=0, temperature=math.nan, top_k="x", top_p=0.0))
+    assert seen[0] == Sampling(max_new_tokens=1024, temperature=2.0, top_k=0, top_p=1.0)
+    assert seen[1] == Sampling(max_new_tokens=1, temperature=Sampling.temperature, top_k=Sampling.top_k, top_p=0.05)
+    assert model.reply_budget(1024) == 32, "a reply never takes more than half the 64-token context"
+
+
+def test_compare_answers_with_both_models_and_scores_each_reply(model, reward_dir):
+    scorer = RewardScorer(str(reward_dir))
+    service = app.ChatService(model, compare_model=model, scorer=scorer)
+    updates = list(service.compare("speak, friend", **SAMPLING))
+    first, second, scores = updates[-1]
+    assert first and second and all(s == "" for _, _, s in updates[:-1])
+    messages = [{"role": "user", "content": "speak, friend"}]
+    expected = [scorer.score(messages + [{"role": "assistant", "content": reply}]) for reply in (first, second)]
+    assert f"A = {expected[0]:.3f}, B = {expected[1]:.3f}" in scores
+
+    demo = service.build(Sampling(), concurrency=5, queue_size=7)
+    by_name = {fn.api_name: fn for fn in demo.fns.values()}
+    assert by_name["chat"].concurrency_limit == 5 and by_name["compare"].concurrency_limit == 5
+    assert by_name["chat"].queue and demo._queue.max_size == 7
+
+
+def test_model_resolution(tiny_run, monkeypatch):
+    assert serving.resolve_model(str(tiny_run)) == str(tiny_run / "pretrain")
+    monkeypatch.setenv("FLUXCHAT_RUNS_DIR", str(tiny_run.parent))
+    assert serving.resolve_model(None) == str(tiny_run / "pretrain"), "default: the newest finished run"
+
+
+def test_app_arguments_fail_as_one_line(tiny_run, monkeypatch):
+    monkeypatch.delenv("FLUXCHAT_MODEL", raising=False)
+    code, error = run_main(app.main, ["--auth", "no-colon"])
+    assert code == 2 and "user:password" in error
+    code, error = run_main(app.main, [])  # the isolated runs folder is empty
+    assert code == 2 and "no model given and no finished run" in error
+    with pytest.raises(UsageError, match="not a reward model"):
+        RewardScorer(str(tiny_run / "pretrain"))  # a language model's folder, loaded with a fresh 2-label head
