@@ -1,0 +1,159 @@
+"""PPO: the SFT model is optimised against the reward model, held near itself by a KL penalty (TRL PPOTrainer).
+
+    accelerate launch pipeline/ppo.py --config configs/tiny/ppo.yaml --run_name demo
+    python pipeline/ppo.py --preset tiny --run_name demo --kl_coef 0.1 --stop_on_collapse
+    python pipeline/ppo.py --preset tiny --run_name demo --sft_model_path runs/a/sft --reward_model_path runs/b/reward
+    python pipeline/ppo.py --preset tiny --run_name demo --use_peft          # LoRA policy; the reference is the adapter switched off
+
+Policy and reference come from runs/<run_name>/sft (or --sft_model_path), reward and value models from
+runs/<run_name>/reward (or --reward_model_path / --value_model_path). Prompts are the built-in tasks'
+(or --dataset conversations' prompts), rendered with the chat template, left-padded; replies stop at
+<|end|> (the chat tokenizer's EOS, distinct from the pad token) and lose --missing_eos_penalty reward
+when they never stop. Writes the policy as a plain causal LM with tokenizer and generation config,
+metrics.json (task accuracy and mean reward before/after, KL), eval.json, log_history.json, train.log
+to runs/<run_name>/ppo.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")  # raised inside PPOTrainer
+
+from transformers import ProgressCallback
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+from pipeline import alignment, runs, training
+from pipeline.alignment import PeftArguments, StageArguments
+from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+
+
+@dataclass
+class PPOArguments(StageArguments):
+    value_model_path: str | None = field(default=None, metadata={"help": "Value model initialisation; default the reward model (as TRL's example does)."})
+    max_kl: float = field(default=10.0, metadata={"help": "Warn when the KL to the SFT reference (summed over a reply) exceeds this."})
+    min_eos_rate: float = field(default=0.1, metadata={"help": "Warn when fewer probe replies than this end with <|end|>."})
+    max_repetition: float = field(default=0.5, metadata={"help": "Warn when probe replies repeat more token trigrams than this share."})
+    stop_on_collapse: bool = field(default=False, metadata={"help": "Stop (and mark nothing finished) when a warning above fires."})
+    probe_prompts: int = field(default=16, metadata={"help": "Held-out prompts answered greedily every logging step to measure reply length and repetition."})
+
+
+@dataclass
+class StagePPOConfig(PPOConfig):
+    # TRL defaults both to a Hub model; ours default to this run's stages.
+    sft_model_path: str | None = field(default=None, metadata={"help": "Policy and reference model; default runs/<run_name>/sft."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "Reward model; default runs/<run_name>/reward."})
+
+
+def main(argv: list[str] | None = None) -> Path:
+    script_args, peft_args, args, config_file = parse_config("ppo", (PPOArguments, PeftArguments, StagePPOConfig), argv)
+    output_dir = training.resolve_output_dir(args, "ppo")
+    run_name = args.run_name or "default"
+    runs.refuse_finished(output_dir, script_args.overwrite)
+    if args.push_to_hub:
+        fail("--push_to_hub: the trainer's own push is off here; push a finished stage with the project's push command")
+
+    from transformers import AutoConfig
+
+    from pipeline import data, evaluate
+
+    sft_path = runs.resolve_input(args.sft_model_path, run_name, "sft")
+    reward_path = runs.resolve_input(args.reward_model_path, run_name, "reward")
+    value_path = runs.resolve_input(script_args.value_model_path, run_name, "reward") if script_args.value_model_path else reward_path
+    tokenizer = alignment.load_tokenizer(sft_path)
+    for flag, path in (("--reward_model_path", reward_path), ("--value_model_path", value_path)):
+        alignment.check_same_tokenizer(tokenizer, path, flag)
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        fail(f"tokenizer in {sft_path}: pad token == EOS, which corrupts PPO's masks; retrain the tokenizer with a <|pad|> token")
+    context = alignment.model_context(AutoConfig.from_pretrained(sft_path))
+    if args.response_length >= context - 4:
+        fail(f"--response_length {args.response_length} leaves no room for a prompt in the model's context of {context}")
+    if args.stop_token is None and args.stop_token_id is None:
+        args.stop_token = "eos"  # the chat tokenizer's EOS is <|end|>: replies end where a turn ends
+    conversations = data.load_conversations(script_args.dataset, corpus_file=script_args.corpus_file)
+    conversations = alignment.sample_rows(conversations, script_args.max_train_samples, args.seed)
+    train_set, counts = alignment.prompt_dataset(tokenizer, conversations, context - args.response_length)
+    examples = alignment.task_examples(script_args.eval_examples, script_args.corpus_file)
+    eval_set = alignment.prompt_dataset(tokenizer, examples, context - args.response_length)[0] if examples else train_set.select(range(min(8, len(train_set))))
+    probe = [alignment.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
+
+    runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
+    training.log_to_file(output_dir)
+    save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    policy = alignment.load_causal_lm(sft_path, tokenizer)
+    reference = None if peft_args.use_peft else alignment.load_causal_lm(sft_path, tokenizer)  # must be a separate copy
+    reward_model = alignment.load_score_model(reward_path, tokenizer)
+    value_model = alignment.load_score_model(value_path, tokenizer)
+    training.logger.info(
+        f"ppo: policy {sft_path}, reward {reward_path}, value {value_path}; {counts['prompts']} prompts "
+        f"({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), replies up to {args.response_length} tokens"
+    )
+
+    def measure(model) -> dict:
+        if not examples:
+            return {}
+        out = {"tasks": alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
+        out["reward"] = evaluate.mean_reward(model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens)
+        return out
+
+    before = measure(policy) if script_args.eval_baseline else {}
+    tokenizer.padding_side = "left"  # PPOTrainer generates from a batch of prompts
+    monitor = alignment.PPOMonitor(
+        tokenizer, probe, args.response_length, script_args.max_kl, script_args.min_eos_rate, script_args.max_repetition, script_args.stop_on_collapse
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward_model,
+        train_dataset=train_set,
+        value_model=value_model,
+        eval_dataset=eval_set,
+        callbacks=[monitor.callback()],
+        peft_config=alignment.lora_config(peft_args, "CAUSAL_LM"),
+    )
+    monitor.trainer = trainer
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(alignment.ppo_progress())
+    start = time.perf_counter()
+    try:
+        trainer.train()
+    except alignment.TrainingCollapsed as err:
+        alignment.finish_stage(trainer, output_dir, "ppo", {"stopped_early": str(err)}, {}, finished=False)
+        fail(f"PPO stopped at {err}; nothing marked finished in {output_dir} (see train.log)")
+    seconds = time.perf_counter() - start
+    tokenizer.padding_side = "right"
+
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    policy = alignment.save_model(trainer, policy, tokenizer, output_dir, peft_args.merge_adapter)
+    after = measure(policy)
+    updates = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
+    kl = {"first_update": updates[0]["objective/kl"], "last_update": updates[-1]["objective/kl"]} if updates else {}
+    evaluation = {**after, "kl": kl, "before": before, "warnings": monitor.warnings}
+    metrics = {
+        **alignment.train_metrics(None, seconds),
+        "updates": trainer.state.global_step,
+        "episodes": trainer.state.episode,
+        "data": counts,
+        "models": {"sft": sft_path, "reward": reward_path, "value": value_path},
+    }
+    alignment.finish_stage(trainer, output_dir, "ppo", metrics, evaluation)
+    reward_change = ""
+    if before and after:
+        reward_change = f", mean reward {before['reward']['mean_reward']:.3f} -> {after['reward']['mean_reward']:.3f}"
+    summary = f"held-out tasks {alignment.summarize_tasks(after.get('tasks', {}))}{reward_change}, KL {kl.get('last_update', float('nan')):.3f}"
+    training.logger.info(f"after ppo: {summary}")
+    print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {output_dir}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,122 @@
+"""Reward model: the SFT model with a one-logit head learns which of two replies is preferred (TRL RewardTrainer).
+
+    accelerate launch pipeline/reward.py --config configs/tiny/reward.yaml --run_name demo
+    python pipeline/reward.py --preset tiny --run_name demo --dataset builtin ../shared/data/pref/hh-rlhf_helpful-base_test.jsonl.gz
+    python pipeline/reward.py --preset tiny --run_name demo --model_name_or_path runs/other/sft --output_dir runs/demo/reward2
+    python pipeline/reward.py --preset tiny --run_name demo --use_peft                   # LoRA + trainable score head, merged on save
+
+Reads runs/<run_name>/sft (or --model_name_or_path), writes an AutoModelForSequenceClassification
+(num_labels=1) with the tokenizer, metrics.json, eval.json, log_history.json and train.log to
+runs/<run_name>/reward. Reports accuracy and margin (chosen minus rejected reward) on the built-in
+held-out pairs and on a held-out part of the given data (e.g. hh-rlhf).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
+
+from trl import RewardConfig, RewardTrainer
+
+from pipeline import alignment, runs, training
+from pipeline.alignment import PeftArguments, StageArguments
+from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+
+
+@dataclass
+class RewardArguments(StageArguments):
+    model_name_or_path: str | None = field(default=None, metadata={"help": "SFT model folder or Hub id to start from; default runs/<run_name>/sft."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+def score_pairs(model, tokenizer, pairs) -> dict:
+    if not pairs:
+        return {}
+    from pipeline import evaluate
+
+    model.eval()
+    return evaluate.evaluate_reward_model(model, tokenizer, pairs)
+
+
+def describe(result: dict) -> str:
+    return f"accuracy {result['accuracy']:.1%}, margin {result['margin']:.2f} (n={result['n']})" if result else "not evaluated"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    script_args, peft_args, args, config_file = parse_config("reward", (RewardArguments, PeftArguments, RewardConfig), argv)
+    output_dir = training.resolve_output_dir(args, "reward")
+    run_name = args.run_name or "default"
+    runs.refuse_finished(output_dir, script_args.overwrite)
+    if args.push_to_hub:
+        fail("--push_to_hub: the trainer's own push is off here; push a finished stage with the project's push command")
+
+    from transformers import AutoConfig
+
+    from pipeline import data, tasks
+
+    model_path = runs.resolve_input(script_args.model_name_or_path, run_name, "sft")
+    tokenizer = alignment.load_tokenizer(model_path)
+    context = alignment.model_context(AutoConfig.from_pretrained(model_path))
+    args.max_length = min(args.max_length or context, context)
+    pairs, n_identical = data.load_preferences(script_args.dataset, corpus_file=script_args.corpus_file)
+    pairs = alignment.sample_rows(pairs, script_args.max_train_samples, args.seed)
+    if len(pairs) < 2:
+        fail(f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)")
+    train_pairs, heldout_pairs = data.split_heldout(pairs, script_args.eval_fraction, args.seed)
+    train_set, counts = alignment.preference_dataset(tokenizer, train_pairs, args.max_length)
+    eval_set, eval_counts = alignment.preference_dataset(tokenizer, heldout_pairs, args.max_length)
+    builtin_pairs = tasks.preference_pairs("eval", n=script_args.eval_examples, corpus_file=script_args.corpus_file) if script_args.eval_examples else []
+    if args.eval_strategy == "no":
+        eval_set = None
+
+    runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
+    training.log_to_file(output_dir)
+    save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    model = alignment.load_score_model(model_path, tokenizer)
+    training.logger.info(
+        f"reward: {model_path} (context {context}), {counts['pairs']} train pairs ({counts['trimmed']} trimmed, "
+        f"{counts['dropped_too_long']} dropped as too long, {n_identical} dropped with chosen == rejected), "
+        f"{eval_counts['pairs']} held out"
+    )
+    baseline = {}
+    if script_args.eval_baseline:  # an untrained head: accuracy should be near chance
+        baseline = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
+        model.train()
+
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=alignment.lora_config(peft_args, "SEQ_CLS"),
+    )
+    training.use_dense_progress(trainer)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+
+    model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
+    evaluation = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
+    if baseline:
+        evaluation["before"] = baseline
+    data_counts = {"train": counts, "heldout": eval_counts, "dropped_identical": n_identical, "sources": script_args.dataset}
+    metrics = {**alignment.train_metrics(result, seconds), "data": data_counts, "model": model_path}
+    alignment.finish_stage(trainer, output_dir, "reward", metrics, evaluation)
+    summary = f"built-in held-out pairs {describe(evaluation['builtin'])}; held-out given pairs {describe(evaluation['heldout'])}"
+    training.logger.info(f"after reward training: {summary}")
+    print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {output_dir}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

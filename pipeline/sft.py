@@ -1,0 +1,135 @@
+"""Supervised fine-tuning: a pretrained model learns to answer in the chat format (TRL SFTTrainer).
+
+    accelerate launch pipeline/sft.py --config configs/tiny/sft.yaml --run_name demo
+    python pipeline/sft.py --preset tiny --run_name demo --inspect          # one example, loss tokens in [[...]]
+    python pipeline/sft.py --preset tiny --run_name demo --dataset builtin ../shared/data/sft/dolly_open_qa.instruction_response.jsonl
+    python pipeline/sft.py --preset tiny --run_name demo --model_name_or_path runs/other/pretrain --chat_format instruction
+    python pipeline/sft.py --preset tiny --run_name demo --use_peft --lora_r 8          # LoRA, merged on save
+    python pipeline/sft.py --preset tiny --run_name demo --resume                       # continue the newest checkpoint
+
+Reads runs/<run_name>/pretrain (or --model_name_or_path), writes the chat model, its tokenizer (chat
+template, <|end|> as EOS), metrics.json, eval.json, log_history.json and train.log to runs/<run_name>/sft.
+Loss is on assistant replies and their end-of-turn token only: we tokenize with
+chat_format.render_conversation and hand SFTTrainer `input_ids` + `assistant_masks`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
+
+from trl import SFTConfig, SFTTrainer
+
+from pipeline import alignment, chat_format, runs, training
+from pipeline.alignment import PeftArguments, StageArguments
+from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+
+
+@dataclass
+class SFTArguments(StageArguments):
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder or Hub id to fine-tune; default runs/<run_name>/pretrain."})
+    chat_format: str = field(default=chat_format.DEFAULT_FORMAT, metadata={"help": f"Chat template the model learns: {' or '.join(chat_format.FORMATS)}; later stages inherit it."})
+    eval_fraction: float = field(default=0.02, metadata={"help": "Share of the training conversations held out for the eval loss (0 = none)."})
+    inspect: bool = field(default=False, metadata={"help": "Print one tokenized example with the loss-bearing tokens in [[...]] and exit."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.chat_format not in chat_format.FORMATS:
+            raise ValueError(f"--chat_format {self.chat_format}: choose from {', '.join(chat_format.FORMATS)}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def inspect(tokenizer, train_set, counts) -> None:
+    masks = train_set["assistant_masks"]
+    multi_turn = [i for i, mask in enumerate(masks[:500]) if sum(1 for a, b in zip([0] + mask, mask) if b and not a) > 1]
+    index = multi_turn[0] if multi_turn else 0
+    loss_tokens = sum(sum(mask) for mask in masks)
+    all_tokens = sum(len(mask) for mask in masks)
+    print(f"{counts['examples']} examples ({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), "
+          f"{all_tokens:,} tokens, {loss_tokens / all_tokens:.0%} carry loss; example {index}, loss tokens in [[...]]:")
+    print(alignment.marked_example(tokenizer, train_set[index]["input_ids"], masks[index]))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    script_args, peft_args, args, config_file = parse_config("sft", (SFTArguments, PeftArguments, SFTConfig), argv)
+    output_dir = training.resolve_output_dir(args, "sft")
+    run_name = args.run_name or "default"
+    if not script_args.inspect:
+        runs.refuse_finished(output_dir, script_args.overwrite)
+    resume_from = runs.latest_checkpoint(output_dir) if script_args.resume else None
+    if script_args.resume and resume_from is None:
+        fail(f"--resume: no complete checkpoint in {output_dir} (drop --resume to start afresh)")
+    if args.push_to_hub:
+        fail("--push_to_hub: the trainer's own push is off here; push a finished stage with the project's push command")
+
+    from transformers import AutoConfig
+
+    from pipeline import data
+
+    model_path = runs.resolve_input(script_args.model_name_or_path, run_name, "pretrain")
+    tokenizer = alignment.load_tokenizer(model_path, script_args.chat_format, add_missing_tokens=True)
+    context = alignment.model_context(AutoConfig.from_pretrained(model_path))
+    args.max_length = min(args.max_length or context, context)
+    conversations = data.load_conversations(script_args.dataset, corpus_file=script_args.corpus_file)
+    conversations = alignment.sample_rows(conversations, script_args.max_train_samples, args.seed)
+    held_out = []
+    if script_args.eval_fraction and args.eval_strategy != "no" and len(conversations) > 1:
+        conversations, held_out = data.split_heldout(conversations, script_args.eval_fraction, args.seed)
+    train_set, counts = alignment.sft_dataset(tokenizer, conversations, args.max_length)
+    if script_args.inspect:
+        inspect(tokenizer, train_set, counts)
+        return output_dir
+    eval_set = alignment.sft_dataset(tokenizer, held_out, args.max_length)[0] if held_out else None
+    if eval_set is None:
+        args.eval_strategy = "no"
+    examples = alignment.task_examples(script_args.eval_examples, script_args.corpus_file)
+
+    if not resume_from:
+        runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
+    training.log_to_file(output_dir)
+    save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    model = alignment.load_causal_lm(model_path, tokenizer)
+    training.logger.info(
+        f"sft: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, context {context}), "
+        f"chat format {script_args.chat_format}, {counts['examples']} train conversations ({counts['trimmed']} trimmed, "
+        f"{counts['dropped_too_long']} dropped as too long), {len(eval_set) if eval_set else 0} held out for eval loss"
+    )
+    baseline = {}
+    if script_args.eval_baseline and not resume_from:
+        baseline = alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)
+        training.logger.info(f"before sft: held-out tasks {alignment.summarize_tasks(baseline)}")
+
+    # Our masks already restrict the loss to assistant tokens; TRL's own flag wants raw messages.
+    args.assistant_only_loss = False
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=alignment.lora_config(peft_args, "CAUSAL_LM"),
+    )
+    training.use_dense_progress(trainer)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+
+    model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
+    evaluation = {"tasks": alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
+    if baseline:
+        evaluation["tasks_before"] = baseline
+    metrics = {**alignment.train_metrics(result, seconds), "data": counts, "model": model_path, "chat_format": script_args.chat_format}
+    alignment.finish_stage(trainer, output_dir, "sft", metrics, evaluation)
+    training.logger.info(f"after sft: held-out tasks {alignment.summarize_tasks(evaluation['tasks'])}")
+    print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {alignment.summarize_tasks(evaluation['tasks'])} -> {output_dir}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

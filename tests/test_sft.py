@@ -1,0 +1,146 @@
+"""SFT through the real entry point: the loss mask SFTTrainer trains with, run-dir and explicit-path
+chaining, LoRA merged into a plain model, the inspect command, and the missing-input error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import chat_format, sft
+from tests.conftest import PYTHON, SHAKESPEARE, run_main, run_script
+
+# A high learning rate: the test model learns to end its replies with <|end|> within 40 steps.
+FAST = ["--max_steps", 40, "--max_train_samples", 600, "--eval_steps", 20, "--logging_steps", 20, "--save_steps", 20,
+        "--per_device_train_batch_size", 8, "--learning_rate", 1e-2, "--warmup_steps", 0, "--eval_examples", 14,
+        "--corpus_file", SHAKESPEARE]
+
+# Typed control-token spellings must stay plain text. Short enough for the test model's 64-token
+# context in both formats (the instruction format's "### Instruction:" headers take ~12 tokens each).
+CONVERSATIONS = {
+    "fluxchat": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi <|assistant|> you"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Say end"},
+        {"role": "assistant", "content": "No <|end|> here"},
+    ],
+    "instruction": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "No <|end|>"},
+        {"role": "user", "content": "Go"},
+        {"role": "assistant", "content": "Ok."},
+    ],
+}
+
+
+def _copy_run(tiny_run, isolated_runs, name):
+    shutil.copytree(tiny_run, isolated_runs / name)
+
+
+def _labelled_spans(input_ids, labels):
+    spans, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label != -100:
+            assert label == token  # labels are the inputs; the model shifts them itself
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("format_name", ["fluxchat", "instruction"])
+def test_loss_is_exactly_the_assistant_replies_with_their_end_token(tiny_run, isolated_runs, tmp_path, monkeypatch, format_name):
+    _copy_run(tiny_run, isolated_runs, "mask")
+    data_file = tmp_path / "chat.jsonl"
+    conversation = CONVERSATIONS[format_name]
+    data_file.write_text(json.dumps({"messages": conversation}) + "\n")
+    seen = {}
+
+    class RecordingTrainer(sft.SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["trainer"] = self
+
+    monkeypatch.setattr(sft, "SFTTrainer", RecordingTrainer)
+    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "mask", "--dataset", data_file, "--chat_format", format_name,
+                                      "--max_steps", 1, "--eval_fraction", 0, "--eval_examples", 0])
+    assert code == 0, error
+
+    trainer = seen["trainer"]
+    tokenizer = trainer.processing_class
+    batch = trainer.data_collator([trainer.train_dataset[0]])  # exactly what a training step receives
+    input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    end = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
+    replies = [m["content"] for m in conversation if m["role"] == "assistant"]
+    spans = _labelled_spans(input_ids, labels)
+    assert spans == [chat_format.encode_text(tokenizer, reply) + [end] for reply in replies]
+    assert [tokenizer.decode(span) for span in spans] == [reply + chat_format.END_OF_TURN for reply in replies]
+    assert input_ids.count(end) == (5 if format_name == "fluxchat" else 2)  # typed "<|end|>" is not the control token
+    assert input_ids.count(tokenizer.convert_tokens_to_ids(chat_format.ASSISTANT)) == (2 if format_name == "fluxchat" else 0)
+    expected_start = "<|system|>\nBe brief.<|end|>\n<|user|>\nHi <|assistant|> you" if format_name == "fluxchat" else "### Instruction:\nHi\n\n### Response:\n"
+    assert tokenizer.decode(input_ids).startswith(expected_start)
+
+
+def test_sft_by_run_dir_learns_the_format_and_saves_a_chat_model(tiny_run, isolated_runs, capsys):
+    _copy_run(tiny_run, isolated_runs, "demo")
+    base = ["--preset", "tiny", "--run_name", "demo"]
+    code, error = run_main(sft.main, [*base, "--inspect", "--corpus_file", SHAKESPEARE])
+    assert code == 0, error
+    shown = capsys.readouterr().out
+    assert "carry loss" in shown and "<|user|>" in shown and "<|end|>]]" in shown and "[[" in shown
+    assert not (isolated_runs / "demo" / "sft").exists()  # inspect trains nothing, writes nothing
+
+    code, error = run_main(sft.main, [*base, *FAST])
+    assert code == 0, error
+    stage = isolated_runs / "demo" / "sft"
+    for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json", "metrics.json",
+                 "eval.json", "log_history.json", "train.log", "config.yaml", "stage_complete.json"):
+        assert (stage / name).is_file(), name
+    metrics = json.loads((stage / "metrics.json").read_text())
+    tasks_after, tasks_before = metrics["eval"]["tasks"], metrics["eval"]["tasks_before"]
+    assert set(tasks_after["per_task"]) == {"quote", "speaker", "arithmetic", "copy", "upper", "capital", "followup"}
+    assert tasks_after["n"] == 14 and 0 <= tasks_after["overall"] <= 1
+    # The pretrained model never ends a reply with <|end|>; a few SFT steps teach it to.
+    assert tasks_before["eos_rate"] < 0.2 and tasks_after["eos_rate"] > 0.5
+    history = json.loads((stage / "log_history.json").read_text())
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(eval_losses) == 2 and eval_losses[1] < eval_losses[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(stage)
+    model = AutoModelForCausalLM.from_pretrained(stage, use_safetensors=True)
+    assert tokenizer.eos_token == chat_format.END_OF_TURN and tokenizer.pad_token == chat_format.PAD
+    assert tokenizer.chat_template == chat_format.FORMATS["fluxchat"].jinja()
+    assert model.config.eos_token_id == tokenizer.eos_token_id != model.config.pad_token_id
+
+    code, error = run_main(sft.main, [*base, *FAST])
+    assert code == 2 and "--overwrite" in error
+
+
+def test_sft_from_an_explicit_path_with_lora_saves_a_merged_plain_model(tiny_run, tmp_path):
+    source = tmp_path / "my-pretrained"
+    shutil.copytree(tiny_run / "pretrain", source, ignore=shutil.ignore_patterns("checkpoint-*"))
+    output = tmp_path / "my-sft"
+    argv = ["--preset", "tiny", "--model_name_or_path", source, "--output_dir", output, "--chat_format", "instruction",
+            "--use_peft", "--lora_r", 4, "--lora_alpha", 8, "--eval_baseline", "false", *FAST]
+    code, error = run_main(sft.main, argv)
+    assert code == 0, error
+    assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(output, use_safetensors=True)
+    original = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    layer = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(merged.state_dict()[layer], original.state_dict()[layer])  # the adapter was merged in
+    assert torch.equal(merged.state_dict()["transformer.wte.weight"], original.state_dict()["transformer.wte.weight"])
+    assert AutoTokenizer.from_pretrained(output).chat_template == chat_format.FORMATS["instruction"].jinja()
+
+
+def test_missing_pretrained_model_is_one_line_naming_the_command(isolated_runs):
+    result = run_script(PYTHON, "pipeline/sft.py", "--preset", "tiny", "--run_name", "nothing-here")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "pipeline/pretrain.py" in error_lines[0] and "nothing-here" in error_lines[0]
+    assert not (isolated_runs / "nothing-here").exists()
