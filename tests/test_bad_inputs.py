@@ -1,0 +1,382 @@
+"""Bad input at every entry point: one `error:` line naming the culprit, exit code 2, no traceback,
+nothing written.
+
+One table: each case names the entry point, the arguments (built from shared bad files and the
+`tiny_run` stages), and the text the error line must contain. A case either runs the real CLI in a
+subprocess (at least one per entry point, proving the one-line, traceback-free exit end to end) or,
+where the failure is in the same code path, the real `main(argv)` in-process (much faster on 2 cores).
+Subprocess cases start together, a few at a time, before the first of them is checked.
+
+"Nothing written" is checked by fingerprinting every byte of the case's folder (its runs dir, its
+outputs, copies of finished stages) and of `tiny_run` before and after: a failing command must leave
+both identical. The one success case (paths with spaces) must finish its stage instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+from conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
+
+from pipeline import runs
+
+ENTRY_POINTS = {  # entry point -> (script a user runs, module whose main() it calls)
+    "tokenizer": ("tokenizer/train.py", "tokenizer.train"),
+    "pretrain": ("pipeline/pretrain.py", "pipeline.pretrain"),
+    "sft": ("pipeline/sft.py", "pipeline.sft"),
+    "reward": ("pipeline/reward.py", "pipeline.reward"),
+    "ppo": ("pipeline/ppo.py", "pipeline.ppo"),
+    "evaluate": ("pipeline/evaluate.py", "pipeline.evaluate"),
+    "generate": ("pipeline/generate.py", "pipeline.generate"),
+    "chat": ("pipeline/chat.py", "pipeline.chat"),
+    "app": ("app.py", "app"),
+    "run_all": ("pipeline/run_all.py", "pipeline.run_all"),
+    "push": ("pipeline/push.py", "pipeline.push"),
+}
+PARALLEL_SUBPROCESSES = 3  # import time dominates each one; 3 at once keeps 2 cores busy without thrashing
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    entry: str
+    argv: Callable[[SimpleNamespace, Path], list]  # (inputs, this case's folder) -> arguments
+    expect: tuple[str, ...]  # substrings of the error line (for a success case: nothing)
+    cli: bool = False  # run the real command in a subprocess
+    prepare: Callable[[SimpleNamespace, Path], None] | None = None  # e.g. copy a finished stage into the case folder
+    succeeds: Callable[[Path], Path] | None = None  # success case: the folder that must end up finished
+    stdin: str | None = None
+    env: dict = field(default_factory=dict)
+
+
+def copy_stage(stage: str, to: str):
+    def prepare(inputs, case_dir):
+        shutil.copytree(inputs.shared / stage, case_dir / to)
+
+    return prepare
+
+
+def unfinished_pretrain(inputs, case_dir, with_tokenizer=True):
+    """What a kill -9 leaves: checkpoints and logs, no final model, no finished marker."""
+    stage = case_dir / "runs" / "crashed" / "pretrain"
+    stage.mkdir(parents=True)
+    (stage / "train.log").write_text("step 10/80 | loss 5.1\n")
+    checkpoint = stage / "checkpoint-40"
+    shutil.copytree(inputs.shared / "pretrain", checkpoint, ignore=shutil.ignore_patterns(runs.FINISHED_MARKER, "*.md"))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
+    if with_tokenizer:
+        shutil.copytree(inputs.shared / "tokenizer", case_dir / "runs" / "crashed" / "tokenizer")
+
+
+def write_yaml(name: str, text: str):
+    def prepare(inputs, case_dir):
+        (case_dir / name).write_text(text)
+
+    return prepare
+
+
+CASES = [
+    # ---- tokenizer/train.py: the text files it trains on
+    Case("missing file", "tokenizer", lambda i, d: ["--train_file", d / "nope.txt", "--output_dir", d / "tok"], ("--train_file", "nope.txt: no such file")),
+    Case("empty file", "tokenizer", lambda i, d: ["--train_file", i.empty, "--output_dir", d / "tok"], ("empty.txt: file is empty",)),
+    Case("binary file", "tokenizer", lambda i, d: ["--train_file", i.binary, "--output_dir", d / "tok"], ("binary.txt: looks binary",), cli=True),
+    Case("non-UTF-8 file", "tokenizer", lambda i, d: ["--train_file", i.latin1, "--output_dir", d / "tok"], ("latin1.txt: not UTF-8",)),
+    Case("vocab too small", "tokenizer", lambda i, d: ["--train_file", i.corpus, "--vocab_size", 100, "--output_dir", d / "tok"], ("--vocab_size 100 is too small",)),
+    Case(
+        "unknown config key", "tokenizer", lambda i, d: ["--config", d / "typo.yaml", "--train_file", i.corpus, "--output_dir", d / "tok"],
+        ("typo.yaml: unknown key 'vocab_sise'", "did you mean 'vocab_size'"), prepare=write_yaml("typo.yaml", "vocab_sise: 512\n"),
+    ),
+    Case(
+        "wrong type in YAML", "tokenizer", lambda i, d: ["--config", d / "types.yaml", "--train_file", i.corpus, "--output_dir", d / "tok"],
+        ("types.yaml", "--vocab_size", "lots"), prepare=write_yaml("types.yaml", "vocab_size: lots\n"),
+    ),
+    Case(
+        "existing finished output kept", "tokenizer", lambda i, d: ["--train_file", i.corpus, "--output_dir", d / "tok"],
+        ("already holds a finished run", "--overwrite"), prepare=copy_stage("tokenizer", "tok"),
+    ),
+    Case(
+        "paths with spaces work", "tokenizer", lambda i, d: ["--train_file", i.spaced_corpus, "--vocab_size", 300, "--output_dir", d / "out dir" / "tok"],
+        (), cli=True, succeeds=lambda d: d / "out dir" / "tok",
+    ),
+    # ---- pipeline/pretrain.py
+    Case("unknown preset", "pretrain", lambda i, d: ["--preset", "tinny", "--run_name", "x"], ("unknown preset 'tinny'", "did you mean 'tiny'"), cli=True),
+    Case("missing previous stage", "pretrain", lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--train_file", i.corpus], ("tokenizer/train.py", "--run_name fresh")),
+    Case("wrong type on the command line", "pretrain", lambda i, d: ["--preset", "tiny", "--learning_rate", "fast"], ("--learning_rate", "fast")),
+    Case(
+        "tokenizer/model vocab mismatch", "pretrain",
+        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--model_name_or_path", i.small_vocab_model,
+                      "--train_file", i.corpus, "--output_dir", d / "out"],
+        ("vocab_size 300", "use the tokenizer it was trained with"),
+    ),
+    Case(
+        "context longer than the model's", "pretrain",
+        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--model_name_or_path", i.shared / "pretrain",
+                      "--block_size", 128, "--train_file", i.corpus, "--output_dir", d / "out"],
+        ("--block_size 128", "context (64 positions)"),
+    ),
+    Case(
+        "unfinished checkpoints without --resume", "pretrain",
+        lambda i, d: ["--preset", "tiny", "--run_name", "crashed", "--train_file", i.corpus, "--max_steps", 80],
+        ("checkpoints of an unfinished run", "--resume"), prepare=unfinished_pretrain,
+    ),
+    # ---- pipeline/sft.py: instruction data, line by line
+    Case(
+        "JSONL with one malformed line", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.malformed_jsonl, "--output_dir", d / "out"],
+        ("malformed.jsonl: line 3 is not valid JSON",), cli=True,
+    ),
+    Case(
+        "row missing a field", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.missing_field_jsonl, "--output_dir", d / "out"],
+        ("missing_field.jsonl: line 2: missing field 'output'",),
+    ),
+    Case(
+        "wrong field type", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.wrong_type_jsonl, "--output_dir", d / "out"],
+        ("wrong_type.jsonl: line 1: messages[1].content must be a string, got int",),
+    ),
+    Case(
+        "non-UTF-8 JSONL", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.latin1_jsonl, "--output_dir", d / "out"],
+        ("latin1.jsonl", "UTF-8"),
+    ),
+    Case(
+        "conversations longer than the context", "sft",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.long_jsonl, "--output_dir", d / "out"],
+        ("no conversation fits the model's context of 64 tokens",),
+    ),
+    Case("sft without pretraining", "sft", lambda i, d: ["--preset", "tiny", "--run_name", "fresh"], ("runs/fresh/pretrain does not exist", "pretrain.py")),
+    # ---- pipeline/reward.py: preference pairs
+    Case(
+        "chosen == rejected everywhere", "reward",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.identical_pairs, "--output_dir", d / "out"],
+        ("identical.jsonl", "chosen == rejected"), cli=True,
+    ),
+    Case(
+        "hh-rlhf transcript with no Assistant turn", "reward",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.no_assistant_pairs, "--output_dir", d / "out"],
+        ("no_assistant.jsonl: line 2: field 'rejected' has no", "Assistant:"),
+    ),
+    # ---- pipeline/ppo.py
+    Case(
+        "ppo without a reward model", "ppo", lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--sft_model_path", i.shared / "pretrain"],
+        ("runs/fresh/reward does not exist", "reward.py"), cli=True,
+    ),
+    Case(
+        "reward model with another tokenizer", "ppo",
+        lambda i, d: ["--preset", "tiny", "--sft_model_path", i.shared / "pretrain", "--reward_model_path", i.small_vocab_model, "--output_dir", d / "out"],
+        ("--reward_model_path", "different tokenizer"),
+    ),
+    # ---- pipeline/evaluate.py
+    Case("evaluate a missing model", "evaluate", lambda i, d: [d / "no model here", "--output_file", d / "eval.json"], ("no model here: no such folder",), cli=True),
+    Case(
+        "evaluate an unfinished run", "evaluate", lambda i, d: [d / "runs" / "crashed", "--output_file", d / "eval.json"],
+        ("crashed: neither a model folder", "finished"), prepare=unfinished_pretrain,
+    ),
+    # ---- pipeline/generate.py
+    Case("prompt of only whitespace", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "   \t "], ("--prompt is only whitespace",), cli=True),
+    Case("reply longer than the context", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--max_new_tokens", 64], ("--max_new_tokens 64", "context of 64")),
+    # ---- pipeline/chat.py
+    Case("pickle weights refused", "chat", lambda i, d: [i.pickle_model], ("only safetensors",), cli=True, stdin="hello\n"),
+    Case("chat with a missing model", "chat", lambda i, d: [d / "gone"], ("gone does not exist",)),
+    # ---- app.py
+    Case("malformed --auth", "app", lambda i, d: ["--model", i.shared / "pretrain", "--auth", "admin"], ("--auth must look like user:password",), cli=True),
+    Case("reward model without a second model", "app", lambda i, d: ["--model", i.shared / "pretrain", "--reward_model", i.shared / "pretrain"], ("--compare_model",)),
+    # ---- pipeline/run_all.py
+    Case("unknown stage", "run_all", lambda i, d: ["--run_name", "x", "--stages", "tokenizer", "finetune"], ("--stages", "finetune"), cli=True),
+    Case("run_all unknown preset", "run_all", lambda i, d: ["--preset", "huge", "--run_name", "x"], ("unknown preset 'huge'",)),
+    # ---- pipeline/push.py
+    Case(
+        "push while offline", "push", lambda i, d: [d / "run", "--hub_user", "alice"], ("offline mode",), cli=True,
+        prepare=lambda i, d: shutil.copytree(i.shared, d / "run"), env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_notarealtoken0000"},
+    ),
+    Case("push with a malformed user", "push", lambda i, d: [i.shared, "--hub_user", "alice/bob"], ("--hub_user 'alice/bob'",)),
+    Case(
+        "push a run with nothing finished", "push", lambda i, d: [d / "runs" / "crashed", "--hub_user", "alice"], ("no finished stage to push",),
+        prepare=lambda i, d: unfinished_pretrain(i, d, with_tokenizer=False),
+    ),
+    # ---- defects found by this table (see DEFECTS): strict, so a fix turns them into failures that ask to move them up
+    Case("chat model smaller than its tokenizer", "chat", lambda i, d: [i.mismatched_model], ("vocab",), stdin="hello\n"),
+    Case("evaluate model smaller than its tokenizer", "evaluate", lambda i, d: [i.mismatched_model, "--output_file", d / "eval.json", "--n_per_task", 1], ("vocab",)),
+    Case("half-written weights file (generate)", "generate", lambda i, d: [i.truncated_model, "--prompt", "ROMEO:"], ("model.safetensors",)),
+    Case(
+        "half-written weights file (sft)", "sft",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.truncated_model, "--corpus_file", i.corpus, "--output_dir", d / "out"], ("model.safetensors",),
+    ),
+    Case("run_all with a missing corpus", "run_all", lambda i, d: ["--run_name", "x", "--train_file", d / "nope.txt"], ("nope.txt: no such file",)),
+]
+DEFECTS = {  # case -> what goes wrong today
+    "chat model smaller than its tokenizer": "IndexError traceback from the embedding while warming up (serving.load_model_and_tokenizer does not compare len(tokenizer) with vocab_size)",
+    "evaluate model smaller than its tokenizer": "IndexError traceback from the embedding in generate_replies (evaluate.load_model does not compare vocab sizes)",
+    "half-written weights file (generate)": "safetensors_rust.SafetensorError traceback: generate.load_model catches only OSError",
+    "half-written weights file (sft)": "SafetensorError traceback (alignment.load_causal_lm catches OSError/ValueError), after config.yaml and train.log were already written to the output folder",
+    "run_all with a missing corpus": "'error: n must be at least 1, got 0' (prepare_corpus -> tasks.embedded_corpus(n_conversations=0)) after writing nothing useful; the corpus is not checked before stages start",
+}
+
+
+def fingerprint(*folders: Path) -> dict[str, str]:
+    """Every file under `folders` -> hash of its bytes: equal fingerprints mean nothing was written."""
+    prints = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            prints[str(path)] = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return prints
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
+    """Bad (and a few good) input files shared by the cases, which only read them."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    spaced = root / "my data" / "tiny shakespeare.txt"
+    spaced.parent.mkdir()
+    shutil.copy(corpus, spaced)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    (root / "latin1.txt").write_bytes("Ça va? Très bien, naïve café.\n".encode("latin-1") * 50)
+
+    def jsonl(name: str, lines: list) -> Path:
+        path = root / name
+        path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8")
+        return path
+
+    good = {"instruction": "Say hi.", "output": "Hi!"}
+    transcript = "\n\nHuman: What is 2+2?\n\nAssistant: "
+    paths = SimpleNamespace(
+        shared=tiny_run,
+        corpus=corpus,
+        spaced_corpus=spaced,
+        empty=root / "empty.txt",
+        binary=root / "binary.txt",
+        latin1=root / "latin1.txt",
+        malformed_jsonl=jsonl("malformed.jsonl", [good, good, '{"instruction": "Say hi.", "output": "Hi!"', good]),
+        missing_field_jsonl=jsonl("missing_field.jsonl", [good, {"instruction": "Say hi.", "outputs": "Hi!"}]),
+        wrong_type_jsonl=jsonl("wrong_type.jsonl", [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": 4}]}]),
+        long_jsonl=jsonl("long.jsonl", [{"instruction": "word " * 200, "output": "answer " * 50}] * 3),
+        identical_pairs=jsonl("identical.jsonl", [{"prompt": f"Q{n}?", "chosen": "Same.", "rejected": "Same."} for n in range(6)]),
+        no_assistant_pairs=jsonl("no_assistant.jsonl", [
+            {"chosen": transcript + "4.", "rejected": transcript + "5."},
+            {"chosen": transcript + "4.", "rejected": "\n\nHuman: What is 2+2? Tell me."},
+        ]),
+    )
+    paths.latin1_jsonl = root / "latin1.jsonl"
+    paths.latin1_jsonl.write_bytes('{"instruction": "Café?", "output": "Oui."}\n'.encode("latin-1"))
+
+    # A model whose vocabulary (300) is smaller than the shared tokenizer's, saved with its own 300-token tokenizer.
+    from tokenizer import train
+
+    small = root / "small_vocab"
+    train.main(["--train_file", corpus, "--vocab_size", 300, "--output_dir", small])
+    (small / runs.FINISHED_MARKER).unlink()  # a plain model folder, as downloaded
+    config = dict(n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, **config)).save_pretrained(small)
+    paths.small_vocab_model = small
+    # The same small model next to the shared (1024-token) tokenizer: ids the embedding cannot look up.
+    paths.mismatched_model = root / "mismatched"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, **config)).save_pretrained(paths.mismatched_model)
+    AutoTokenizer.from_pretrained(tiny_run / "tokenizer").save_pretrained(paths.mismatched_model)
+    # Pickled weights only (what an untrusted download may carry): must never be unpickled.
+    paths.pickle_model = root / "pickle_model"
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=1024, **config))
+    model.config.save_pretrained(paths.pickle_model)
+    torch.save(model.state_dict(), paths.pickle_model / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(tiny_run / "tokenizer").save_pretrained(paths.pickle_model)
+    # A crash or an interrupted download leaves half a weights file.
+    paths.truncated_model = root / "truncated"
+    shutil.copytree(tiny_run / "pretrain", paths.truncated_model)
+    weights = paths.truncated_model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    paths.cache = root / "cache"
+    return paths
+
+
+@dataclass
+class Outcome:
+    code: int
+    error: str  # the error line (in-process: the UsageError message, with "error: " as run_cli prints it)
+    stderr: str
+    before: dict
+    after: dict
+    case_dir: Path
+
+
+def case_folder(tmp_path_factory, case: Case) -> Path:
+    return tmp_path_factory.mktemp("case_" + "".join(ch if ch.isalnum() else "_" for ch in case.name))
+
+
+def run_case_cli(case: Case, inputs: SimpleNamespace, case_dir: Path) -> Outcome:
+    if case.prepare:
+        case.prepare(inputs, case_dir)
+    before = fingerprint(case_dir, inputs.shared)
+    env = {"FLUXCHAT_RUNS_DIR": str(case_dir / "runs"), "FLUXCHAT_CACHE": str(inputs.cache), **case.env}
+    script = ENTRY_POINTS[case.entry][0]
+    result = run_script(PYTHON, script, *case.argv(inputs, case_dir), env=env, timeout=300, input=case.stdin or "")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return Outcome(result.returncode, lines[-1] if lines else "", result.stderr, before, fingerprint(case_dir, inputs.shared), case_dir)
+
+
+@pytest.fixture(scope="module")
+def cli_outcomes(inputs, tmp_path_factory) -> dict[str, Outcome]:
+    """Every subprocess case, run a few at a time up front (each mostly waits on imports)."""
+    cli_cases = [case for case in CASES if case.cli]
+    with ThreadPoolExecutor(PARALLEL_SUBPROCESSES) as pool:
+        futures = {case.name: pool.submit(run_case_cli, case, inputs, case_folder(tmp_path_factory, case)) for case in cli_cases}
+    return {name: future.result() for name, future in futures.items()}
+
+
+def run_case_in_process(case: Case, inputs: SimpleNamespace, case_dir: Path, monkeypatch) -> Outcome:
+    if case.prepare:
+        case.prepare(inputs, case_dir)
+    monkeypatch.setenv("FLUXCHAT_RUNS_DIR", str(case_dir / "runs"))
+    monkeypatch.setenv("FLUXCHAT_CACHE", str(inputs.cache))
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    if case.stdin is not None:
+        import io
+
+        monkeypatch.setattr("sys.stdin", io.StringIO(case.stdin))
+    before = fingerprint(case_dir, inputs.shared)
+    main = importlib.import_module(ENTRY_POINTS[case.entry][1]).main
+    code, message = run_main(main, case.argv(inputs, case_dir))
+    error = f"error: {message}" if code else ""
+    return Outcome(code, error, error, before, fingerprint(case_dir, inputs.shared), case_dir)
+
+
+def test_table_covers_every_entry_point_through_its_cli():
+    assert len({case.name for case in CASES}) == len(CASES) >= 20
+    assert {case.entry for case in CASES if case.cli} == set(ENTRY_POINTS)
+
+
+def as_param(case: Case):
+    marks = [pytest.mark.xfail(strict=True, reason=DEFECTS[case.name])] if case.name in DEFECTS else []
+    return pytest.param(case, id=case.name.replace(" ", "-"), marks=marks)
+
+
+@pytest.mark.parametrize("case", [as_param(case) for case in CASES])
+def test_bad_input(case, inputs, request, tmp_path_factory, monkeypatch):
+    if case.cli:
+        outcome = request.getfixturevalue("cli_outcomes")[case.name]
+    else:
+        outcome = run_case_in_process(case, inputs, case_folder(tmp_path_factory, case), monkeypatch)
+
+    assert "Traceback" not in outcome.stderr, outcome.stderr[-3000:]
+    if case.succeeds:
+        assert outcome.code == 0, outcome.stderr[-3000:]
+        assert runs.is_finished(case.succeeds(outcome.case_dir)), outcome.stderr[-3000:]
+        return
+    assert outcome.code == 2, f"exit code {outcome.code}; stderr: {outcome.stderr[-3000:]}"
+    assert outcome.error.startswith("error: ") and "\n" not in outcome.error, outcome.stderr[-3000:]
+    for expected in case.expect:
+        assert expected in outcome.error
+    changed = {path for path in outcome.before.keys() | outcome.after.keys() if outcome.before.get(path) != outcome.after.get(path)}
+    assert not changed, f"a failed command wrote: {sorted(changed)[:10]}"
