@@ -68,7 +68,7 @@ def resolve_input(value: str | None, run_name: str, stage: str) -> str:
     if not folder.exists():
         hint = PRODUCER[stage].format(run=run_name)
         fail(f"{folder} does not exist: run `{hint}` first, or pass a path with the matching flag")
-    if not is_finished(folder) and not _is_plain_model_dir(folder):
+    if not is_finished(folder) and not (value and _is_plain_model_dir(folder)):  # the run's own stage folder must be finished
         hint = PRODUCER[stage].format(run=run_name)
         fail(f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}): finish it with `{hint}`")
     return str(folder)

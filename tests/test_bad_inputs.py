@@ -77,6 +77,26 @@ def unfinished_pretrain(inputs, case_dir, with_tokenizer=True):
         shutil.copytree(inputs.shared / "tokenizer", case_dir / "runs" / "crashed" / "tokenizer")
 
 
+def killed_tokenizer(inputs, case_dir):
+    """A tokenizer stage killed while writing tokenizer.json: no finished marker, half the file."""
+    stage = case_dir / "runs" / "killed" / "tokenizer"
+    shutil.copytree(inputs.shared / "tokenizer", stage, ignore=shutil.ignore_patterns(runs.FINISHED_MARKER))
+    data = (stage / "tokenizer.json").read_bytes()
+    (stage / "tokenizer.json").write_bytes(data[: len(data) // 2])
+
+
+def cut_trainer_state(inputs, case_dir):
+    """The newest checkpoint's trainer_state.json cut short (the Trainer writes it last, in place)."""
+    checkpoint = case_dir / "out" / "checkpoint-40"
+    shutil.copytree(inputs.shared / "pretrain", checkpoint, ignore=shutil.ignore_patterns(runs.FINISHED_MARKER, "*.md"))
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 40, "log_hist')
+
+
+def corrupt_tokenizer(inputs, case_dir):
+    shutil.copytree(inputs.shared / "tokenizer", case_dir / "tok")
+    (case_dir / "tok" / "tokenizer.json").write_bytes(b"\x00\x01 not json")
+
+
 def write_yaml(name: str, text: str):
     def prepare(inputs, case_dir):
         (case_dir / name).write_text(text)
@@ -127,6 +147,10 @@ CASES = [
         "unfinished checkpoints without --resume", "pretrain",
         lambda i, d: ["--preset", "tiny", "--run_name", "crashed", "--train_file", i.corpus, "--max_steps", 80],
         ("checkpoints of an unfinished run", "--resume"), prepare=unfinished_pretrain,
+    ),
+    Case(
+        "previous stage killed mid-save", "pretrain", lambda i, d: ["--preset", "tiny", "--run_name", "killed", "--train_file", i.corpus],
+        ("killed/tokenizer holds no finished tokenizer output", "tokenizer/train.py"), prepare=killed_tokenizer,
     ),
     # ---- pipeline/sft.py: instruction data, line by line
     Case(
@@ -208,6 +232,17 @@ CASES = [
         "half-written weights file (sft)", "sft",
         lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.truncated_model, "--corpus_file", i.corpus, "--output_dir", d / "out"], ("model.safetensors",),
     ),
+    Case(
+        "checkpoint with a cut trainer_state.json", "pretrain",
+        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--train_file", i.corpus, "--output_dir", d / "out",
+                      "--resume", "--max_steps", 80],
+        ("trainer_state.json",), prepare=cut_trainer_state,
+    ),
+    Case(
+        "corrupt tokenizer.json", "pretrain",
+        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", d / "tok", "--train_file", i.corpus, "--output_dir", d / "out"],
+        ("tokenizer.json",), prepare=corrupt_tokenizer,
+    ),
     Case("run_all with a missing corpus", "run_all", lambda i, d: ["--run_name", "x", "--train_file", d / "nope.txt"], ("nope.txt: no such file",)),
 ]
 DEFECTS = {  # case -> what goes wrong today
@@ -215,6 +250,9 @@ DEFECTS = {  # case -> what goes wrong today
     "evaluate model smaller than its tokenizer": "IndexError traceback from the embedding in generate_replies (evaluate.load_model does not compare vocab sizes)",
     "half-written weights file (generate)": "safetensors_rust.SafetensorError traceback: generate.load_model catches only OSError",
     "half-written weights file (sft)": "SafetensorError traceback (alignment.load_causal_lm catches OSError/ValueError), after config.yaml and train.log were already written to the output folder",
+    "checkpoint with a cut trainer_state.json": "JSONDecodeError traceback from the Trainer, after config.yaml and train.log were written: "
+    "runs.latest_checkpoint counts any checkpoint with a trainer_state.json file as complete, without parsing it",
+    "corrupt tokenizer.json": "JSONDecodeError traceback: pretrain.py calls AutoTokenizer.from_pretrained unguarded (alignment.load_tokenizer guards it)",
     "run_all with a missing corpus": "'error: n must be at least 1, got 0' (prepare_corpus -> tasks.embedded_corpus(n_conversations=0)) after writing nothing useful; the corpus is not checked before stages start",
 }
 
