@@ -30,6 +30,7 @@ class StageArguments:
 
     dataset: list[str] = field(default_factory=lambda: ["builtin"], metadata={"help": "Data sources to mix: 'builtin' (generated tasks), local .jsonl/.json/.parquet files, or Hub dataset ids."})
     corpus_file: str | None = field(default=None, metadata={"help": "Text corpus the built-in quote/speaker tasks draw lines from; default tinyshakespeare (cached download)."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "Built-in tasks to train and evaluate on; default all (quote speaker arithmetic copy upper capital followup)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (a seeded sample); default all."})
     eval_examples: int = field(default=140, metadata={"help": "Held-out built-in examples scored at the end of the stage (balanced across tasks)."})
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Reply length limit when scoring held-out tasks."})
@@ -208,16 +209,6 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int):
     return Dataset.from_dict(columns), counts
 
 
-def scored_ids(tokenizer, messages) -> list[int]:
-    """A conversation as a reward model scores it: cut right after the last reply's end-of-turn
-    token, exactly where PPO cuts its sampled responses (render_conversation also adds the
-    separator that precedes the next turn; the reward model must not learn to look for it)."""
-    fmt = chat_format.format_of(tokenizer)
-    ids, _ = chat_format.render_conversation(tokenizer, messages, fmt=fmt)
-    separator = chat_format.encode_text(tokenizer, fmt.separator)
-    return ids[: len(ids) - len(separator)]
-
-
 def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
     """Dataset with `chosen_ids` / `rejected_ids` for RewardTrainer. Over-long prompts lose their
     oldest turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts)."""
@@ -227,8 +218,8 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
     counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
     for pair in pairs:
         prompt = list(pair.get("prompt") or [])
-        chosen = scored_ids(tokenizer, prompt + pair["chosen"])
-        rejected = scored_ids(tokenizer, prompt + pair["rejected"])
+        chosen = chat_format.render_scored(tokenizer, prompt + pair["chosen"])
+        rejected = chat_format.render_scored(tokenizer, prompt + pair["rejected"])
         if max(len(chosen), len(rejected)) > max_length:
             prompt_length = len(chat_format.render_prompt(tokenizer, prompt)) if prompt else 0
             reply_length = max(len(chosen), len(rejected)) - prompt_length
@@ -237,8 +228,8 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
                 counts["dropped_too_long"] += 1
                 continue
             counts["trimmed"] += 1
-            chosen = scored_ids(tokenizer, prompt + pair["chosen"])
-            rejected = scored_ids(tokenizer, prompt + pair["rejected"])
+            chosen = chat_format.render_scored(tokenizer, prompt + pair["chosen"])
+            rejected = chat_format.render_scored(tokenizer, prompt + pair["rejected"])
         columns["chosen_ids"].append(chosen)
         columns["rejected_ids"].append(rejected)
         counts["pairs"] += 1
@@ -322,10 +313,41 @@ def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool)
     return model
 
 
-def task_examples(n: int, corpus_file: str | None):
+def load_conversations(stage_args: StageArguments) -> list[dict]:
+    """The --dataset sources in order; 'builtin' is the built-in tasks' train split (--tasks)."""
+    from pipeline import data, tasks
+
+    out = []
+    for source in stage_args.dataset:
+        if source == data.BUILTIN:
+            out += tasks.conversations("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+        else:
+            out += data.load_conversations([source], corpus_file=stage_args.corpus_file)
+    return out
+
+
+def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
+    """(pairs, pairs dropped for chosen == rejected) from the --dataset sources."""
+    from pipeline import data, tasks
+
+    out, dropped = [], 0
+    for source in stage_args.dataset:
+        if source == data.BUILTIN:
+            out += tasks.preference_pairs("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+        else:
+            pairs, n_identical = data.load_preferences([source], corpus_file=stage_args.corpus_file)
+            out += pairs
+            dropped += n_identical
+    return out, dropped
+
+
+def task_examples(stage_args: StageArguments) -> list[dict]:
+    """Held-out built-in examples scored at the end of a stage."""
     from pipeline import tasks
 
-    return tasks.conversations("eval", n=n, corpus_file=corpus_file) if n else []
+    if not stage_args.eval_examples:
+        return []
+    return tasks.conversations("eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
 
 
 def evaluate_policy(model, tokenizer, examples, max_new_tokens: int) -> dict:

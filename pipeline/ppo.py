@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from transformers import AutoConfig
 
-    from pipeline import data, evaluate
+    from pipeline import evaluate
 
     sft_path = runs.resolve_input(args.sft_model_path, run_name, "sft")
     reward_path = runs.resolve_input(args.reward_model_path, run_name, "reward")
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"--response_length {args.response_length} leaves no room for a prompt in the model's context of {context}")
     if args.stop_token is None and args.stop_token_id is None:
         args.stop_token = "eos"  # the chat tokenizer's EOS is <|end|>: replies end where a turn ends
-    conversations = data.load_conversations(script_args.dataset, corpus_file=script_args.corpus_file)
+    conversations = alignment.load_conversations(script_args)
     conversations = alignment.sample_rows(conversations, script_args.max_train_samples, args.seed)
     train_set, counts = alignment.prompt_dataset(tokenizer, conversations, context - args.response_length)
-    examples = alignment.task_examples(script_args.eval_examples, script_args.corpus_file)
+    examples = alignment.task_examples(script_args)
     eval_set = alignment.prompt_dataset(tokenizer, examples, context - args.response_length)[0] if examples else train_set.select(range(min(8, len(train_set))))
     probe = [alignment.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
 
@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> Path:
     evaluation = {**after, "kl": kl, "before": before, "warnings": monitor.warnings}
     metrics = {
         **alignment.train_metrics(None, seconds),
+        "task_accuracy": after.get("tasks", {}).get("overall"),
+        "task_accuracy_before": before.get("tasks", {}).get("overall"),
+        "mean_reward": after.get("reward", {}).get("mean_reward"),
+        "mean_reward_before": before.get("reward", {}).get("mean_reward"),
+        "kl": kl.get("last_update"),
         "updates": trainer.state.global_step,
         "episodes": trainer.state.episode,
         "data": counts,

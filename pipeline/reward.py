@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.push_to_hub:
         fail("--push_to_hub: the trainer's own push is off here; push a finished stage with the project's push command")
 
-    from transformers import AutoConfig
+    from transformers import AutoConfig, set_seed
 
     from pipeline import data, tasks
 
@@ -67,20 +67,23 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = alignment.load_tokenizer(model_path)
     context = alignment.model_context(AutoConfig.from_pretrained(model_path))
     args.max_length = min(args.max_length or context, context)
-    pairs, n_identical = data.load_preferences(script_args.dataset, corpus_file=script_args.corpus_file)
+    pairs, n_identical = alignment.load_preferences(script_args)
     pairs = alignment.sample_rows(pairs, script_args.max_train_samples, args.seed)
     if len(pairs) < 2:
         fail(f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)")
     train_pairs, heldout_pairs = data.split_heldout(pairs, script_args.eval_fraction, args.seed)
     train_set, counts = alignment.preference_dataset(tokenizer, train_pairs, args.max_length)
     eval_set, eval_counts = alignment.preference_dataset(tokenizer, heldout_pairs, args.max_length)
-    builtin_pairs = tasks.preference_pairs("eval", n=script_args.eval_examples, corpus_file=script_args.corpus_file) if script_args.eval_examples else []
+    builtin_pairs = [] if not script_args.eval_examples else tasks.preference_pairs(
+        "eval", n=script_args.eval_examples, corpus_file=script_args.corpus_file, tasks=script_args.tasks
+    )
     if args.eval_strategy == "no":
         eval_set = None
 
     runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
     training.log_to_file(output_dir)
     save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    set_seed(args.seed)  # the new score head's initialisation
     model = alignment.load_score_model(model_path, tokenizer)
     training.logger.info(
         f"reward: {model_path} (context {context}), {counts['pairs']} train pairs ({counts['trimmed']} trimmed, "
@@ -110,7 +113,14 @@ def main(argv: list[str] | None = None) -> Path:
     if baseline:
         evaluation["before"] = baseline
     data_counts = {"train": counts, "heldout": eval_counts, "dropped_identical": n_identical, "sources": script_args.dataset}
-    metrics = {**alignment.train_metrics(result, seconds), "data": data_counts, "model": model_path}
+    metrics = {
+        **alignment.train_metrics(result, seconds),
+        "reward_accuracy": evaluation["builtin"].get("accuracy"),
+        "reward_margin": evaluation["builtin"].get("margin"),
+        "heldout_accuracy": evaluation["heldout"].get("accuracy"),
+        "data": data_counts,
+        "model": model_path,
+    }
     alignment.finish_stage(trainer, output_dir, "reward", metrics, evaluation)
     summary = f"built-in held-out pairs {describe(evaluation['builtin'])}; held-out given pairs {describe(evaluation['heldout'])}"
     training.logger.info(f"after reward training: {summary}")

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = alignment.load_tokenizer(model_path, script_args.chat_format, add_missing_tokens=True)
     context = alignment.model_context(AutoConfig.from_pretrained(model_path))
     args.max_length = min(args.max_length or context, context)
-    conversations = data.load_conversations(script_args.dataset, corpus_file=script_args.corpus_file)
+    conversations = alignment.load_conversations(script_args)
     conversations = alignment.sample_rows(conversations, script_args.max_train_samples, args.seed)
     held_out = []
     if script_args.eval_fraction and args.eval_strategy != "no" and len(conversations) > 1:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
     eval_set = alignment.sft_dataset(tokenizer, held_out, args.max_length)[0] if held_out else None
     if eval_set is None:
         args.eval_strategy = "no"
-    examples = alignment.task_examples(script_args.eval_examples, script_args.corpus_file)
+    examples = alignment.task_examples(script_args)
 
     if not resume_from:
         runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
@@ -123,8 +123,15 @@ def main(argv: list[str] | None = None) -> Path:
     model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
     evaluation = {"tasks": alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
     if baseline:
-        evaluation["tasks_before"] = baseline
-    metrics = {**alignment.train_metrics(result, seconds), "data": counts, "model": model_path, "chat_format": script_args.chat_format}
+        evaluation["before"] = {"tasks": baseline}
+    metrics = {
+        **alignment.train_metrics(result, seconds),
+        "task_accuracy": evaluation["tasks"].get("overall"),
+        "task_accuracy_before": baseline.get("overall"),
+        "data": counts,
+        "model": model_path,
+        "chat_format": script_args.chat_format,
+    }
     alignment.finish_stage(trainer, output_dir, "sft", metrics, evaluation)
     training.logger.info(f"after sft: held-out tasks {alignment.summarize_tasks(evaluation['tasks'])}")
     print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {alignment.summarize_tasks(evaluation['tasks'])} -> {output_dir}")

@@ -100,7 +100,7 @@ def test_sft_by_run_dir_learns_the_format_and_saves_a_chat_model(tiny_run, isola
                  "eval.json", "log_history.json", "train.log", "config.yaml", "stage_complete.json"):
         assert (stage / name).is_file(), name
     metrics = json.loads((stage / "metrics.json").read_text())
-    tasks_after, tasks_before = metrics["eval"]["tasks"], metrics["eval"]["tasks_before"]
+    tasks_after, tasks_before = metrics["eval"]["tasks"], metrics["eval"]["before"]["tasks"]
     assert set(tasks_after["per_task"]) == {"quote", "speaker", "arithmetic", "copy", "upper", "capital", "followup"}
     assert tasks_after["n"] == 14 and 0 <= tasks_after["overall"] <= 1
     # The pretrained model never ends a reply with <|end|>; a few SFT steps teach it to.

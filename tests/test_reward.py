@@ -1,0 +1,69 @@
+"""Reward stage through the real entry point, chained by run directory: preference files (TRL and
+hh-rlhf), held-out accuracy and margin reported, a one-logit model that reloads as is and that the
+evaluation code scores the way it was trained."""
+
+import gzip
+import json
+import shutil
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pipeline import chat_format, evaluate, reward, sft, tasks
+from tests.conftest import DATA, SHAKESPEARE, run_main
+
+HH_RLHF = DATA / "pref" / "hh-rlhf_helpful-base_test.jsonl.gz"
+QUICK_SFT = ["--max_steps", 20, "--max_train_samples", 300, "--per_device_train_batch_size", 8, "--learning_rate", 1e-2,
+             "--warmup_steps", 0, "--eval_strategy", "no", "--save_strategy", "no", "--eval_examples", 0, "--corpus_file", SHAKESPEARE]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_accuracy(tiny_run, isolated_runs, tmp_path):
+    shutil.copytree(tiny_run, isolated_runs / "demo")
+    code, error = run_main(reward.main, ["--preset", "tiny", "--run_name", "demo"])
+    assert code == 2 and "pipeline/sft.py" in error and "demo" in error  # no SFT stage yet: name the command
+    assert not (isolated_runs / "demo" / "reward").exists()
+    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "demo", *QUICK_SFT])
+    assert code == 0, error
+
+    # Built-in pairs as a TRL file, plus a slice of hh-rlhf transcripts (most too long for a 64-token context).
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in tasks.preference_pairs("train", n=60, corpus_file=SHAKESPEARE)]
+    with gzip.open(HH_RLHF, "rt", encoding="utf-8") as handle:
+        hh_rows = [json.loads(line) for line, _ in zip(handle, range(40))]
+    sources = [_write_jsonl(tmp_path / "pairs.jsonl", pairs), _write_jsonl(tmp_path / "hh.jsonl", hh_rows)]
+    argv = ["--preset", "tiny", "--run_name", "demo", "--dataset", *sources, "--max_steps", 80, "--learning_rate", 1e-2,
+            "--warmup_steps", 0, "--eval_steps", 40, "--logging_steps", 40, "--eval_examples", 14, "--corpus_file", SHAKESPEARE]
+    code, error = run_main(reward.main, argv)
+    assert code == 0, error
+
+    stage = isolated_runs / "demo" / "reward"
+    for name in ("model.safetensors", "tokenizer.json", "metrics.json", "eval.json", "log_history.json", "train.log", "stage_complete.json"):
+        assert (stage / name).is_file(), name
+    assert "reward:" in (stage / "train.log").read_text() and "sft:" not in (stage / "train.log").read_text()
+    metrics = json.loads((stage / "metrics.json").read_text())
+    builtin, heldout = metrics["eval"]["builtin"], metrics["eval"]["heldout"]
+    assert builtin["n"] == 14 and 0 <= builtin["accuracy"] <= 1 and metrics["reward_accuracy"] == builtin["accuracy"]
+    assert heldout["n"] == 5  # 5% of the 98 usable pairs
+    assert metrics["data"]["train"]["dropped_too_long"] > 0
+    history = json.loads((stage / "log_history.json").read_text())
+    train_logs = [entry for entry in history if "accuracy" in entry and "loss" in entry]
+    assert train_logs[-1]["loss"] < train_logs[0]["loss"] - 0.1 and any("eval_accuracy" in entry for entry in history)
+
+    model = AutoModelForSequenceClassification.from_pretrained(stage, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(stage)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.eos_token == chat_format.END_OF_TURN  # inherited from the SFT stage
+    # Training, PPO and evaluation score one position: right after the reply's <|end|>, where PPO cuts replies.
+    conversation = pairs[0]["prompt"] + pairs[0]["chosen"]
+    ids = chat_format.render_scored(tokenizer, conversation)
+    assert ids[-1] == tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
+    with torch.no_grad():
+        direct = model(torch.tensor([ids])).logits
+    assert direct.shape == (1, 1)
+    assert abs(evaluate.score_conversations(model, tokenizer, [conversation])[0] - float(direct)) < 1e-4
+    learned = evaluate.evaluate_reward_model(model, tokenizer, pairs)  # the pairs it trained on
+    assert learned["accuracy"] >= 0.7 and learned["margin"] > 0, learned
