@@ -151,6 +151,15 @@ def render_prompt(tokenizer, messages) -> list[int]:
     return render_conversation(tokenizer, messages, add_generation_prompt=True)[0]
 
 
+def render_scored(tokenizer, messages) -> list[int]:
+    """Ids a reward model scores: the conversation cut right after the last reply's end-of-turn token.
+    PPO cuts its sampled replies there, so reward training, PPO and evaluation all score one position
+    (a reward model reads its logit at the last token; the separator after a turn is not part of a reply)."""
+    fmt = format_of(tokenizer)
+    ids, _ = render_conversation(tokenizer, messages, fmt=fmt)
+    return ids[: len(ids) - len(encode_text(tokenizer, fmt.separator))]
+
+
 def trim_to_context(tokenizer, messages, max_context: int, reply_budget: int):
     """Drop the oldest whole turns until the prompt plus `reply_budget` new tokens fit `max_context`.
 

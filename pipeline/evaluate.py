@@ -129,7 +129,7 @@ def score_conversations(reward_model, tokenizer, conversations: list[list[dict]]
         reward_model.config.pad_token_id = _pad_id(tokenizer)
     pad = reward_model.config.pad_token_id
     device, context = _device(reward_model), _context_length(reward_model)
-    encoded = [chat_format.render_conversation(tokenizer, messages)[0][-context:] for messages in conversations]
+    encoded = [chat_format.render_scored(tokenizer, messages)[-context:] for messages in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     scores = [0.0] * len(encoded)
     for start in range(0, len(order), batch_size):

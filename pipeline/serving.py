@@ -273,7 +273,7 @@ class RewardScorer:
     def score(self, messages: list[dict]) -> float:
         import torch
 
-        ids = chat_format.render_conversation(self.tokenizer, messages)[0][-self.context_length :]
+        ids = chat_format.render_scored(self.tokenizer, messages)[-self.context_length :]
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
         return float(logits[0, 0])

@@ -31,6 +31,9 @@ def log_to_file(output_dir: Path) -> None:
     if not is_main_process():
         return
     output_dir.mkdir(parents=True, exist_ok=True)
+    for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:  # an earlier stage in this process
+        logger.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
