@@ -69,7 +69,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _pop_flag(argv: list[str], name: str) -> str | None:
+def pop_flag(argv: list[str], name: str) -> str | None:
     """Remove `--name VALUE` / `--name=VALUE` from argv and return VALUE (the last one wins)."""
     value = None
     i = 0
@@ -126,8 +126,8 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if positional and argv and not argv[0].startswith("-"):
         argv = [f"--{positional}", argv[0], *argv[1:]]
-    config_arg = _pop_flag(argv, "config")
-    preset = _pop_flag(argv, "preset")
+    config_arg = pop_flag(argv, "config")
+    preset = pop_flag(argv, "preset")
     if config_arg and preset:
         fail("give either --config or --preset, not both")
     config_file = None

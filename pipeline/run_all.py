@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import runs
-from pipeline.config import REPO_ROOT, UsageError, fail, parse_config, presets, run_cli
+from pipeline.config import REPO_ROOT, UsageError, fail, parse_config, pop_flag, presets, run_cli
 
 SCRIPTS = {
     "tokenizer": "tokenizer/train.py",
@@ -41,7 +41,6 @@ OFFLINE_TASKS = ("arithmetic", "copy", "upper", "capital", "followup")
 
 @dataclass
 class RunAllArguments:
-    preset: str = field(default="tiny", metadata={"help": "Recipe folder under configs/ used for every stage."})
     run_name: str = field(default="demo", metadata={"help": "Everything goes to runs/<run_name>/."})
     train_file: list[str] | None = field(default=None, metadata={"help": "Pretraining text files/folders; default tinyshakespeare (downloaded once)."})
     with_facts: bool = field(default=True, metadata={"help": "Add the built-in facts text to pretraining, so the fact tasks can be learned."})
@@ -138,9 +137,12 @@ def _flatten(d, prefix="") -> dict:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    preset = pop_flag(argv, "preset") or "tiny"  # one recipe folder for every stage, not a run_all.yaml
+    if preset not in presets():
+        fail(f"unknown preset '{preset}': choose from {', '.join(presets())}")
     args, _ = parse_config("run_all", (RunAllArguments,), argv)
-    if args.preset not in presets():
-        fail(f"unknown preset '{args.preset}': choose from {', '.join(presets())}")
+    args.preset = preset
     unknown = [s for s in args.stages if s not in (*SCRIPTS, "evaluate")]
     if unknown:
         fail(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate'])}")

@@ -1,0 +1,72 @@
+"""The one-command chain on the tiny preset (shrunk by flags to fit CI): interrupted mid-stage, then continued."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import chat_format, runs
+from tests.conftest import PYTHON, REPO, run_script
+
+# The tiny preset's recipes with fewer steps and a smaller model: the point here is the orchestration.
+SHRINK = [
+    "pretrain:--max_steps=40", "pretrain:--save_steps=10", "pretrain:--eval_steps=20", "pretrain:--n_layer=2",
+    "pretrain:--n_embd=64", "pretrain:--n_head=2", "pretrain:--per_device_train_batch_size=8",
+    "sft:--max_steps=15", "sft:--eval_examples=10", "sft:--max_train_samples=300", "sft:--eval_baseline=false",
+    "reward:--max_steps=8", "reward:--max_train_samples=100", "reward:--eval_examples=10",
+    "ppo:--total_episodes=32", "ppo:--eval_examples=5", "ppo:--probe_prompts=4",
+    "evaluate:--n_per_task=2",
+]
+
+
+def _command(run_name):
+    return [PYTHON, "pipeline/run_all.py", "--preset", "tiny", "--run_name", run_name, "--stage_args", *SHRINK]
+
+
+def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
+    # Offline, no --train_file, empty cache: the chain must fall back to the embedded task corpus.
+    proc = subprocess.Popen(_command("chain"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env=os.environ.copy())
+    pretrain_dir = runs.stage_dir("chain", "pretrain")
+    deadline = time.time() + 300
+    while runs.latest_checkpoint(pretrain_dir) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and the stage it launched
+    first_output = proc.communicate()[0]
+    assert "embedded task corpus" in first_output
+    assert runs.is_finished(runs.stage_dir("chain", "tokenizer"))
+    assert not runs.is_finished(pretrain_dir) and runs.latest_checkpoint(pretrain_dir) is not None
+
+    result = run_script(*_command("chain"), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "== tokenizer: already finished, skipped" in out
+    assert "pipeline/pretrain.py" in out and "--resume" in out.split("== pretrain:")[1].splitlines()[0]
+    summary = json.loads((runs.run_dir("chain") / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"]
+    assert [s["status"] for s in summary["stages"]] == ["skipped", "ran", "ran", "ran", "ran", "ran"]
+    for stage in runs.STAGES:
+        assert runs.is_finished(runs.stage_dir("chain", stage)), stage
+        assert (runs.stage_dir("chain", stage) / "README.md").is_file(), stage  # model card per stage
+    pretrain_metrics = json.loads((pretrain_dir / "metrics.json").read_text())
+    assert pretrain_metrics["global_step"] == 40  # the resumed run finished the same schedule
+    evaluation = json.loads((runs.run_dir("chain") / "evaluation.json").read_text())
+    assert "quote" not in json.dumps(evaluation.get("tasks", evaluation))  # offline: corpus tasks left out
+    assert "python pipeline/chat.py" in out
+
+    # The final model is a plain causal LM with the chat template that answers a prompt.
+    ppo = runs.stage_dir("chain", "ppo")
+    model = AutoModelForCausalLM.from_pretrained(ppo, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(ppo)
+    prompt = chat_format.render_prompt(tok, [{"role": "user", "content": "What is 12+30?"}])
+    import torch
+
+    reply = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert reply.shape[1] > len(prompt)
+
+    # Running it again does nothing but report.
+    again = run_script(*_command("chain"))
+    assert again.returncode == 0 and again.stdout.count("already finished, skipped") == 6
