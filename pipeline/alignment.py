@@ -301,9 +301,13 @@ def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool)
 
     A LoRA model is merged first unless --merge_adapter false (then only the adapter is saved, and
     loading it needs peft). Returns the model to evaluate."""
+    from pipeline import lm
+
     is_peft = hasattr(model, "merge_and_unload")
     if is_peft and merge_adapter:
         model = model.merge_and_unload()
+    if getattr(model, "can_generate", lambda: False)():  # PPOTrainer leaves its own stop settings in it
+        model.generation_config = lm.generation_config(tokenizer)
     if trainer.is_world_process_zero():
         if is_peft and merge_adapter:
             model.save_pretrained(output_dir)
