@@ -4,16 +4,28 @@ and end where an uninterrupted run ends: bench/crash_safety.py run for real, its
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 
-from conftest import PYTHON, run_script
+import pytest
+from conftest import PYTHON, REPO, run_script
+
+sys.path.insert(0, str(REPO / "bench"))
 
 
-def test_pretraining_survives_kill_9_at_a_step_and_during_a_save(tmp_path):
-    output = tmp_path / "crash.json"
+@pytest.fixture(scope="module")
+def crash_bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    output, work = root / "crash.json", root / "work"
     result = run_script(PYTHON, "bench/crash_safety.py", "--stage", "pretrain", "--kills", "2", "--smoke", "--output", output,
-                        "--workdir", tmp_path / "work", timeout=300)
+                        "--workdir", work, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (row,) = json.loads(output.read_text())["results"]
+    return row, work
+
+
+def test_pretraining_survives_kill_9_at_a_step_and_during_a_save(crash_bench):
+    row, work = crash_bench
     assert row["stage"] == "pretrain" and row["kills"] == 2 and row["resumes"] >= 2
     assert sorted(event["kind"] for event in row["events"]) == ["save", "step"]
     save = next(event for event in row["events"] if event["kind"] == "save")
@@ -22,10 +34,25 @@ def test_pretraining_survives_kill_9_at_a_step_and_during_a_save(tmp_path):
     # The stage never looked finished after a kill, and --resume always had a whole checkpoint to load.
     assert not any(event["marked_finished_after_kill"] for event in row["events"])
     assert all(event["latest_checkpoint_loads"] for event in row["events"])
+    # Same start, same steps: a resume that restores model, optimizer, scheduler, RNG and data position ends identical.
     assert row["resumed_steps"] == row["ref_steps"] == 24
-    assert row["diff"] is not None and row["diff"] <= row["tolerance"]
+    assert row["diff"] is not None and row["diff"] <= row["tolerance"] <= 1e-3
     assert row["passed"] and all(row["checks"].values())
     # The killed run's folder ends finished, with nothing half-written left to be mistaken for a checkpoint.
-    killed = tmp_path / "work" / "pretrain_killed"
+    killed = work / "pretrain_killed"
     assert (killed / "stage_complete.json").is_file() and (killed / "model.safetensors").is_file()
     assert all((ckpt / "trainer_state.json").is_file() for ckpt in killed.glob("checkpoint-*"))
+
+
+@pytest.mark.xfail(strict=True, reason="defect: the Trainer resumed from a checkpoint at max_steps trains one more step (global_step 25/24, checkpoint-25)")
+def test_resuming_a_run_killed_after_its_last_checkpoint_adds_no_step(crash_bench, tmp_path):
+    """What a kill between the final checkpoint and the finished marker leaves: checkpoint-24 complete, stage unfinished."""
+    import crash_safety
+
+    _, work = crash_bench
+    stage = tmp_path / "pretrain"
+    shutil.copytree(work / "pretrain_killed", stage, ignore=shutil.ignore_patterns("stage_complete.json"))
+    result = run_script(*crash_safety.stage_command("pretrain", work, stage, smoke=True), "--resume", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((stage / "stage_complete.json").read_text())["global_step"] == 24
+    assert max(int(ckpt.name.split("-")[1]) for ckpt in stage.glob("checkpoint-*")) == 24
