@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
 
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments, default_data_collator
 
 from pipeline import cards, lm, push, runs, training
 from pipeline.config import fail, parse_config, run_cli, save_resolved_config
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
+        data_collator=default_data_collator,  # blocks are full-length: the tokenizer's padding collator only costs time
         bytes_per_token=bytes_per_token,
     )
     training.use_dense_progress(trainer, tokens_per_step)
