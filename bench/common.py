@@ -1,0 +1,182 @@
+"""What every benchmark shares: the command line (--smoke, --output), machine info, the table, the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results"
+SHAKESPEARE = Path(os.environ.get("FLUXCHAT_SHARED_DATA", REPO.parent / "shared" / "data")) / "pretrain" / "tinyshakespeare.txt"
+
+# Benchmarks never touch the network (TRL/transformers ping the Hub otherwise).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="A few steps at tiny sizes: checks the script runs, measures nothing.")
+    p.add_argument("--output", type=Path, default=RESULTS / f"{name}.json", help="Where the JSON results go.")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, one per core).")
+    return p
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # > cores means other work shared the machine
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_table(title: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(v.rjust(w) for v, w in zip(r, widths)) + " |")
+
+
+def write_results(path: Path, name: str, rows: list[dict], smoke: bool, **extra) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "smoke": smoke, "machine": machine_info(), **extra, "results": rows}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nresults -> {path}")
+
+
+def corpus(smoke: bool) -> Path:
+    """tinyshakespeare; in smoke mode its first 40,000 characters, so tokenizing and training take seconds."""
+    if not smoke:
+        return SHAKESPEARE
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "fluxchat-bench-smoke-corpus.txt"
+    if not path.is_file():
+        path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+def train_tokenizer(output_dir: Path, tokenizer_type: str = "bpe", vocab_size: int = 1024, text: Path = SHAKESPEARE) -> Path:
+    """One of our tokenizers trained through the real tokenizer/train.py."""
+    from tokenizer import train
+
+    if (output_dir / "stage_complete.json").is_file():
+        return output_dir
+    with contextlib.redirect_stdout(sys.stderr):
+        return train.main(["--preset", "tiny", "--train_file", str(text), "--tokenizer_type", tokenizer_type,
+                           "--vocab_size", str(vocab_size), "--output_dir", str(output_dir), "--overwrite"])
+
+
+@contextlib.contextmanager
+def trainer_callbacks(*callbacks):
+    """Run pipeline/pretrain.py's real main() with extra TrainerCallbacks (timers, a wall-clock stop),
+    by wrapping the Trainer class main() builds."""
+    from pipeline import lm
+
+    original = lm.BitsPerByteTrainer
+
+    class WithCallbacks(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for callback in callbacks:
+                self.add_callback(callback)
+
+    lm.BitsPerByteTrainer = WithCallbacks
+    try:
+        yield
+    finally:
+        lm.BitsPerByteTrainer = original
+
+
+def step_timer():
+    """A TrainerCallback recording the wall time at the end of every optimizer step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.step_ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # GPU work is asynchronous: time what has finished
+            self.step_ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def measured_peak_flops(threads: int, size: int = 2048, repeats: int = 5, dtype=None, device: str = "cpu") -> float:
+    """The best fp32 matmul FLOP/s this machine gives with the current torch threads: the MFU denominator on CPU."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def gpt2_flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int, block_size: int) -> float:
+    """nanoGPT's estimate_mfu (PaLM appendix B): 6N for the weights plus 12*L*H*Q*T for attention (H*Q = n_embd)."""
+    return 6 * n_params_non_embedding + 12 * n_layer * n_embd * block_size
+
+
+def non_embedding_params(model) -> int:
+    """Parameters minus the position embedding (the token embedding is tied to the LM head, so it counts)."""
+    return sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()

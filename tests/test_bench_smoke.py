@@ -1,0 +1,45 @@
+"""Every benchmark script runs end to end in --smoke mode, prints its table and writes its JSON.
+
+Smoke mode measures nothing (a few steps on tiny shapes); these tests keep the scripts working.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import PYTHON, REPO, run_script
+
+# script -> a column its table must have (proves the real table, not an error message, was printed)
+BENCHMARKS = {
+    "pretrain_throughput": "tokens_per_s",
+    "time_to_quality": "val_bits_per_char",
+    "memory": "peak_rss_MB",
+    "generation": "first_token_ms",
+    "pipeline_time": "wall_s",
+    "gpu": "device",
+}
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_benchmark_smoke(name, tmp_path):
+    output = tmp_path / f"{name}.json"
+    proc = run_script(PYTHON, REPO / "bench" / f"{name}.py", "--smoke", "--output", output, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = next((line for line in proc.stdout.splitlines() if line.startswith("| ")), "")
+    assert BENCHMARKS[name] in header, proc.stdout[-2000:]
+    payload = json.loads(output.read_text())
+    assert payload["benchmark"] == name and payload["smoke"] is True
+    assert payload["results"], payload
+    machine = payload["machine"]
+    for key in ("cpu", "cores", "torch", "transformers", "date", "command"):
+        assert machine[key], key
+    assert "--smoke" in machine["command"]
+    if name == "pretrain_throughput":  # both sides measured, and their ratio, for every shape
+        by_side = {(row["shape"], row["side"]): row["tokens_per_s"] for row in payload["results"]}
+        for shape in {shape for shape, _ in by_side}:
+            pipeline, plain = by_side[shape, "pipeline"], by_side[shape, "plain"]
+            assert pipeline > 0 and plain > 0
+            assert by_side[shape, "ratio pipeline/plain"] == pytest.approx(pipeline / plain, rel=0.01)
+
