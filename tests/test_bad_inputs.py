@@ -10,6 +10,10 @@ Subprocess cases start together, a few at a time, before the first of them is ch
 "Nothing written" is checked by fingerprinting every byte of the case's folder (its runs dir, its
 outputs, copies of finished stages) and of `tiny_run` before and after: a failing command must leave
 both identical. The one success case (paths with spaces) must finish its stage instead.
+
+Cases that expose a defect not fixed yet are listed in DEFECTS with what goes wrong today and run as
+strict xfails: once the defect is fixed the case passes, pytest reports XPASS as a failure, and the
+entry comes out of DEFECTS.
 """
 
 from __future__ import annotations
@@ -391,7 +395,8 @@ def run_case_in_process(case: Case, inputs: SimpleNamespace, case_dir: Path, mon
 
 
 def test_table_covers_every_entry_point_through_its_cli():
-    assert len({case.name for case in CASES}) == len(CASES) >= 20
+    assert len({case.name for case in CASES}) == len(CASES)
+    assert len([case for case in CASES if case.name not in DEFECTS]) >= 20 and set(DEFECTS) <= {case.name for case in CASES}
     assert {case.entry for case in CASES if case.cli} == set(ENTRY_POINTS)
 
 
