@@ -354,11 +354,19 @@ def task_examples(stage_args: StageArguments) -> list[dict]:
     return tasks.conversations("eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
 
 
+def on_device(model):
+    """The model on this process's accelerator (before a trainer has placed it), for evaluation."""
+    from accelerate import PartialState
+
+    return model.to(PartialState().device)
+
+
 def evaluate_policy(model, tokenizer, examples, max_new_tokens: int) -> dict:
     if not examples:
         return {}
     from pipeline import evaluate
 
+    on_device(model)
     was_training = model.training
     model.eval()
     result = evaluate.evaluate_tasks(model, tokenizer, examples, max_new_tokens=max_new_tokens)

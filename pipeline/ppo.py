@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
     def measure(model) -> dict:
         if not examples:
             return {}
+        alignment.on_device(reward_model)
         out = {"tasks": alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
         out["reward"] = evaluate.mean_reward(model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens)
         return out

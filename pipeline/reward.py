@@ -43,7 +43,7 @@ def score_pairs(model, tokenizer, pairs) -> dict:
         return {}
     from pipeline import evaluate
 
-    model.eval()
+    alignment.on_device(model).eval()
     return evaluate.evaluate_reward_model(model, tokenizer, pairs)
 
 
