@@ -296,11 +296,13 @@ def marked_example(tokenizer, input_ids, mask) -> str:
 # Saving and reporting
 
 
-def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool):
+def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool, direct: bool = False):
     """Save `model` (+ tokenizer with chat template + generation config) so AutoModel... loads it.
 
     A LoRA model is merged first unless --merge_adapter false (then only the adapter is saved, and
-    loading it needs peft). Returns the model to evaluate."""
+    loading it needs peft). `direct` saves `model` itself from the main process instead of going
+    through trainer.save_model (PPO: its save_model cannot find the policy inside a DDP wrapper).
+    Returns the model to evaluate."""
     from pipeline import lm
 
     is_peft = hasattr(model, "merge_and_unload")
@@ -308,12 +310,12 @@ def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool)
         model = model.merge_and_unload()
     if getattr(model, "can_generate", lambda: False)():  # PPOTrainer leaves its own stop settings in it
         model.generation_config = lm.generation_config(tokenizer)
-    if trainer.is_world_process_zero():
-        if is_peft and merge_adapter:
+    if direct or (is_peft and merge_adapter):
+        if trainer.is_world_process_zero():
             model.save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
-        else:
-            trainer.save_model(str(output_dir))
+    else:
+        trainer.save_model(str(output_dir))  # on every process: sharded (DeepSpeed/FSDP) saves gather across them
     return model
 
 
@@ -352,6 +354,17 @@ def task_examples(stage_args: StageArguments) -> list[dict]:
     if not stage_args.eval_examples:
         return []
     return tasks.conversations("eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """runs.prepare_output_dir on the main process only, the others waiting: with several processes
+    an --overwrite on each would delete what the first had already written (e.g. train.log)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            runs.prepare_output_dir(output_dir, overwrite=overwrite)
 
 
 def on_device(model):
@@ -483,8 +496,8 @@ class PPOMonitor:
         for problem in problems:
             message = f"warning: PPO update {step}: {problem}"
             self.warnings.append(message)
-            logger.warning(message)
             if training.is_main_process():
+                logger.warning(message)
                 print(message, file=sys.stderr, flush=True)
         if problems and self.stop:
             raise TrainingCollapsed(f"update {step}: {'; '.join(problems)}")

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
     eval_set = alignment.prompt_dataset(tokenizer, examples, context - args.response_length)[0] if examples else train_set.select(range(min(8, len(train_set))))
     probe = [alignment.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
 
-    runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
+    alignment.prepare_output_dir(output_dir, script_args.overwrite)
     training.log_to_file(output_dir)
     save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
     policy = alignment.load_causal_lm(sft_path, tokenizer)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer.padding_side = "right"
 
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    policy = alignment.save_model(trainer, policy, tokenizer, output_dir, peft_args.merge_adapter)
+    policy = alignment.save_model(trainer, policy, tokenizer, output_dir, peft_args.merge_adapter, direct=True)
     after = measure(policy)
     updates = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
     kl = {"first_update": updates[0]["objective/kl"], "last_update": updates[-1]["objective/kl"]} if updates else {}
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> Path:
         reward_change = f", mean reward {before['reward']['mean_reward']:.3f} -> {after['reward']['mean_reward']:.3f}"
     summary = f"held-out tasks {alignment.summarize_tasks(after.get('tasks', {}))}{reward_change}, KL {kl.get('last_update', float('nan')):.3f}"
     training.logger.info(f"after ppo: {summary}")
-    print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {output_dir}")
+    if trainer.is_world_process_zero():
+        print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {output_dir}")
     return output_dir
 
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.eval_strategy == "no":
         eval_set = None
 
-    runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
+    alignment.prepare_output_dir(output_dir, script_args.overwrite)
     training.log_to_file(output_dir)
     save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
     set_seed(args.seed)  # the new score head's initialisation
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> Path:
     alignment.finish_stage(trainer, output_dir, "reward", metrics, evaluation)
     summary = f"built-in held-out pairs {describe(evaluation['builtin'])}; held-out given pairs {describe(evaluation['heldout'])}"
     training.logger.info(f"after reward training: {summary}")
-    print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {output_dir}")
+    if trainer.is_world_process_zero():
+        print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {output_dir}")
     return output_dir
 
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> Path:
     examples = alignment.task_examples(script_args)
 
     if not resume_from:
-        runs.prepare_output_dir(output_dir, overwrite=script_args.overwrite)
+        alignment.prepare_output_dir(output_dir, script_args.overwrite)
     training.log_to_file(output_dir)
     save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
     model = alignment.load_causal_lm(model_path, tokenizer)
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     alignment.finish_stage(trainer, output_dir, "sft", metrics, evaluation)
     training.logger.info(f"after sft: held-out tasks {alignment.summarize_tasks(evaluation['tasks'])}")
-    print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {alignment.summarize_tasks(evaluation['tasks'])} -> {output_dir}")
+    if trainer.is_world_process_zero():
+        print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {alignment.summarize_tasks(evaluation['tasks'])} -> {output_dir}")
     return output_dir
 
 
