@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate l
 
 import torch
 
-from pipeline import chat_format, runs, tasks
+from pipeline import chat_format, loading, runs, tasks
 from pipeline.config import UsageError, fail, parse_config, run_cli
 
 SAMPLES_PER_TASK = 3  # replies kept in the JSON so a reader sees *how* a task fails
@@ -225,40 +225,6 @@ class EvaluateArguments:
             raise ValueError(f"--pairs_heldout_fraction must be between 0 and 1, got {self.pairs_heldout_fraction}")
 
 
-def resolve_model(value: str, flag: str = "model") -> str:
-    """A model folder as is; a run folder -> its newest finished stage; otherwise a Hub id."""
-    path = Path(value)
-    if path.is_dir():
-        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-            return str(path)
-        stage = runs.latest_stage(path)
-        if stage is None:
-            fail(f"--{flag} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo stage")
-        return str(stage)
-    if runs.looks_like_hub_id(value):
-        return value
-    fail(f"--{flag} {value}: no such folder (give a model folder, a run folder like runs/<name>, or a Hub id)")
-
-
-def load_model(path: str, sequence_classification: bool = False):
-    """A causal LM (or reward model) from safetensors only, never running remote code; LoRA adapter
-    folders are merged into their base model."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    try:
-        if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
-            from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
-
-            auto = AutoPeftModelForSequenceClassification if sequence_classification else AutoPeftModelForCausalLM
-            extra = {"num_labels": 1} if sequence_classification else {}
-            return auto.from_pretrained(path, use_safetensors=True, **extra).merge_and_unload()
-        if sequence_classification:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    except OSError as err:
-        fail(f"{path}: could not load the model ({str(err).splitlines()[0][:200]})")
-
-
 def _examples(args) -> list[dict]:
     chosen = tasks.select_tasks(args.tasks)
     corpus_tasks = [t for t in chosen if t in tasks.CORPUS_TASKS]
@@ -292,12 +258,10 @@ def main(argv: list[str] | None = None) -> Path:
     if argv and not argv[0].startswith("-"):  # `evaluate.py runs/demo ...`: the model as first argument
         argv = ["--model", argv[0], *argv[1:]]
     args, _config_file = parse_config("evaluate", (EvaluateArguments,), argv)
-    from transformers import AutoTokenizer
-
     if args.pairs_file and not args.reward_model:
         fail("--pairs_file needs --reward_model (the pairs are scored by a reward model)")
-    model_path = resolve_model(args.model)
-    reward_path = resolve_model(args.reward_model, "reward_model") if args.reward_model else None
+    model_path = loading.resolve_model(args.model)
+    reward_path = loading.resolve_model(args.reward_model, "reward_model") if args.reward_model else None
     examples = _examples(args)
     file_pairs = _pairs_from_files(args)
     if args.output_file:
@@ -307,14 +271,14 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         output_file = Path("evaluation.json")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = load_model(model_path)
+    tokenizer = loading.load_tokenizer(model_path)
+    model = loading.load_model(model_path, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     start = time.perf_counter()
     report = {"model": model_path, "tasks": evaluate_tasks(model, tokenizer, examples, args.max_new_tokens, args.batch_size)}
     if reward_path:
-        reward_model = load_model(reward_path, sequence_classification=True).to(device)
+        reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
         builtin_pairs = tasks.preference_pairs("eval", n=len(examples), seed=args.seed, corpus_file=args.corpus_file, tasks=tuple(report["tasks"]["per_task"]))
         report["reward_model"] = reward_path
         report["reward_pairs"] = {"builtin": evaluate_reward_model(reward_model, tokenizer, builtin_pairs, args.batch_size)}

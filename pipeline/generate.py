@@ -22,7 +22,7 @@ from pipeline.config import fail, parse_config, run_cli
 class GenerateArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder, run folder or Hub id (also the first bare argument)."})
     prompt: str = field(default="\n", metadata={"help": "Text to continue."})
-    max_new_tokens: int = field(default=200, metadata={"help": "Tokens to generate (at most the model's context)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Tokens to generate; default 200 or half the model's context, whichever is less."})
     temperature: float = field(default=0.8, metadata={"help": "Softmax temperature; 0 = greedy."})
     top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
@@ -31,32 +31,12 @@ class GenerateArguments:
     interactive: bool = field(default=False, metadata={"help": "Prompt loop: each line you type is continued."})
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
-
-
-def load_model(path: str):
-    """A causal LM and its tokenizer from a model folder, a run folder or a Hub id; safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipeline import runs
-
-    folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        stage = runs.latest_stage(folder)
-        if stage is None:
-            fail(f"{folder} holds no finished model (no config.json, no finished pretrain/sft/ppo stage)")
-        folder = stage
-    elif not folder.exists() and not runs.looks_like_hub_id(path):
-        fail(f"model {path} not found: give a model folder, a run folder (runs/<name>) or a Hub id")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
-    except OSError as err:
-        fail(f"could not load a model from {folder}: {str(err).splitlines()[0][:200]}")
-    return model.eval(), tokenizer
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -65,10 +45,12 @@ def main(argv: list[str] | None = None) -> list[str]:
         fail("give a model: python pipeline/generate.py runs/<name>/pretrain --prompt '...'")
     if not args.interactive and not args.prompt.strip() and args.prompt != "\n":
         fail("--prompt is only whitespace: give some text to continue (or omit --prompt to start from a newline)")
-    from pipeline import lm
+    from pipeline import lm, loading
 
-    model, tokenizer = load_model(args.model_name_or_path)
+    model, tokenizer = loading.load_model_and_tokenizer(loading.resolve_model(args.model_name_or_path, "model_name_or_path"))
     context = model.config.n_positions
+    if args.max_new_tokens is None:  # the default adapts to small contexts (the tiny preset has 128)
+        args.max_new_tokens = min(200, context // 2)
     if args.max_new_tokens >= context:
         fail(f"--max_new_tokens {args.max_new_tokens} must be below the model's context of {context} tokens")
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}

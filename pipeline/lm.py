@@ -116,11 +116,12 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int =
     ids = ids[-(model.config.n_positions - max_new_tokens) :] if max_new_tokens < model.config.n_positions else ids[-1:]
     device = next(model.parameters()).device
     torch.manual_seed(seed)
+    config = generation_config(tokenizer, max_new_tokens)
+    config.update(**sampling)
     out = model.generate(
         torch.tensor([ids], device=device),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-        generation_config=generation_config(tokenizer, max_new_tokens),
-        **sampling,
+        generation_config=config,
     )
     model.train(was_training)
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)

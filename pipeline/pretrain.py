@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
 
-from transformers import AutoTokenizer, TrainingArguments, default_data_collator
+from transformers import TrainingArguments, default_data_collator, set_seed
 
-from pipeline import cards, lm, push, runs, training
+from pipeline import cards, lm, loading, push, runs, training
 from pipeline.config import fail, parse_config, run_cli, save_resolved_config
 from pipeline.data import load_text
 
@@ -64,14 +64,15 @@ def main(argv: list[str] | None = None) -> Path:
     runs.refuse_finished(output_dir, data_args.overwrite)
     resume_from = runs.latest_checkpoint(output_dir) if data_args.resume else None
     if data_args.resume and resume_from is None:
-        fail(f"--resume: no complete checkpoint in {output_dir} (drop --resume to start afresh)")
+        fail(f"--resume: no complete checkpoint in {output_dir} (complete = its trainer_state.json is readable); drop --resume to start afresh")
 
     tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, run_name, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = loading.load_tokenizer(tokenizer_path)
     tokenizer.model_max_length = model_args.block_size
     train_docs, val_docs = load_text(data_args.train_file, data_args.dataset_name, data_args.text_column, data_args.validation_fraction)
     train_tokens = lm.tokenize_documents(tokenizer, train_docs)
     val_tokens = lm.tokenize_documents(tokenizer, val_docs) if val_docs else None
+    set_seed(args.seed)  # the Trainer seeds only after the model exists: without this, init ignores --seed
     model = lm.build_model(model_args, tokenizer)
     if train_tokens.max() >= model.config.vocab_size:
         fail(f"tokenizer {tokenizer_path} produces id {int(train_tokens.max())} but the model's vocab_size is {model.config.vocab_size}")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.add_callback(lm.SampleCallback(tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens))
 
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    result = training.train(trainer, resume_from)
     train_seconds = time.perf_counter() - start
     evals = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == result.global_step]
     final_eval = evals[-1] if evals else (trainer.evaluate() if eval_set is not None else {})

@@ -66,7 +66,9 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
 
     task_flags: list[str] = []
     if args.train_file:
-        files = list(args.train_file)
+        from pipeline.data import expand_files
+
+        files = [str(f) for f in expand_files(args.train_file)]  # check them before any stage runs
     else:
         try:
             corpus = default_corpus()

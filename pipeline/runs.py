@@ -99,6 +99,15 @@ def prepare_output_dir(folder: Path, *, overwrite: bool, resume: bool = False) -
     folder.mkdir(parents=True, exist_ok=True)
 
 
+def _readable_json(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last and in place: a crash can leave it cut short."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """Newest `checkpoint-N` whose save completed (trainer_state.json is written last by the Trainer)."""
     if not Path(folder).is_dir():
@@ -106,7 +115,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     complete = [
         ckpt
         for ckpt in Path(folder).glob("checkpoint-*")
-        if ckpt.name.split("-")[-1].isdigit() and (ckpt / "trainer_state.json").is_file()
+        if ckpt.name.split("-")[-1].isdigit() and _readable_json(ckpt / "trainer_state.json")
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
@@ -116,7 +125,7 @@ def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
     resuming and the Trainer's checkpoint rotation only ever see complete ones."""
     removed = []
     for ckpt in Path(folder).glob("checkpoint-*"):
-        if ckpt.is_dir() and not (ckpt / "trainer_state.json").is_file():
+        if ckpt.is_dir() and not _readable_json(ckpt / "trainer_state.json"):
             shutil.rmtree(ckpt, ignore_errors=True)
             removed.append(ckpt)
     return removed
@@ -132,6 +141,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these are ordinary outputs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

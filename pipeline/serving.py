@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from pipeline import chat_format, runs
+from pipeline import chat_format, loading, runs
 from pipeline.config import fail
 
 # Sane bounds for a public demo: values outside are clamped, never passed to generate().
@@ -85,55 +85,15 @@ class GenerationStats:
         )
 
 
-def newest_run_model() -> Path | None:
-    """The most aligned finished stage (ppo > sft > pretrain) of the most recently finished run."""
-    root = runs.runs_dir()
-    if not root.is_dir():
-        return None
-    stages = [stage for run in root.iterdir() if run.is_dir() and (stage := runs.latest_stage(run))]
-    return max(stages, key=lambda s: (s / runs.FINISHED_MARKER).stat().st_mtime, default=None)
+resolve_model = loading.resolve_model  # the one way every consumer finds a model
 
 
-def resolve_model(value: str | None) -> str:
-    """A model folder, a run folder (its latest finished stage), a Hub id, or (None) the newest run."""
-    if not value:
-        newest = newest_run_model()
-        if newest is None:
-            fail(
-                f"no model given and no finished run under {runs.runs_dir()}/: pass a model folder, a run folder "
-                "or a Hub id (e.g. --model runs/demo/ppo), or train one first (see README)"
-            )
-        return str(newest)
-    path = Path(value)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return str(path)
-        stage = runs.latest_stage(path)
-        if stage is None:
-            fail(f"{path} is neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo stage")
-        return str(stage)
-    if runs.looks_like_hub_id(value):
-        return value
-    fail(f"{value} does not exist: give a model folder, a run folder (runs/<name>) or a Hub id (owner/name)")
-
-
-def load_model_and_tokenizer(source: str, model_class=None):
-    """Tokenizer and model from `source`, safetensors only, no remote code; failures as one line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise in a chat
-    model_class = model_class or AutoModelForCausalLM
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = model_class.from_pretrained(source, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fail(f"cannot load a model from {source} (only safetensors weights are loaded): {first_line}")
+def load_model_and_tokenizer(source: str, reward: bool = False):
+    """Tokenizer and model from `source` (see pipeline/loading.py), plus the chat tokens a chat needs."""
+    model, tokenizer = loading.load_model_and_tokenizer(source, reward=reward)
     missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
     if missing:
         fail(f"{source}: its tokenizer lacks the chat tokens {missing}; use a model trained with this project's tokenizer")
-    model.eval()
     return model, tokenizer
 
 
@@ -261,13 +221,9 @@ class RewardScorer:
     """A reward model (AutoModelForSequenceClassification, one label): score = its logit on the conversation."""
 
     def __init__(self, source: str):
-        from transformers import AutoModelForSequenceClassification
-
         run_reward = Path(source) / "reward"
         self.source = str(run_reward) if runs.is_finished(run_reward) else source  # a run folder: its reward stage
-        self.model, self.tokenizer = load_model_and_tokenizer(self.source, AutoModelForSequenceClassification)
-        if self.model.config.num_labels != 1:
-            fail(f"{self.source} is not a reward model: it has {self.model.config.num_labels} labels, expected 1")
+        self.model, self.tokenizer = load_model_and_tokenizer(self.source, reward=True)
         self.context_length = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
 
     def score(self, messages: list[dict]) -> float:

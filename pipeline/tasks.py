@@ -423,7 +423,7 @@ def embedded_corpus(seed: int = 0, n_conversations: int = 12000, fact_repeats: i
             sentences = _fact_sentences(*fact)
             paragraph.append(" ".join(rng.sample(sentences, 2)))
         documents.append(" ".join(paragraph))
-    for example in conversations("train", n=n_conversations, seed=seed, tasks=CORPUS_FREE_TASKS):
+    for example in conversations("train", n=n_conversations, seed=seed, tasks=CORPUS_FREE_TASKS) if n_conversations else []:
         lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in example["messages"]]
         documents.append("\n".join(lines))
     rng.shuffle(documents)

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback
 
 from pipeline import runs
 
@@ -98,6 +98,28 @@ def use_dense_progress(trainer, tokens_per_step: int | None = None) -> DenseProg
     progress = DenseProgress(tokens_per_step)
     trainer.add_callback(progress)
     return progress
+
+
+def train(trainer, resume_from: Path | None = None):
+    """`trainer.train()`, resuming from `resume_from` if given.
+
+    A run killed after its *last* checkpoint but before it was marked finished has nothing left to
+    train; the Trainer would still take one more step (step 61 of 60). We load that checkpoint instead.
+    """
+    import json
+
+    from transformers.trainer_utils import TrainOutput
+
+    if resume_from is not None:
+        state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        if 0 < trainer.args.max_steps <= state["global_step"]:
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume_from))  # weights only; optimizer state is not needed any more
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+            losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
+            return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {})
+    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
 
 def gather_rank_info(info: dict) -> list[dict]:

@@ -81,4 +81,4 @@ def test_cli_bad_model_is_one_line_error(tmp_path):
     from pipeline import chat
 
     code, error = run_main(chat.main, [tmp_path / "missing"])
-    assert code == 2 and "does not exist" in error and "\n" not in error
+    assert code == 2 and "no such folder" in error and "\n" not in error
