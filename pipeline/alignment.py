@@ -120,14 +120,9 @@ def _align_config(model, tokenizer) -> None:
 
 
 def load_causal_lm(path: str, tokenizer):
-    from transformers import AutoModelForCausalLM
+    from pipeline import lm, loading
 
-    from pipeline import lm
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        fail(f"could not load a causal LM from {path}: {str(err).splitlines()[0][:200]}")
+    model = loading.load_model(path).train()  # no vocab check: _align_config resizes for added chat tokens
     _align_config(model, tokenizer)
     model.generation_config = lm.generation_config(tokenizer)
     return model
@@ -139,7 +134,7 @@ def load_score_model(path: str, tokenizer):
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
         fail(f"could not load a reward model from {path}: {str(err).splitlines()[0][:200]}")
     _align_config(model, tokenizer)
     return model
@@ -401,15 +396,20 @@ def summarize_tasks(result: dict) -> str:
     return " | ".join(parts)
 
 
-def finish_stage(trainer, output_dir: Path, stage: str, metrics: dict, evaluation: dict, finished: bool = True) -> None:
-    """Write log_history.json, eval.json and metrics.json, then the finished marker (last)."""
+def finish_stage(trainer, output_dir: Path, stage: str, metrics: dict, evaluation: dict, finished: bool = True, push_request=None) -> None:
+    """Write log_history.json, eval.json, metrics.json and the model card, then the finished marker
+    (last), then push if `--push_to_hub` asked for it."""
     if not trainer.is_world_process_zero():
         return
+    from pipeline import cards, push
+
     runs.write_json(output_dir / "log_history.json", trainer.state.log_history)
     runs.write_json(output_dir / "eval.json", evaluation)
     runs.write_json(output_dir / "metrics.json", {**metrics, "eval": evaluation})
+    cards.write_model_card(output_dir, stage)  # replaces the generic card TRL's save_model writes
     if finished:
         runs.mark_finished(output_dir, stage, global_step=trainer.state.global_step)
+        push.maybe_push(push_request, output_dir, stage)
 
 
 def train_metrics(result, seconds: float) -> dict:

@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is depr
 from transformers import ProgressCallback
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-from pipeline import alignment, runs, training
+from pipeline import alignment, push, runs, training
 from pipeline.alignment import PeftArguments, StageArguments
 from pipeline.config import fail, parse_config, run_cli, save_resolved_config
 
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = training.resolve_output_dir(args, "ppo")
     run_name = args.run_name or "default"
     runs.refuse_finished(output_dir, script_args.overwrite)
-    if args.push_to_hub:
-        fail("--push_to_hub: the trainer's own push is off here; push a finished stage with the project's push command")
+    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     from transformers import AutoConfig
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         trainer.train()
     except alignment.TrainingCollapsed as err:
-        alignment.finish_stage(trainer, output_dir, "ppo", {"stopped_early": str(err)}, {}, finished=False)
+        alignment.finish_stage(trainer, output_dir, "ppo", {"stopped_early": str(err)}, {}, finished=False, push_request=push_request)
         fail(f"PPO stopped at {err}; nothing marked finished in {output_dir} (see train.log)")
     seconds = time.perf_counter() - start
     tokenizer.padding_side = "right"
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
         "data": counts,
         "models": {"sft": sft_path, "reward": reward_path, "value": value_path},
     }
-    alignment.finish_stage(trainer, output_dir, "ppo", metrics, evaluation)
+    alignment.finish_stage(trainer, output_dir, "ppo", metrics, evaluation, push_request=push_request)
     reward_change = ""
     if before and after:
         reward_change = f", mean reward {before['reward']['mean_reward']:.3f} -> {after['reward']['mean_reward']:.3f}"

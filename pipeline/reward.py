@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate l
 
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import alignment, runs, training
+from pipeline import alignment, push, runs, training
 from pipeline.alignment import PeftArguments, StageArguments
 from pipeline.config import fail, parse_config, run_cli, save_resolved_config
 
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = training.resolve_output_dir(args, "reward")
     run_name = args.run_name or "default"
     runs.refuse_finished(output_dir, script_args.overwrite)
-    if args.push_to_hub:
-        fail("--push_to_hub: the trainer's own push is off here; push a finished stage with the project's push command")
+    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     from transformers import AutoConfig, set_seed
 
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
         "data": data_counts,
         "model": model_path,
     }
-    alignment.finish_stage(trainer, output_dir, "reward", metrics, evaluation)
+    alignment.finish_stage(trainer, output_dir, "reward", metrics, evaluation, push_request=push_request)
     summary = f"built-in held-out pairs {describe(evaluation['builtin'])}; held-out given pairs {describe(evaluation['heldout'])}"
     training.logger.info(f"after reward training: {summary}")
     if trainer.is_world_process_zero():

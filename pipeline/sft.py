@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate l
 
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import alignment, chat_format, runs, training
+from pipeline import alignment, chat_format, push, runs, training
 from pipeline.alignment import PeftArguments, StageArguments
 from pipeline.config import fail, parse_config, run_cli, save_resolved_config
 
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
     resume_from = runs.latest_checkpoint(output_dir) if script_args.resume else None
     if script_args.resume and resume_from is None:
         fail(f"--resume: no complete checkpoint in {output_dir} (drop --resume to start afresh)")
-    if args.push_to_hub:
-        fail("--push_to_hub: the trainer's own push is off here; push a finished stage with the project's push command")
+    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     from transformers import AutoConfig
 
@@ -90,11 +89,13 @@ def main(argv: list[str] | None = None) -> Path:
         args.eval_strategy = "no"
     examples = alignment.task_examples(script_args)
 
-    if not resume_from:
+    model = alignment.load_causal_lm(model_path, tokenizer)  # before writing anything: a broken input leaves no trace
+    if resume_from:
+        runs.discard_incomplete_checkpoints(output_dir)
+    else:
         alignment.prepare_output_dir(output_dir, script_args.overwrite)
     training.log_to_file(output_dir)
     save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
-    model = alignment.load_causal_lm(model_path, tokenizer)
     training.logger.info(
         f"sft: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, context {context}), "
         f"chat format {script_args.chat_format}, {counts['examples']} train conversations ({counts['trimmed']} trimmed, "
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    result = training.train(trainer, resume_from)
     seconds = time.perf_counter() - start
 
     model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> Path:
         "model": model_path,
         "chat_format": script_args.chat_format,
     }
-    alignment.finish_stage(trainer, output_dir, "sft", metrics, evaluation)
+    alignment.finish_stage(trainer, output_dir, "sft", metrics, evaluation, push_request=push_request)
     training.logger.info(f"after sft: held-out tasks {alignment.summarize_tasks(evaluation['tasks'])}")
     if trainer.is_world_process_zero():
         print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {alignment.summarize_tasks(evaluation['tasks'])} -> {output_dir}")

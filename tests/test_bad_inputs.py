@@ -249,8 +249,7 @@ CASES = [
     ),
     Case("run_all with a missing corpus", "run_all", lambda i, d: ["--run_name", "x", "--train_file", d / "nope.txt"], ("nope.txt: no such file",)),
 ]
-DEFECTS = {  # case -> what goes wrong today
-    "half-written weights file (sft)": "SafetensorError traceback (alignment.load_causal_lm catches OSError/ValueError), after config.yaml and train.log were already written to the output folder",
+DEFECTS = {  # case -> what goes wrong today (none known: add a case here as a strict xfail when you find one)
 }
 
 
