@@ -334,11 +334,11 @@ def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
     out, dropped = [], 0
     for source in stage_args.dataset:
         if source == data.BUILTIN:
-            out += tasks.preference_pairs("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+            pairs = tasks.preference_pairs("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
         else:
             pairs, n_identical = data.load_preferences([source], corpus_file=stage_args.corpus_file)
-            out += pairs
             dropped += n_identical
+        out += [{**pair, "source": source} for pair in pairs]  # held-out accuracy is reported per source
     return out, dropped
 
 

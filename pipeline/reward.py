@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
     evaluation = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
+    if len(script_args.dataset) > 1:
+        evaluation["heldout_by_source"] = {
+            source: score_pairs(model, tokenizer, [p for p in heldout_pairs if p["source"] == source]) for source in script_args.dataset
+        }
     if baseline:
         evaluation["before"] = baseline
     data_counts = {"train": counts, "heldout": eval_counts, "dropped_identical": n_identical, "sources": script_args.dataset}

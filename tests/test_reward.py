@@ -48,6 +48,8 @@ def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_acc
     builtin, heldout = metrics["eval"]["builtin"], metrics["eval"]["heldout"]
     assert builtin["n"] == 14 and 0 <= builtin["accuracy"] <= 1 and metrics["reward_accuracy"] == builtin["accuracy"]
     assert heldout["n"] == 5  # 5% of the 98 usable pairs
+    by_source = metrics["eval"]["heldout_by_source"]
+    assert set(by_source) == {str(path) for path in sources} and sum(r.get("n", 0) for r in by_source.values()) == 5
     assert metrics["data"]["train"]["dropped_too_long"] > 0
     history = json.loads((stage / "log_history.json").read_text())
     train_logs = [entry for entry in history if "accuracy" in entry and "loss" in entry]
