@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, run_name, "tokenizer")
     tokenizer = loading.load_tokenizer(tokenizer_path)
-    tokenizer.model_max_length = model_args.block_size
     train_docs, val_docs = load_text(data_args.train_file, data_args.dataset_name, data_args.text_column, data_args.validation_fraction)
     train_tokens = lm.tokenize_documents(tokenizer, train_docs)
     val_tokens = lm.tokenize_documents(tokenizer, val_docs) if val_docs else None
     set_seed(args.seed)  # the Trainer seeds only after the model exists: without this, init ignores --seed
     model = lm.build_model(model_args, tokenizer)
+    tokenizer.model_max_length = model_args.block_size  # saved with the model; set after tokenizing whole documents
     if train_tokens.max() >= model.config.vocab_size:
         fail(f"tokenizer {tokenizer_path} produces id {int(train_tokens.max())} but the model's vocab_size is {model.config.vocab_size}")
     if model_args.block_size > model.config.n_positions:

@@ -69,6 +69,9 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
         from pipeline.data import expand_files
 
         files = [str(f) for f in expand_files(args.train_file)]  # check them before any stage runs
+        text_files = [f for f in files if f.endswith(".txt")]
+        # The quote/speaker tasks draw their lines from the corpus; without a text file, leave them out.
+        task_flags = ["--corpus_file", text_files[0]] if text_files else ["--tasks", *OFFLINE_TASKS]
     else:
         try:
             corpus = default_corpus()
