@@ -126,7 +126,7 @@ def test_card_survives_missing_and_broken_files(tmp_path):
 
 def test_cards_cli_rewrites_a_card(tiny_run, tmp_path):
     folder = tmp_path / "pretrain"
-    shutil.copytree(tiny_run / "pretrain", folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    shutil.copytree(tiny_run / "pretrain", folder, ignore=shutil.ignore_patterns("checkpoint-*", "log_history.json", "loss_curve.png"))
     assert run_main(cards.main, [folder]) == (0, "")
     _, body = read_card(folder)
     assert "No training log found" in body  # no checkpoints, no log_history.json: no curve, still a card

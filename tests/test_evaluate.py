@@ -78,9 +78,14 @@ def test_mean_reward_of_policy_replies(pretrained):
 
 
 def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     output = tmp_path / "eval.json"
+    reward_dir = tmp_path / "reward"  # a one-logit head on the tiny model: untrained, but a reward model
+    AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1).save_pretrained(reward_dir)
+    AutoTokenizer.from_pretrained(tiny_run / "pretrain").save_pretrained(reward_dir)
     result = run_script(
-        PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", tiny_run / "pretrain", "--pairs_file", HH_RLHF,
+        PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", reward_dir, "--pairs_file", HH_RLHF,
         "--pairs_heldout_fraction", "0.1", "--max_pairs", "12", "--n_per_task", "2", "--max_new_tokens", "6",
         "--corpus_file", SHAKESPEARE, "--output_file", output,
     )
@@ -92,6 +97,9 @@ def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
     assert report["mean_reward"]["n"] == 14
     assert "overall" in result.stdout and "dropped 2 pairs" in result.stderr
     assert not (tiny_run / "pretrain" / "evaluation.json").exists()
+    # A language model's folder is not a reward model: refused, not scored with a random head.
+    refused = run_script(PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", tiny_run / "pretrain", "--output_file", output)
+    assert refused.returncode == 2 and "is not a reward model" in refused.stderr
 
 
 def test_bad_inputs_are_usage_errors(tiny_run, tmp_path):
