@@ -132,12 +132,13 @@ def key_metric(stage: str, folder: Path) -> str:
     return ", ".join(dict.fromkeys(found))
 
 
-def _flatten(d, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
+def _flatten(d: dict) -> dict:
+    """Top-level keys, then keys of nested dicts where the top level has none (the summary reads either)."""
+    out = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    for v in d.values():
         if isinstance(v, dict):
-            out.update(_flatten(v, ""))  # inner keys win only if absent at the top
-        out.setdefault(prefix + k, v)
+            for k, inner in _flatten(v).items():
+                out.setdefault(k, inner)
     return out
 
 
