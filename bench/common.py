@@ -1,4 +1,5 @@
-"""What every benchmark shares: the command line (--smoke, --output), machine info, the table, the JSON."""
+"""What every benchmark shares: the command line (--smoke, --output), machine info, the table, the JSON;
+and the app started as a user starts it, with its debug log of prompts (bench/app_load.py, tests/test_browser.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import datetime
 import json
 import os
 import platform
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,6 +25,8 @@ SHAKESPEARE = Path(os.environ.get("FLUXCHAT_SHARED_DATA", REPO.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+APP_PROMPT_MARKER = " fluxchat.app: prompt "  # app.py --log_level debug: this, then the prompt as JSON
 
 
 def parser(name: str, doc: str) -> argparse.ArgumentParser:
@@ -180,3 +186,58 @@ def gpt2_flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int,
 def non_embedding_params(model) -> int:
     """Parameters minus the position embedding (the token embedding is tied to the LM head, so it counts)."""
     return sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(model, log_path: Path, *flags, timeout: float = 120):
+    """`python app.py --model <model> --port <free port> --log_level debug <flags>`, its output in log_path;
+    yields (url, process) once the app answers, and stops it afterwards."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--model", str(model), "--port", str(port), "--log_level", "debug", *map(str, flags)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_answering(url, process, log_path, timeout)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_answering(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not answer on {url} within {timeout:.0f} s:\n{Path(log_path).read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
+def log_lines(log_path: Path, since: int = 0) -> list[str]:
+    """The app's log lines written after byte offset `since` (so a caller reads only its own)."""
+    with open(log_path, "rb") as log:
+        log.seek(since)
+        return log.read().decode("utf-8").splitlines()
+
+
+def logged_prompts(log_path: Path, since: int = 0) -> list[dict]:
+    """Every prompt the app's model saw, in order: {"session", "model", "messages"} (the trimmed conversation)."""
+    return [json.loads(line.split(APP_PROMPT_MARKER, 1)[1]) for line in log_lines(log_path, since) if APP_PROMPT_MARKER in line]

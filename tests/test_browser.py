@@ -15,15 +15,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench.common import APP_PROMPT_MARKER, log_lines, logged_prompts, running_app
 from tests.conftest import PYTHON, REPO
 
 CHROMIUM_FLAGS = [
@@ -34,55 +32,12 @@ CHROMIUM_FLAGS = [
 MAX_NEW_TOKENS = 16
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
     """The real app as a user starts it; yields (url, path of its log)."""
     log_path = tmp_path_factory.mktemp("app") / "app.log"
-    port = free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [PYTHON, REPO / "app.py", "--model", tiny_run, "--port", str(port), "--log_level", "debug",
-             "--max_new_tokens", str(MAX_NEW_TOKENS), "--concurrency", "4"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not answer on {url} within 120 s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with running_app(tiny_run, log_path, "--max_new_tokens", MAX_NEW_TOKENS, "--concurrency", 4) as (url, _):
         yield url, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def log_lines(log_path: Path, since: int) -> list[str]:
-    """The app's log lines written after byte offset `since` (so each test reads only its own)."""
-    with open(log_path, "rb") as log:
-        log.seek(since)
-        return log.read().decode("utf-8").splitlines()
-
-
-def logged_prompts(log_path: Path, since: int) -> list[dict]:
-    marker = " fluxchat.app: prompt "
-    return [json.loads(line.split(marker, 1)[1]) for line in log_lines(log_path, since) if marker in line]
 
 
 def most_replies_at_once(log_path: Path, since: int) -> int:
@@ -90,8 +45,8 @@ def most_replies_at_once(log_path: Path, since: int) -> int:
     running: set[str] = set()
     most = 0
     for line in log_lines(log_path, since):
-        if " fluxchat.app: prompt " in line:
-            running.add(json.loads(line.split(" fluxchat.app: prompt ", 1)[1])["session"][:8])
+        if APP_PROMPT_MARKER in line:
+            running.add(json.loads(line.split(APP_PROMPT_MARKER, 1)[1])["session"][:8])
             most = max(most, len(running))
         elif match := re.search(r" fluxchat\.app: reply session (\S+) ", line):
             running.discard(match.group(1))
