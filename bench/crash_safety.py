@@ -9,12 +9,13 @@ For each stage: a reference run trains uninterrupted; the same command is then s
 checkpoint, without it, as pipeline/run_all.py does), until it finishes. The moments are:
 - `step`: a random optimizer step (the stage logs every step; the kill lands a random fraction of a
   step's duration after that step's line), anywhere between the first save and the end;
-- `save`: while a checkpoint-N folder exists without its trainer_state.json (the Trainer writes that
-  file last), i.e. in the middle of a checkpoint save, once an older complete checkpoint exists;
+- `save`: while a checkpoint is being written (its folder exists under <stage>/.staging, where
+  checkpoints are saved before being renamed into place), once an older complete checkpoint exists;
 - `final`: after training, once the final weights are in the stage folder but before the stage is
   marked finished (metrics, card, marker still to come). Always the last kill.
-After every kill the stage must not be marked finished, and the checkpoint the next --resume picks
-(runs.latest_checkpoint) must load: parseable trainer_state.json, readable safetensors. At the end the
+After every kill the stage must not be marked finished, no checkpoint-N in the stage folder may be
+partial, and the checkpoint the next --resume picks (runs.latest_checkpoint) must load: parseable
+trainer_state.json, readable safetensors. At the end the
 resumed run must have made exactly the reference's number of optimizer steps and reach its final eval
 loss within --tolerance. Both runs use one thread each and run side by side, and start from the same
 weights (pretraining: a seeded fresh model saved once and given as --model_name_or_path, because
@@ -119,6 +120,11 @@ def checkpoint_step(folder: Path | None) -> int:
     return int(folder.name.split("-")[-1]) if folder else 0
 
 
+def saves_in_progress(output_dir: Path) -> set[str]:
+    """checkpoint-N folders being written under the staging folder (renamed into place when complete)."""
+    return partial_checkpoints(output_dir / runs.STAGING)
+
+
 def partial_checkpoints(output_dir: Path) -> set[str]:
     """checkpoint-N folders whose save has not completed (no trainer_state.json yet)."""
     try:
@@ -159,7 +165,7 @@ class StepWatcher:
 def kill_at(proc: subprocess.Popen, moment: dict, output_dir: Path, rng: random.Random) -> str | None:
     """Wait for `moment` and SIGKILL the run there; returns what was seen, or None if the run finished first."""
     watcher = StepWatcher(output_dir / "train.log")
-    stale = partial_checkpoints(output_dir)  # left by an earlier kill: not this run's save
+    stale = saves_in_progress(output_dir)  # left by an earlier kill: not this run's save
     while proc.poll() is None:
         if moment["kind"] == "step":
             step = watcher.poll()
@@ -170,7 +176,7 @@ def kill_at(proc: subprocess.Popen, moment: dict, output_dir: Path, rng: random.
             # Newer than every complete checkpoint: being written (an older one is being rotated away).
             # Only once a complete checkpoint exists: the resume must then fall back to it.
             newest = checkpoint_step(runs.latest_checkpoint(output_dir))
-            saving = {name for name in partial_checkpoints(output_dir) - stale if checkpoint_step(Path(name)) > newest > 0}
+            saving = {name for name in saves_in_progress(output_dir) - stale if checkpoint_step(Path(name)) > newest > 0}
             if saving:
                 return kill(proc, f"while writing {sorted(saving)[0]}")
         elif moment["kind"] == "final":
@@ -267,6 +273,7 @@ def crash_and_resume(stage: str, work: Path, kills: int, seed: int, smoke: bool,
         "eval_loss_within_tolerance": diff is not None and diff <= tolerance,
         "never_marked_finished_after_a_kill": not any(e["marked_finished_after_kill"] for e in events),
         "resumed_checkpoints_load": broken_checkpoints == 0,
+        "no_partial_checkpoint_in_place": not any(e["partial_checkpoints_left"] for e in events),
         "all_kills_delivered": len(events) == kills,
         "killed_during_a_save": any(e["kind"] == "save" for e in events),
     }

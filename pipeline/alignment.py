@@ -305,12 +305,15 @@ def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool,
         model = model.merge_and_unload()
     if getattr(model, "can_generate", lambda: False)():  # PPOTrainer leaves its own stop settings in it
         model.generation_config = lm.generation_config(tokenizer)
-    if direct or (is_peft and merge_adapter):
-        if trainer.is_world_process_zero():
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-    else:
-        trainer.save_model(str(output_dir))  # on every process: sharded (DeepSpeed/FSDP) saves gather across them
+    def save(folder: Path) -> None:
+        if direct or (is_peft and merge_adapter):
+            if trainer.is_world_process_zero():
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+        else:
+            trainer.save_model(str(folder))  # on every process: sharded (DeepSpeed/FSDP) saves gather across them
+
+    training.save_final(trainer, output_dir, save)
     return model
 
 

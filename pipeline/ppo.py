@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(alignment.ppo_progress())
     start = time.perf_counter()
+    training.stage_checkpoints(trainer)  # PPOTrainer.train() takes no resume argument, so not training.train
     try:
         trainer.train()
     except alignment.TrainingCollapsed as err:

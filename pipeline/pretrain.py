@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> Path:
     ranks = training.gather_rank_info(accounting.summary())
 
     model.generation_config = lm.generation_config(tokenizer)
-    trainer.save_model(str(output_dir))  # rank 0 only: weights (safetensors), config, tokenizer, generation config
+    # weights (safetensors), config, tokenizer, generation config
+    training.save_final(trainer, output_dir, lambda folder: trainer.save_model(str(folder)))
     if trainer.is_world_process_zero():
         metrics = {
             **{k: v for k, v in result.metrics.items() if k != "total_flos"},

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
-    result = trainer.train()
+    result = training.train(trainer)
     seconds = time.perf_counter() - start
 
     model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)

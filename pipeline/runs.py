@@ -8,10 +8,16 @@
 A stage folder is *finished* when `stage_complete.json` exists; it is written last, atomically, so a
 crash at any moment leaves either a finished stage or an unfinished one, never a half-finished one
 that looks complete. The next stage refuses an unfinished input and names the command that makes it.
+
+Nothing is written in place: checkpoints are saved under `.staging/checkpoint-N` and renamed into
+place when complete; the final model is saved under `.staging/final` and its files renamed into the
+stage folder; JSON files go through a temporary file. A crash leaves at most a `.staging` folder,
+which the next start of the stage removes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +30,7 @@ from pipeline.config import fail
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")
 FINISHED_MARKER = "stage_complete.json"
+STAGING = ".staging"  # inside a stage folder: saves in progress, renamed into place when complete
 DEFAULT_RUNS_DIR = "runs"
 
 # The command that produces each stage, for "run this first" errors.
@@ -97,6 +104,7 @@ def prepare_output_dir(folder: Path, *, overwrite: bool, resume: bool = False) -
     if overwrite and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / STAGING, ignore_errors=True)
 
 
 def _readable_json(path: Path) -> bool:
@@ -121,14 +129,39 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
-    """Remove `checkpoint-N` folders a crash left half-written (no trainer_state.json), so that
-    resuming and the Trainer's checkpoint rotation only ever see complete ones."""
+    """Remove saves a crash interrupted (the staging folder; a `checkpoint-N` without a readable
+    trainer_state.json, as runs from before staged saves can hold), so that resuming and the
+    Trainer's checkpoint rotation only ever see complete ones."""
     removed = []
+    if (Path(folder) / STAGING).exists():
+        shutil.rmtree(Path(folder) / STAGING, ignore_errors=True)
+        removed.append(Path(folder) / STAGING)
     for ckpt in Path(folder).glob("checkpoint-*"):
         if ckpt.is_dir() and not _readable_json(ckpt / "trainer_state.json"):
             shutil.rmtree(ckpt, ignore_errors=True)
             removed.append(ckpt)
     return removed
+
+
+def publish(staged: Path, folder: Path) -> None:
+    """Move a completed save into place. A checkpoint is one folder rename; the final model's files
+    are renamed one by one into the stage folder (which already holds logs and checkpoints), which
+    is safe because the stage only counts as finished once its marker is written after them."""
+    staged, folder = Path(staged), Path(folder)
+    if staged.name.startswith("checkpoint-"):
+        target = folder / staged.name
+        if target.exists():  # the same step saved again (a resumed run): the new save wins
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    else:
+        for item in staged.iterdir():
+            target = folder / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staged.rmdir()
+    with contextlib.suppress(OSError):
+        staged.parent.rmdir()  # the staging folder, once empty
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -100,8 +101,54 @@ def use_dense_progress(trainer, tokens_per_step: int | None = None) -> DenseProg
     return progress
 
 
+def stage_checkpoints(trainer) -> None:
+    """Make every checkpoint the Trainer saves appear atomically: it is written whole under
+    <output>/.staging/checkpoint-N, then renamed to <output>/checkpoint-N.
+
+    The Trainer writes checkpoint-N in place (weights, optimizer, then trainer_state.json), so a
+    kill -9 mid-save would leave a folder that looks like a checkpoint. The Trainer has no hook for
+    where a checkpoint goes, so we point its output folder at the staging folder for the duration of
+    the save, then rename and apply its rotation (save_total_limit) to the real folder ourselves.
+    """
+    from transformers.trainer_utils import rotate_checkpoints
+
+    save_checkpoint, output_dir_for = trainer._save_checkpoint, trainer._get_output_dir
+
+    def staged_save(model, trial, *args, **kwargs):
+        run_dir = Path(output_dir_for(trial=trial))
+        staging = run_dir / runs.STAGING
+        trainer._get_output_dir = lambda trial=None: str(staging)
+        try:
+            save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            trainer._get_output_dir = output_dir_for
+        trainer.accelerator.wait_for_everyone()  # sharded saves: every rank has written its part
+        if trainer.args.should_save:
+            runs.publish(staging / f"checkpoint-{trainer.state.global_step}", run_dir)
+            best = trainer.state.best_model_checkpoint
+            if best and Path(best).parent == staging:
+                trainer.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            rotate_checkpoints(str(run_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True)
+        trainer.accelerator.wait_for_everyone()
+
+    trainer._save_checkpoint = staged_save
+
+
+def save_final(trainer, output_dir: Path, save) -> None:
+    """Run `save(folder)` (every process: sharded saves gather across them) into <output>/.staging/final,
+    then move the files into `output_dir`: a crash mid-save never leaves half a model.safetensors."""
+    staged = Path(output_dir) / runs.STAGING / "final"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staged, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    save(staged)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        runs.publish(staged, output_dir)
+
+
 def train(trainer, resume_from: Path | None = None):
-    """`trainer.train()`, resuming from `resume_from` if given.
+    """`trainer.train()` with staged checkpoints, resuming from `resume_from` if given.
 
     A run killed after its *last* checkpoint but before it was marked finished has nothing left to
     train; the Trainer would still take one more step (step 61 of 60). We load that checkpoint instead.
@@ -110,6 +157,7 @@ def train(trainer, resume_from: Path | None = None):
 
     from transformers.trainer_utils import TrainOutput
 
+    stage_checkpoints(trainer)
     if resume_from is not None:
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
         if 0 < trainer.args.max_steps <= state["global_step"]:

@@ -30,6 +30,8 @@ def test_pretraining_survives_kill_9_at_a_step_and_during_a_save(crash_bench):
     assert sorted(event["kind"] for event in row["events"]) == ["save", "step"]
     save = next(event for event in row["events"] if event["kind"] == "save")
     assert save["killed"].startswith("while writing checkpoint-")
+    # Checkpoints are written under .staging and renamed: a kill mid-save never leaves a partial one in place.
+    assert not any(event["partial_checkpoints_left"] for event in row["events"])
     assert all(event["resumed_from_step"] > 0 for event in row["events"][1:])  # real resumes, not fresh starts
     # The stage never looked finished after a kill, and --resume always had a whole checkpoint to load.
     assert not any(event["marked_finished_after_kill"] for event in row["events"])
@@ -42,6 +44,7 @@ def test_pretraining_survives_kill_9_at_a_step_and_during_a_save(crash_bench):
     killed = work / "pretrain_killed"
     assert (killed / "stage_complete.json").is_file() and (killed / "model.safetensors").is_file()
     assert all((ckpt / "trainer_state.json").is_file() for ckpt in killed.glob("checkpoint-*"))
+    assert not (killed / ".staging").exists()
 
 
 def test_resuming_a_run_killed_after_its_last_checkpoint_adds_no_step(crash_bench, tmp_path):
