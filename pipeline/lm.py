@@ -90,6 +90,9 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
         resid_pdrop=model_args.dropout,
         embd_pdrop=model_args.dropout,
         attn_pdrop=model_args.dropout,
+        # GPT-2's tanh GELU as one fused kernel: the default "gelu_new" is the same formula in eight
+        # Python-level ops, each keeping a (batch, context, 4 * n_embd) tensor for backward.
+        activation_function="gelu_pytorch_tanh",
         **ids,
     )
     return GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)

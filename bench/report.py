@@ -1,0 +1,135 @@
+"""Write the README's benchmark table from bench/results/*.json, so the numbers quoted are the numbers measured.
+
+    python bench/report.py            # rewrite the table between the bench markers in README.md
+    python bench/report.py --check    # exit 1 if README.md is out of date with bench/results (a test runs this)
+
+Each row names the command that produced it, the machine (CPU, cores, load average during the run:
+above the core count means other work shared the machine) and the date, all read from the JSON.
+A benchmark without results says which command makes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import common
+
+BEGIN, END = "<!-- bench:begin (python bench/report.py) -->", "<!-- bench:end -->"
+
+
+def _by(rows: list[dict], **match) -> list[dict]:
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def throughput(rows: list[dict]) -> str:
+    parts = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        (pipe,), (plain,), (ratio,) = (_by(rows, shape=shape, side=side) for side in ("pipeline", "plain", "ratio pipeline/plain"))
+        parts.append(f"{shape}: pipeline {pipe['tokens_per_s']:,.0f} tokens/s (MFU {pipe['mfu_pct']:.0f}%) vs plain loop "
+                     f"{plain['tokens_per_s']:,.0f}, **{ratio['tokens_per_s']:.2f}×**")
+    return "; ".join(parts)
+
+
+def time_to_quality(rows: list[dict]) -> str:
+    (row,) = rows
+    return (f"**{row['val_bits_per_char']:.3f} bits/char** on tinyshakespeare's last 10% after {row['steps']} steps in "
+            f"{row['train_s']:.0f} s ({row['tokens_per_s']:,.0f} tokens/s, {row['params_M']}M params; budget {row['budget_s']:.0f} s; "
+            "aim ≤ 2.30, nanoGPT's CPU recipe ~2.72)")
+
+
+def memory(rows: list[dict]) -> str:
+    return "; ".join(f"{r['model']} ({r['params_M']}M): **{r['peak_rss_GB']:.2f} GB** peak, {r['rss_after_imports_MB']} MB of it "
+                     "importing torch + transformers" for r in rows) + " (aim 0.6 GB)"
+
+
+def generation(rows: list[dict]) -> str:
+    parts = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        (cached,), (uncached,) = _by(rows, shape=shape, kv_cache=True), _by(rows, shape=shape, kv_cache=False)
+        parts.append(f"{shape}: first token {cached['first_token_ms']:.1f} ms, {cached['tokens_per_s']:,.1f} tokens/s with the KV cache, "
+                     f"{uncached['tokens_per_s']:,.1f} without")
+    return "; ".join(parts) + " (batch 1)"
+
+
+def pipeline_time(rows: list[dict]) -> str:
+    return ", ".join(f"{r['stage']} {r['wall_s']:.0f} s" for r in rows if r["stage"] != "total") + \
+        f"; **total {rows[-1]['wall_s'] / 60:.1f} min**"
+
+
+def app_load(rows: list[dict]) -> str:
+    (r,) = rows
+    return (f"{r['clients']} clients × {r['turns']} turns: {r['replies']} replies, {r['errors']} errors, {r['cross_talk']} cross-talk; "
+            f"reply latency p50 {r['p50_ms']:,} ms, p95 {r['p95_ms']:,} ms ({r['max_new_tokens']} new tokens, concurrency {r['concurrency']}); "
+            f"app RSS {r['rss_warm_MB']} → {r['rss_end_MB']} MB")
+
+
+def crash_safety(rows: list[dict]) -> str:
+    return "; ".join(f"{r['stage']}: {r['kills']} kills, {r['resumed_steps']}/{r['ref_steps']} steps, final eval loss "
+                     f"Δ {r['diff']:.1e}, {'passed' if r['passed'] else 'FAILED'}" for r in rows)
+
+
+def gpu(rows: list[dict]) -> str:
+    (r,) = rows
+    if r["device"] == "none":
+        return "not run: no GPU on the machine that ran it"
+    return f"{r['device']}: {r['tokens_per_s']:,} tokens/s, **MFU {r['mfu_pct']}%** ({r['precision']}, batch {r['batch']}, context {r['context']})"
+
+
+SUMMARIES = {  # README order
+    "time_to_quality": ("time to quality, 5-minute budget", time_to_quality),
+    "pretrain_throughput": ("pipeline vs plain PyTorch loop", throughput),
+    "memory": ("peak memory while pretraining", memory),
+    "generation": ("generation", generation),
+    "pipeline_time": ("tiny chain, wall time per stage", pipeline_time),
+    "app_load": ("app under load", app_load),
+    "crash_safety": ("kill -9 and resume", crash_safety),
+    "gpu": ("GPU pretraining, gpt2-small", gpu),
+}
+
+
+def table(results_dir: Path) -> str:
+    lines = ["| benchmark | result | machine, date | command |", "|---|---|---|---|"]
+    for name, (title, summarize) in SUMMARIES.items():
+        path = results_dir / f"{name}.json"
+        if not path.is_file():
+            lines.append(f"| {title} | not run yet | | `python bench/{name}.py` |")
+            continue
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        m = payload["machine"]
+        machine = f"{m['cpu']}, {m['cores']} cores, load {m['load_average_1min']}, {m['date'][:10]}" + (" (smoke)" if payload["smoke"] else "")
+        lines.append(f"| {title} | {summarize(payload['results'])} | {machine} | `{m['command']}` |")
+    return "\n".join(lines)
+
+
+def render(readme: str, results_dir: Path) -> str:
+    if BEGIN not in readme or END not in readme:
+        sys.exit(f"error: README has no {BEGIN} ... {END} markers to write the table between")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table(results_dir)}\n{END}{tail}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--results", type=Path, default=common.RESULTS, help="Folder of benchmark JSON files.")
+    p.add_argument("--readme", type=Path, default=common.REPO / "README.md")
+    p.add_argument("--check", action="store_true", help="Change nothing; exit 1 if the README's table is out of date.")
+    args = p.parse_args()
+    if not args.readme.is_file():
+        sys.exit(f"error: --readme {args.readme} does not exist")
+    current = args.readme.read_text(encoding="utf-8")
+    updated = render(current, args.results)
+    if args.check:
+        if updated != current:
+            sys.exit(f"error: {args.readme}'s benchmark table is out of date with {args.results}: run `python bench/report.py`")
+        print(f"{args.readme} is up to date with {args.results}")
+        return
+    args.readme.write_text(updated, encoding="utf-8")
+    print(f"benchmark table -> {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
