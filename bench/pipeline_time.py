@@ -4,8 +4,9 @@
     python bench/pipeline_time.py --run                    # launch the tiny end-to-end run first, then report
     python bench/pipeline_time.py --smoke
 
---run starts pipeline/run_all.py (the orchestrator) with the tiny preset when it exists; until then it runs
-the stages that exist (tokenizer/train.py, pipeline/pretrain.py) one after another. A stage's wall time
+--run starts pipeline/run_all.py (the orchestrator) with the tiny preset on tinyshakespeare, in a run folder
+that must not exist yet (run_all skips finished stages, which would time nothing). --smoke runs only the
+tokenizer and a few pretraining steps, as a user would type them. A stage's wall time
 is the time between its stage_complete.json and the previous stage's (the first stage counts from the
 launch, or for --run_dir from the oldest file in the run folder, an underestimate), so process start-up, data loading and saving are included; the
 stage's own training time (metrics.json: train_wall_seconds / train_runtime) is shown next to it.
@@ -49,9 +50,11 @@ def stage_rows(run_dir: Path, started: float | None = None) -> list[dict]:
 
 def launch(run_name: str, smoke: bool) -> Path:
     runs_root = Path(os.environ.get("FLUXCHAT_RUNS_DIR", common.REPO / "runs"))
+    if (runs_root / run_name).exists():
+        sys.exit(f"error: {runs_root / run_name} exists and its finished stages would be skipped: remove it or pass another --run_name")
     text = str(common.corpus(smoke))
     orchestrator = common.REPO / "pipeline" / "run_all.py"
-    if orchestrator.is_file() and not smoke:
+    if not smoke:
         commands = [[sys.executable, str(orchestrator), "--preset", "tiny", "--run_name", run_name, "--train_file", text]]
     else:  # the stages that exist today, as a user would type them
         small = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "32", "--max_steps", "6",

@@ -1,6 +1,6 @@
 """Pretraining tokens/s and MFU: pipeline/pretrain.py (transformers' Trainer) against a plain PyTorch loop.
 
-    python bench/pretrain_throughput.py                      # tiny preset + nanoGPT's CPU shape, 3 rounds each
+    python bench/pretrain_throughput.py                      # tiny preset + nanoGPT's CPU shape, 5 rounds each
     python bench/pretrain_throughput.py --shapes tiny --rounds 5 --steps 100
     python bench/pretrain_throughput.py --smoke              # seconds; checks it runs
 
@@ -99,7 +99,7 @@ def tokens_per_second(step_ends: list[float], warmup: int, tokens_per_step: int)
 def main() -> None:
     args = common.parser("pretrain_throughput", __doc__)
     args.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    args.add_argument("--rounds", type=int, default=3, help="Pipeline/plain pairs per shape, alternating.")
+    args.add_argument("--rounds", type=int, default=5, help="Pipeline/plain pairs per shape, alternating.")
     args.add_argument("--warmup", type=int, default=10, help="Steps run before timing starts.")
     args.add_argument("--steps", type=int, default=60, help="Timed steps per run.")
     args = args.parse_args()
@@ -137,8 +137,11 @@ def main() -> None:
                 "tokens_per_step": tokens_per_step, "tokens_per_s": round(median, 1),
                 "runs_tokens_per_s": [round(v) for v in values], "mfu_pct": round(100 * flops_per_token * median / peak, 2),
             })
-        rows.append({"shape": shape, "side": "ratio pipeline/plain",
-                     "tokens_per_s": round(rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"], 3)})
+        # Each round's pipeline run against the plain run next to it (same machine state), then the median:
+        # steadier than the ratio of the two sides' medians when the machine's speed drifts between rounds.
+        ratios = [pipe / plain for pipe, plain in zip(measured["pipeline"], measured["plain"])]
+        rows.append({"shape": shape, "side": "ratio pipeline/plain", "tokens_per_s": round(statistics.median(ratios), 3),
+                     "runs_tokens_per_s": [round(r, 3) for r in ratios]})
     common.print_table(f"Pretraining throughput ({threads} threads, peak {peak / 1e9:.0f} GFLOP/s fp32)", rows,
                        ["shape", "side", "params_M", "tokens_per_step", "tokens_per_s", "mfu_pct", "runs_tokens_per_s"])
     common.write_results(args.output, "pretrain_throughput", rows, args.smoke, peak_flops=peak, rounds=args.rounds,

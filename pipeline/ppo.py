@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(alignment.ppo_progress())
     start = time.perf_counter()
-    training.stage_checkpoints(trainer)  # PPOTrainer.train() takes no resume argument, so not training.train
+    training.keep_freed_memory()  # PPOTrainer.train() takes no resume argument, so not training.train
+    training.stage_checkpoints(trainer)
     try:
         trainer.train()
     except alignment.TrainingCollapsed as err:

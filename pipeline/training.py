@@ -101,6 +101,26 @@ def use_dense_progress(trainer, tokens_per_step: int | None = None) -> DenseProg
     return progress
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    Every training step frees and re-allocates the same activation buffers. By default glibc returns
+    large freed blocks to the kernel and maps them again on the next step, and each page touched again
+    is a page fault: 13.7k faults per tiny-preset step against 4.8k in a plain loop, 15% of the step's
+    time (0.25 s vs 0.21 s; see bench/pretrain_throughput.py). Peak memory is unchanged: the process
+    keeps what it already needed at its peak. Not glibc (macOS, musl): nothing to do.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: blocks up to 32 MB come from the reusable heap
+    libc.mallopt(m_trim_threshold, 1 << 30)  # give memory back only when over 1 GB is free at the heap's top
+
+
 def stage_checkpoints(trainer) -> None:
     """Make every checkpoint the Trainer saves appear atomically: it is written whole under
     <output>/.staging/checkpoint-N, then renamed to <output>/checkpoint-N.
@@ -148,7 +168,7 @@ def save_final(trainer, output_dir: Path, save) -> None:
 
 
 def train(trainer, resume_from: Path | None = None):
-    """`trainer.train()` with staged checkpoints, resuming from `resume_from` if given.
+    """`trainer.train()` with staged checkpoints and glibc's memory kept, resuming from `resume_from` if given.
 
     A run killed after its *last* checkpoint but before it was marked finished has nothing left to
     train; the Trainer would still take one more step (step 61 of 60). We load that checkpoint instead.
@@ -157,6 +177,7 @@ def train(trainer, resume_from: Path | None = None):
 
     from transformers.trainer_utils import TrainOutput
 
+    keep_freed_memory()
     stage_checkpoints(trainer)
     if resume_from is not None:
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
