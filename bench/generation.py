@@ -64,7 +64,8 @@ def main() -> None:
         shape = shape_config(name, args.smoke)
         new = min(new_tokens, shape["n_positions"] - PROMPT_TOKENS)
         torch.manual_seed(0)
-        model = GPT2LMHeadModel._from_config(GPT2Config(**shape), attn_implementation="sdpa").eval()
+        config = GPT2Config(**shape, activation_function="gelu_pytorch_tanh")  # as pipeline.lm.build_model
+        model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").eval()
         prompt = torch.randint(shape["vocab_size"], (1, PROMPT_TOKENS))
         timed_generate(model, prompt, 2, True)  # warm-up: first calls allocate and pick kernels
         for use_cache in (True, False):
