@@ -181,6 +181,12 @@ def _cpu_only_flags(argv: list[str]) -> list[str]:
     asked = [f for f in ("bf16", "fp16") if last_value(f"--{f}").lower() not in ("false", "0", "no")]
     if asked and main_process():
         print(f"note: --{asked[0]} ignored: no GPU here, training in fp32", file=sys.stderr)
+    cores, processes = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if os.environ.get("OMP_NUM_THREADS") == "1" and processes < cores and main_process():
+        # `accelerate launch` without a config sets this for its child: the run would use one core
+        print(f"note: OMP_NUM_THREADS=1, so this process trains on 1 of {cores} CPU cores; to use them all, run "
+              f"`accelerate launch --num_cpu_threads_per_process {cores // processes} ...` or `python pipeline/<stage>.py ...`",
+              file=sys.stderr)
     return ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
 
+import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 
 from pipeline import cards, lm, loading, push, runs, training
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     training.logger.info(
         f"pretrain: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, context {block_size}, "
         f"{len(train_tokens):,} train / {0 if val_tokens is None else len(val_tokens):,} val tokens, "
-        f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es)"
+        f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es) x {torch.get_num_threads()} thread(s)"
     )
 
     trainer = lm.BitsPerByteTrainer(

@@ -51,6 +51,8 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
     for stage in runs.STAGES:
         assert runs.is_finished(runs.stage_dir("chain", stage)), stage
         assert (runs.stage_dir("chain", stage) / "README.md").is_file(), stage  # model card per stage
+    # accelerate launch would pin a CPU stage to one thread (OMP_NUM_THREADS=1): the chain uses every core
+    assert f"1 process(es) x {os.cpu_count()} thread(s)" in (pretrain_dir / "train.log").read_text()
     pretrain_metrics = json.loads((pretrain_dir / "metrics.json").read_text())
     assert pretrain_metrics["global_step"] == 40  # the resumed run finished the same schedule
     evaluation = json.loads((runs.run_dir("chain") / "evaluation.json").read_text())
