@@ -83,7 +83,7 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(isolated_runs):
 
 def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
     train_tiny_tokenizer("ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *_pretrain_cmd("ddp", 10)[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *_pretrain_cmd("ddp", 10, "--save_steps", "5")[1:]]
     result = run_script(*cmd)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((runs.stage_dir("ddp", "pretrain") / "metrics.json").read_text())
@@ -92,6 +92,10 @@ def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
     assert all(r["tokens"] > 0 for r in ranks)
     assert ranks[0]["first_offsets"] != ranks[1]["first_offsets"]  # each rank drew its own shard
     assert result.stdout.count("pretrain done") == 1  # rank 0 alone saves and reports
+    # Checkpoints saved by both ranks under .staging, renamed into place whole once both had written
+    stage = runs.stage_dir("ddp", "pretrain")
+    assert sorted(c.name for c in stage.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    assert runs.latest_checkpoint(stage) == stage / "checkpoint-10" and not (stage / runs.STAGING).exists()
 
 
 def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
