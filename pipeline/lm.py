@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
@@ -18,14 +19,41 @@ def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
     """All documents as one token stream, each followed by <|endoftext|>.
 
     `split_special_tokens=True`: a corpus that contains the literal text "<|endoftext|>" is data,
-    not a document boundary.
+    not a document boundary. A long document is encoded in pieces (see `_pieces`): the same ids,
+    without holding a whole-corpus Encoding (offsets, token strings) that costs ~200 MB per 1 MB of text.
     """
     eos = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TEXT)
+    splits_after_newline = _splits_after_newline(tokenizer)
     ids: list[int] = []
     for doc in documents:
-        ids += chat_format.encode_text(tokenizer, doc)
+        for piece in _pieces(doc) if splits_after_newline else [doc]:
+            ids += chat_format.encode_text(tokenizer, piece)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)
+
+
+PIECE_CHARS = 1 << 16
+# After a lone newline between two non-space characters: "...thee.\nROMEO". Byte-level BPE (GPT-2's
+# regex), word and character pre-tokenizers all cut there, so no token spans it.
+_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def _splits_after_newline(tokenizer) -> bool:
+    """Whether this tokenizer's pre-tokenizer always cuts at _CUT, so encoding in pieces changes nothing
+    (a tokenizer that can merge a newline with the next word, e.g. SentencePiece-style, is encoded whole)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None or backend.pre_tokenizer is None:
+        return False
+    ends = {end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str("ab.\nCD 1\nx")}
+    return {4, 9} <= ends
+
+
+def _pieces(text: str):
+    start = 0
+    while len(text) - start > PIECE_CHARS and (cut := _CUT.search(text, start + PIECE_CHARS)):
+        yield text[start : cut.start()]
+        start = cut.start()
+    yield text[start:]
 
 
 class RandomWindows(torch.utils.data.Dataset):

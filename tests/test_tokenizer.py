@@ -142,3 +142,17 @@ def test_finished_output_is_kept_unless_overwrite(tmp_path, corpus):
     assert (out / "tokenizer.json").read_bytes() == before
     assert run_main(train.main, ["--train_file", corpus, "--vocab_size", 400, "--output_dir", out, "--overwrite"])[0] == 0
     assert len(AutoTokenizer.from_pretrained(out)) == 400
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char", "word"])
+def test_pretraining_text_encoded_in_pieces_gives_the_ids_of_the_whole(tokenizers_by_type, corpus, kind, monkeypatch):
+    """lm.tokenize_documents cuts long documents after lone newlines to save memory: it must not change one id."""
+    from pipeline import lm
+
+    tok = AutoTokenizer.from_pretrained(tokenizers_by_type[kind])
+    text = corpus.read_text(encoding="utf-8")[:20_000] + "\n\n\nA\n \nB\r\nC\n" + TRICKY + "\nend."
+    whole = chat_format.encode_text(tok, text) + [tok.convert_tokens_to_ids(chat_format.END_OF_TEXT)]
+    monkeypatch.setattr(lm, "PIECE_CHARS", 100)  # hundreds of pieces
+    assert lm._splits_after_newline(tok)
+    assert list(lm._pieces(text))[1:] and "".join(lm._pieces(text)) == text
+    assert lm.tokenize_documents(tok, [text]).tolist() == whole
