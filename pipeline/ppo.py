@@ -124,10 +124,8 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(alignment.ppo_progress())
     start = time.perf_counter()
-    training.keep_freed_memory()  # PPOTrainer.train() takes no resume argument, so not training.train
-    training.stage_checkpoints(trainer)
     try:
-        trainer.train()
+        training.train(trainer)
     except alignment.TrainingCollapsed as err:
         alignment.finish_stage(trainer, output_dir, "ppo", {"stopped_early": str(err)}, {}, finished=False, push_request=push_request)
         fail(f"PPO stopped at {err}; nothing marked finished in {output_dir} (see train.log)")

@@ -143,6 +143,11 @@ def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
     return removed
 
 
+def staging_dir(folder: Path, name: str) -> Path:
+    """Where a save named `name` (checkpoint-N, final) of the stage in `folder` is written before `publish`."""
+    return Path(folder) / STAGING / name
+
+
 def publish(staged: Path, folder: Path) -> None:
     """Move a completed save into place. A checkpoint is one folder rename; the final model's files
     are renamed one by one into the stage folder (which already holds logs and checkpoints), which

@@ -144,7 +144,7 @@ def stage_checkpoints(trainer) -> None:
             trainer._get_output_dir = output_dir_for
         trainer.accelerator.wait_for_everyone()  # sharded saves: every rank has written its part
         if trainer.args.should_save:
-            runs.publish(staging / f"checkpoint-{trainer.state.global_step}", run_dir)
+            runs.publish(runs.staging_dir(run_dir, f"checkpoint-{trainer.state.global_step}"), run_dir)
             best = trainer.state.best_model_checkpoint
             if best and Path(best).parent == staging:
                 trainer.state.best_model_checkpoint = str(run_dir / Path(best).name)
@@ -157,7 +157,7 @@ def stage_checkpoints(trainer) -> None:
 def save_final(trainer, output_dir: Path, save) -> None:
     """Run `save(folder)` (every process: sharded saves gather across them) into <output>/.staging/final,
     then move the files into `output_dir`: a crash mid-save never leaves half a model.safetensors."""
-    staged = Path(output_dir) / runs.STAGING / "final"
+    staged = runs.staging_dir(output_dir, "final")
     if trainer.is_world_process_zero():
         shutil.rmtree(staged, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -188,7 +188,7 @@ def train(trainer, resume_from: Path | None = None):
             trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
             losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
             return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {})
-    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer.train(resume_from_checkpoint=str(resume_from)) if resume_from else trainer.train()  # PPOTrainer.train() takes no argument
 
 
 def gather_rank_info(info: dict) -> list[dict]:

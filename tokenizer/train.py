@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     stats.update(tokenizer_type=args.tokenizer_type, vocab_size=len(tokenizer))
 
     runs.prepare_output_dir(output_dir, overwrite=args.overwrite)
-    staged = output_dir / runs.STAGING / "final"
+    staged = runs.staging_dir(output_dir, "final")
     tokenizer.save_pretrained(staged)
     runs.publish(staged, output_dir)  # renamed into place whole, as every stage's outputs are
     save_resolved_config(output_dir / "config.yaml", args, config_file=config_file)
