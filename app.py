@@ -23,10 +23,8 @@ from typing import Iterator
 
 import gradio as gr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pipeline.config import UsageError, fail, parse_config, run_cli
-from pipeline.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling
+from fluxchat.config import UsageError, fail, parse_config, run_cli
+from fluxchat.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling
 
 logger = logging.getLogger("fluxchat.app")
 

@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fluxchat import pretraining
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
@@ -125,9 +127,8 @@ def train_tokenizer(output_dir: Path, tokenizer_type: str = "bpe", vocab_size: i
 def trainer_callbacks(*callbacks):
     """Run pipeline/pretrain.py's real main() with extra TrainerCallbacks (timers, a wall-clock stop),
     by wrapping the Trainer class main() builds."""
-    from pipeline import lm
 
-    original = lm.BitsPerByteTrainer
+    original = pretraining.BitsPerByteTrainer
 
     class WithCallbacks(original):
         def __init__(self, *args, **kwargs):
@@ -135,11 +136,11 @@ def trainer_callbacks(*callbacks):
             for callback in callbacks:
                 self.add_callback(callback)
 
-    lm.BitsPerByteTrainer = WithCallbacks
+    pretraining.BitsPerByteTrainer = WithCallbacks
     try:
         yield
     finally:
-        lm.BitsPerByteTrainer = original
+        pretraining.BitsPerByteTrainer = original
 
 
 def step_timer():

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import common
 
-from pipeline import runs
+from fluxchat import pretraining, runs
 
 STEP_LINE = re.compile(rb"step (\d+)/(\d+)")
 MODEL_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "64"]
@@ -94,14 +94,13 @@ def save_initial_model(work: Path, seed: int) -> None:
     from their first step (see --fresh_init) and the comparison would measure that, not the resume."""
     from transformers import AutoTokenizer, set_seed
 
-    from pipeline import lm
     from pipeline.pretrain import ModelArguments
 
     if (work / "init" / "model.safetensors").is_file():
         return
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     set_seed(seed)
-    model = lm.build_model(ModelArguments(**{MODEL_FLAGS[i][2:]: int(MODEL_FLAGS[i + 1]) for i in range(0, len(MODEL_FLAGS), 2)}), tokenizer)
+    model = pretraining.build_model(ModelArguments(**{MODEL_FLAGS[i][2:]: int(MODEL_FLAGS[i + 1]) for i in range(0, len(MODEL_FLAGS), 2)}), tokenizer)
     model.save_pretrained(work / "init")
     tokenizer.save_pretrained(work / "init")
 

@@ -29,7 +29,7 @@ def shape_config(name: str, smoke: bool) -> dict:
         return SMOKE
     if SHAPES[name] is not None:
         return SHAPES[name]
-    from pipeline.config import CONFIGS_DIR, load_yaml
+    from fluxchat.config import CONFIGS_DIR, load_yaml
 
     pre, tok = load_yaml(CONFIGS_DIR / "tiny" / "pretrain.yaml"), load_yaml(CONFIGS_DIR / "tiny" / "tokenizer.yaml")
     return dict(n_layer=pre["n_layer"], n_embd=pre["n_embd"], n_head=pre["n_head"], n_positions=pre["block_size"],
@@ -64,7 +64,7 @@ def main() -> None:
         shape = shape_config(name, args.smoke)
         new = min(new_tokens, shape["n_positions"] - PROMPT_TOKENS)
         torch.manual_seed(0)
-        config = GPT2Config(**shape, activation_function="gelu_pytorch_tanh")  # as pipeline.lm.build_model
+        config = GPT2Config(**shape, activation_function="gelu_pytorch_tanh")  # as pipeline.pretraining.build_model
         model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").eval()
         prompt = torch.randint(shape["vocab_size"], (1, PROMPT_TOKENS))
         timed_generate(model, prompt, 2, True)  # warm-up: first calls allocate and pick kernels

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from pipeline import lm, loading
+from fluxchat import loading, pretraining
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
 
@@ -28,8 +28,8 @@ def heldout_bits_per_char(model_dir: str, text_file: Path, fraction: float) -> d
     model, tokenizer = loading.load_model_and_tokenizer(model_dir)
     text = text_file.read_text(encoding="utf-8")
     tail = text[int(len(text) * (1 - fraction)) :]
-    tokens = lm.tokenize_documents(tokenizer, [tail])
-    blocks = lm.Blocks(tokens, model.config.n_positions)
+    tokens = pretraining.tokenize_documents(tokenizer, [tail])
+    blocks = pretraining.Blocks(tokens, model.config.n_positions)
     nats, predicted = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(blocks), 32):

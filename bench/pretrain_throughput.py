@@ -4,7 +4,7 @@
     python bench/pretrain_throughput.py --shapes tiny --rounds 5 --steps 100
     python bench/pretrain_throughput.py --smoke              # seconds; checks it runs
 
-Both sides train the same GPT2LMHeadModel (pipeline.lm.build_model) on the same tokens (tinyshakespeare's
+Both sides train the same GPT2LMHeadModel (pipeline.pretraining.build_model) on the same tokens (tinyshakespeare's
 first 90%), batch, context, torch threads, AdamW settings and warm-up + cosine schedule, and are run
 alternately (pipeline, plain, pipeline, plain, ...) so both see the same machine load. The pipeline
 side is the real `pretrain.main()`; only steps after `--warmup` are timed, evaluation is off while timed.
@@ -24,6 +24,8 @@ from types import SimpleNamespace
 
 import common
 
+from fluxchat import pretraining
+
 SHAPES = {
     # name: (tokenizer, model/batch overrides of configs/tiny/pretrain.yaml)
     "tiny": (("bpe", None), {}),
@@ -34,7 +36,7 @@ SMOKE_SHAPE = dict(n_layer=2, n_embd=64, n_head=2, block_size=32, per_device_tra
 
 
 def settings_for(shape: str, smoke: bool) -> tuple[dict, tuple]:
-    from pipeline.config import CONFIGS_DIR, load_yaml
+    from fluxchat.config import CONFIGS_DIR, load_yaml
 
     (tok_type, vocab), overrides = SHAPES[shape]
     tok_cfg = load_yaml(CONFIGS_DIR / "tiny" / "tokenizer.yaml")
@@ -60,16 +62,15 @@ def plain_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int)
     import torch
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from pipeline import lm
-    from pipeline.data import load_text
+    from fluxchat.data import load_text
 
     torch.manual_seed(settings.get("seed", 1337))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     train_docs, _ = load_text([str(text)], None, "text", 0.1)
-    tokens = lm.tokenize_documents(tokenizer, train_docs)
+    tokens = pretraining.tokenize_documents(tokenizer, train_docs)
     model_args = SimpleNamespace(model_name_or_path=None, pad_vocab_to_multiple_of=0, attn_implementation="sdpa",
                                  **{k: settings[k] for k in ("n_layer", "n_embd", "n_head", "block_size", "dropout")})
-    model = lm.build_model(model_args, tokenizer)
+    model = pretraining.build_model(model_args, tokenizer)
     block, batch = settings["block_size"], settings["per_device_train_batch_size"]
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings["weight_decay"]},

@@ -53,8 +53,8 @@ def main() -> None:
     text = common.corpus(args.smoke)
     work = Path(tempfile.mkdtemp(prefix="bench-ttq-"))
 
+    from fluxchat.data import load_text
     from pipeline import pretrain
-    from pipeline.data import load_text
     from tokenizer import train
 
     with contextlib.redirect_stdout(sys.stderr):

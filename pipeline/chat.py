@@ -17,10 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python pipeline/chat.py` puts only pipeline/ on sys.path
-
-from pipeline.config import UsageError, parse_config, run_cli
-from pipeline.serving import ChatModel, GenerationStats, Sampling
+from fluxchat.config import UsageError, parse_config, run_cli
+from fluxchat.serving import ChatModel, GenerationStats, Sampling
 
 COMMANDS = "/reset /history /quit"
 

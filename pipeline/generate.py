@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.config import fail, parse_config, run_cli
+from fluxchat import generation, loading
+from fluxchat.config import fail, parse_config, run_cli
 
 
 @dataclass
@@ -45,10 +43,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         fail("give a model: python pipeline/generate.py runs/<name>/pretrain --prompt '...'")
     if not args.interactive and not args.prompt.strip() and args.prompt != "\n":
         fail("--prompt is only whitespace: give some text to continue (or omit --prompt to start from a newline)")
-    from pipeline import lm, loading
-
     model, tokenizer = loading.load_model_and_tokenizer(loading.resolve_model(args.model_name_or_path, "model_name_or_path"))
-    context = model.config.n_positions
+    context = loading.context_length(model)
     if args.max_new_tokens is None:  # the default adapts to small contexts (the tiny preset has 128)
         args.max_new_tokens = min(200, context // 2)
     if args.max_new_tokens >= context:
@@ -60,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     def continue_text(prompt: str) -> list[str]:
         texts = []
         for i in range(args.num_samples):
-            text = lm.sample(model, tokenizer, prompt, args.max_new_tokens, seed=args.seed + i, **sampling)
+            text = generation.sample(model, tokenizer, prompt, args.max_new_tokens, seed=args.seed + i, **sampling)
             print(prompt + text, flush=True)
             if args.num_samples > 1:
                 print("-" * 40, flush=True)

@@ -17,22 +17,20 @@ to runs/<run_name>/ppo.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")  # raised inside PPOTrainer
 
 from transformers import ProgressCallback
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-from pipeline import alignment, push, runs, training
-from pipeline.alignment import PeftArguments, StageArguments
-from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+from fluxchat import arguments, evaluation, hub, loading, rl_monitor, runs, stage_data, training
+from fluxchat.arguments import PeftArguments, StageArguments
+from fluxchat.config import fail, parse_config, run_cli
 
 
 @dataclass
@@ -57,39 +55,38 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = training.resolve_output_dir(args, "ppo")
     run_name = args.run_name or "default"
     runs.refuse_finished(output_dir, script_args.overwrite)
-    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
+    push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     from transformers import AutoConfig
 
-    from pipeline import evaluate
 
     sft_path = runs.resolve_input(args.sft_model_path, run_name, "sft")
     reward_path = runs.resolve_input(args.reward_model_path, run_name, "reward")
     value_path = runs.resolve_input(script_args.value_model_path, run_name, "reward") if script_args.value_model_path else reward_path
-    tokenizer = alignment.load_tokenizer(sft_path)
+    tokenizer = loading.load_chat_tokenizer(sft_path)
     for flag, path in (("--reward_model_path", reward_path), ("--value_model_path", value_path)):
-        alignment.check_same_tokenizer(tokenizer, path, flag)
+        loading.check_same_tokenizer(tokenizer, path, flag)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         fail(f"tokenizer in {sft_path}: pad token == EOS, which corrupts PPO's masks; retrain the tokenizer with a <|pad|> token")
-    context = alignment.model_context(AutoConfig.from_pretrained(sft_path))
+    context = loading.context_length(AutoConfig.from_pretrained(sft_path))
     if args.response_length >= context - 4:
         fail(f"--response_length {args.response_length} leaves no room for a prompt in the model's context of {context}")
     if args.stop_token is None and args.stop_token_id is None:
         args.stop_token = "eos"  # the chat tokenizer's EOS is <|end|>: replies end where a turn ends
-    conversations = alignment.load_conversations(script_args)
-    conversations = alignment.sample_rows(conversations, script_args.max_train_samples, args.seed)
-    train_set, counts = alignment.prompt_dataset(tokenizer, conversations, context - args.response_length)
-    examples = alignment.task_examples(script_args)
-    eval_set = alignment.prompt_dataset(tokenizer, examples, context - args.response_length)[0] if examples else train_set.select(range(min(8, len(train_set))))
-    probe = [alignment.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
+    conversations = stage_data.load_conversations(script_args)
+    conversations = stage_data.sample_rows(conversations, script_args.max_train_samples, args.seed)
+    train_set, counts = stage_data.prompt_dataset(tokenizer, conversations, context - args.response_length)
+    examples = stage_data.task_examples(script_args)
+    eval_set = stage_data.prompt_dataset(tokenizer, examples, context - args.response_length)[0] if examples else train_set.select(range(min(8, len(train_set))))
+    probe = [stage_data.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
 
-    alignment.prepare_output_dir(output_dir, script_args.overwrite)
+    training.prepare_output_dir(output_dir, script_args.overwrite)
     training.log_to_file(output_dir)
-    save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
-    policy = alignment.load_causal_lm(sft_path, tokenizer)
-    reference = None if peft_args.use_peft else alignment.load_causal_lm(sft_path, tokenizer)  # must be a separate copy
-    reward_model = alignment.load_score_model(reward_path, tokenizer)
-    value_model = alignment.load_score_model(value_path, tokenizer)
+    runs.save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    policy = loading.load_causal_lm(sft_path, tokenizer)
+    reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)  # must be a separate copy
+    reward_model = loading.load_score_model(reward_path, tokenizer)
+    value_model = loading.load_score_model(value_path, tokenizer)
     training.logger.info(
         f"ppo: policy {sft_path}, reward {reward_path}, value {value_path}; {counts['prompts']} prompts "
         f"({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), replies up to {args.response_length} tokens"
@@ -98,14 +95,14 @@ def main(argv: list[str] | None = None) -> Path:
     def measure(model) -> dict:
         if not examples:
             return {}
-        alignment.on_device(reward_model)
-        out = {"tasks": alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
-        out["reward"] = evaluate.mean_reward(model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens)
+        evaluation.on_device(reward_model)
+        out = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
+        out["reward"] = evaluation.mean_reward(model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens)
         return out
 
     before = measure(policy) if script_args.eval_baseline else {}
     tokenizer.padding_side = "left"  # PPOTrainer generates from a batch of prompts
-    monitor = alignment.PPOMonitor(
+    monitor = rl_monitor.PPOMonitor(
         tokenizer, probe, args.response_length, script_args.max_kl, script_args.min_eos_rate, script_args.max_repetition, script_args.stop_on_collapse
     )
     trainer = PPOTrainer(
@@ -118,28 +115,28 @@ def main(argv: list[str] | None = None) -> Path:
         value_model=value_model,
         eval_dataset=eval_set,
         callbacks=[monitor.callback()],
-        peft_config=alignment.lora_config(peft_args, "CAUSAL_LM"),
+        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
     )
     monitor.trainer = trainer
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(alignment.ppo_progress())
+    trainer.add_callback(rl_monitor.ppo_progress())
     start = time.perf_counter()
     try:
         training.train(trainer)
-    except alignment.TrainingCollapsed as err:
-        alignment.finish_stage(trainer, output_dir, "ppo", {"stopped_early": str(err)}, {}, finished=False, push_request=push_request)
+    except rl_monitor.TrainingCollapsed as err:
+        training.finish_stage(trainer, output_dir, "ppo", {"stopped_early": str(err)}, {}, finished=False, push_request=push_request)
         fail(f"PPO stopped at {err}; nothing marked finished in {output_dir} (see train.log)")
     seconds = time.perf_counter() - start
     tokenizer.padding_side = "right"
 
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    policy = alignment.save_model(trainer, policy, tokenizer, output_dir, peft_args.merge_adapter, direct=True)
+    policy = training.save_model(trainer, policy, tokenizer, output_dir, peft_args.merge_adapter, direct=True)
     after = measure(policy)
     updates = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
     kl = {"first_update": updates[0]["objective/kl"], "last_update": updates[-1]["objective/kl"]} if updates else {}
-    evaluation = {**after, "kl": kl, "before": before, "warnings": monitor.warnings}
+    report = {**after, "kl": kl, "before": before, "warnings": monitor.warnings}
     metrics = {
-        **alignment.train_metrics(None, seconds),
+        **training.train_metrics(None, seconds),
         "task_accuracy": after.get("tasks", {}).get("overall"),
         "task_accuracy_before": before.get("tasks", {}).get("overall"),
         "mean_reward": after.get("reward", {}).get("mean_reward"),
@@ -150,11 +147,11 @@ def main(argv: list[str] | None = None) -> Path:
         "data": counts,
         "models": {"sft": sft_path, "reward": reward_path, "value": value_path},
     }
-    alignment.finish_stage(trainer, output_dir, "ppo", metrics, evaluation, push_request=push_request)
+    training.finish_stage(trainer, output_dir, "ppo", metrics, report, push_request=push_request)
     reward_change = ""
     if before and after:
         reward_change = f", mean reward {before['reward']['mean_reward']:.3f} -> {after['reward']['mean_reward']:.3f}"
-    summary = f"held-out tasks {alignment.summarize_tasks(after.get('tasks', {}))}{reward_change}, KL {kl.get('last_update', float('nan')):.3f}"
+    summary = f"held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}{reward_change}, KL {kl.get('last_update', float('nan')):.3f}"
     training.logger.info(f"after ppo: {summary}")
     if trainer.is_world_process_zero():
         print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {output_dir}")

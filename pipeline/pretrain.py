@@ -11,19 +11,16 @@ tokenizer, generation config, metrics.json and train.log to runs/<run_name>/pret
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
-
 import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 
-from pipeline import cards, lm, loading, push, runs, training
-from pipeline.config import fail, parse_config, run_cli, save_resolved_config
-from pipeline.data import load_text
+from fluxchat import cards, generation, hub, loading, pretraining, runs, training
+from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.data import load_text
 
 DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
 
@@ -59,7 +56,7 @@ class DataArguments:
 
 def main(argv: list[str] | None = None) -> Path:
     model_args, data_args, args, config_file = parse_config("pretrain", (ModelArguments, DataArguments, TrainingArguments), argv)
-    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
+    push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
     output_dir = training.resolve_output_dir(args, "pretrain")
     run_name = args.run_name or "default"
     runs.refuse_finished(output_dir, data_args.overwrite)
@@ -70,19 +67,19 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, run_name, "tokenizer")
     tokenizer = loading.load_tokenizer(tokenizer_path)
     train_docs, val_docs = load_text(data_args.train_file, data_args.dataset_name, data_args.text_column, data_args.validation_fraction)
-    train_tokens = lm.tokenize_documents(tokenizer, train_docs)
-    val_tokens = lm.tokenize_documents(tokenizer, val_docs) if val_docs else None
+    train_tokens = pretraining.tokenize_documents(tokenizer, train_docs)
+    val_tokens = pretraining.tokenize_documents(tokenizer, val_docs) if val_docs else None
     set_seed(args.seed)  # the Trainer seeds only after the model exists: without this, init ignores --seed
-    model = lm.build_model(model_args, tokenizer)
+    model = pretraining.build_model(model_args, tokenizer)
     tokenizer.model_max_length = model_args.block_size  # saved with the model; set after tokenizing whole documents
     if train_tokens.max() >= model.config.vocab_size:
         fail(f"tokenizer {tokenizer_path} produces id {int(train_tokens.max())} but the model's vocab_size is {model.config.vocab_size}")
     if model_args.block_size > model.config.n_positions:
         fail(f"--block_size {model_args.block_size} is longer than the model's context ({model.config.n_positions} positions)")
     block_size = model_args.block_size
-    accounting = lm.RankAccounting()
-    train_set = lm.RandomWindows(train_tokens, block_size, accounting)
-    eval_set = lm.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
+    accounting = pretraining.RankAccounting()
+    train_set = pretraining.RandomWindows(train_tokens, block_size, accounting)
+    eval_set = pretraining.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
     if eval_set is None:
         args.eval_strategy = "no"
     val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
@@ -93,7 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         runs.prepare_output_dir(output_dir, overwrite=data_args.overwrite)
     training.log_to_file(output_dir)
-    save_resolved_config(output_dir / "config.yaml", model_args, data_args, args, config_file=config_file)
+    runs.save_resolved_config(output_dir / "config.yaml", model_args, data_args, args, config_file=config_file)
     n_params = sum(p.numel() for p in model.parameters())
     world = args.world_size
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * world
@@ -103,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es) x {torch.get_num_threads()} thread(s)"
     )
 
-    trainer = lm.BitsPerByteTrainer(
+    trainer = pretraining.BitsPerByteTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -113,7 +110,7 @@ def main(argv: list[str] | None = None) -> Path:
         bytes_per_token=bytes_per_token,
     )
     training.use_dense_progress(trainer, tokens_per_step)
-    trainer.add_callback(lm.SampleCallback(tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens))
+    trainer.add_callback(pretraining.SampleCallback(tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens))
 
     start = time.perf_counter()
     result = training.train(trainer, resume_from)
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> Path:
     final_eval = evals[-1] if evals else (trainer.evaluate() if eval_set is not None else {})
     ranks = training.gather_rank_info(accounting.summary())
 
-    model.generation_config = lm.generation_config(tokenizer)
+    model.generation_config = generation.generation_config(tokenizer)
     # weights (safetensors), config, tokenizer, generation config
     training.save_final(trainer, output_dir, lambda folder: trainer.save_model(str(folder)))
     if trainer.is_world_process_zero():
@@ -139,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
         runs.write_json(output_dir / "log_history.json", trainer.state.log_history)
         cards.write_model_card(output_dir, "pretrain")
         runs.mark_finished(output_dir, "pretrain", global_step=result.global_step)
-        push.maybe_push(push_request, output_dir, "pretrain")
+        hub.maybe_push(push_request, output_dir, "pretrain")
         bpb = final_eval.get("eval_bits_per_byte")
         print(f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {output_dir}")
     return output_dir

@@ -13,18 +13,15 @@ held-out pairs and on a held-out part of the given data (e.g. hh-rlhf).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
-
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import alignment, push, runs, training
-from pipeline.alignment import PeftArguments, StageArguments
-from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+from fluxchat import arguments, evaluation, formats, hub, loading, runs, stage_data, tasks, training
+from fluxchat.arguments import PeftArguments, StageArguments
+from fluxchat.config import fail, parse_config, run_cli
 
 
 @dataclass
@@ -41,10 +38,9 @@ class RewardArguments(StageArguments):
 def score_pairs(model, tokenizer, pairs) -> dict:
     if not pairs:
         return {}
-    from pipeline import evaluate
 
-    alignment.on_device(model).eval()
-    return evaluate.evaluate_reward_model(model, tokenizer, pairs)
+    evaluation.on_device(model).eval()
+    return evaluation.evaluate_reward_model(model, tokenizer, pairs)
 
 
 def describe(result: dict) -> str:
@@ -56,34 +52,32 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = training.resolve_output_dir(args, "reward")
     run_name = args.run_name or "default"
     runs.refuse_finished(output_dir, script_args.overwrite)
-    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
+    push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     from transformers import AutoConfig, set_seed
 
-    from pipeline import data, tasks
-
     model_path = runs.resolve_input(script_args.model_name_or_path, run_name, "sft")
-    tokenizer = alignment.load_tokenizer(model_path)
-    context = alignment.model_context(AutoConfig.from_pretrained(model_path))
+    tokenizer = loading.load_chat_tokenizer(model_path)
+    context = loading.context_length(AutoConfig.from_pretrained(model_path))
     args.max_length = min(args.max_length or context, context)
-    pairs, n_identical = alignment.load_preferences(script_args)
-    pairs = alignment.sample_rows(pairs, script_args.max_train_samples, args.seed)
+    pairs, n_identical = stage_data.load_preferences(script_args)
+    pairs = stage_data.sample_rows(pairs, script_args.max_train_samples, args.seed)
     if len(pairs) < 2:
         fail(f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)")
-    train_pairs, heldout_pairs = data.split_heldout(pairs, script_args.eval_fraction, args.seed)
-    train_set, counts = alignment.preference_dataset(tokenizer, train_pairs, args.max_length)
-    eval_set, eval_counts = alignment.preference_dataset(tokenizer, heldout_pairs, args.max_length)
+    train_pairs, heldout_pairs = formats.split_heldout(pairs, script_args.eval_fraction, args.seed)
+    train_set, counts = stage_data.preference_dataset(tokenizer, train_pairs, args.max_length)
+    eval_set, eval_counts = stage_data.preference_dataset(tokenizer, heldout_pairs, args.max_length)
     builtin_pairs = [] if not script_args.eval_examples else tasks.preference_pairs(
         "eval", n=script_args.eval_examples, corpus_file=script_args.corpus_file, tasks=script_args.tasks
     )
     if args.eval_strategy == "no":
         eval_set = None
 
-    alignment.prepare_output_dir(output_dir, script_args.overwrite)
+    training.prepare_output_dir(output_dir, script_args.overwrite)
     training.log_to_file(output_dir)
-    save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    runs.save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
     set_seed(args.seed)  # the new score head's initialisation
-    model = alignment.load_score_model(model_path, tokenizer)
+    model = loading.load_score_model(model_path, tokenizer)
     training.logger.info(
         f"reward: {model_path} (context {context}), {counts['pairs']} train pairs ({counts['trimmed']} trimmed, "
         f"{counts['dropped_too_long']} dropped as too long, {n_identical} dropped with chosen == rejected), "
@@ -100,32 +94,32 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=alignment.lora_config(peft_args, "SEQ_CLS"),
+        peft_config=arguments.lora_config(peft_args, "SEQ_CLS"),
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
     result = training.train(trainer)
     seconds = time.perf_counter() - start
 
-    model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
-    evaluation = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
+    model = training.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
+    report = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
     if len(script_args.dataset) > 1:
-        evaluation["heldout_by_source"] = {
+        report["heldout_by_source"] = {
             source: score_pairs(model, tokenizer, [p for p in heldout_pairs if p["source"] == source]) for source in script_args.dataset
         }
     if baseline:
-        evaluation["before"] = baseline
+        report["before"] = baseline
     data_counts = {"train": counts, "heldout": eval_counts, "dropped_identical": n_identical, "sources": script_args.dataset}
     metrics = {
-        **alignment.train_metrics(result, seconds),
-        "reward_accuracy": evaluation["builtin"].get("accuracy"),
-        "reward_margin": evaluation["builtin"].get("margin"),
-        "heldout_accuracy": evaluation["heldout"].get("accuracy"),
+        **training.train_metrics(result, seconds),
+        "reward_accuracy": report["builtin"].get("accuracy"),
+        "reward_margin": report["builtin"].get("margin"),
+        "heldout_accuracy": report["heldout"].get("accuracy"),
         "data": data_counts,
         "model": model_path,
     }
-    alignment.finish_stage(trainer, output_dir, "reward", metrics, evaluation, push_request=push_request)
-    summary = f"built-in held-out pairs {describe(evaluation['builtin'])}; held-out given pairs {describe(evaluation['heldout'])}"
+    training.finish_stage(trainer, output_dir, "reward", metrics, report, push_request=push_request)
+    summary = f"built-in held-out pairs {describe(report['builtin'])}; held-out given pairs {describe(report['heldout'])}"
     training.logger.info(f"after reward training: {summary}")
     if trainer.is_world_process_zero():
         print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {output_dir}")

@@ -24,10 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import runs
-from pipeline.config import REPO_ROOT, UsageError, fail, on_cpu_only, parse_config, pop_flag, presets, run_cli
+from fluxchat import data, runs, tasks
+from fluxchat.config import REPO_ROOT, UsageError, fail, on_cpu_only, parse_config, pop_flag, presets, run_cli
 
 SCRIPTS = {
     "tokenizer": "tokenizer/train.py",
@@ -65,20 +63,15 @@ def launcher(args: RunAllArguments, stage: str) -> list[str]:
 
 def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], list[str]]:
     """(pretraining files, extra flags for the alignment stages)."""
-    from pipeline import tasks
-    from pipeline.data import default_corpus
-
     task_flags: list[str] = []
     if args.train_file:
-        from pipeline.data import expand_files
-
-        files = [str(f) for f in expand_files(args.train_file)]  # check them before any stage runs
+        files = [str(f) for f in data.expand_files(args.train_file)]  # check them before any stage runs
         text_files = [f for f in files if f.endswith(".txt")]
         # The quote/speaker tasks draw their lines from the corpus; without a text file, leave them out.
         task_flags = ["--corpus_file", text_files[0]] if text_files else ["--tasks", *OFFLINE_TASKS]
     else:
         try:
-            corpus = default_corpus()
+            corpus = data.default_corpus()
             files = [str(corpus)]
             task_flags = ["--corpus_file", str(corpus)]
         except UsageError as err:

@@ -15,18 +15,15 @@ chat_format.render_conversation and hand SFTTrainer `input_ids` + `assistant_mas
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `accelerate launch pipeline/x.py` puts only pipeline/ on sys.path
-
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import alignment, chat_format, push, runs, training
-from pipeline.alignment import PeftArguments, StageArguments
-from pipeline.config import fail, parse_config, run_cli, save_resolved_config
+from fluxchat import arguments, chat_format, evaluation, formats, hub, loading, runs, stage_data, training
+from fluxchat.arguments import PeftArguments, StageArguments
+from fluxchat.config import fail, parse_config, run_cli
 
 
 @dataclass
@@ -53,7 +50,7 @@ def inspect(tokenizer, train_set, counts) -> None:
     all_tokens = sum(len(mask) for mask in masks)
     print(f"{counts['examples']} examples ({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), "
           f"{all_tokens:,} tokens, {loss_tokens / all_tokens:.0%} carry loss; example {index}, loss tokens in [[...]]:")
-    print(alignment.marked_example(tokenizer, train_set[index]["input_ids"], masks[index]))
+    print(stage_data.marked_example(tokenizer, train_set[index]["input_ids"], masks[index]))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -65,37 +62,35 @@ def main(argv: list[str] | None = None) -> Path:
     resume_from = runs.latest_checkpoint(output_dir) if script_args.resume else None
     if script_args.resume and resume_from is None:
         fail(f"--resume: no complete checkpoint in {output_dir} (drop --resume to start afresh)")
-    push_request = push.take_over_push(args)  # we push the finished folder once, not every checkpoint
+    push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     from transformers import AutoConfig
 
-    from pipeline import data
-
     model_path = runs.resolve_input(script_args.model_name_or_path, run_name, "pretrain")
-    tokenizer = alignment.load_tokenizer(model_path, script_args.chat_format, add_missing_tokens=True)
-    context = alignment.model_context(AutoConfig.from_pretrained(model_path))
+    tokenizer = loading.load_chat_tokenizer(model_path, script_args.chat_format, add_missing_tokens=True)
+    context = loading.context_length(AutoConfig.from_pretrained(model_path))
     args.max_length = min(args.max_length or context, context)
-    conversations = alignment.load_conversations(script_args)
-    conversations = alignment.sample_rows(conversations, script_args.max_train_samples, args.seed)
+    conversations = stage_data.load_conversations(script_args)
+    conversations = stage_data.sample_rows(conversations, script_args.max_train_samples, args.seed)
     held_out = []
     if script_args.eval_fraction and args.eval_strategy != "no" and len(conversations) > 1:
-        conversations, held_out = data.split_heldout(conversations, script_args.eval_fraction, args.seed)
-    train_set, counts = alignment.sft_dataset(tokenizer, conversations, args.max_length)
+        conversations, held_out = formats.split_heldout(conversations, script_args.eval_fraction, args.seed)
+    train_set, counts = stage_data.sft_dataset(tokenizer, conversations, args.max_length)
     if script_args.inspect:
         inspect(tokenizer, train_set, counts)
         return output_dir
-    eval_set = alignment.sft_dataset(tokenizer, held_out, args.max_length)[0] if held_out else None
+    eval_set = stage_data.sft_dataset(tokenizer, held_out, args.max_length)[0] if held_out else None
     if eval_set is None:
         args.eval_strategy = "no"
-    examples = alignment.task_examples(script_args)
+    examples = stage_data.task_examples(script_args)
 
-    model = alignment.load_causal_lm(model_path, tokenizer)  # before writing anything: a broken input leaves no trace
+    model = loading.load_causal_lm(model_path, tokenizer)  # before writing anything: a broken input leaves no trace
     if resume_from:
         runs.discard_incomplete_checkpoints(output_dir)
     else:
-        alignment.prepare_output_dir(output_dir, script_args.overwrite)
+        training.prepare_output_dir(output_dir, script_args.overwrite)
     training.log_to_file(output_dir)
-    save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    runs.save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"sft: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, context {context}), "
         f"chat format {script_args.chat_format}, {counts['examples']} train conversations ({counts['trimmed']} trimmed, "
@@ -103,8 +98,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     baseline = {}
     if script_args.eval_baseline and not resume_from:
-        baseline = alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)
-        training.logger.info(f"before sft: held-out tasks {alignment.summarize_tasks(baseline)}")
+        baseline = evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)
+        training.logger.info(f"before sft: held-out tasks {evaluation.summarize_tasks(baseline)}")
 
     # Our masks already restrict the loss to assistant tokens; TRL's own flag wants raw messages.
     args.assistant_only_loss = False
@@ -114,29 +109,29 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=alignment.lora_config(peft_args, "CAUSAL_LM"),
+        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
     result = training.train(trainer, resume_from)
     seconds = time.perf_counter() - start
 
-    model = alignment.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
-    evaluation = {"tasks": alignment.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
+    model = training.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
+    report = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
     if baseline:
-        evaluation["before"] = {"tasks": baseline}
+        report["before"] = {"tasks": baseline}
     metrics = {
-        **alignment.train_metrics(result, seconds),
-        "task_accuracy": evaluation["tasks"].get("overall"),
+        **training.train_metrics(result, seconds),
+        "task_accuracy": report["tasks"].get("overall"),
         "task_accuracy_before": baseline.get("overall"),
         "data": counts,
         "model": model_path,
         "chat_format": script_args.chat_format,
     }
-    alignment.finish_stage(trainer, output_dir, "sft", metrics, evaluation, push_request=push_request)
-    training.logger.info(f"after sft: held-out tasks {alignment.summarize_tasks(evaluation['tasks'])}")
+    training.finish_stage(trainer, output_dir, "sft", metrics, report, push_request=push_request)
+    training.logger.info(f"after sft: held-out tasks {evaluation.summarize_tasks(report['tasks'])}")
     if trainer.is_world_process_zero():
-        print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {alignment.summarize_tasks(evaluation['tasks'])} -> {output_dir}")
+        print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {evaluation.summarize_tasks(report['tasks'])} -> {output_dir}")
     return output_dir
 
 

@@ -44,7 +44,7 @@ def isolated_runs(tmp_path, monkeypatch):
 
 def run_main(main, argv) -> tuple[int, str]:
     """Call a stage's real `main(argv)` as the CLI would; returns (exit code, error line)."""
-    from pipeline.config import UsageError
+    from fluxchat.config import UsageError
 
     try:
         main([str(a) for a in argv])

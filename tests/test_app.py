@@ -9,9 +9,9 @@ import pytest
 from transformers import AutoModelForSequenceClassification
 
 import app
-from pipeline import serving
-from pipeline.config import UsageError
-from pipeline.serving import ChatModel, RewardScorer, Sampling
+from fluxchat import serving
+from fluxchat.config import UsageError
+from fluxchat.serving import ChatModel, RewardScorer, Sampling
 from tests.conftest import run_main
 
 SAMPLING = dict(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95)

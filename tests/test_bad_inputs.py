@@ -29,9 +29,9 @@ from types import SimpleNamespace
 from typing import Callable
 
 import pytest
-from conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
+from conftest import PYTHON, SHAKESPEARE, run_main, run_script
 
-from pipeline import runs
+from fluxchat import runs
 
 ENTRY_POINTS = {  # entry point -> (script a user runs, module whose main() it calls)
     "tokenizer": ("tokenizer/train.py", "tokenizer.train"),

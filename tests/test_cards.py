@@ -8,7 +8,7 @@ import shutil
 import yaml
 from conftest import run_main
 
-from pipeline import cards, runs
+from fluxchat import cards, runs
 from tests.hub_server import split_front_matter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

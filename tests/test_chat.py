@@ -1,12 +1,12 @@
-"""Conversation handling (pipeline/chat_format.py) and the terminal chat (pipeline/chat.py)."""
+"""Conversation handling (fluxchat/chat_format.py) and the terminal chat (pipeline/chat.py)."""
 
 import re
 
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline import chat_format
-from pipeline.config import UsageError
+from fluxchat import chat_format
+from fluxchat.config import UsageError
 from tests.conftest import PYTHON, REPO, run_main, run_script
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}

@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import DATA, SHAKESPEARE
 
-from pipeline import tasks
-from pipeline.config import UsageError
-from pipeline.data import load_conversations, load_preferences, split_heldout
+from fluxchat import tasks
+from fluxchat.config import UsageError
+from fluxchat.formats import load_conversations, load_preferences, split_heldout
 
 SELF_INSTRUCT = DATA / "sft" / "self-instruct_seed_tasks.jsonl"
 DOLLY = DATA / "sft" / "dolly_open_qa.instruction_response.jsonl"

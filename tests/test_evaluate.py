@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import DATA, PYTHON, SHAKESPEARE, run_main, run_script
 
-from pipeline import chat_format, evaluate, tasks
+from fluxchat import chat_format, evaluation, generation, tasks
+from pipeline import evaluate
 
 HH_RLHF = DATA / "pref" / "hh-rlhf_helpful-base_test.jsonl.gz"
 
@@ -27,7 +28,7 @@ def pretrained(tiny_run):
 def test_evaluate_tasks_reports_every_task(pretrained):
     tokenizer, model, _ = pretrained
     examples = tasks.conversations("eval", n=21, corpus_file=SHAKESPEARE)
-    result = evaluate.evaluate_tasks(model, tokenizer, examples, max_new_tokens=8)
+    result = evaluation.evaluate_tasks(model, tokenizer, examples, max_new_tokens=8)
     assert list(result["per_task"]) == list(tasks.TASKS)
     assert all(0.0 <= acc <= 1.0 for acc in result["per_task"].values()) and 0.0 <= result["overall"] <= 1.0
     assert result["n"] == 21 and sum(result["n_per_task"].values()) == 21
@@ -40,40 +41,40 @@ def test_batched_left_padded_generation_matches_one_at_a_time(pretrained):
     prompts = [tasks.prompt_and_answer(e)[0] for e in examples]
     new_tokens = 4  # every prompt leaves room for it in the 64-token context, so budgets agree
     assert max(len(chat_format.render_prompt(tokenizer, p)) for p in prompts) + new_tokens <= model.config.n_positions
-    batched = evaluate.generate_replies(model, tokenizer, prompts, new_tokens, batch_size=8)
-    single = evaluate.generate_replies(model, tokenizer, prompts, new_tokens, batch_size=1)
+    batched = generation.generate_replies(model, tokenizer, prompts, new_tokens, batch_size=8)
+    single = generation.generate_replies(model, tokenizer, prompts, new_tokens, batch_size=1)
     assert batched == single
     # Scoring the model's own greedy replies as the expected answers gives 100%: checker and
     # generation agree end to end; a different reply gives 0%.
     own = [{"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"]}]} for e, p, r in zip(examples, prompts, batched)]
-    assert evaluate.evaluate_tasks(model, tokenizer, own, max_new_tokens=new_tokens, batch_size=5)["overall"] == 1.0
+    assert evaluation.evaluate_tasks(model, tokenizer, own, max_new_tokens=new_tokens, batch_size=5)["overall"] == 1.0
     wrong = [{"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"] + " x"}]} for e, p, r in zip(examples, prompts, batched)]
-    assert evaluate.evaluate_tasks(model, tokenizer, wrong, max_new_tokens=new_tokens)["overall"] == 0.0
+    assert evaluation.evaluate_tasks(model, tokenizer, wrong, max_new_tokens=new_tokens)["overall"] == 0.0
 
 
 def test_reward_model_accuracy_and_margin(pretrained):
     tokenizer, _, reward_model = pretrained
     pairs = tasks.preference_pairs("eval", n=28, corpus_file=SHAKESPEARE)
-    result = evaluate.evaluate_reward_model(reward_model, tokenizer, pairs, batch_size=8)
+    result = evaluation.evaluate_reward_model(reward_model, tokenizer, pairs, batch_size=8)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 28 and set(result["per_task"]) == set(tasks.TASKS)
     assert math.isclose(result["margin"], result["mean_chosen"] - result["mean_rejected"], abs_tol=1e-5)
     swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
-    flipped = evaluate.evaluate_reward_model(reward_model, tokenizer, swapped, batch_size=3)
+    flipped = evaluation.evaluate_reward_model(reward_model, tokenizer, swapped, batch_size=3)
     assert math.isclose(flipped["margin"], -result["margin"], abs_tol=1e-5)
     assert math.isclose(flipped["accuracy"], 1 - result["accuracy"])  # no ties with a random head
-    ties = evaluate.evaluate_reward_model(reward_model, tokenizer, [{**p, "rejected": p["chosen"]} for p in pairs[:4]])
+    ties = evaluation.evaluate_reward_model(reward_model, tokenizer, [{**p, "rejected": p["chosen"]} for p in pairs[:4]])
     assert ties["accuracy"] == 0.0 and ties["margin"] == 0.0
 
 
 def test_mean_reward_of_policy_replies(pretrained):
     tokenizer, model, reward_model = pretrained
     examples = tasks.conversations("eval", n=7, corpus_file=SHAKESPEARE)
-    result = evaluate.mean_reward(model, reward_model, tokenizer, examples, max_new_tokens=6)
+    result = evaluation.mean_reward(model, reward_model, tokenizer, examples, max_new_tokens=6)
     assert result["n"] == 7 and math.isfinite(result["mean_reward"])
     assert 0.0 <= result["eos_rate"] <= 1.0 and 0 < result["mean_response_tokens"] <= 6
-    replies = evaluate.generate_replies(model, tokenizer, [tasks.prompt_and_answer(e)[0] for e in examples], 6)
+    replies = generation.generate_replies(model, tokenizer, [tasks.prompt_and_answer(e)[0] for e in examples], 6)
     scored = [tasks.prompt_and_answer(e)[0] + [{"role": "assistant", "content": r["reply"]}] for e, r in zip(examples, replies)]
-    expected = sum(evaluate.score_conversations(reward_model, tokenizer, scored)) / 7
+    expected = sum(evaluation.score_conversations(reward_model, tokenizer, scored)) / 7
     assert math.isclose(result["mean_reward"], expected, rel_tol=1e-5, abs_tol=1e-6)
 
 

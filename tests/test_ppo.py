@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import chat_format, ppo, reward, sft
+from fluxchat import chat_format
+from pipeline import ppo, reward, sft
 from tests.conftest import SHAKESPEARE, run_main
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]

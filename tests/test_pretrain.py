@@ -7,11 +7,20 @@ import sys
 import time
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import pretrain, runs
-from tests.conftest import PYTHON, REPO, SHAKESPEARE, TINY_MODEL_FLAGS, TINY_TRAIN_FLAGS, run_main, run_script, train_tiny_tokenizer
+from fluxchat import runs
+from pipeline import pretrain
+from tests.conftest import (
+    PYTHON,
+    REPO,
+    SHAKESPEARE,
+    TINY_MODEL_FLAGS,
+    TINY_TRAIN_FLAGS,
+    run_main,
+    run_script,
+    train_tiny_tokenizer,
+)
 
 
 def _history(stage_dir):

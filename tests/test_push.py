@@ -12,7 +12,8 @@ import shutil
 import pytest
 from conftest import PYTHON, REPO, run_main, run_script
 
-from pipeline import push, runs
+from fluxchat import hub, runs
+from pipeline import push
 from tests.hub_server import LocalHub, split_front_matter
 
 TOKEN = "hf_test_secret_token_123"
@@ -84,7 +85,7 @@ def test_push_whole_run_and_space(tiny_run, tmp_path):
 
     space = hub.files["alice/demo-chat"]
     assert space["app.py"] == (REPO / "app.py").read_bytes()
-    assert {"requirements.txt", "pipeline/serving.py", "pipeline/chat_format.py"} <= space.keys()
+    assert {"requirements.txt", "fluxchat/serving.py", "fluxchat/chat_format.py", "fluxchat/__init__.py"} <= space.keys()
     space_meta, _ = split_front_matter(space["README.md"].decode())
     assert space_meta["sdk"] == "gradio" and space_meta["sdk_version"] == "6.31.0" and space_meta["app_file"] == "app.py"
     assert hub.variables["alice/demo-chat"] == {"FLUXCHAT_MODEL": "alice/demo-sft", "FLUXCHAT_COMPARE_MODEL": "alice/demo-pretrain"}
@@ -103,10 +104,10 @@ sys.path.insert(0, {str(REPO)!r})
 from transformers import TrainingArguments
 from pipeline import push
 args = TrainingArguments(output_dir={str(tmp_path / "out")!r}, push_to_hub=True, hub_model_id="alice/solo", hub_token={TOKEN!r}, hub_private_repo=True)
-request = push.take_over_push(args)
+request = hub.take_over_push(args)
 assert args.push_to_hub is False and args.hub_token is None, "the Trainer must not push nor pickle the token"
 assert {TOKEN!r} not in repr(request)
-push.maybe_push(request, {str(run / "pretrain")!r}, "pretrain")
+hub.maybe_push(request, {str(run / "pretrain")!r}, "pretrain")
 """
     with LocalHub(token=TOKEN) as hub:
         result = run_script(PYTHON, "-c", script, env=hub_env(hub, tmp_path, token=None), timeout=300)
@@ -144,7 +145,7 @@ def test_offline_missing_stage_and_bad_names_fail_in_one_line(tiny_run, tmp_path
 
     args = TrainingArguments(output_dir=str(tmp_path / "out"), push_to_hub=True)
     with pytest.raises(push.UsageError, match="--hub_model_id"):
-        push.take_over_push(args)
+        hub.take_over_push(args)
 
 
 def test_folder_holding_the_token_is_refused_and_an_unreachable_hub_is_one_line(tiny_run, tmp_path):

@@ -9,7 +9,8 @@ import shutil
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline import chat_format, evaluate, reward, sft, tasks
+from fluxchat import chat_format, evaluation, tasks
+from pipeline import reward, sft
 from tests.conftest import DATA, SHAKESPEARE, run_main
 
 HH_RLHF = DATA / "pref" / "hh-rlhf_helpful-base_test.jsonl.gz"
@@ -66,6 +67,6 @@ def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_acc
     with torch.no_grad():
         direct = model(torch.tensor([ids])).logits
     assert direct.shape == (1, 1)
-    assert abs(evaluate.score_conversations(model, tokenizer, [conversation])[0] - float(direct)) < 1e-4
-    learned = evaluate.evaluate_reward_model(model, tokenizer, pairs)  # the pairs it trained on
+    assert abs(evaluation.score_conversations(model, tokenizer, [conversation])[0] - float(direct)) < 1e-4
+    learned = evaluation.evaluate_reward_model(model, tokenizer, pairs)  # the pairs it trained on
     assert learned["accuracy"] >= 0.7 and learned["margin"] > 0, learned

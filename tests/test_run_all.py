@@ -8,7 +8,7 @@ import time
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import chat_format, runs
+from fluxchat import chat_format, runs
 from tests.conftest import PYTHON, REPO, run_script
 
 # The tiny preset's recipes with fewer steps and a smaller model: the point here is the orchestration.

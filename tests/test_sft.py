@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import chat_format, sft
+from fluxchat import chat_format
+from pipeline import sft
 from tests.conftest import PYTHON, SHAKESPEARE, run_main, run_script
 
 # A high learning rate: the test model learns to end its replies with <|end|> within 40 steps.

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from conftest import SHAKESPEARE
 
-from pipeline import tasks
-from pipeline.config import UsageError
+from fluxchat import tasks
+from fluxchat.config import UsageError
 
 
 def item_key(example: dict) -> str:

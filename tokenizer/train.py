@@ -9,16 +9,13 @@ and the chat template baked in, plus tokenizer_stats.json (bytes per token on he
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python tokenizer/train.py` from anywhere
-
-from pipeline import cards, chat_format, runs
-from pipeline.config import fail, parse_config, run_cli, save_resolved_config
-from pipeline.data import load_text
+from fluxchat import cards, chat_format, runs
+from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.data import load_text
 
 UNK = "<|unk|>"  # only the word tokenizer needs one: bpe and char fall back to bytes
 
@@ -135,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     staged = runs.staging_dir(output_dir, "final")
     tokenizer.save_pretrained(staged)
     runs.publish(staged, output_dir)  # renamed into place whole, as every stage's outputs are
-    save_resolved_config(output_dir / "config.yaml", args, config_file=config_file)
+    runs.save_resolved_config(output_dir / "config.yaml", args, config_file=config_file)
     runs.write_json(output_dir / "tokenizer_stats.json", stats)
     cards.write_model_card(output_dir, "tokenizer")
     runs.mark_finished(output_dir, "tokenizer", **stats)

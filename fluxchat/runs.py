@@ -26,7 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import fail
+import yaml
+
+from fluxchat.config import fail, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")
 FINISHED_MARKER = "stage_complete.json"
@@ -201,3 +203,8 @@ def latest_stage(folder: str | Path) -> Path | None:
         if is_finished(candidate):
             return candidate
     return None
+
+
+def save_resolved_config(path: Path, *objs, config_file: Path | None = None) -> None:
+    text = yaml.safe_dump(resolved_config(*objs, config_file=config_file), sort_keys=True, allow_unicode=True)
+    atomic_write_text(path, text)

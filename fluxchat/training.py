@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import ProgressCallback
 
-from pipeline import runs
+from fluxchat import cards, generation, hub, runs
 
 logger = logging.getLogger("fluxchat")
 
@@ -204,3 +204,58 @@ def gather_rank_info(info: dict) -> list[dict]:
 
 def finite_or_none(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool, direct: bool = False):
+    """Save `model` (+ tokenizer with chat template + generation config) so AutoModel... loads it.
+
+    A LoRA model is merged first unless --merge_adapter false (then only the adapter is saved, and
+    loading it needs peft). `direct` saves `model` itself from the main process instead of going
+    through trainer.save_model (PPO: its save_model cannot find the policy inside a DDP wrapper).
+    Returns the model to evaluate."""
+    is_peft = hasattr(model, "merge_and_unload")
+    if is_peft and merge_adapter:
+        model = model.merge_and_unload()
+    if getattr(model, "can_generate", lambda: False)():  # PPOTrainer leaves its own stop settings in it
+        model.generation_config = generation.generation_config(tokenizer)
+    def save(folder: Path) -> None:
+        if direct or (is_peft and merge_adapter):
+            if trainer.is_world_process_zero():
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+        else:
+            trainer.save_model(str(folder))  # on every process: sharded (DeepSpeed/FSDP) saves gather across them
+
+    save_final(trainer, output_dir, save)
+    return model
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """runs.prepare_output_dir on the main process only, the others waiting: with several processes
+    an --overwrite on each would delete what the first had already written (e.g. train.log)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            runs.prepare_output_dir(output_dir, overwrite=overwrite)
+
+
+def finish_stage(trainer, output_dir: Path, stage: str, metrics: dict, evaluation: dict, finished: bool = True, push_request=None) -> None:
+    """Write log_history.json, eval.json, metrics.json and the model card, then the finished marker
+    (last), then push if `--push_to_hub` asked for it."""
+    if not trainer.is_world_process_zero():
+        return
+    runs.write_json(output_dir / "log_history.json", trainer.state.log_history)
+    runs.write_json(output_dir / "eval.json", evaluation)
+    runs.write_json(output_dir / "metrics.json", {**metrics, "eval": evaluation})
+    cards.write_model_card(output_dir, stage)  # replaces the generic card TRL's save_model writes
+    if finished:
+        runs.mark_finished(output_dir, stage, global_step=trainer.state.global_step)
+        hub.maybe_push(push_request, output_dir, stage)
+
+
+def train_metrics(result, seconds: float) -> dict:
+    metrics = {k: v for k, v in (result.metrics if result is not None else {}).items() if k != "total_flos"}
+    metrics["train_wall_seconds"] = round(seconds, 1)
+    return metrics

@@ -7,10 +7,10 @@ import math
 import re
 
 import torch
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
-from pipeline import chat_format
-from pipeline.config import fail
+from fluxchat import chat_format, generation
+from fluxchat.config import fail
 
 logger = logging.getLogger("fluxchat")
 
@@ -126,36 +126,8 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
     return GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
 
 
-def generation_config(tokenizer, max_new_tokens: int = 200) -> GenerationConfig:
-    return GenerationConfig(
-        do_sample=True,
-        temperature=0.8,
-        top_k=50,
-        max_new_tokens=max_new_tokens,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=chat_format.stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int = 0, **sampling) -> str:
-    """One sampled continuation of `prompt`, with the KV cache, reproducible by `seed`."""
-    was_training = model.training
-    model.eval()
-    ids = chat_format.encode_text(tokenizer, prompt) or [tokenizer.bos_token_id]
-    ids = ids[-(model.config.n_positions - max_new_tokens) :] if max_new_tokens < model.config.n_positions else ids[-1:]
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    config = generation_config(tokenizer, max_new_tokens)
-    config.update(**sampling)
-    out = model.generate(
-        torch.tensor([ids], device=device),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-        generation_config=config,
-    )
-    model.train(was_training)
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 class BitsPerByteTrainer(Trainer):
@@ -186,7 +158,7 @@ class SampleCallback(TrainerCallback):
         if not state.is_world_process_zero or not self.prompts:
             return
         for i, prompt in enumerate(self.prompts):
-            text = sample(model, self.tokenizer, prompt, self.max_new_tokens, seed=i)
+            text = generation.sample(model, self.tokenizer, prompt, self.max_new_tokens, seed=i)
             logger.info(f"sample @ step {state.global_step} | {prompt!r} -> {text!r}")
             print(f"--- sample @ step {state.global_step}\n{prompt}{text}\n---", flush=True)
 

@@ -7,10 +7,13 @@ embed) is one clear line, not a traceback.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from pipeline import runs
-from pipeline.config import fail
+from fluxchat import chat_format, runs
+from fluxchat.config import fail
+
+logger = logging.getLogger("fluxchat")
 
 
 def resolve_model(value: str | None, flag: str = "model") -> str:
@@ -94,3 +97,77 @@ def load_model(source: str, tokenizer=None, reward: bool = False):
 def load_model_and_tokenizer(source: str, reward: bool = False):
     tokenizer = load_tokenizer(source)
     return load_model(source, tokenizer, reward=reward), tokenizer
+
+
+def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_missing_tokens: bool = False):
+    """The tokenizer at `path` as a chat tokenizer: our special tokens present, a chat template set,
+    and <|end|> as EOS. `chat_format_name` None keeps the format the tokenizer already carries.
+
+    A tokenizer from outside the pipeline (e.g. the Hub's gpt2) lacks our tokens: SFT may add them
+    (`add_missing_tokens`; the model's embeddings grow to match in `load_causal_lm`), later stages refuse.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        fail(f"could not load a tokenizer from {path}: {str(err).splitlines()[0][:200]}")
+    missing = [t for t in chat_format.SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing and not add_missing_tokens:
+        fail(f"tokenizer in {path} lacks the chat tokens {' '.join(missing)}: give a model that went through pipeline/sft.py")
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+        logger.info(f"added chat tokens {' '.join(missing)} to the tokenizer of {path}")
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        tokenizer.pad_token = chat_format.PAD  # PPO masks on ids != pad: pad must differ from EOS
+    name = chat_format_name or chat_format.format_of(tokenizer).name
+    chat_format.set_chat_format(tokenizer, name, chat_model=True)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def context_length(model_or_config) -> int:
+    """The model's context in tokens, read from its config (a model or a config object): the one place that knows."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    fail(f"cannot tell the context length of a {type(config).__name__} model")
+
+
+def _align_config(model, tokenizer) -> None:
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+
+
+def load_causal_lm(path: str, tokenizer):
+    model = load_model(path).train()  # no vocab check: _align_config resizes for added chat tokens
+    _align_config(model, tokenizer)
+    return model
+
+
+def load_score_model(path: str, tokenizer):
+    """A model with one scalar output per sequence (reward or value), read at the last non-pad token."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
+    except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
+        fail(f"could not load a reward model from {path}: {str(err).splitlines()[0][:200]}")
+    _align_config(model, tokenizer)
+    return model
+
+
+def check_same_tokenizer(tokenizer, other_path: str, what: str) -> None:
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(other_path)
+    if other.get_vocab() != tokenizer.get_vocab():
+        fail(f"{what} {other_path} uses a different tokenizer than the policy: train it from the same SFT model")
+
+
+def device_of(model):
+    return next(model.parameters()).device

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from fluxchat.config import fail
+
 END_OF_TEXT = "<|endoftext|>"  # document separator in pretraining; the base model's EOS
 PAD = "<|pad|>"  # distinct from EOS: PPO masks on `ids != pad_token_id`
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -82,8 +84,6 @@ def set_chat_format(tokenizer, name: str = DEFAULT_FORMAT, chat_model: bool = Fa
     """Bake a chat template into the tokenizer. A chat model's EOS is the end-of-turn token, so
     generation, TRL's EOS handling and PPO's EOS penalty all stop at the end of a reply."""
     if name not in FORMATS:
-        from pipeline.config import fail
-
         fail(f"unknown chat format '{name}': choose from {', '.join(FORMATS)}")
     tokenizer.chat_template = FORMATS[name].jinja()
     if chat_model:
@@ -113,8 +113,6 @@ def _pieces_to_ids(tokenizer, pieces) -> list[int]:
 
 
 def validate_messages(messages) -> None:
-    from pipeline.config import fail
-
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             fail(f"message {i} must be a dict with role in {ROLES}, got {message!r:.80}")
@@ -166,8 +164,6 @@ def trim_to_context(tokenizer, messages, max_context: int, reply_budget: int):
     A turn is a user message with the replies that follow it; a leading system message always stays.
     If even the newest user message alone does not fit, that is the caller's error to report.
     """
-    from pipeline.config import fail
-
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = list(messages[len(system) :])
     limit = max_context - reply_budget
@@ -182,3 +178,19 @@ def trim_to_context(tokenizer, messages, max_context: int, reply_budget: int):
                 f"exceed the context of {max_context}; shorten the message or lower max_new_tokens"
             )
         rest = rest[starts[1] :]
+
+
+def fit_messages(tokenizer, messages, max_tokens: int, generation_prompt: bool = False, reserve: int = 0):
+    """`messages` with the oldest whole turns dropped until render + `reserve` fits `max_tokens`
+    (a leading system message stays); None when even the newest turn does not fit. Chat trims the
+    same way at inference (trim_to_context), so training sees what chat will show."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = list(messages[len(system):])
+    while True:
+        ids, _ = render_conversation(tokenizer, system + rest, add_generation_prompt=generation_prompt)
+        if len(ids) + reserve <= max_tokens:
+            return system + rest
+        starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+        if len(starts) <= 1:
+            return None
+        rest = rest[starts[1]:]

@@ -210,11 +210,6 @@ def resolved_config(*objs, config_file: Path | None = None) -> dict[str, Any]:
     return merged
 
 
-def save_resolved_config(path: Path, *objs, config_file: Path | None = None) -> None:
-    from pipeline.runs import atomic_write_text
-
-    text = yaml.safe_dump(resolved_config(*objs, config_file=config_file), sort_keys=True, allow_unicode=True)
-    atomic_write_text(path, text)
 
 
 def on_cpu_only() -> bool:

@@ -26,7 +26,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from pipeline.config import fail
+from fluxchat.config import fail
+from fluxchat.data import default_corpus
 
 TASKS = ("quote", "speaker", "arithmetic", "copy", "upper", "capital", "followup")
 CORPUS_TASKS = ("quote", "speaker")  # need the Shakespeare corpus
@@ -186,8 +187,6 @@ def _corpus_items(corpus_path: str):
 
 def resolve_corpus(corpus_file) -> str:
     if corpus_file is None:
-        from pipeline.data import default_corpus
-
         corpus_file = default_corpus()
     if not Path(corpus_file).is_file():
         fail(f"corpus file {corpus_file} does not exist (the quote/speaker tasks read their lines from it)")

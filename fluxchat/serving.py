@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from pipeline import chat_format, loading, runs
-from pipeline.config import fail
+from fluxchat import chat_format, generation, loading, runs
+from fluxchat.config import fail
 
 # Sane bounds for a public demo: values outside are clamped, never passed to generate().
 SAMPLING_BOUNDS = {
@@ -89,7 +89,7 @@ resolve_model = loading.resolve_model  # the one way every consumer finds a mode
 
 
 def load_model_and_tokenizer(source: str, reward: bool = False):
-    """Tokenizer and model from `source` (see pipeline/loading.py), plus the chat tokens a chat needs."""
+    """Tokenizer and model from `source` (see fluxchat/loading.py), plus the chat tokens a chat needs."""
     model, tokenizer = loading.load_model_and_tokenizer(source, reward=reward)
     missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
     if missing:
@@ -127,12 +127,12 @@ def _timed_streamer(tokenizer, stats: GenerationStats, start: float):
 
 
 class ChatModel:
-    """A causal LM with its tokenizer, rendering conversations through pipeline.chat_format."""
+    """A causal LM with its tokenizer, rendering conversations through fluxchat.chat_format."""
 
     def __init__(self, model, tokenizer, source: str = ""):
         self.model, self.tokenizer, self.source = model, tokenizer, source
         config = model.config
-        self.context_length = getattr(config, "n_positions", None) or config.max_position_embeddings
+        self.context_length = loading.context_length(config)
         self.stop_ids = chat_format.stop_token_ids(tokenizer)
 
     @classmethod
@@ -160,16 +160,6 @@ class ChatModel:
         kept = chat_format.trim_to_context(self.tokenizer, messages, self.context_length, budget)
         return kept, chat_format.render_prompt(self.tokenizer, kept), budget
 
-    def generation_config(self, sampling: Sampling, budget: int):
-        from transformers import GenerationConfig
-
-        ids = dict(eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, bos_token_id=self.tokenizer.bos_token_id)
-        if sampling.temperature <= 0:
-            return GenerationConfig(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=budget, **ids)
-        return GenerationConfig(
-            do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=budget, **ids
-        )
-
     def stream(self, messages: list[dict], sampling: Sampling, stats: GenerationStats | None = None) -> Iterator[str]:
         """Yield the next assistant reply piece by piece. Raises UsageError if the newest message cannot fit."""
         import torch
@@ -192,7 +182,9 @@ class ChatModel:
                     self.model.generate(
                         input_ids=input_ids,
                         attention_mask=torch.ones_like(input_ids),
-                        generation_config=self.generation_config(sampling, budget),
+                        generation_config=generation.generation_config(
+                            self.tokenizer, budget, sampling.temperature, sampling.top_k, sampling.top_p
+                        ),
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([_StopWhenAsked(stop)]),
                     )
@@ -224,7 +216,7 @@ class RewardScorer:
         run_reward = Path(source) / "reward"
         self.source = str(run_reward) if runs.is_finished(run_reward) else source  # a run folder: its reward stage
         self.model, self.tokenizer = load_model_and_tokenizer(self.source, reward=True)
-        self.context_length = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
+        self.context_length = loading.context_length(self.model)
 
     def score(self, messages: list[dict]) -> float:
         import torch

@@ -1,0 +1,152 @@
+"""Scoring models: held-out task accuracy, reward-model accuracy on pairs, mean reward of a policy.
+
+Used at the end of every stage and by `pipeline/evaluate.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fluxchat import chat_format, generation, loading, tasks
+from fluxchat.config import fail
+
+SAMPLES_PER_TASK = 3  # replies kept in the JSON so a reader sees *how* a task fails
+
+
+def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int = 48, batch_size: int = 32) -> dict:
+    """Exact-match accuracy per task; `overall` is the mean of the per-task accuracies, so a task with
+    few held-out items (capital, followup) counts as much as the others."""
+    if not examples:
+        fail("no examples to evaluate")
+    prompts, expected = zip(*(tasks.prompt_and_answer(example) for example in examples))
+    replies = generation.generate_replies(model, tokenizer, list(prompts), max_new_tokens, batch_size)
+    per_task: dict[str, list[bool]] = {}
+    samples: dict[str, list[dict]] = {}
+    for example, prompt, answer, result in zip(examples, prompts, expected, replies):
+        task = example.get("task", "custom")
+        correct = tasks.check(example, result["reply"])
+        per_task.setdefault(task, []).append(correct)
+        if len(samples.setdefault(task, [])) < SAMPLES_PER_TASK:
+            samples[task].append({"prompt": prompt[-1]["content"], "expected": answer, "reply": result["reply"], "correct": correct})
+    ordered = sorted(per_task, key=lambda t: (tasks.TASKS.index(t) if t in tasks.TASKS else len(tasks.TASKS), t))
+    per_task = {task: per_task[task] for task in ordered}
+    accuracy = {task: sum(hits) / len(hits) for task, hits in per_task.items()}
+    return {
+        "per_task": accuracy,
+        "overall": sum(accuracy.values()) / len(accuracy),
+        "n": len(examples),
+        "n_per_task": {task: len(hits) for task, hits in per_task.items()},
+        "eos_rate": sum(r["stopped"] for r in replies) / len(replies),
+        "samples": samples,
+    }
+
+
+@torch.no_grad()
+def score_conversations(reward_model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
+    """The reward model's scalar (the sequence-classification logit at the last real token) per conversation."""
+    was_training = reward_model.training
+    reward_model.eval()
+    if reward_model.config.pad_token_id is None:  # GPT2ForSequenceClassification finds the last token by the pad id
+        reward_model.config.pad_token_id = generation.pad_id(tokenizer)
+    pad = reward_model.config.pad_token_id
+    device, context = loading.device_of(reward_model), loading.context_length(reward_model)
+    encoded = [chat_format.render_scored(tokenizer, messages)[-context:] for messages in conversations]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    scores = [0.0] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        longest = max(len(encoded[i]) for i in batch)
+        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, i in enumerate(batch):  # right padding: positions stay 0..n-1 as in training
+            input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            attention_mask[row, : len(encoded[i])] = 1
+        logits = reward_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        for row, i in enumerate(batch):
+            scores[i] = float(logits[row, 0])
+    reward_model.train(was_training)
+    return scores
+
+
+def evaluate_reward_model(reward_model, tokenizer, pairs: list[dict], batch_size: int = 32) -> dict:
+    """Accuracy (chosen scored above rejected) and mean margin on {"prompt", "chosen", "rejected"} pairs."""
+    if not pairs:
+        fail("no preference pairs to evaluate")
+    chosen = score_conversations(reward_model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size)
+    rejected = score_conversations(reward_model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size)
+    wins = [c > r for c, r in zip(chosen, rejected)]
+    result = {
+        "accuracy": sum(wins) / len(pairs),
+        "margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs),
+        "mean_chosen": sum(chosen) / len(pairs),
+        "mean_rejected": sum(rejected) / len(pairs),
+        "n": len(pairs),
+    }
+    if all("task" in p for p in pairs):
+        per_task: dict[str, list[bool]] = {}
+        for pair, win in zip(pairs, wins):
+            per_task.setdefault(pair["task"], []).append(win)
+        result["per_task"] = {task: sum(w) / len(w) for task, w in per_task.items()}
+    return result
+
+
+def _prompt_messages(item) -> list[dict]:
+    if isinstance(item, list):
+        return item
+    if "prompt" in item:
+        return list(item["prompt"])
+    return tasks.prompt_and_answer(item)[0]
+
+
+def mean_reward(policy, reward_model, tokenizer, prompts: list, max_new_tokens: int = 48, batch_size: int = 32) -> dict:
+    """Mean reward of the policy's greedy replies. `prompts`: message lists, task examples or pairs."""
+    if not prompts:
+        fail("no prompts to generate replies for")
+    conversations = [_prompt_messages(item) for item in prompts]
+    replies = generation.generate_replies(policy, tokenizer, conversations, max_new_tokens, batch_size)
+    scored = [messages + [{"role": "assistant", "content": r["reply"]}] for messages, r in zip(conversations, replies)]
+    rewards = score_conversations(reward_model, tokenizer, scored, batch_size)
+    return {
+        "mean_reward": sum(rewards) / len(rewards),
+        "n": len(rewards),
+        "eos_rate": sum(r["stopped"] for r in replies) / len(replies),
+        "mean_response_tokens": sum(r["response_tokens"] for r in replies) / len(replies),
+        "samples": [
+            {"prompt": messages[-1]["content"], "reply": r["reply"], "reward": reward}
+            for messages, r, reward in list(zip(conversations, replies, rewards))[:SAMPLES_PER_TASK]
+        ],
+    }
+
+
+def on_device(model):
+    """The model on this process's accelerator (before a trainer has placed it), for evaluation."""
+    from accelerate import PartialState
+
+    return model.to(PartialState().device)
+
+
+def evaluate_policy(model, tokenizer, examples, max_new_tokens: int) -> dict:
+    if not examples:
+        return {}
+    on_device(model)
+    was_training = model.training
+    model.eval()
+    result = evaluate_tasks(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+    model.train(was_training)
+    return result
+
+
+def summarize_tasks(result: dict) -> str:
+    """'overall 63% | copy 90% | ...' from evaluate_tasks' result."""
+    if not result:
+        return "not evaluated"
+
+    def pct(value):
+        value = value.get("accuracy", value) if isinstance(value, dict) else value
+        return f"{100 * value:.0f}%" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+    parts = [f"overall {pct(result.get('overall'))}"]
+    parts += [f"{task} {pct(value)}" for task, value in sorted((result.get("per_task") or {}).items())]
+    return " | ".join(parts)

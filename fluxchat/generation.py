@@ -1,0 +1,88 @@
+"""Generation, the one way: the GenerationConfig builder, batched greedy replies, sampled continuations.
+
+Used by generate, evaluate, chat, the app and the RL monitors.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from fluxchat import chat_format, loading
+
+
+def generation_config(tokenizer, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0) -> GenerationConfig:
+    """The one GenerationConfig builder: sampling with the given settings, greedy when temperature <= 0.
+    Stops at every stop token of the tokenizer's chat format (end of turn and end of text)."""
+    ids = dict(eos_token_id=chat_format.stop_token_ids(tokenizer), pad_token_id=pad_id(tokenizer), bos_token_id=tokenizer.bos_token_id)
+    if temperature <= 0:
+        return GenerationConfig(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=max_new_tokens, **ids)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, **ids)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int = 0, **sampling) -> str:
+    """One sampled continuation of `prompt`, with the KV cache, reproducible by `seed`."""
+    was_training = model.training
+    model.eval()
+    ids = chat_format.encode_text(tokenizer, prompt) or [tokenizer.bos_token_id]
+    ids = ids[-(loading.context_length(model) - max_new_tokens) :] if max_new_tokens < loading.context_length(model) else ids[-1:]
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    config = generation_config(tokenizer, max_new_tokens)
+    config.update(**sampling)
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+        generation_config=config,
+    )
+    model.train(was_training)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 32) -> list[dict]:
+    """Greedy replies to each conversation: [{"reply", "response_tokens", "stopped"}] in input order.
+
+    Prompts are sorted by length and left-padded in batches (the KV cache makes each new token one
+    forward step). A prompt longer than the context keeps its newest tokens; near the context limit
+    fewer new tokens are generated, so an over-long expected answer simply fails.
+    """
+
+    was_training = model.training
+    model.eval()
+    device, context, pad = loading.device_of(model), loading.context_length(model), pad_id(tokenizer)
+    stops = chat_format.stop_token_ids(tokenizer)
+    prompts = [chat_format.render_prompt(tokenizer, messages)[-(context - 1) :] for messages in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[dict] = [{}] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        longest = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
+            attention_mask[row, longest - len(prompts[i]) :] = 1
+        config = generation_config(tokenizer, max(1, min(max_new_tokens, context - longest)), temperature=0)
+        # generate() merges the model's own (sampling) defaults into a passed config; swap it instead.
+        saved_config, model.generation_config = model.generation_config, config
+        try:
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        finally:
+            model.generation_config = saved_config
+        for row, i in enumerate(batch):
+            new_tokens = output[row, longest:].tolist()
+            end = next((k for k, token in enumerate(new_tokens) if token in stops), None)
+            reply_tokens = new_tokens if end is None else new_tokens[:end]
+            results[i] = {
+                "reply": tokenizer.decode(reply_tokens, skip_special_tokens=True),
+                "response_tokens": len(reply_tokens),
+                "stopped": end is not None,
+            }
+    model.train(was_training)
+    return results

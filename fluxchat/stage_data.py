@@ -1,0 +1,158 @@
+"""Token-id datasets for the alignment stages, built with `chat_format.render_conversation`.
+
+The renderer chat uses, so the layout a model is trained on is exactly the one it later answers in,
+and typed control-token spellings in the data stay plain text. Over-long conversations lose their
+oldest whole turns through `chat_format.fit_messages`, the one trimming rule.
+"""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset
+
+from fluxchat import chat_format, formats, tasks
+from fluxchat.arguments import StageArguments
+from fluxchat.config import fail
+
+
+def sft_dataset(tokenizer, conversations: list[dict], max_length: int):
+    """Dataset with `input_ids` and `assistant_masks` (1 on assistant content + its end-of-turn token).
+
+    SFTTrainer turns the mask into labels (-100 elsewhere). Returns (dataset, counts)."""
+    columns = {"input_ids": [], "assistant_masks": []}
+    counts = {"examples": 0, "trimmed": 0, "dropped_too_long": 0, "dropped_no_reply": 0}
+    # The separator after the last turn carries no loss and, the model being causal, changes nothing before it.
+    separator = len(chat_format.encode_text(tokenizer, chat_format.format_of(tokenizer).separator))
+
+    def render(messages):
+        ids, mask = chat_format.render_conversation(tokenizer, messages)
+        return ids[: len(ids) - separator], mask[: len(mask) - separator]
+
+    for conversation in conversations:
+        messages = conversation["messages"]
+        ids, mask = render(messages)
+        if len(ids) > max_length:
+            messages = chat_format.fit_messages(tokenizer, messages, max_length + separator)
+            if messages is None:
+                counts["dropped_too_long"] += 1
+                continue
+            counts["trimmed"] += 1
+            ids, mask = render(messages)
+        if not any(mask):
+            counts["dropped_no_reply"] += 1
+            continue
+        columns["input_ids"].append(ids)
+        columns["assistant_masks"].append(mask)
+        counts["examples"] += 1
+    if not counts["examples"]:
+        fail(f"no conversation fits the model's context of {max_length} tokens ({counts}): use shorter data or a model with a longer context")
+    return Dataset.from_dict(columns), counts
+
+
+def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
+    """Dataset with `chosen_ids` / `rejected_ids` for RewardTrainer. Over-long prompts lose their
+    oldest turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts)."""
+    columns = {"chosen_ids": [], "rejected_ids": []}
+    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
+    for pair in pairs:
+        prompt = list(pair.get("prompt") or [])
+        chosen = chat_format.render_scored(tokenizer, prompt + pair["chosen"])
+        rejected = chat_format.render_scored(tokenizer, prompt + pair["rejected"])
+        if max(len(chosen), len(rejected)) > max_length:
+            prompt_length = len(chat_format.render_prompt(tokenizer, prompt)) if prompt else 0
+            reply_length = max(len(chosen), len(rejected)) - prompt_length
+            prompt = chat_format.fit_messages(tokenizer, prompt, max_length, generation_prompt=True, reserve=reply_length) if prompt else None
+            if prompt is None:
+                counts["dropped_too_long"] += 1
+                continue
+            counts["trimmed"] += 1
+            chosen = chat_format.render_scored(tokenizer, prompt + pair["chosen"])
+            rejected = chat_format.render_scored(tokenizer, prompt + pair["rejected"])
+        columns["chosen_ids"].append(chosen)
+        columns["rejected_ids"].append(rejected)
+        counts["pairs"] += 1
+    if not counts["pairs"]:
+        fail(f"no preference pair fits the model's context of {max_length} tokens ({counts})")
+    return Dataset.from_dict(columns), counts
+
+
+def prompt_of(messages) -> list[dict]:
+    """The messages before the final assistant reply: what a policy is asked to continue."""
+    messages = list(messages)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    return messages
+
+
+def prompt_dataset(tokenizer, conversations: list[dict], max_prompt_tokens: int):
+    """Dataset with one column `input_ids`: each conversation's prompt rendered with the generation
+    prompt (PPOTrainer's format). Returns (dataset, counts)."""
+    prompts = []
+    counts = {"prompts": 0, "trimmed": 0, "dropped_too_long": 0, "dropped_empty": 0}
+    for conversation in conversations:
+        messages = prompt_of(conversation["messages"])
+        if not messages or messages[-1]["role"] != "user":
+            counts["dropped_empty"] += 1
+            continue
+        fitted = chat_format.fit_messages(tokenizer, messages, max_prompt_tokens, generation_prompt=True)
+        if fitted is None:
+            counts["dropped_too_long"] += 1
+            continue
+        counts["trimmed"] += fitted != messages
+        prompts.append(chat_format.render_prompt(tokenizer, fitted))
+        counts["prompts"] += 1
+    if not prompts:
+        fail(f"no prompt fits in {max_prompt_tokens} tokens (context minus --response_length) ({counts})")
+    return Dataset.from_dict({"input_ids": prompts}), counts
+
+
+def sample_rows(rows: list, limit: int | None, seed: int) -> list:
+    if limit is None or limit >= len(rows):
+        return rows
+    return random.Random(seed).sample(rows, limit)
+
+
+def marked_example(tokenizer, input_ids, mask) -> str:
+    """One training example as text with the loss-bearing tokens inside [[...]]."""
+    pieces, run, run_mask = [], [], None
+    for token, bit in list(zip(input_ids, mask)) + [(None, None)]:
+        if bit != run_mask and run:
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            pieces.append(f"[[{text}]]" if run_mask else text)
+            run = []
+        run_mask = bit
+        if token is not None:
+            run.append(token)
+    return "".join(pieces)
+
+
+def load_conversations(stage_args: StageArguments) -> list[dict]:
+    """The --dataset sources in order; 'builtin' is the built-in tasks' train split (--tasks)."""
+    out = []
+    for source in stage_args.dataset:
+        if source == formats.BUILTIN:
+            out += tasks.conversations("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+        else:
+            out += formats.load_conversations([source], corpus_file=stage_args.corpus_file)
+    return out
+
+
+def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
+    """(pairs, pairs dropped for chosen == rejected) from the --dataset sources."""
+    out, dropped = [], 0
+    for source in stage_args.dataset:
+        if source == formats.BUILTIN:
+            pairs = tasks.preference_pairs("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+        else:
+            pairs, n_identical = formats.load_preferences([source], corpus_file=stage_args.corpus_file)
+            dropped += n_identical
+        out += [{**pair, "source": source} for pair in pairs]  # held-out accuracy is reported per source
+    return out, dropped
+
+
+def task_examples(stage_args: StageArguments) -> list[dict]:
+    """Held-out built-in examples scored at the end of a stage."""
+    if not stage_args.eval_examples:
+        return []
+    return tasks.conversations("eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
