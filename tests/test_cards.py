@@ -9,6 +9,7 @@ import yaml
 from conftest import run_main
 
 from fluxchat import cards, runs
+from pipeline import cards as cards_command
 from tests.hub_server import split_front_matter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -127,8 +128,8 @@ def test_card_survives_missing_and_broken_files(tmp_path):
 def test_cards_cli_rewrites_a_card(tiny_run, tmp_path):
     folder = tmp_path / "pretrain"
     shutil.copytree(tiny_run / "pretrain", folder, ignore=shutil.ignore_patterns("checkpoint-*", "log_history.json", "loss_curve.png"))
-    assert run_main(cards.main, [folder]) == (0, "")
+    assert run_main(cards_command.main, [folder]) == (0, "")
     _, body = read_card(folder)
     assert "No training log found" in body  # no checkpoints, no log_history.json: no curve, still a card
-    code, error = run_main(cards.main, [tmp_path / "missing"])
+    code, error = run_main(cards_command.main, [tmp_path / "missing"])
     assert code == 2 and "is not a folder" in error
