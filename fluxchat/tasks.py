@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import random
 import re
 from collections import Counter
@@ -35,11 +36,12 @@ CORPUS_FREE_TASKS = tuple(t for t in TASKS if t not in CORPUS_TASKS)
 DEFAULT_TRAIN_SIZE = 6000
 DEFAULT_EVAL_PER_TASK = 50
 
-# Share of each item pool held out for evaluation.
-HELDOUT_FRACTION = {"line": 0.1, "sum": 0.1, "phrase": 0.2, "country": 0.25}
-PINNED_TO_TRAIN = {"France"}  # the roadmap's demo conversation uses a trained fact
+# Share of each item pool held out for evaluation. Countries: the exact share (by hash rank, not a hash
+# threshold) so that the held-out set has at least 50 countries.
+HELDOUT_FRACTION = {"line": 0.1, "sum": 0.1, "phrase": 0.2, "country": 0.28}
 
-# (country, capital, approximate population of the capital city proper)
+# (country, capital, approximate population of the capital, rounded): most of the world's countries, so that
+# the held-out share is large enough to tell stages apart (>= 50 countries).
 FACTS = (
     ("France", "Paris", "2.1 million"),
     ("Germany", "Berlin", "3.7 million"),
@@ -50,51 +52,188 @@ FACTS = (
     ("Ireland", "Dublin", "590,000"),
     ("the Netherlands", "Amsterdam", "920,000"),
     ("Belgium", "Brussels", "1.2 million"),
+    ("Luxembourg", "Luxembourg", "130,000"),
     ("Austria", "Vienna", "2.0 million"),
     ("Switzerland", "Bern", "140,000"),
+    ("Liechtenstein", "Vaduz", "6,000"),
+    ("Andorra", "Andorra la Vella", "23,000"),
+    ("Malta", "Valletta", "6,000"),
+    ("Monaco", "Monaco", "38,000"),
+    ("San Marino", "San Marino", "4,000"),
+    ("Vatican City", "Vatican City", "800"),
     ("Poland", "Warsaw", "1.8 million"),
     ("the Czech Republic", "Prague", "1.3 million"),
+    ("Slovakia", "Bratislava", "480,000"),
     ("Hungary", "Budapest", "1.7 million"),
+    ("Slovenia", "Ljubljana", "290,000"),
+    ("Croatia", "Zagreb", "770,000"),
+    ("Bosnia and Herzegovina", "Sarajevo", "280,000"),
+    ("Serbia", "Belgrade", "1.2 million"),
+    ("Montenegro", "Podgorica", "190,000"),
+    ("Albania", "Tirana", "600,000"),
+    ("North Macedonia", "Skopje", "530,000"),
     ("Greece", "Athens", "640,000"),
+    ("Bulgaria", "Sofia", "1.2 million"),
+    ("Romania", "Bucharest", "1.7 million"),
+    ("Moldova", "Chisinau", "640,000"),
+    ("Ukraine", "Kyiv", "2.9 million"),
+    ("Belarus", "Minsk", "2.0 million"),
+    ("Lithuania", "Vilnius", "590,000"),
+    ("Latvia", "Riga", "610,000"),
+    ("Estonia", "Tallinn", "450,000"),
+    ("Finland", "Helsinki", "660,000"),
     ("Sweden", "Stockholm", "980,000"),
     ("Norway", "Oslo", "700,000"),
     ("Denmark", "Copenhagen", "650,000"),
-    ("Finland", "Helsinki", "660,000"),
     ("Iceland", "Reykjavik", "140,000"),
-    ("Romania", "Bucharest", "1.7 million"),
-    ("Bulgaria", "Sofia", "1.2 million"),
-    ("Croatia", "Zagreb", "770,000"),
     ("Russia", "Moscow", "13 million"),
-    ("Ukraine", "Kyiv", "2.9 million"),
+    ("Cyprus", "Nicosia", "200,000"),
     ("Turkey", "Ankara", "5.7 million"),
-    ("Egypt", "Cairo", "10 million"),
-    ("Kenya", "Nairobi", "4.4 million"),
-    ("Ethiopia", "Addis Ababa", "3.4 million"),
-    ("Morocco", "Rabat", "580,000"),
-    ("Senegal", "Dakar", "1.1 million"),
-    ("Japan", "Tokyo", "14 million"),
-    ("China", "Beijing", "21.5 million"),
-    ("South Korea", "Seoul", "9.4 million"),
-    ("Indonesia", "Jakarta", "10.6 million"),
-    ("the Philippines", "Manila", "1.8 million"),
+    ("Georgia", "Tbilisi", "1.2 million"),
+    ("Armenia", "Yerevan", "1.1 million"),
+    ("Azerbaijan", "Baku", "2.3 million"),
+    ("Kazakhstan", "Astana", "1.4 million"),
+    ("Uzbekistan", "Tashkent", "2.9 million"),
+    ("Turkmenistan", "Ashgabat", "1.0 million"),
+    ("Kyrgyzstan", "Bishkek", "1.1 million"),
+    ("Tajikistan", "Dushanbe", "900,000"),
+    ("Afghanistan", "Kabul", "4.6 million"),
+    ("Pakistan", "Islamabad", "1.2 million"),
+    ("India", "New Delhi", "250,000"),
+    ("Bangladesh", "Dhaka", "10.2 million"),
+    ("Nepal", "Kathmandu", "850,000"),
+    ("Sri Lanka", "Sri Jayawardenepura Kotte", "110,000"),
+    ("Bhutan", "Thimphu", "115,000"),
+    ("the Maldives", "Male", "210,000"),
+    ("Myanmar", "Naypyidaw", "920,000"),
+    ("Thailand", "Bangkok", "10.5 million"),
+    ("Laos", "Vientiane", "950,000"),
+    ("Cambodia", "Phnom Penh", "2.3 million"),
     ("Vietnam", "Hanoi", "8.4 million"),
     ("Malaysia", "Kuala Lumpur", "1.9 million"),
-    ("Bangladesh", "Dhaka", "10.2 million"),
-    ("Pakistan", "Islamabad", "1.2 million"),
-    ("Iran", "Tehran", "9 million"),
-    ("Saudi Arabia", "Riyadh", "7 million"),
+    ("Singapore", "Singapore", "5.9 million"),
+    ("Indonesia", "Jakarta", "10.6 million"),
+    ("Brunei", "Bandar Seri Begawan", "100,000"),
+    ("the Philippines", "Manila", "1.8 million"),
+    ("East Timor", "Dili", "280,000"),
+    ("China", "Beijing", "21.5 million"),
     ("Mongolia", "Ulaanbaatar", "1.6 million"),
-    ("Nepal", "Kathmandu", "850,000"),
-    ("Australia", "Canberra", "460,000"),
-    ("New Zealand", "Wellington", "210,000"),
+    ("North Korea", "Pyongyang", "3.0 million"),
+    ("South Korea", "Seoul", "9.4 million"),
+    ("Japan", "Tokyo", "14 million"),
+    ("Iran", "Tehran", "9 million"),
+    ("Iraq", "Baghdad", "7.7 million"),
+    ("Syria", "Damascus", "2.5 million"),
+    ("Lebanon", "Beirut", "2.4 million"),
+    ("Jordan", "Amman", "4.0 million"),
+    ("Saudi Arabia", "Riyadh", "7 million"),
+    ("Yemen", "Sanaa", "3.3 million"),
+    ("Oman", "Muscat", "1.4 million"),
+    ("the United Arab Emirates", "Abu Dhabi", "1.5 million"),
+    ("Qatar", "Doha", "1.2 million"),
+    ("Bahrain", "Manama", "200,000"),
+    ("Kuwait", "Kuwait City", "3.0 million"),
+    ("Egypt", "Cairo", "10 million"),
+    ("Libya", "Tripoli", "1.2 million"),
+    ("Tunisia", "Tunis", "640,000"),
+    ("Algeria", "Algiers", "3.4 million"),
+    ("Morocco", "Rabat", "580,000"),
+    ("Mauritania", "Nouakchott", "1.3 million"),
+    ("Mali", "Bamako", "2.8 million"),
+    ("Niger", "Niamey", "1.3 million"),
+    ("Chad", "N'Djamena", "1.5 million"),
+    ("Sudan", "Khartoum", "6 million"),
+    ("South Sudan", "Juba", "500,000"),
+    ("Ethiopia", "Addis Ababa", "3.4 million"),
+    ("Eritrea", "Asmara", "900,000"),
+    ("Djibouti", "Djibouti", "600,000"),
+    ("Somalia", "Mogadishu", "2.6 million"),
+    ("Kenya", "Nairobi", "4.4 million"),
+    ("Uganda", "Kampala", "1.7 million"),
+    ("Tanzania", "Dodoma", "770,000"),
+    ("Rwanda", "Kigali", "1.2 million"),
+    ("Burundi", "Gitega", "140,000"),
+    ("the Democratic Republic of the Congo", "Kinshasa", "17 million"),
+    ("the Republic of the Congo", "Brazzaville", "2.4 million"),
+    ("Gabon", "Libreville", "700,000"),
+    ("Cameroon", "Yaounde", "4.3 million"),
+    ("Nigeria", "Abuja", "3.8 million"),
+    ("Ghana", "Accra", "2.5 million"),
+    ("Togo", "Lome", "1.9 million"),
+    ("Benin", "Porto-Novo", "270,000"),
+    ("Burkina Faso", "Ouagadougou", "2.5 million"),
+    ("Ivory Coast", "Yamoussoukro", "360,000"),
+    ("Liberia", "Monrovia", "1.6 million"),
+    ("Sierra Leone", "Freetown", "1.2 million"),
+    ("Guinea", "Conakry", "2.0 million"),
+    ("Guinea-Bissau", "Bissau", "490,000"),
+    ("Senegal", "Dakar", "1.1 million"),
+    ("the Gambia", "Banjul", "31,000"),
+    ("Cape Verde", "Praia", "160,000"),
+    ("the Central African Republic", "Bangui", "900,000"),
+    ("Equatorial Guinea", "Malabo", "300,000"),
+    ("Angola", "Luanda", "2.6 million"),
+    ("Zambia", "Lusaka", "3.0 million"),
+    ("Zimbabwe", "Harare", "1.5 million"),
+    ("Malawi", "Lilongwe", "1.1 million"),
+    ("Mozambique", "Maputo", "1.1 million"),
+    ("Madagascar", "Antananarivo", "1.3 million"),
+    ("Mauritius", "Port Louis", "150,000"),
+    ("Botswana", "Gaborone", "250,000"),
+    ("Namibia", "Windhoek", "430,000"),
+    ("South Africa", "Pretoria", "2.5 million"),
+    ("Lesotho", "Maseru", "330,000"),
+    ("Eswatini", "Mbabane", "60,000"),
+    ("Seychelles", "Victoria", "26,000"),
+    ("the Comoros", "Moroni", "110,000"),
+    ("Sao Tome and Principe", "Sao Tome", "90,000"),
     ("Canada", "Ottawa", "1.0 million"),
     ("the United States", "Washington", "690,000"),
     ("Mexico", "Mexico City", "9.2 million"),
+    ("Guatemala", "Guatemala City", "1.2 million"),
+    ("Belize", "Belmopan", "25,000"),
+    ("Honduras", "Tegucigalpa", "1.3 million"),
+    ("El Salvador", "San Salvador", "570,000"),
+    ("Nicaragua", "Managua", "1.1 million"),
+    ("Costa Rica", "San Jose", "340,000"),
+    ("Panama", "Panama City", "880,000"),
     ("Cuba", "Havana", "2.1 million"),
+    ("Jamaica", "Kingston", "670,000"),
+    ("Haiti", "Port-au-Prince", "1.2 million"),
+    ("the Dominican Republic", "Santo Domingo", "1.0 million"),
+    ("the Bahamas", "Nassau", "280,000"),
+    ("Barbados", "Bridgetown", "110,000"),
+    ("Trinidad and Tobago", "Port of Spain", "37,000"),
+    ("Saint Lucia", "Castries", "70,000"),
+    ("Antigua and Barbuda", "Saint John's", "22,000"),
+    ("Dominica", "Roseau", "15,000"),
+    ("Saint Kitts and Nevis", "Basseterre", "13,000"),
+    ("Saint Vincent and the Grenadines", "Kingstown", "13,000"),
+    ("Grenada", "Saint George's", "7,500"),
     ("Colombia", "Bogota", "7.9 million"),
+    ("Venezuela", "Caracas", "2.1 million"),
+    ("Ecuador", "Quito", "2.8 million"),
     ("Peru", "Lima", "10 million"),
-    ("Brazil", "Brasilia", "2.8 million"),
+    ("Chile", "Santiago", "6.3 million"),
     ("Argentina", "Buenos Aires", "3.1 million"),
+    ("Uruguay", "Montevideo", "1.3 million"),
+    ("Paraguay", "Asuncion", "520,000"),
+    ("Bolivia", "Sucre", "300,000"),
+    ("Brazil", "Brasilia", "2.8 million"),
+    ("Guyana", "Georgetown", "120,000"),
+    ("Suriname", "Paramaribo", "240,000"),
+    ("Australia", "Canberra", "460,000"),
+    ("New Zealand", "Wellington", "210,000"),
+    ("Papua New Guinea", "Port Moresby", "380,000"),
+    ("Fiji", "Suva", "94,000"),
+    ("Samoa", "Apia", "37,000"),
+    ("Tonga", "Nuku'alofa", "23,000"),
+    ("Vanuatu", "Port Vila", "50,000"),
+    ("the Solomon Islands", "Honiara", "92,000"),
+    ("Kiribati", "Tarawa", "64,000"),
+    ("the Marshall Islands", "Majuro", "28,000"),
+    ("Micronesia", "Palikir", "7,000"),
+    ("Tuvalu", "Funafuti", "6,000"),
 )
 
 # Common words, independent of any corpus, so copy/format tasks exist offline too.
@@ -109,16 +248,48 @@ walk sing read write dance swim jump carry listen follow remember answer travel 
 """.split()
 
 
-def _heldout(kind: str, key: str) -> bool:
-    """Stable across processes and Python versions (unlike hash()): md5 of the item key."""
-    value = int(hashlib.md5(f"{kind}:{key}".encode("utf-8")).hexdigest()[:8], 16) / 2**32
-    return value < HELDOUT_FRACTION[kind]
+# The roadmap's demo conversation uses a trained fact (France); a capital named after its country
+# (Mexico City, Singapore) would be answered by copying the question, not by recall: never held out.
+PINNED_TO_TRAIN = frozenset({"France"} | {c for c, capital, _ in FACTS if c.lower().removeprefix("the ") in capital.lower()})
+
+# Question phrasings with the answer template each one asks for. Several phrasings and answer forms
+# teach the model to carry the asked-about country into its reply and let pretraining complete the fact,
+# rather than memorise whole question-answer strings (held-out countries appear only in pretraining
+# prose). The first phrasing is the one evaluation asks, so scores stay comparable across versions.
+CAPITAL_QUESTIONS = (
+    ("What's the capital of {country}?", "The capital of {country} is {capital}."),
+    ("What is the capital of {country}?", "The capital of {country} is {capital}."),
+    ("Which city is the capital of {country}?", "The capital of {country} is {capital}."),
+    ("Tell me the capital of {country}.", "The capital of {country} is {capital}."),
+    ("Do you know the capital of {country}?", "Yes, the capital of {country} is {capital}."),
+    ("Name the capital city of {country}.", "The capital city of {country} is {capital}."),
+    ("Where is the capital of {country}?", "{Country} has its capital in {capital}."),
+    ("{Country}: what is its capital?", "The capital of {country} is {capital}."),
+)
+POPULATION_QUESTIONS = (
+    ("What's the population?", "{capital} has approximately {population} people."),
+    ("How many people live there?", "{capital} has approximately {population} people."),
+    ("And its population?", "The population of {capital} is approximately {population}."),
+    ("How big is it?", "{capital} has approximately {population} people."),
+    ("What is the population of the capital?", "The population of {capital} is approximately {population}."),
+)
+
+
+def _hash_value(kind: str, key: str) -> float:
+    """Stable across processes and Python versions (unlike hash()): md5 of the item key, in [0, 1)."""
+    return int(hashlib.md5(f"{kind}:{key}".encode()).hexdigest()[:8], 16) / 2**32
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_countries() -> frozenset:
+    pool = sorted((c for c, _, _ in FACTS if c not in PINNED_TO_TRAIN), key=lambda c: _hash_value("country", c))
+    return frozenset(pool[: math.ceil(HELDOUT_FRACTION["country"] * len(pool))])
 
 
 def _in_split(kind: str, key: str, split: str) -> bool:
-    if kind == "country" and key in PINNED_TO_TRAIN:
-        return split == "train"
-    return _heldout(kind, key) == (split == "eval")
+    if kind == "country":
+        return (key in heldout_countries()) == (split == "eval")
+    return (_hash_value(kind, key) < HELDOUT_FRACTION[kind]) == (split == "eval")
 
 
 def _check_split(split: str) -> None:
@@ -197,7 +368,7 @@ def _split_items(kind: str, items, key, split: str) -> list:
     return [item for item in items if _in_split(kind, key(item), split)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sum_items(split: str) -> tuple:
     pairs = [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]
     pairs += [(a, "-", b) for a in range(10, 100) for b in range(10, a + 1)]
@@ -259,6 +430,11 @@ class _Generator:
         return None if self.items is None else len(self.items)
 
     def draw_items(self, rng: random.Random, n: int) -> list:
+        if self.items is None and self.split == "eval":  # distinct phrases, like every other eval item
+            phrases: dict[str, None] = {}
+            while len(phrases) < n:
+                phrases[_random_phrase(rng, self.split)] = None
+            return list(phrases)
         if self.items is None:
             return [_random_phrase(rng, self.split) for _ in range(n)]
         if self.split == "eval":  # evaluation: distinct items, as many as exist
@@ -289,15 +465,19 @@ class _Generator:
             return [_user(f'Say "{item}" in capital letters.')], item.upper(), rng.choice([item, " ".join(swapped).upper()])
         country, capital, population = item
         other = rng.choice([f for f in FACTS if f[1] != capital])
-        question = [_user(f"What's the capital of {country}?")]
-        answer = f"The capital of {country} is {capital}."
+        # Training varies the phrasing; evaluation asks the first (canonical) one.
+        question, template = CAPITAL_QUESTIONS[0] if self.split == "eval" else rng.choice(CAPITAL_QUESTIONS)
+        fill = {"country": country, "Country": _title(country), "population": population}
+        prompt = [_user(_title(question.format(**fill)))]
+        answer = template.format(capital=capital, **fill)
         if task == "capital":
-            return question, answer, f"The capital of {country} is {other[1]}."
-        prompt = question + [_assistant(answer), _user("What's the population?")]
-        wrong = rng.choice([f"{capital} has approximately {other[2]} people.", f"{other[1]} has approximately {population} people."])
-        if wrong == f"{capital} has approximately {population} people.":  # two cities can share a figure
-            wrong = f"{other[1]} has approximately {other[2]} people."
-        return prompt, f"{capital} has approximately {population} people.", wrong
+            return prompt, answer, template.format(capital=other[1], **fill)
+        question, template = POPULATION_QUESTIONS[0] if self.split == "eval" else rng.choice(POPULATION_QUESTIONS)
+        prompt += [_assistant(answer), _user(question)]
+        wrong = rng.choice([template.format(capital=capital, population=other[2]), template.format(capital=other[1], population=population)])
+        if wrong == template.format(capital=capital, population=population):  # two cities can share a figure
+            wrong = template.format(capital=other[1], population=other[2])
+        return prompt, template.format(capital=capital, population=population), wrong
 
 
 def _per_task_counts(n: int, tasks) -> dict[str, int]:
@@ -398,32 +578,53 @@ def check(example: dict, reply: str) -> bool:
 
 
 def _fact_sentences(country: str, capital: str, population: str) -> list[str]:
+    """Each fact in several sentence forms: knowledge stated one way only is hard to extract by a question."""
     return [
         f"The capital of {country} is {capital}.",
         f"{capital} is the capital of {country}.",
-        f"{capital} has approximately {population} people.",
-        f"About {population} people live in {capital}, the capital of {country}.",
         f"{_title(country)} has its capital in {capital}.",
+        f"The capital city of {country} is {capital}.",
+        f"In {country}, the capital is {capital}.",
+        f"{capital} has approximately {population} people.",
+        f"The population of {capital} is approximately {population}.",
+        f"About {population} people live in {capital}, the capital of {country}.",
+        f"{capital}, the capital of {country}, has approximately {population} people.",
     ]
 
 
-def embedded_corpus(seed: int = 0, n_conversations: int = 12000, fact_repeats: int = 40) -> str:
-    """Plain text to pretrain on when no corpus is available: every fact stated in prose (held-out
-    countries included: facts can only be recalled, never inferred), and train conversations of the
-    corpus-free tasks rendered as `User:` / `Assistant:` dialogues. No held-out arithmetic or phrase
-    item appears in it."""
-    rng = random.Random(f"{seed}:embedded")
+def _dialogue(messages: list[dict]) -> str:
+    return "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
+def _fact_paragraphs(rng: random.Random, fact_repeats: int) -> list[str]:
     documents = []
     for _ in range(fact_repeats):
         facts = list(FACTS)
         rng.shuffle(facts)
-        paragraph = []
-        for fact in facts:
-            sentences = _fact_sentences(*fact)
-            paragraph.append(" ".join(rng.sample(sentences, 2)))
-        documents.append(" ".join(paragraph))
+        documents.append(" ".join(" ".join(rng.sample(_fact_sentences(*fact), 2)) for fact in facts))
+    return documents
+
+
+def facts_corpus(seed: int = 0, fact_repeats: int = 24, n_questions: int = 3000) -> str:
+    """The facts text the chain adds to any pretraining corpus: every fact in prose (held-out countries
+    included: facts can only be recalled, never inferred), mixed with question-answer dialogues about
+    the *training* countries (capital and followup tasks, every phrasing). Pretraining on both teaches how
+    a question reaches a stored fact, so SFT on the training countries transfers to the held-out ones."""
+    rng = random.Random(f"{seed}:facts")
+    documents = _fact_paragraphs(rng, fact_repeats)
+    if n_questions:
+        documents += [_dialogue(e["messages"]) for e in conversations("train", n=n_questions, seed=seed, tasks=("capital", "followup"))]
+    rng.shuffle(documents)
+    return "\n\n".join(documents) + "\n"
+
+
+def embedded_corpus(seed: int = 0, n_conversations: int = 12000, fact_repeats: int = 40) -> str:
+    """Plain text to pretrain on when no corpus is wanted (`--corpus embedded`): every fact stated in prose
+    (held-out countries included), and train conversations of the corpus-free tasks rendered as `User:` /
+    `Assistant:` dialogues. No held-out arithmetic, phrase or country question appears in it."""
+    rng = random.Random(f"{seed}:embedded")
+    documents = _fact_paragraphs(rng, fact_repeats)
     for example in conversations("train", n=n_conversations, seed=seed, tasks=CORPUS_FREE_TASKS) if n_conversations else []:
-        lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in example["messages"]]
-        documents.append("\n".join(lines))
+        documents.append(_dialogue(example["messages"]))
     rng.shuffle(documents)
     return "\n\n".join(documents) + "\n"

@@ -20,8 +20,22 @@ def item_key(example: dict) -> str:
     if example["task"] == "upper":
         return re.fullmatch(r'Say "(.*)" in capital letters\.', first).group(1)
     if example["task"] in ("capital", "followup"):
-        return re.fullmatch(r"What's the capital of (.*)\?", first).group(1)
+        return country_of(first)[0]
     return first
+
+
+def country_of(question: str) -> tuple[str, str]:
+    """(country, answer template) of a capital question in any of its phrasings."""
+    for phrasing, template in tasks.CAPITAL_QUESTIONS:
+        pattern = re.escape(tasks._title(phrasing)).replace(r"\{country\}", "(.+)").replace(r"\{Country\}", "(.+)")
+        match = re.fullmatch(pattern, question)
+        if match:
+            country = match.group(1)
+            return (country if country in COUNTRIES else country[0].lower() + country[1:]), template
+    raise AssertionError(f"not a capital question: {question}")
+
+
+COUNTRIES = {country for country, _, _ in tasks.FACTS}
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +61,13 @@ def test_balanced_counts_and_format(train_examples, eval_examples):
     assert len(train_examples) == 2 * tasks.DEFAULT_TRAIN_SIZE
     eval_counts = Counter(e["task"] for e in eval_examples)
     held_out_countries = [f for f in tasks.FACTS if tasks._in_split("country", f[0], "eval")]
-    assert 6 <= len(held_out_countries) <= 16
-    for task in tasks.TASKS:  # eval examples are distinct items; only the countries run out before 50
-        expected = len(held_out_countries) if task in ("capital", "followup") else tasks.DEFAULT_EVAL_PER_TASK
-        assert eval_counts[task] == expected, task
-        assert len({item_key(e) for e in eval_examples if e["task"] == task}) == expected
+    assert len(held_out_countries) >= 50 and len(tasks.FACTS) >= 180  # enough to tell stages apart
+    for task in tasks.TASKS:  # every task has 50 distinct held-out items
+        assert eval_counts[task] == tasks.DEFAULT_EVAL_PER_TASK, task
+        assert len({item_key(e) for e in eval_examples if e["task"] == task}) == tasks.DEFAULT_EVAL_PER_TASK
+    for task in ("arithmetic", "copy", "upper", "capital"):  # larger requests still give distinct items
+        many = tasks.conversations("eval", n=51 if task == "capital" else 200, tasks=(task,))
+        assert len({item_key(e) for e in many}) == len(many)
     for example in train_examples[:500] + eval_examples:
         roles = [m["role"] for m in example["messages"]]
         assert roles[-1] == "assistant" and roles[0] == "user"
@@ -69,9 +85,16 @@ def test_held_out_items_never_appear_in_train(train_examples, eval_examples):
     train_text = "\n".join(m["content"] for e in train_examples for m in e["messages"])
     for prefix in list(quote_eval_lines)[:20]:
         assert f'Who says this line: "{prefix}' not in train_text
+    fact_text = "\n".join(m["content"] for e in train_examples if e["task"] in ("capital", "followup") for m in e["messages"])
     for country, capital, _ in tasks.FACTS:
         if tasks._in_split("country", country, "eval"):
-            assert f" {country}?" not in train_text and f"{capital} has" not in train_text
+            assert f" {country}" not in fact_text and f"{capital} " not in fact_text and f" {capital}." not in fact_text
+    # Training asks in every phrasing; evaluation always in the first one.
+    train_questions = [e["messages"][0]["content"] for e in train_examples if e["task"] == "capital"]
+    for phrasing, _ in tasks.CAPITAL_QUESTIONS:
+        start = tasks._title(phrasing.split("{")[0]) if phrasing.index("{") else phrasing.split("}")[1]
+        assert sum(start in q for q in train_questions) > 20, phrasing
+    assert all(e["messages"][0]["content"].startswith("What's the capital of ") for e in eval_examples if e["task"] in ("capital", "followup"))
 
 
 def test_answers_are_correct(eval_examples, train_examples):
@@ -89,11 +112,13 @@ def test_answers_are_correct(eval_examples, train_examples):
         elif example["task"] == "upper":
             assert answer == item_key(example).upper()
         elif example["task"] == "capital":
-            assert answer == f"The capital of {item_key(example)} is {facts[item_key(example)][0]}."
+            country, template = country_of(question)
+            assert answer == template.format(country=country, Country=tasks._title(country), capital=facts[country][0])
         elif example["task"] == "followup":
             capital, population = facts[item_key(example)]
-            assert prompt[1]["content"].endswith(f" is {capital}.") and prompt[2]["content"] == "What's the population?"
-            assert answer == f"{capital} has approximately {population} people."
+            assert prompt[1]["content"].endswith(f" {capital}.")
+            templates = dict(tasks.POPULATION_QUESTIONS)
+            assert answer == templates[prompt[2]["content"]].format(capital=capital, population=population)
         elif example["task"] == "quote":
             prefix = question.removeprefix("Complete this Shakespeare quote: ")
             assert f"{prefix} {answer}" in corpus
@@ -139,16 +164,35 @@ def test_check_is_exact_up_to_whitespace():
     assert tasks.check(pair, "12+30 equals 42.") and not tasks.check(pair, "12+30 equals 43.")
 
 
+def _dialogue_lines(corpus: str) -> str:
+    return "\n".join(line for line in corpus.splitlines() if line.startswith(("User: ", "Assistant: ")))
+
+
 def test_embedded_corpus_teaches_facts_but_holds_out_arithmetic():
     corpus = tasks.embedded_corpus(seed=0, n_conversations=3000, fact_repeats=5)
     assert corpus == tasks.embedded_corpus(seed=0, n_conversations=3000, fact_repeats=5)
-    assert "Paris has approximately 2.1 million people." in corpus
     assert "User: What's the capital of France?\nAssistant: The capital of France is Paris." in corpus
+    dialogues = _dialogue_lines(corpus)
     held_out = [f for f in tasks.FACTS if tasks._in_split("country", f[0], "eval")]
     for country, capital, population in held_out:
-        assert capital in corpus and f"What's the capital of {country}?" not in corpus
+        assert capital in corpus and f" {country}" not in dialogues and f"{capital} " not in dialogues
     for a, op, b in tasks._sum_items("eval")[:200]:
         assert f"What is {a}{op}{b}?" not in corpus
+
+
+def test_facts_corpus_states_every_fact_in_several_forms_and_asks_only_about_training_countries():
+    corpus = tasks.facts_corpus(seed=0, fact_repeats=10, n_questions=2000)
+    assert corpus == tasks.facts_corpus(seed=0, fact_repeats=10, n_questions=2000)
+    prose = "\n".join(line for line in corpus.splitlines() if not line.startswith(("User: ", "Assistant: ")))
+    dialogues = _dialogue_lines(corpus)
+    for country, capital, population in tasks.FACTS:
+        forms = [s for s in tasks._fact_sentences(country, capital, population) if s in prose]
+        assert len(forms) >= 3, country  # each fact in several sentence forms, held-out countries included
+        if tasks._in_split("country", country, "eval"):
+            assert f" {country}" not in dialogues and f"{capital} " not in dialogues, country
+    asked = {country_of(line.removeprefix("User: "))[0] for line in dialogues.splitlines() if line.startswith("User: ") and line[6:] not in dict(tasks.POPULATION_QUESTIONS)}
+    assert len(asked) > 100 and not asked & tasks.heldout_countries()
+    assert "User: What's the population?" in dialogues
 
 
 def test_bad_arguments_are_usage_errors(tmp_path):
