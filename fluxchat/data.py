@@ -12,11 +12,12 @@ import os
 import urllib.request
 from pathlib import Path
 
-from fluxchat.config import fail
+from fluxchat.config import REPO_ROOT, fail
 from fluxchat.runs import atomic_write_text
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHIPPED_CORPUS = REPO_ROOT / "data" / "tinyshakespeare.txt"  # the only data file the project ships
 
 
 def cache_dir() -> Path:
@@ -24,7 +25,10 @@ def cache_dir() -> Path:
 
 
 def default_corpus() -> Path:
-    """tinyshakespeare, downloaded once and cached; offline, a one-line error says what to do instead."""
+    """tinyshakespeare as shipped in data/ (see data/NOTICE.md); where the package was installed without
+    that folder, downloaded once and cached; offline, a one-line error says what to do instead."""
+    if SHIPPED_CORPUS.is_file():
+        return SHIPPED_CORPUS
     path = cache_dir() / "tinyshakespeare.txt"
     if path.is_file():
         return path

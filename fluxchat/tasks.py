@@ -250,7 +250,9 @@ walk sing read write dance swim jump carry listen follow remember answer travel 
 
 # The roadmap's demo conversation uses a trained fact (France); a capital named after its country
 # (Mexico City, Singapore) would be answered by copying the question, not by recall: never held out.
-PINNED_TO_TRAIN = frozenset({"France"} | {c for c, capital, _ in FACTS if c.lower().removeprefix("the ") in capital.lower()})
+PINNED_TO_TRAIN = frozenset(
+    {"France"} | {c for c, capital, _ in FACTS if c.lower().removeprefix("the ") in capital.lower()}
+)
 
 # Question phrasings with the answer template each one asks for. Several phrasings and answer forms
 # teach the model to carry the asked-about country into its reply and let pretraining complete the fact,
@@ -326,7 +328,9 @@ def _corpus_items(corpus_path: str):
             if line:
                 speakers_of.setdefault(line, set()).add(speaker)
     if not speakers_of:
-        fail(f"{corpus_path}: no `NAME:` speaker blocks found; the quote/speaker tasks need a play-script corpus like tinyshakespeare")
+        fail(
+            f"{corpus_path}: no `NAME:` speaker blocks found; the quote/speaker tasks need a play-script corpus like tinyshakespeare"
+        )
 
     lines = sorted(speakers_of)
     quote_candidates = []
@@ -462,7 +466,11 @@ class _Generator:
             swapped[rng.randrange(len(words))] = rng.choice([w for w in WORDS if w not in words])
             if task == "copy":
                 return [_user(f"Repeat after me: {item}")], item, " ".join(swapped)
-            return [_user(f'Say "{item}" in capital letters.')], item.upper(), rng.choice([item, " ".join(swapped).upper()])
+            return (
+                [_user(f'Say "{item}" in capital letters.')],
+                item.upper(),
+                rng.choice([item, " ".join(swapped).upper()]),
+            )
         country, capital, population = item
         other = rng.choice([f for f in FACTS if f[1] != capital])
         # Training varies the phrasing; evaluation asks the first (canonical) one.
@@ -474,7 +482,12 @@ class _Generator:
             return prompt, answer, template.format(capital=other[1], **fill)
         question, template = POPULATION_QUESTIONS[0] if self.split == "eval" else rng.choice(POPULATION_QUESTIONS)
         prompt += [_assistant(answer), _user(question)]
-        wrong = rng.choice([template.format(capital=capital, population=other[2]), template.format(capital=other[1], population=population)])
+        wrong = rng.choice(
+            [
+                template.format(capital=capital, population=other[2]),
+                template.format(capital=other[1], population=population),
+            ]
+        )
         if wrong == template.format(capital=capital, population=population):  # two cities can share a figure
             wrong = template.format(capital=other[1], population=other[2])
         return prompt, template.format(capital=capital, population=population), wrong
@@ -490,7 +503,11 @@ def _examples(split, n, seed, corpus_file, tasks):
     _check_split(split)
     tasks = select_tasks(tasks)
     if n is None:
-        counts = _per_task_counts(DEFAULT_TRAIN_SIZE, tasks) if split == "train" else {t: DEFAULT_EVAL_PER_TASK for t in tasks}
+        counts = (
+            _per_task_counts(DEFAULT_TRAIN_SIZE, tasks)
+            if split == "train"
+            else {t: DEFAULT_EVAL_PER_TASK for t in tasks}
+        )
     else:
         if n < 1:
             fail(f"n must be at least 1, got {n}")
@@ -507,7 +524,9 @@ def _examples(split, n, seed, corpus_file, tasks):
     return out
 
 
-def conversations(split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None) -> list[dict]:
+def conversations(
+    split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None
+) -> list[dict]:
     """[{"task", "messages"}] ending with the assistant answer; n examples in all, balanced across tasks.
 
     n=None: 6000 for train, 50 per task for eval. Eval examples are distinct items, so a task with
@@ -532,7 +551,9 @@ def _repetitive(answer: str) -> str:
     return " ".join(keep + [keep[-1]] * 5)
 
 
-def preference_pairs(split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None) -> list[dict]:
+def preference_pairs(
+    split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None
+) -> list[dict]:
     """[{"task", "prompt", "chosen", "rejected"}] in TRL's explicit-prompt conversational format.
 
     chosen is the correct reply; rejected is a plausible wrong one: a wrong number/city/speaker/word
@@ -546,7 +567,9 @@ def preference_pairs(split: str = "train", n: int | None = None, seed: int = 0, 
             if _normalise(rejected) and _normalise(rejected) != _normalise(answer):
                 break
             rejected = fallback
-        pairs.append({"task": task, "prompt": prompt, "chosen": [_assistant(answer)], "rejected": [_assistant(rejected)]})
+        pairs.append(
+            {"task": task, "prompt": prompt, "chosen": [_assistant(answer)], "rejected": [_assistant(rejected)]}
+        )
     return pairs
 
 
@@ -613,7 +636,10 @@ def facts_corpus(seed: int = 0, fact_repeats: int = 24, n_questions: int = 3000)
     rng = random.Random(f"{seed}:facts")
     documents = _fact_paragraphs(rng, fact_repeats)
     if n_questions:
-        documents += [_dialogue(e["messages"]) for e in conversations("train", n=n_questions, seed=seed, tasks=("capital", "followup"))]
+        documents += [
+            _dialogue(e["messages"])
+            for e in conversations("train", n=n_questions, seed=seed, tasks=("capital", "followup"))
+        ]
     rng.shuffle(documents)
     return "\n\n".join(documents) + "\n"
 
@@ -624,7 +650,9 @@ def embedded_corpus(seed: int = 0, n_conversations: int = 12000, fact_repeats: i
     `Assistant:` dialogues. No held-out arithmetic, phrase or country question appears in it."""
     rng = random.Random(f"{seed}:embedded")
     documents = _fact_paragraphs(rng, fact_repeats)
-    for example in conversations("train", n=n_conversations, seed=seed, tasks=CORPUS_FREE_TASKS) if n_conversations else []:
+    for example in (
+        conversations("train", n=n_conversations, seed=seed, tasks=CORPUS_FREE_TASKS) if n_conversations else []
+    ):
         documents.append(_dialogue(example["messages"]))
     rng.shuffle(documents)
     return "\n\n".join(documents) + "\n"

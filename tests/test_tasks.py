@@ -40,7 +40,9 @@ COUNTRIES = {country for country, _, _ in tasks.FACTS}
 
 @pytest.fixture(scope="module")
 def train_examples():
-    return tasks.conversations("train", seed=0, corpus_file=SHAKESPEARE) + tasks.conversations("train", seed=1, corpus_file=SHAKESPEARE)
+    return tasks.conversations("train", seed=0, corpus_file=SHAKESPEARE) + tasks.conversations(
+        "train", seed=1, corpus_file=SHAKESPEARE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,18 @@ def test_deterministic_for_a_seed_and_different_across_seeds():
     first = tasks.conversations("train", n=140, seed=5, corpus_file=SHAKESPEARE)
     assert first == tasks.conversations("train", n=140, seed=5, corpus_file=SHAKESPEARE)
     assert first != tasks.conversations("train", n=140, seed=6, corpus_file=SHAKESPEARE)
-    assert tasks.preference_pairs("eval", n=35, corpus_file=SHAKESPEARE) == tasks.preference_pairs("eval", n=35, corpus_file=SHAKESPEARE)
+    assert tasks.preference_pairs("eval", n=35, corpus_file=SHAKESPEARE) == tasks.preference_pairs(
+        "eval", n=35, corpus_file=SHAKESPEARE
+    )
 
 
 def test_balanced_counts_and_format(train_examples, eval_examples):
     counts = Counter(e["task"] for e in tasks.conversations("train", n=72, corpus_file=SHAKESPEARE))
-    assert set(counts) == set(tasks.TASKS) and sum(counts.values()) == 72 and max(counts.values()) - min(counts.values()) <= 1
+    assert (
+        set(counts) == set(tasks.TASKS)
+        and sum(counts.values()) == 72
+        and max(counts.values()) - min(counts.values()) <= 1
+    )
     assert len(train_examples) == 2 * tasks.DEFAULT_TRAIN_SIZE
     eval_counts = Counter(e["task"] for e in eval_examples)
     held_out_countries = [f for f in tasks.FACTS if tasks._in_split("country", f[0], "eval")]
@@ -81,20 +89,32 @@ def test_held_out_items_never_appear_in_train(train_examples, eval_examples):
         assert train_keys and eval_keys
         assert not train_keys & eval_keys, task
     # A held-out line is held out for both corpus tasks, and a held-out country for both fact tasks.
-    quote_eval_lines = {e["messages"][0]["content"].removeprefix("Complete this Shakespeare quote: ") for e in eval_examples if e["task"] == "quote"}
+    quote_eval_lines = {
+        e["messages"][0]["content"].removeprefix("Complete this Shakespeare quote: ")
+        for e in eval_examples
+        if e["task"] == "quote"
+    }
     train_text = "\n".join(m["content"] for e in train_examples for m in e["messages"])
     for prefix in list(quote_eval_lines)[:20]:
         assert f'Who says this line: "{prefix}' not in train_text
-    fact_text = "\n".join(m["content"] for e in train_examples if e["task"] in ("capital", "followup") for m in e["messages"])
+    fact_text = "\n".join(
+        m["content"] for e in train_examples if e["task"] in ("capital", "followup") for m in e["messages"]
+    )
     for country, capital, _ in tasks.FACTS:
         if tasks._in_split("country", country, "eval"):
-            assert f" {country}" not in fact_text and f"{capital} " not in fact_text and f" {capital}." not in fact_text
+            assert (
+                f" {country}" not in fact_text and f"{capital} " not in fact_text and f" {capital}." not in fact_text
+            )
     # Training asks in every phrasing; evaluation always in the first one.
     train_questions = [e["messages"][0]["content"] for e in train_examples if e["task"] == "capital"]
     for phrasing, _ in tasks.CAPITAL_QUESTIONS:
         start = tasks._title(phrasing.split("{")[0]) if phrasing.index("{") else phrasing.split("}")[1]
         assert sum(start in q for q in train_questions) > 20, phrasing
-    assert all(e["messages"][0]["content"].startswith("What's the capital of ") for e in eval_examples if e["task"] in ("capital", "followup"))
+    assert all(
+        e["messages"][0]["content"].startswith("What's the capital of ")
+        for e in eval_examples
+        if e["task"] in ("capital", "followup")
+    )
 
 
 def test_answers_are_correct(eval_examples, train_examples):
@@ -152,14 +172,24 @@ def test_preference_pairs_are_wrong_in_plausible_ways():
 
 
 def test_check_is_exact_up_to_whitespace():
-    example = {"task": "arithmetic", "messages": [{"role": "user", "content": "What is 12+30?"}, {"role": "assistant", "content": "12+30 equals 42."}]}
+    example = {
+        "task": "arithmetic",
+        "messages": [
+            {"role": "user", "content": "What is 12+30?"},
+            {"role": "assistant", "content": "12+30 equals 42."},
+        ],
+    }
     assert tasks.check(example, "12+30 equals 42.")
     assert tasks.check(example, "  12+30  equals\n42. ")
     assert not tasks.check(example, "12+30 equals 42")
     assert not tasks.check(example, "12+30 Equals 42.")
     assert not tasks.check(example, "12+30 equals 42. 12+30 equals 42.")
     assert not tasks.check(example, "")
-    pair = {"prompt": example["messages"][:1], "chosen": example["messages"][1:], "rejected": [{"role": "assistant", "content": "12+30 equals 43."}]}
+    pair = {
+        "prompt": example["messages"][:1],
+        "chosen": example["messages"][1:],
+        "rejected": [{"role": "assistant", "content": "12+30 equals 43."}],
+    }
     assert tasks.prompt_and_answer(pair) == (example["messages"][:1], "12+30 equals 42.")
     assert tasks.check(pair, "12+30 equals 42.") and not tasks.check(pair, "12+30 equals 43.")
 
@@ -174,7 +204,7 @@ def test_embedded_corpus_teaches_facts_but_holds_out_arithmetic():
     assert "User: What's the capital of France?\nAssistant: The capital of France is Paris." in corpus
     dialogues = _dialogue_lines(corpus)
     held_out = [f for f in tasks.FACTS if tasks._in_split("country", f[0], "eval")]
-    for country, capital, population in held_out:
+    for country, capital, _ in held_out:
         assert capital in corpus and f" {country}" not in dialogues and f"{capital} " not in dialogues
     for a, op, b in tasks._sum_items("eval")[:200]:
         assert f"What is {a}{op}{b}?" not in corpus
@@ -190,7 +220,11 @@ def test_facts_corpus_states_every_fact_in_several_forms_and_asks_only_about_tra
         assert len(forms) >= 3, country  # each fact in several sentence forms, held-out countries included
         if tasks._in_split("country", country, "eval"):
             assert f" {country}" not in dialogues and f"{capital} " not in dialogues, country
-    asked = {country_of(line.removeprefix("User: "))[0] for line in dialogues.splitlines() if line.startswith("User: ") and line[6:] not in dict(tasks.POPULATION_QUESTIONS)}
+    asked = {
+        country_of(line.removeprefix("User: "))[0]
+        for line in dialogues.splitlines()
+        if line.startswith("User: ") and line[6:] not in dict(tasks.POPULATION_QUESTIONS)
+    }
     assert len(asked) > 100 and not asked & tasks.heldout_countries()
     assert "User: What's the population?" in dialogues
 
