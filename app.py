@@ -13,37 +13,72 @@ loading without remote code. `--log_level debug` logs every prompt the model see
 how the tests check that the browser's history reaches the model and that sessions never mix.
 """
 
+import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import gradio as gr
 
+from fluxchat import chat_format
 from fluxchat.config import UsageError, fail, parse_config, run_cli
 from fluxchat.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling
 
 logger = logging.getLogger("fluxchat.app")
+# The app takes no files, but Gradio's upload route is open to any client: 0 is the smallest limit it accepts
+# (any upload with content is refused with 413).
+MAX_UPLOAD_BYTES = 0
+# The longest reply the app can have produced, in characters per token of context: a forged "reply" longer than
+# this never came from the model. Generous: a token of our byte-level BPE is a few characters.
+REPLY_CHARS_PER_TOKEN = 16
+INTERNAL_ERROR = "Something went wrong while answering: please try again (the details are in the server log)."
 
 
 @dataclass
 class AppArguments:
-    model: str | None = field(default=None, metadata={"help": "Model folder, run folder or Hub id (env FLUXCHAT_MODEL); default: the newest run under runs/."})
-    compare_model: str | None = field(default=None, metadata={"help": "Second model for the Compare tab, e.g. runs/demo/sft (env FLUXCHAT_COMPARE_MODEL)."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward model that scores each Compare reply, e.g. runs/demo/reward (env FLUXCHAT_REWARD_MODEL)."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model folder, run folder or Hub id (env FLUXCHAT_MODEL); default: the newest run under runs/."
+        },
+    )
+    compare_model: str | None = field(
+        default=None,
+        metadata={"help": "Second model for the Compare tab, e.g. runs/demo/sft (env FLUXCHAT_COMPARE_MODEL)."},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward model that scores each Compare reply, e.g. runs/demo/reward (env FLUXCHAT_REWARD_MODEL)."
+        },
+    )
     system: str | None = field(default=None, metadata={"help": "System message that opens every conversation."})
-    host: str | None = field(default=None, metadata={"help": "Address to bind; default 127.0.0.1 (on a Space: $GRADIO_SERVER_NAME or 0.0.0.0)."})
+    host: str | None = field(
+        default=None,
+        metadata={"help": "Address to bind; default 127.0.0.1 (on a Space: $GRADIO_SERVER_NAME or 0.0.0.0)."},
+    )
     port: int = field(default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), metadata={"help": "Port to listen on."})
     share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
-    auth: str | None = field(default=None, metadata={"help": "user:password required to use the app (env FLUXCHAT_AUTH)."})
+    auth: str | None = field(
+        default=None, metadata={"help": "user:password required to use the app (env FLUXCHAT_AUTH)."}
+    )
     max_message_chars: int = field(default=2000, metadata={"help": "Longest accepted user message, in characters."})
     max_turns: int = field(default=20, metadata={"help": "User messages per conversation before it must be cleared."})
-    concurrency: int = field(default=4, metadata={"help": "Replies generated at the same time; more users wait in the queue."})
-    queue_size: int = field(default=64, metadata={"help": "Requests waiting at most; more are turned away with a 'queue full' message."})
-    log_level: str = field(default="info", metadata={"help": "info: one line per reply; debug: also every prompt the model sees, as JSON."})
+    concurrency: int = field(
+        default=4, metadata={"help": "Replies generated at the same time; more users wait in the queue."}
+    )
+    queue_size: int = field(
+        default=64, metadata={"help": "Requests waiting at most; more are turned away with a 'queue full' message."}
+    )
+    log_level: str = field(
+        default="info",
+        metadata={"help": "info: one line per reply; debug: also every prompt the model sees, as JSON."},
+    )
 
     def __post_init__(self):
         self.model = self.model or os.environ.get("FLUXCHAT_MODEL")
@@ -62,20 +97,21 @@ class AppArguments:
 
 
 def message_text(content) -> str:
-    """Gradio sends a message's content as a string (API) or a list of {"type": "text", "text"} blocks (browser)."""
+    """Gradio sends a message's content as a string (API) or a list of {"type": "text", "text"} blocks (browser).
+    Lone surrogates (TypeError in the tokenizer, and unprintable) become U+FFFD."""
     if isinstance(content, str):
-        return content
+        return chat_format.clean_text(content)
     if isinstance(content, dict):
-        return str(content.get("text") or "")
+        return message_text(str(content.get("text") or ""))
     if isinstance(content, (list, tuple)):
-        return "".join(message_text(block) for block in content)
+        return "".join(message_text(block) for block in content if isinstance(block, (str, dict)))  # one level deep
     return ""
 
 
 def history_messages(history) -> list[dict]:
     """Gradio's chat history as plain {"role", "content": str} messages; anything but text is left out."""
     messages = []
-    for item in history or []:
+    for item in history if isinstance(history, (list, tuple)) else []:
         role = item.get("role") if isinstance(item, dict) else None
         if role in ("user", "assistant"):
             messages.append({"role": role, "content": message_text(item.get("content"))})
@@ -85,8 +121,15 @@ def history_messages(history) -> list[dict]:
 class ChatService:
     """The app's server side: every limit is checked here, never trusted to the browser."""
 
-    def __init__(self, model: ChatModel, compare_model: ChatModel | None = None, scorer: RewardScorer | None = None,
-                 max_message_chars: int = 2000, max_turns: int = 20, system: str | None = None):
+    def __init__(
+        self,
+        model: ChatModel,
+        compare_model: ChatModel | None = None,
+        scorer: RewardScorer | None = None,
+        max_message_chars: int = 2000,
+        max_turns: int = 20,
+        system: str | None = None,
+    ):
         self.model, self.compare_model, self.scorer = model, compare_model, scorer
         self.max_message_chars, self.max_turns = max_message_chars, max_turns
         self.start = [{"role": "system", "content": system}] if system else []
@@ -94,46 +137,78 @@ class ChatService:
     def refuse(self, message: str) -> None:
         raise gr.Error(message, print_exception=False)
 
-    def check_message(self, text: str, past: list[dict]) -> None:
+    @property
+    def longest_reply_chars(self) -> int:
+        return REPLY_CHARS_PER_TOKEN * self.model.context_length  # a reply has at most half the context in tokens
+
+    def check_history(self, history) -> list[dict]:
+        """The client's history as messages, refused unless it is one the app could have produced: at most
+        max_turns user messages and as many replies, each no longer than the app accepts or writes. Checked
+        on the raw payload, before anything is tokenized, so a forged history costs no more than a real one."""
+        if history is not None and not isinstance(history, (list, tuple)):
+            self.refuse("The conversation sent is not a list of messages: clear it to start a new one.")
+        if len(history or []) > 2 * self.max_turns:
+            self.refuse(
+                f"This conversation holds more messages than {self.max_turns} turns can: clear it to start a new one."
+            )
+        past = history_messages(history)
+        limits = {"user": self.max_message_chars, "assistant": self.longest_reply_chars}
+        if any(len(m["content"]) > limits[m["role"]] for m in past):
+            self.refuse("The conversation holds a message longer than this app accepts: clear it to start a new one.")
+        if sum(m["role"] == "user" for m in past) >= self.max_turns:
+            self.refuse(f"This conversation reached its limit of {self.max_turns} turns: clear it to start a new one.")
+        return past
+
+    def check_message(self, text: str) -> None:
         if not text.strip():
             self.refuse("Empty message: type something first.")
         if len(text) > self.max_message_chars:
-            self.refuse(f"Message too long: {len(text):,} characters, the limit is {self.max_message_chars:,}. Please shorten it.")
-        if sum(m["role"] == "user" for m in past) >= self.max_turns:
-            self.refuse(f"This conversation reached its limit of {self.max_turns} turns: clear it to start a new one.")
-        # The history comes from the client, so it is checked too: this bounds the tokenizing work per request.
-        longest_reply = 16 * self.model.context_length  # a reply has at most half the context in tokens
-        for message in past:
-            if len(message["content"]) > (self.max_message_chars if message["role"] == "user" else longest_reply):
-                self.refuse("The conversation holds a message longer than this app accepts: clear it to start a new one.")
+            self.refuse(
+                f"Message too long: {len(text):,} characters, the limit is {self.max_message_chars:,}. Please shorten it."
+            )
 
     def _stream(self, model: ChatModel, messages: list[dict], sampling: Sampling, session: str) -> Iterator[str]:
-        """The reply so far, growing piece by piece; trimming to the context happens here."""
+        """The reply so far, growing piece by piece; the prompt is trimmed to the context and rendered once, here.
+        An unexpected failure reaches the user as a plain message; its details go to the server log only."""
         try:
-            kept, _, _ = model.prepare(messages, sampling.max_new_tokens)
+            prompt = model.prepare(messages, sampling.max_new_tokens)
+            logger.debug(
+                "prompt %s",
+                json.dumps(
+                    {"session": session, "model": model.source, "messages": prompt.messages}, ensure_ascii=False
+                ),
+            )
+            stats = GenerationStats()
+            reply = ""
+            for piece in model.stream(prompt, sampling, stats):
+                reply += piece
+                yield reply
         except UsageError as err:
             self.refuse(str(err))
-        logger.debug("prompt %s", json.dumps({"session": session, "model": model.source, "messages": kept}, ensure_ascii=False))
-        stats = GenerationStats()
-        reply = ""
-        for piece in model.stream(kept, sampling, stats):
-            reply += piece
-            yield reply
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - never sent to the browser: it may hold internals
+            logger.exception(f"reply failed for session {session[:8]} ({model.source})")
+            self.refuse(INTERNAL_ERROR)
         logger.info(f"reply session {session[:8]} | {model.source} | {stats.summary()[1:-1]}")
 
-    def chat(self, message, history, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None) -> Iterator[str]:
+    def chat(
+        self, message, history, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None
+    ) -> Iterator[str]:
         """gr.ChatInterface's function (api_name="chat"): streams the growing reply."""
+        past = self.check_history(history)
         text = message_text(message)
-        past = history_messages(history)
-        self.check_message(text, past)
+        self.check_message(text)
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p).clamped()
         messages = self.start + past + [{"role": "user", "content": text}]
         yield from self._stream(self.model, messages, sampling, session_of(request))
 
-    def compare(self, prompt, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None) -> Iterator[tuple[str, str, str]]:
+    def compare(
+        self, prompt, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None
+    ) -> Iterator[tuple[str, str, str]]:
         """One prompt, both models (one after the other: each gets the full CPU), then the reward scores."""
         text = message_text(prompt)
-        self.check_message(text, [])
+        self.check_message(text)
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p).clamped()
         messages = self.start + [{"role": "user", "content": text}]
         session = session_of(request)
@@ -153,7 +228,9 @@ class ChatService:
             f"-> {'A' if scores[0] >= scores[1] else 'B'} preferred"
         )
 
-    def build(self, defaults: Sampling, concurrency: int = 4, queue_size: int = 64, title: str = "fluxchat") -> gr.Blocks:
+    def build(
+        self, defaults: Sampling, concurrency: int = 4, queue_size: int = 64, title: str = "fluxchat"
+    ) -> gr.Blocks:
         """The app: a Chat tab, a Compare tab when there is a second model, shared sampling controls."""
         defaults = defaults.clamped()
         with gr.Blocks(title=title) as demo:
@@ -161,8 +238,18 @@ class ChatService:
             with gr.Accordion("Sampling", open=False):
                 with gr.Row():
                     controls = [
-                        gr.Slider(*SAMPLING_BOUNDS["max_new_tokens"], value=defaults.max_new_tokens, step=1, label="Max new tokens"),
-                        gr.Slider(*SAMPLING_BOUNDS["temperature"], value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"),
+                        gr.Slider(
+                            *SAMPLING_BOUNDS["max_new_tokens"],
+                            value=defaults.max_new_tokens,
+                            step=1,
+                            label="Max new tokens",
+                        ),
+                        gr.Slider(
+                            *SAMPLING_BOUNDS["temperature"],
+                            value=defaults.temperature,
+                            step=0.05,
+                            label="Temperature (0 = greedy)",
+                        ),
                         gr.Slider(*SAMPLING_BOUNDS["top_k"], value=defaults.top_k, step=1, label="Top-k (0 = off)"),
                         gr.Slider(*SAMPLING_BOUNDS["top_p"], value=defaults.top_p, step=0.01, label="Top-p"),
                     ]
@@ -184,7 +271,11 @@ class ChatService:
                     scores = gr.Markdown()
                     button = gr.Button("Compare", variant="primary")
                     gr.on(
-                        [button.click, prompt.submit], self.compare, [prompt, *controls], [first, second, scores], api_name="compare",
+                        [button.click, prompt.submit],
+                        self.compare,
+                        [prompt, *controls],
+                        [first, second, scores],
+                        api_name="compare",
                         concurrency_limit=concurrency,
                     )
         # Gradio's default is one request at a time for the whole app: every user would wait for every other.
@@ -196,6 +287,28 @@ def session_of(request) -> str:
     return getattr(request, "session_hash", None) or "-"
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail in one line, before any model is loaded, unless this machine can listen on host:port
+    (Gradio would end in a traceback: 'Cannot find empty port')."""
+    if host.replace(".", "").isdigit():  # dotted numbers are an IPv4 address, never a name to look up
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            fail(f"--host {host} is not a valid IPv4 address (each of its four numbers is 0-255)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as err:
+        fail(f"--host {host}: not an address of this machine ({getattr(err, 'strerror', None) or err})")
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            fail(f"--host {host} --port {port}: cannot listen there ({err.strerror}); choose another --port or --host")
+
+
 def main(argv: list[str] | None = None):
     args, defaults, _ = parse_config("app", (AppArguments, Sampling), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -203,21 +316,27 @@ def main(argv: list[str] | None = None):
 
     if args.reward_model and not args.compare_model:
         fail("--reward_model scores the Compare tab's replies: give --compare_model too")
+    # A Space's container must listen on all interfaces (Spaces set GRADIO_SERVER_NAME and SPACE_ID); anywhere
+    # else only this machine may connect unless --host says otherwise.
+    host = (
+        args.host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    )
+    check_address(host, args.port)
     model = ChatModel.load(args.model)
     compare_model = ChatModel.load(args.compare_model) if args.compare_model else None
     scorer = RewardScorer(args.reward_model) if args.reward_model else None
     service = ChatService(model, compare_model, scorer, args.max_message_chars, args.max_turns, args.system)
     demo = service.build(defaults, args.concurrency, args.queue_size)
-    # A Space's container must listen on all interfaces (Spaces set GRADIO_SERVER_NAME and SPACE_ID); anywhere
-    # else only this machine may connect unless --host says otherwise.
-    host = args.host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
-    logger.info(f"serving {model.source} on http://{host}:{args.port} (concurrency {args.concurrency}, queue {args.queue_size})")
+    logger.info(
+        f"serving {model.source} on http://{host}:{args.port} (concurrency {args.concurrency}, queue {args.queue_size})"
+    )
     demo.launch(
         server_name=host,
         server_port=args.port,
         share=args.share,
         auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-        show_error=True,
+        show_error=False,  # only our gr.Error messages reach the browser, never an exception's internals
+        max_file_size=MAX_UPLOAD_BYTES,
         footer_links=["api"],
     )
     return demo

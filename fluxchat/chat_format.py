@@ -14,6 +14,7 @@ SFT, reward, PPO, evaluation, the CLI chat and the app all render through this m
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from fluxchat.config import fail
@@ -24,6 +25,9 @@ SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 END_OF_TURN = "<|end|>"  # closes every turn; the chat model's EOS from SFT on
 SPECIAL_TOKENS = (END_OF_TEXT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN)
 ROLES = ("system", "user", "assistant")
+# Lone surrogates (a pasted half emoji, invalid UTF-8 read with surrogateescape) make the tokenizer raise
+# TypeError; they become U+FFFD, the replacement character, like any other undecodable text.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -34,16 +38,29 @@ class ChatFormat:
     prefix: dict[str, tuple[str, ...]]
     end: dict[str, tuple[str, ...]]
     separator: str
+    # Plain-text headers a user could type: each spelling in message content is replaced (spelling, escaped),
+    # so typed text never renders like a real turn header (control tokens need no escape: see encode_text).
+    escapes: tuple[tuple[str, str], ...] = ()
 
-    def jinja(self) -> str:
+    def escape(self, content: str) -> str:
+        for spelling, escaped in self.escapes:
+            content = content.replace(spelling, escaped)
+        return content
+
+    def jinja(self, escape: bool = True) -> str:
+        """The template; `escape=False` is the template tokenizers saved before escaping existed carry."""
+
         def lit(pieces) -> str:
             return "".join("{{ " + json.dumps(p) + " }}" for p in pieces)
 
+        content = "message['content']"
+        for spelling, escaped in self.escapes if escape else ():
+            content += f" | replace({json.dumps(spelling)}, {json.dumps(escaped)})"
         out = ["{%- for message in messages -%}"]
         for i, role in enumerate(ROLES):
             keyword = "if" if i == 0 else "elif"
             out.append(f"{{%- {keyword} message['role'] == '{role}' -%}}")
-            body = "{{ message['content'] }}" + lit(self.end[role])
+            body = "{{ " + content + " }}" + lit(self.end[role])
             if role == "assistant":
                 body = "{% generation %}" + body + "{% endgeneration %}"
             out.append(lit(self.prefix[role]) + body + lit([self.separator]))
@@ -62,11 +79,13 @@ FORMATS = {
         separator="\n",
     ),
     # The roadmap's plain-text Alpaca-style format; the end-of-turn token still marks where a reply stops.
+    # Its headers are plain text, so typed header spellings are escaped with a backslash ("\\### Response:").
     "instruction": ChatFormat(
         name="instruction",
         prefix={"system": (), "user": ("### Instruction:\n",), "assistant": ("### Response:\n",)},
         end={"system": (), "user": (), "assistant": (END_OF_TURN,)},
         separator="\n\n",
+        escapes=(("### Instruction:", "\\### Instruction:"), ("### Response:", "\\### Response:")),
     ),
 }
 DEFAULT_FORMAT = "fluxchat"
@@ -75,7 +94,7 @@ DEFAULT_FORMAT = "fluxchat"
 def format_of(tokenizer) -> ChatFormat:
     """The ChatFormat whose template the tokenizer carries (fluxchat when it has none of ours)."""
     for fmt in FORMATS.values():
-        if tokenizer.chat_template == fmt.jinja():
+        if tokenizer.chat_template in (fmt.jinja(), fmt.jinja(escape=False)):
             return fmt
     return FORMATS[DEFAULT_FORMAT]
 
@@ -95,11 +114,16 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TURN, END_OF_TEXT)]
 
 
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD: what every consumer may safely tokenize, print or log."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Plain text to ids; spellings of control tokens stay plain text."""
     if not text:
         return []
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return tokenizer(clean_text(text), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _pieces_to_ids(tokenizer, pieces) -> list[int]:
@@ -120,6 +144,16 @@ def validate_messages(messages) -> None:
             fail(f"message {i} ({message['role']}) needs a string 'content'")
 
 
+def _message_ids(tokenizer, fmt: ChatFormat, message: dict) -> tuple[list[int], list[int]]:
+    """One message's ids (prefix, content, end, separator) and loss mask: a conversation is their concatenation."""
+    role = message["role"]
+    trainable = int(role == "assistant")
+    prefix = _pieces_to_ids(tokenizer, fmt.prefix[role])
+    body = encode_text(tokenizer, fmt.escape(message["content"])) + _pieces_to_ids(tokenizer, fmt.end[role])
+    separator = encode_text(tokenizer, fmt.separator)
+    return prefix + body + separator, [0] * len(prefix) + [trainable] * len(body) + [0] * len(separator)
+
+
 def render_conversation(tokenizer, messages, add_generation_prompt: bool = False, fmt: ChatFormat | None = None):
     """Token ids of a conversation and a mask that is 1 on tokens that carry SFT loss
     (assistant content and its end-of-turn token), 0 elsewhere."""
@@ -127,20 +161,14 @@ def render_conversation(tokenizer, messages, add_generation_prompt: bool = False
     validate_messages(messages)
     ids: list[int] = []
     mask: list[int] = []
-
-    def add(token_ids, trainable: bool):
-        ids.extend(token_ids)
-        mask.extend([int(trainable)] * len(token_ids))
-
     for message in messages:
-        role = message["role"]
-        trainable = role == "assistant"
-        add(_pieces_to_ids(tokenizer, fmt.prefix[role]), False)
-        add(encode_text(tokenizer, message["content"]), trainable)
-        add(_pieces_to_ids(tokenizer, fmt.end[role]), trainable)
-        add(encode_text(tokenizer, fmt.separator), False)
+        message_ids, message_mask = _message_ids(tokenizer, fmt, message)
+        ids += message_ids
+        mask += message_mask
     if add_generation_prompt:
-        add(_pieces_to_ids(tokenizer, fmt.prefix["assistant"]), False)
+        prompt = _pieces_to_ids(tokenizer, fmt.prefix["assistant"])
+        ids += prompt
+        mask += [0] * len(prompt)
     return ids, mask
 
 
@@ -158,39 +186,56 @@ def render_scored(tokenizer, messages) -> list[int]:
     return ids[: len(ids) - len(encode_text(tokenizer, fmt.separator))]
 
 
-def trim_to_context(tokenizer, messages, max_context: int, reply_budget: int):
-    """Drop the oldest whole turns until the prompt plus `reply_budget` new tokens fit `max_context`.
+def _fit(tokenizer, messages, max_tokens: int, reserve: int = 0, generation_prompt: bool = True):
+    """(kept messages, their ids) after dropping the oldest whole turns until the ids plus `reserve` tokens
+    fit `max_tokens`; None when even the newest turn does not fit. A leading system message always stays.
 
-    A turn is a user message with the replies that follow it; a leading system message always stays.
-    If even the newest user message alone does not fit, that is the caller's error to report.
+    A turn is a user message with the replies that follow it. Each message is tokenized at most once,
+    newest first, and no older than the oldest turn that fits: a long history costs no more than the context.
     """
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    rest = list(messages[len(system) :])
-    limit = max_context - reply_budget
-    while True:
-        length = len(render_prompt(tokenizer, system + rest))
-        if length <= limit:
-            return system + rest
-        starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
-        if len(starts) <= 1:
-            fail(
-                f"message too long for the model: {length} prompt tokens + {reply_budget} reply tokens "
-                f"exceed the context of {max_context}; shorten the message or lower max_new_tokens"
-            )
-        rest = rest[starts[1] :]
+    validate_messages(messages)
+    fmt = format_of(tokenizer)
+    system = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    tail = _pieces_to_ids(tokenizer, fmt.prefix["assistant"]) if generation_prompt else []
+    head = _message_ids(tokenizer, fmt, system[0])[0] if system else []
+    budget = max_tokens - reserve - len(head) - len(tail)
+    pieces: list[list[int]] = []  # ids of rest[i], newest first
+    used, keep_from = 0, None
+    for i in range(len(rest) - 1, -1, -1):
+        pieces.append(_message_ids(tokenizer, fmt, rest[i])[0])
+        used += len(pieces[-1])
+        if i == 0 or rest[i]["role"] == "user":  # a whole-turn boundary: could the conversation start here?
+            if used > budget:
+                break
+            keep_from = i
+    if keep_from is None and rest:
+        return None
+    kept_pieces = pieces[: len(rest) - (keep_from or 0)]
+    return system + list(rest[keep_from or 0 :]), head + [t for piece in reversed(kept_pieces) for t in piece] + tail
 
 
-def fit_messages(tokenizer, messages, max_tokens: int, generation_prompt: bool = False, reserve: int = 0):
-    """`messages` with the oldest whole turns dropped until render + `reserve` fits `max_tokens`
-    (a leading system message stays); None when even the newest turn does not fit. Chat trims the
-    same way at inference (trim_to_context), so training sees what chat will show."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    rest = list(messages[len(system):])
-    while True:
-        ids, _ = render_conversation(tokenizer, system + rest, add_generation_prompt=generation_prompt)
-        if len(ids) + reserve <= max_tokens:
-            return system + rest
-        starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
-        if len(starts) <= 1:
-            return None
-        rest = rest[starts[1]:]
+def trim_to_context(
+    tokenizer,
+    messages,
+    max_context: int,
+    reply_budget: int,
+    generation_prompt: bool = True,
+    required: bool = True,
+    with_ids: bool = False,
+):
+    """`messages` with the oldest whole turns dropped until their render plus `reply_budget` tokens fits
+    `max_context`: the one trimming rule, for chat, the app and the training data alike. `with_ids`: also
+    the rendered ids (kept, ids), so a caller never renders the prompt a second time.
+
+    When even the newest turn does not fit: a one-line error (`required`, chat) or None (training data: the
+    example is dropped and counted)."""
+    fitted = _fit(tokenizer, messages, max_context, reply_budget, generation_prompt)
+    if fitted is not None:
+        return fitted if with_ids else fitted[0]
+    if not required:
+        return None
+    fail(
+        f"message too long for the model: its prompt + {reply_budget} reply tokens exceed the context of "
+        f"{max_context}; shorten the message or lower max_new_tokens"
+    )

@@ -21,6 +21,8 @@ from typing import Any, Callable, NoReturn
 
 import yaml
 
+from fluxchat import validation  # a leaf module (imports nothing of ours): no cycle
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 
@@ -155,6 +157,7 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
         full_argv += _cpu_only_flags(full_argv)
     try:
         parsed = parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
+        validation.check_numbers(parsed)  # NaN, infinity and out-of-range numbers: one line, before anything is written
     except UsageError as err:
         message = str(err)
         cli_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}

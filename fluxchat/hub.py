@@ -27,8 +27,9 @@ IGNORE_PATTERNS = [
     "checkpoint-*", "checkpoint-*/*", "*.log", "training_args.bin", "optimizer.pt", "scheduler.pt",
     "rng_state*.pth", "*.tmp", ".*",
 ]
-# Files scanned for the token before upload: everything but weights (which cannot hold it and are large).
-UNSCANNED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".png")
+# Every file to be uploaded is scanned for the token, binary or not (a pickled .bin/.pt can hold it), in
+# chunks of this size so that multi-GB weights never sit in memory whole.
+SCAN_CHUNK_BYTES = 16 * 1024 * 1024
 CHAT_STAGES = ("ppo", "sft", "pretrain")  # what the Space serves, best first
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 DEFAULT_GRADIO_VERSION = "6.31.0"
@@ -99,11 +100,21 @@ def refuse_leaked_token(folder: Path, token: str | None = None) -> None:
         return
     relative = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     for name in filter_repo_objects(relative, ignore_patterns=IGNORE_PATTERNS):
-        if name.endswith(UNSCANNED_SUFFIXES):
-            continue
-        content = (folder / name).read_bytes()
-        if any(secret in content for secret in secrets):
+        if _holds_any(folder / name, secrets):
             fail(f"{folder / name} contains your Hub token: remove it before pushing (nothing was uploaded)")
+
+
+def _holds_any(path: Path, secrets: set[bytes]) -> bool:
+    """Whether the file's bytes contain a secret, read in chunks that overlap by the longest secret."""
+    overlap = max(len(s) for s in secrets) - 1
+    tail = b""
+    with path.open("rb") as f:
+        while chunk := f.read(SCAN_CHUNK_BYTES):
+            window = tail + chunk
+            if any(secret in window for secret in secrets):
+                return True
+            tail = window[-overlap:] if overlap else b""
+    return False
 
 
 def push_stage(
@@ -148,15 +159,18 @@ def take_over_push(training_args) -> PushRequest | None:
     """Call right after parsing: turns the Trainer's own push off (it would push every checkpoint and
     overwrite our card) and remembers the request for `maybe_push` at the end. Fails early if the push
     could not succeed, rather than after hours of training."""
+    token = getattr(training_args, "hub_token", None)
+    # Cleared whatever the flags: the Trainer pickles its arguments into training_args.bin (final model and
+    # every checkpoint); the token lives on only in our PushRequest, which is never written.
+    training_args.hub_token = None
     if not getattr(training_args, "push_to_hub", False):
         return None
     if not training_args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id <user>/<name>: the repo to create or update")
     check_repo_id(training_args.hub_model_id, "--hub_model_id")
-    ensure_can_push(training_args.hub_token)
-    request = PushRequest(training_args.hub_model_id, bool(training_args.hub_private_repo), training_args.hub_token)
+    ensure_can_push(token)
+    request = PushRequest(training_args.hub_model_id, bool(training_args.hub_private_repo), token)
     training_args.push_to_hub = False
-    training_args.hub_token = None  # the Trainer pickles its arguments into training_args.bin
     return request
 
 

@@ -13,11 +13,13 @@ nobody reads.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import NamedTuple
 
 from fluxchat import chat_format, generation, loading, runs
 from fluxchat.config import fail
@@ -39,12 +41,18 @@ STREAM_TIMEOUT_SECONDS = 300  # a generation thread silent this long is treated 
 
 @dataclass
 class Sampling:
-    max_new_tokens: int = field(default=128, metadata={"help": "Longest reply in tokens (at most half the model's context)."})
-    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 = greedy (always the likeliest token)."})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest reply in tokens (at most half the model's context)."}
+    )
+    temperature: float = field(
+        default=0.8, metadata={"help": "Sampling temperature; 0 = greedy (always the likeliest token)."}
+    )
     top_k: int = field(default=50, metadata={"help": "Sample among the k likeliest tokens; 0 = no limit."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability."})
+    top_p: float = field(
+        default=0.95, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability."}
+    )
 
-    def clamped(self) -> "Sampling":
+    def clamped(self) -> Sampling:
         """The same settings pulled into SAMPLING_BOUNDS (the app never trusts what a client sends)."""
         values = {}
         for name, (low, high) in SAMPLING_BOUNDS.items():
@@ -88,12 +96,38 @@ class GenerationStats:
 resolve_model = loading.resolve_model  # the one way every consumer finds a model
 
 
+class Prompt(NamedTuple):
+    """A conversation prepared once per request: the messages kept after trimming, their ids, the reply budget."""
+
+    messages: list[dict]
+    ids: list[int]
+    budget: int
+
+
+def _architectures(source: str) -> list[str]:
+    try:
+        return json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):  # a Hub id, or a broken config the loader will name
+        return []
+
+
+def refuse_score_model(source: str, architectures) -> None:
+    """A reward model (a one-score sequence classifier) loads as a causal LM with a random head: refuse it."""
+    classifiers = [name for name in architectures or [] if name.endswith("ForSequenceClassification")]
+    if classifiers:
+        fail(
+            f"{source} is a reward model ({classifiers[0]}: one score per conversation), not a chat model: give a "
+            "language model such as runs/<name>/sft or runs/<name>/ppo (the app takes a reward model as --reward_model)"
+        )
+
+
 def load_model_and_tokenizer(source: str, reward: bool = False):
     """Tokenizer and model from `source` (see fluxchat/loading.py), plus the chat tokens a chat needs."""
-    model, tokenizer = loading.load_model_and_tokenizer(source, reward=reward)
-    missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
-    if missing:
-        fail(f"{source}: its tokenizer lacks the chat tokens {missing}; use a model trained with this project's tokenizer")
+    if not reward:
+        refuse_score_model(source, _architectures(source))  # before loading: no "unused weights" warnings first
+    model, tokenizer = loading.load_model_and_tokenizer(source, reward=reward, chat=True)
+    if not reward:
+        refuse_score_model(source, model.config.architectures)  # a Hub id: known only once its config is here
     return model, tokenizer
 
 
@@ -136,7 +170,7 @@ class ChatModel:
         self.stop_ids = chat_format.stop_token_ids(tokenizer)
 
     @classmethod
-    def load(cls, value: str | None) -> "ChatModel":
+    def load(cls, value: str | None) -> ChatModel:
         source = resolve_model(value)
         model, tokenizer = load_model_and_tokenizer(source)
         chat_model = cls(model, tokenizer, source)
@@ -154,21 +188,26 @@ class ChatModel:
     def reply_budget(self, max_new_tokens: int) -> int:
         return max(1, min(int(max_new_tokens), int(self.context_length * MAX_REPLY_SHARE)))
 
-    def prepare(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], list[int], int]:
-        """(messages kept after trimming to the context, prompt ids, reply budget in tokens)."""
+    def prepare(self, messages: list[dict], max_new_tokens: int) -> Prompt:
+        """Trim to the context and render, once: pass the result to `stream`. UsageError if the newest turn cannot fit."""
         budget = self.reply_budget(max_new_tokens)
-        kept = chat_format.trim_to_context(self.tokenizer, messages, self.context_length, budget)
-        return kept, chat_format.render_prompt(self.tokenizer, kept), budget
+        kept, ids = chat_format.trim_to_context(self.tokenizer, messages, self.context_length, budget, with_ids=True)
+        return Prompt(kept, ids, budget)
 
-    def stream(self, messages: list[dict], sampling: Sampling, stats: GenerationStats | None = None) -> Iterator[str]:
-        """Yield the next assistant reply piece by piece. Raises UsageError if the newest message cannot fit."""
+    def stream(
+        self, prompt: Prompt | list[dict], sampling: Sampling, stats: GenerationStats | None = None
+    ) -> Iterator[str]:
+        """Yield the next assistant reply piece by piece, for a prepared Prompt (or messages, prepared here).
+        Raises UsageError if the newest message cannot fit."""
         import torch
         from transformers import StoppingCriteriaList
 
         start = time.perf_counter()
         sampling = sampling.clamped()
         stats = stats if stats is not None else GenerationStats()
-        _, prompt_ids, budget = self.prepare(messages, sampling.max_new_tokens)
+        if not isinstance(prompt, Prompt):
+            prompt = self.prepare(prompt, sampling.max_new_tokens)
+        prompt_ids, budget = prompt.ids, prompt.budget
         stats.prompt_tokens = len(prompt_ids)
         streamer = _timed_streamer(self.tokenizer, stats, start)
         stop = threading.Event()
@@ -223,5 +262,7 @@ class RewardScorer:
 
         ids = chat_format.render_scored(self.tokenizer, messages)[-self.context_length :]
         with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+            logits = self.model(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+            ).logits
         return float(logits[0, 0])

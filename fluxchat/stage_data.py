@@ -2,7 +2,7 @@
 
 The renderer chat uses, so the layout a model is trained on is exactly the one it later answers in,
 and typed control-token spellings in the data stay plain text. Over-long conversations lose their
-oldest whole turns through `chat_format.fit_messages`, the one trimming rule.
+oldest whole turns through `chat_format.trim_to_context`, the one trimming rule.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int):
         messages = conversation["messages"]
         ids, mask = render(messages)
         if len(ids) > max_length:
-            messages = chat_format.fit_messages(tokenizer, messages, max_length + separator)
+            messages = chat_format.trim_to_context(tokenizer, messages, max_length + separator, 0, generation_prompt=False, required=False)
             if messages is None:
                 counts["dropped_too_long"] += 1
                 continue
@@ -62,7 +62,7 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
         if max(len(chosen), len(rejected)) > max_length:
             prompt_length = len(chat_format.render_prompt(tokenizer, prompt)) if prompt else 0
             reply_length = max(len(chosen), len(rejected)) - prompt_length
-            prompt = chat_format.fit_messages(tokenizer, prompt, max_length, generation_prompt=True, reserve=reply_length) if prompt else None
+            prompt = chat_format.trim_to_context(tokenizer, prompt, max_length, reply_length, required=False) if prompt else None
             if prompt is None:
                 counts["dropped_too_long"] += 1
                 continue
@@ -95,7 +95,7 @@ def prompt_dataset(tokenizer, conversations: list[dict], max_prompt_tokens: int)
         if not messages or messages[-1]["role"] != "user":
             counts["dropped_empty"] += 1
             continue
-        fitted = chat_format.fit_messages(tokenizer, messages, max_prompt_tokens, generation_prompt=True)
+        fitted = chat_format.trim_to_context(tokenizer, messages, max_prompt_tokens, 0, required=False)
         if fitted is None:
             counts["dropped_too_long"] += 1
             continue

@@ -13,10 +13,12 @@ whole turns are dropped (the system message stays); a note says so.
 
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fluxchat import chat_format
 from fluxchat.config import UsageError, parse_config, run_cli
 from fluxchat.serving import ChatModel, GenerationStats, Sampling
 
@@ -27,11 +29,18 @@ COMMANDS = "/reset /history /quit"
 class ChatArguments:
     model: str | None = field(
         default=None,
-        metadata={"help": "Model folder, run folder (runs/<name>: its ppo > sft > pretrain stage) or Hub id; may also be the first argument. Default: the newest run."},
+        metadata={
+            "help": "Model folder, run folder (runs/<name>: its ppo > sft > pretrain stage) or Hub id; may also be the first argument. Default: the newest run."
+        },
     )
-    system: str | None = field(default=None, metadata={"help": "System message that opens every conversation and is never trimmed."})
+    system: str | None = field(
+        default=None, metadata={"help": "System message that opens every conversation and is never trimmed."}
+    )
     seed: int = field(default=0, metadata={"help": "Random seed: the same seed and inputs give the same replies."})
-    show_stats: bool = field(default=False, metadata={"help": "After each reply, print prompt/new tokens, first-token latency and tokens/s to stderr."})
+    show_stats: bool = field(
+        default=False,
+        metadata={"help": "After each reply, print prompt/new tokens, first-token latency and tokens/s to stderr."},
+    )
 
 
 def split_model_argument(argv: list[str]) -> list[str]:
@@ -55,11 +64,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     model = ChatModel.load(args.model)
     torch.manual_seed(args.seed)
+    # Invalid UTF-8 on stdin (a pipe from anything) becomes U+FFFD rather than ending the conversation.
+    if isinstance(sys.stdin, io.TextIOWrapper):  # not a test's StringIO
+        sys.stdin.reconfigure(errors="replace")
     interactive = sys.stdin.isatty()
     # Piped use: stdout carries only the replies, so it can be read by another program.
     info = sys.stdout if interactive else sys.stderr
     print(f"fluxchat: {model.source} (context {model.context_length} tokens). Commands: {COMMANDS}", file=info)
-    start = [{"role": "system", "content": args.system}] if args.system else []
+    start = [{"role": "system", "content": chat_format.clean_text(args.system)}] if args.system else []
     messages = list(start)
 
     while True:
@@ -67,7 +79,7 @@ def main(argv: list[str] | None = None) -> Path:
             line = input("you> " if interactive else "")
         except EOFError:
             break
-        text = line.strip()
+        text = chat_format.clean_text(line).strip()  # e.g. a lone surrogate from argv-style surrogateescape input
         if not text:
             continue
         if text == "/quit":
@@ -85,19 +97,21 @@ def main(argv: list[str] | None = None) -> Path:
 
         candidate = messages + [{"role": "user", "content": text}]
         try:
-            kept, _, _ = model.prepare(candidate, sampling.max_new_tokens)
+            prompt = model.prepare(candidate, sampling.max_new_tokens)  # trimmed and rendered once
         except UsageError as err:
             print(f"error: {err}", file=info)
             continue
-        if len(kept) < len(candidate):
-            print(f"(dropped the {len(candidate) - len(kept)} oldest messages to fit the context)", file=info)
-        messages = kept
+        if len(prompt.messages) < len(candidate):
+            print(
+                f"(dropped the {len(candidate) - len(prompt.messages)} oldest messages to fit the context)", file=info
+            )
+        messages = prompt.messages
         stats = GenerationStats()
         pieces: list[str] = []
         if interactive:
             print("bot> ", end="", flush=True)
         try:
-            for piece in model.stream(messages, sampling, stats):
+            for piece in model.stream(prompt, sampling, stats):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:

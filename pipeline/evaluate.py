@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> Path:
         output_file = Path(model_path) / "evaluation.json"
     else:
         output_file = Path("evaluation.json")
+    # Checked before the work: a folder (or a path under a file) would fail only after the whole evaluation ran.
+    if output_file.is_dir():
+        fail(f"--output_file {output_file} is a folder: name a file, e.g. {output_file / 'evaluation.json'}")
+    if blocking := next((p for p in output_file.parents if p.exists() and not p.is_dir()), None):
+        fail(f"--output_file {output_file}: {blocking} is a file, so nothing can be written under it")
 
     tokenizer = loading.load_tokenizer(model_path)
     model = loading.load_model(model_path, tokenizer)

@@ -9,18 +9,24 @@ Plain continuation, no chat template: for conversations use pipeline/chat.py.
 
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import dataclass, field
 
-from fluxchat import generation, loading
+from fluxchat import chat_format, generation, loading
 from fluxchat.config import fail, parse_config, run_cli
 
 
 @dataclass
 class GenerateArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder, run folder or Hub id (also the first bare argument)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model folder, run folder or Hub id (also the first bare argument)."}
+    )
     prompt: str = field(default="\n", metadata={"help": "Text to continue."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Tokens to generate; default 200 or half the model's context, whichever is less."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Tokens to generate; default 200 or half the model's context, whichever is less."},
+    )
     temperature: float = field(default=0.8, metadata={"help": "Softmax temperature; 0 = greedy."})
     top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
@@ -39,11 +45,17 @@ class GenerateArguments:
 
 def main(argv: list[str] | None = None) -> list[str]:
     args, _ = parse_config("generate", (GenerateArguments,), argv, positional="model_name_or_path")
+    # Invalid UTF-8 in the prompt (argv decodes it to lone surrogates) or on stdin becomes U+FFFD, never a traceback.
+    args.prompt = chat_format.clean_text(args.prompt)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # not a test's StringIO
+        sys.stdin.reconfigure(errors="replace")
     if not args.model_name_or_path:
         fail("give a model: python pipeline/generate.py runs/<name>/pretrain --prompt '...'")
     if not args.interactive and not args.prompt.strip() and args.prompt != "\n":
         fail("--prompt is only whitespace: give some text to continue (or omit --prompt to start from a newline)")
-    model, tokenizer = loading.load_model_and_tokenizer(loading.resolve_model(args.model_name_or_path, "model_name_or_path"))
+    model, tokenizer = loading.load_model_and_tokenizer(
+        loading.resolve_model(args.model_name_or_path, "model_name_or_path")
+    )
     context = loading.context_length(model)
     if args.max_new_tokens is None:  # the default adapts to small contexts (the tiny preset has 128)
         args.max_new_tokens = min(200, context // 2)
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     for line in sys.stdin:
         if not line.strip():
             break
-        outputs += continue_text(line.rstrip("\n"))
+        outputs += continue_text(chat_format.clean_text(line.rstrip("\n")))
     return outputs
 
 

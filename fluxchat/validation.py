@@ -1,0 +1,109 @@
+"""Numeric flags, checked once for every command: no NaN or infinity anywhere, and each known field in its range.
+
+`config.parse_config` calls `check_numbers` on every parsed dataclass (ours and the transformers/TRL
+training arguments), so a bad number is one line before anything is loaded or written, whatever the stage:
+`--learning_rate -0.001`, `--block_size 0`, `--validation_fraction nan`, `--response_length -4`.
+
+Rules go by field name, so one rule covers every stage that has the field. A field with no rule is still
+refused when it is NaN or infinite: argparse's `float` accepts "nan" and "inf", no recipe means them.
+Raises ValueError (parse_config turns it into the one-line UsageError); imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+
+class Rule(NamedTuple):
+    ok: Callable[[float], bool]
+    text: str  # what a valid value is, as the error line says it
+
+
+def positive() -> Rule:
+    return Rule(lambda v: v > 0, "> 0")
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low:g}")
+
+
+def fraction(closed: bool = False) -> Rule:
+    return Rule((lambda v: 0 <= v <= 1) if closed else (lambda v: 0 <= v < 1), "in [0, 1]" if closed else "in [0, 1)")
+
+
+RULES: dict[str, Rule] = {
+    # optimisation (TrainingArguments and every TRL config)
+    "learning_rate": positive(),
+    "num_train_epochs": positive(),
+    "per_device_train_batch_size": at_least(1),
+    "per_device_eval_batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "warmup_ratio": fraction(closed=True),
+    "warmup_steps": at_least(0),
+    "weight_decay": at_least(0),
+    "max_grad_norm": at_least(0),
+    "adam_beta1": fraction(),
+    "adam_beta2": fraction(),
+    "adam_epsilon": positive(),
+    "logging_steps": positive(),  # <1: a share of the training steps
+    "eval_steps": positive(),
+    "save_steps": positive(),
+    "max_length": at_least(1),
+    # the model (pretrain)
+    "block_size": at_least(1),
+    "n_layer": at_least(1),
+    "n_embd": at_least(1),
+    "n_head": at_least(1),
+    "dropout": fraction(),
+    "pad_vocab_to_multiple_of": at_least(0),
+    # data and evaluation
+    "validation_fraction": fraction(),
+    "eval_fraction": fraction(),
+    "pairs_heldout_fraction": fraction(),
+    "sample_max_new_tokens": at_least(0),
+    "max_train_samples": at_least(1),
+    "eval_examples": at_least(0),
+    "eval_max_new_tokens": at_least(1),
+    "n_per_task": at_least(1),
+    "max_pairs": at_least(1),
+    "batch_size": at_least(1),
+    "num_samples": at_least(1),
+    # generation (generate, chat, app defaults; the app clamps what a client sends instead)
+    "max_new_tokens": at_least(1),
+    "temperature": at_least(0),
+    "top_k": at_least(0),
+    "top_p": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
+    # PPO and its monitor
+    "response_length": at_least(1),
+    "num_ppo_epochs": at_least(1),
+    "num_mini_batches": at_least(1),
+    "kl_coef": at_least(0),
+    "cliprange": positive(),
+    "cliprange_value": positive(),
+    "vf_coef": at_least(0),
+    "gamma": fraction(closed=True),
+    "lam": fraction(closed=True),
+    "max_kl": positive(),
+    "min_eos_rate": fraction(closed=True),
+    "max_repetition": fraction(closed=True),
+    "probe_prompts": at_least(0),
+}
+
+
+def check_numbers(instances: Iterable) -> None:
+    """Raise ValueError naming the first flag whose number is NaN, infinite or out of its range."""
+    for instance in instances:
+        if not dataclasses.is_dataclass(instance):
+            continue
+        for spec in dataclasses.fields(instance):
+            value = getattr(instance, spec.name, None)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # None (unset), text, lists: not numbers to check
+            if not math.isfinite(value):
+                raise ValueError(f"--{spec.name} must be a finite number, got {value}")
+            rule = RULES.get(spec.name)
+            if rule is not None and not rule.ok(value):
+                raise ValueError(f"--{spec.name} must be {rule.text}, got {value:g}")
