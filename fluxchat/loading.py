@@ -64,12 +64,29 @@ def load_tokenizer(source: str):
         fail(f"cannot load the tokenizer {where} ({_one_line(err)}): re-run the stage that wrote it")
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickle_only(source: str, flag: str = "model") -> None:
+    """A folder whose weights are only a pickle: one line saying why it will not load (unpickling can run code)."""
+    folder = Path(source)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern) if p.name != "training_args.bin")
+    if pickles:
+        fail(
+            f"--{flag} {source}: its weights are only a pickle ({', '.join(pickles[:3])}); only safetensors weights "
+            "load (a pickle can run code when loaded): convert it with transformers' save_pretrained(safe_serialization=True)"
+        )
+
+
 def load_model(source: str, tokenizer=None, reward: bool = False):
     """A causal LM (or, `reward=True`, a one-logit sequence classifier). LoRA adapter folders are merged
     into their base model. With `tokenizer`, checks that every token id has an embedding."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as transformers_logging
 
+    refuse_pickle_only(source)
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise
     try:
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():

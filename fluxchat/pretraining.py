@@ -9,7 +9,7 @@ import re
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
-from fluxchat import chat_format, generation
+from fluxchat import chat_format, generation, loading
 from fluxchat.config import fail
 
 logger = logging.getLogger("fluxchat")
@@ -36,6 +36,9 @@ PIECE_CHARS = 1 << 16
 # After a lone newline between two non-space characters: "...thee.\nROMEO". Byte-level BPE (GPT-2's
 # regex), word and character pre-tokenizers all cut there, so no token spans it.
 _CUT = re.compile(r"(?<=\S\n)(?=\S)")
+# Before a single space between two non-space characters: "thee| ROMEO" (the space starts the next word's
+# token). For text without line breaks (one 3 MB line): a piece never grows past 2 * PIECE_CHARS.
+_SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
 
 
 def _splits_after_newline(tokenizer) -> bool:
@@ -44,15 +47,21 @@ def _splits_after_newline(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.normalizer is not None or backend.pre_tokenizer is None:
         return False
-    ends = {end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str("ab.\nCD 1\nx")}
-    return {4, 9} <= ends
+    ends = {end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str("ab.\nCD 1\nx ab cd")}
+    return {4, 9, 13} <= ends  # after the newlines, and before " cd" (_SPACE_CUT)
 
 
 def _pieces(text: str):
+    """`text` in pieces of PIECE_CHARS to 2 * PIECE_CHARS characters, cut where the pre-tokenizer cuts anyway
+    (a line break, else a space), so the ids are those of the whole text; only a run of 2 * PIECE_CHARS
+    characters with neither is cut where it stands (a token may differ there: no real text has one)."""
     start = 0
-    while len(text) - start > PIECE_CHARS and (cut := _CUT.search(text, start + PIECE_CHARS)):
-        yield text[start : cut.start()]
-        start = cut.start()
+    while len(text) - start > PIECE_CHARS:
+        low, high = start + PIECE_CHARS, start + 2 * PIECE_CHARS
+        cut = _CUT.search(text, low, high) or _SPACE_CUT.search(text, low, high)
+        end = cut.start() if cut else min(high, len(text))
+        yield text[start:end]
+        start = end
     yield text[start:]
 
 
@@ -98,6 +107,7 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
     if model_args.model_name_or_path:
         from transformers import AutoModelForCausalLM
 
+        loading.refuse_pickle_only(model_args.model_name_or_path, "model_name_or_path")
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
         if model.config.vocab_size < len(tokenizer):
             fail(
