@@ -71,11 +71,17 @@ def crash_safety(rows: list[dict]) -> str:
                      f"Δ {r['diff']:.1e}, {'passed' if r['passed'] else 'FAILED'}" for r in rows)
 
 
-def gpu(rows: list[dict]) -> str:
-    (r,) = rows
-    if r["device"] == "none":
+def gpu(rows: list[dict], chain: dict | None = None) -> str:
+    if rows[0]["device"] == "none":
         return "not run: no GPU on the machine that ran it"
-    return f"{r['device']}: {r['tokens_per_s']:,} tokens/s, **MFU {r['mfu_pct']}%** ({r['precision']}, batch {r['batch']}, context {r['context']})"
+    parts = [
+        f"{r['variant']}: {r['tokens_per_s']:,} tokens/s, **MFU {r['mfu_pct']}%**, {r['peak_mem_GB']} GB" for r in rows
+    ]
+    text = f"{rows[0]['device']}, {rows[0]['params_M']}M params, bf16, batch {rows[0]['batch']} x {rows[0]['context']}: " + "; ".join(parts)
+    if chain and chain.get("stages"):
+        stages = ", ".join(f"{s['stage']} {s['seconds']:.0f} s ({s['metric']})" for s in chain["stages"] if s["seconds"] is not None)
+        text += f". `small` chain (`{chain['command']}`): {stages}; **total {chain['wall_s'] / 60:.1f} min**"
+    return text
 
 
 SUMMARIES = {  # README order
@@ -86,7 +92,7 @@ SUMMARIES = {  # README order
     "pipeline_time": ("tiny chain, wall time per stage", pipeline_time),
     "app_load": ("app under load", app_load),
     "crash_safety": ("kill -9 and resume", crash_safety),
-    "gpu": ("GPU pretraining, gpt2-small", gpu),
+    "gpu": ("GPU: gpt2-small-shaped pretraining and the small chain", gpu),
 }
 
 
@@ -100,7 +106,8 @@ def table(results_dir: Path) -> str:
         payload = json.loads(path.read_text(encoding="utf-8"))
         m = payload["machine"]
         machine = f"{m['cpu']}, {m['cores']} cores, load {m['load_average_1min']}, {m['date'][:10]}" + (" (smoke)" if payload["smoke"] else "")
-        lines.append(f"| {title} | {summarize(payload['results'])} | {machine} | `{m['command']}` |")
+        summary = summarize(payload["results"], payload.get("chain")) if name == "gpu" else summarize(payload["results"])
+        lines.append(f"| {title} | {summary} | {machine} | `{m['command']}` |")
     return "\n".join(lines)
 
 
