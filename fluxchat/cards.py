@@ -15,27 +15,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python pipeline/cards.py` from anywhere
-
 import yaml
 
 from fluxchat import runs
-from fluxchat.config import SECRET_KEYS
+from fluxchat.config import redact_secrets, scrub_secrets
+from fluxchat.runs import CARD_FILE, PLOT_FILE
 
-CARD_FILE = "README.md"
-PLOT_FILE = "loss_curve.png"
 DEFAULT_LICENSE = "mit"
 
 # The model a stage starts from, when the run's own folders are used (ppo's policy starts from sft;
 # its reward model is a side input). pretrain is trained from scratch: on the Hub `base_model` means
 # "derived from those weights", which a tokenizer has none of, so pretrain links its tokenizer in
 # the lineage section only.
-PARENT_STAGE = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}
+PARENT_STAGE = {"sft": "pretrain", "reward": "sft", "ppo": "sft", "grpo": "sft", "dpo": "sft"}
 
 WHAT_IT_DID = {
     "tokenizer": (
@@ -60,6 +56,17 @@ WHAT_IT_DID = {
     "ppo": (
         "Aligns the SFT model with PPO (TRL's `PPOTrainer`): it samples replies to prompts, the reward "
         "model scores them, and a KL penalty keeps the policy close to the SFT model it started from."
+    ),
+    "grpo": (
+        "Aligns the SFT model with GRPO (TRL's `GRPOTrainer`): it samples a group of replies per prompt, scores "
+        "them with verifiable rewards (the built-in tasks' exact checkers or a prompt file's answers, a format "
+        "reward, optionally a reward model), and raises the replies that beat their group's mean, with a KL "
+        "penalty to the SFT model it started from."
+    ),
+    "dpo": (
+        "Aligns the SFT model with DPO (TRL's `DPOTrainer`): on preference pairs it raises the likelihood of the "
+        "chosen reply over the rejected one relative to a frozen copy of the SFT model, with no reward model "
+        "and no sampling."
     ),
 }
 
@@ -90,30 +97,6 @@ OBJECTIVE_SERIES = (
     ("objective/kl", "KL to reference"), ("eval_accuracy", "eval accuracy"), ("eval_margin", "eval margin"),
 )
 
-HUB_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")  # Hub access tokens: "hf_" + 34 letters/digits
-REDACTED = "<redacted>"
-
-
-def known_tokens() -> list[str]:
-    """The Hub tokens this process could use (env or the standard login): never to be written anywhere."""
-    values = [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
-    try:
-        from huggingface_hub import get_token
-
-        values.append(get_token())
-    except Exception:  # a broken token file must not break a card
-        pass
-    return [v for v in values if v and len(v) >= 8]
-
-
-def scrub_secrets(text: str, *secrets: str | None) -> str:
-    """`text` with every Hub token (ours, the ones given, anything token-shaped) replaced by <redacted>."""
-    for secret in sorted({s for s in (*secrets, *known_tokens()) if s and len(s) >= 8}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    text = HUB_TOKEN_PATTERN.sub(REDACTED, text)
-    return re.sub(r"(?i)\b(bearer\s+)\S+", rf"\1{REDACTED}", text)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -123,25 +106,20 @@ def _read_json(path: Path) -> Any:
 
 def read_config(stage_dir: Path) -> dict[str, Any]:
     try:
-        config = yaml.safe_load((stage_dir / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load((stage_dir / runs.CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return {}
-    if not isinstance(config, dict):
-        return {}
-    for key in list(config):
-        if (key in SECRET_KEYS or key.endswith("hub_token")) and config[key]:
-            config[key] = REDACTED
-    return config
+    return redact_secrets(config) if isinstance(config, dict) else {}
 
 
 def read_log_history(stage_dir: Path) -> list[dict]:
     """The Trainer's log history: log_history.json if the stage wrote one, else the newest checkpoint's."""
-    history = _read_json(stage_dir / "log_history.json")
+    history = _read_json(stage_dir / runs.LOG_HISTORY_FILE)
     if isinstance(history, dict):
         history = history.get("log_history")
     if not isinstance(history, list):
         checkpoint = runs.latest_checkpoint(stage_dir)
-        state = _read_json(checkpoint / "trainer_state.json") if checkpoint else None
+        state = _read_json(checkpoint / runs.TRAINER_STATE_FILE) if checkpoint else None
         history = state.get("log_history") if isinstance(state, dict) else None
     return [entry for entry in history or [] if isinstance(entry, dict)]
 
@@ -362,6 +340,17 @@ def card_metadata(stage: str, config: dict[str, Any], base_model: str | None, hu
     return metadata
 
 
+def _stage_report(location: Path) -> str | None:
+    """The run's report.md (fluxchat/report.py) when this folder holds the stage it calls final."""
+    report = _read_json(location.parent / "report.json")
+    if not isinstance(report, dict) or report.get("final_stage") != location.name:
+        return None
+    try:
+        return (location.parent / "report.md").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
 def write_model_card(
     stage_dir: str | Path,
     stage: str,
@@ -369,25 +358,28 @@ def write_model_card(
     *,
     repo_id: str | None = None,
     lineage_repos: dict[str, str] | None = None,
+    location: str | Path | None = None,
 ) -> Path:
     """Write <stage_dir>/README.md (and loss_curve.png when there is a training log); returns the card's path.
 
     `base_model`: the Hub repo this stage was trained from (push.py passes the previous stage's repo);
     without it, a Hub id in the config's model_name_or_path is used. `repo_id`: where the card will live
     on the Hub (used in the loading snippet). `lineage_repos`: stage -> Hub repo, linked in the lineage.
+    `location`: the folder the stage will end up in, when the card is written while it is built elsewhere.
     """
     stage_dir = Path(stage_dir)
+    location = Path(location) if location else stage_dir
     config = read_config(stage_dir)
-    metrics = _read_json(stage_dir / "metrics.json")
+    metrics = _read_json(stage_dir / runs.METRICS_FILE)
     metrics = metrics if isinstance(metrics, dict) else {}
     if stage == "tokenizer":
-        stats = _read_json(stage_dir / "tokenizer_stats.json")
+        stats = _read_json(stage_dir / runs.TOKENIZER_STATS_FILE)
         metrics = {**(stats if isinstance(stats, dict) else {}), **metrics}
     adapter = (stage_dir / "adapter_config.json").is_file()
     base_model = base_model or infer_base_model(stage_dir, config)
     hub_datasets, local_files = _config_datasets(config)
-    run_name = config.get("run_name") or stage_dir.parent.name
-    model_id = repo_id or str(stage_dir)
+    run_name = config.get("run_name") or location.parent.name
+    model_id = repo_id or str(location)
 
     try:
         plotted = plot_loss_curve(read_log_history(stage_dir), stage_dir / PLOT_FILE)
@@ -406,11 +398,14 @@ def write_model_card(
     if hub_datasets or local_files:
         data = [f"[{d}]({hub_url('datasets/' + d)})" for d in hub_datasets] + [f"`{f}`" for f in local_files]
         lines += ["Data: " + ", ".join(data) + ".", ""]
-    lines += ["## Lineage", "", _lineage(stage_dir, stage, lineage_repos or {}), ""]
+    lines += ["## Lineage", "", _lineage(location, stage, lineage_repos or {}), ""]
 
     lines += ["## Results", ""]
     table = metrics_table(metrics)
     lines += [table if table else "No metrics recorded (metrics.json is missing).", ""]
+    stage_report = _stage_report(location)
+    if stage_report:
+        lines += ["### Stage report", "", "Every stage of this run on the same held-out items (`pipeline/evaluate.py RUN --report`):", "", stage_report, ""]
     if plotted:
         lines += [f"![training curves]({PLOT_FILE})", ""]
     elif stage != "tokenizer":

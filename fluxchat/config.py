@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -199,16 +200,43 @@ def to_dict(obj) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(obj).items()}
 
 
+# Secret scrubbing, in one place: configs, model cards and Hub error messages all go through these.
 SECRET_KEYS = ("token", "hub_token", "push_to_hub_token")
+HUB_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")  # Hub access tokens: "hf_" + 34 letters/digits
+REDACTED = "<redacted>"
+
+
+def redact_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a flat config with every token-holding key's value replaced by <redacted>."""
+    return {k: REDACTED if v and (k in SECRET_KEYS or k.endswith("hub_token")) else v for k, v in values.items()}
+
+
+def known_tokens() -> list[str]:
+    """The Hub tokens this process could use (env or the standard login): never to be written anywhere."""
+    values = [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    try:
+        # huggingface_hub only when a token is looked up: this module is imported by every command, the Hub rarely needed
+        from huggingface_hub import get_token
+
+        values.append(get_token())
+    except Exception:  # a broken token file must not break a card or an error message
+        pass
+    return [v for v in values if v and len(v) >= 8]
+
+
+def scrub_secrets(text: str, *secrets: str | None) -> str:
+    """`text` with every Hub token (ours, the ones given, anything token-shaped) replaced by <redacted>."""
+    for secret in sorted({s for s in (*secrets, *known_tokens()) if s and len(s) >= 8}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    text = HUB_TOKEN_PATTERN.sub(REDACTED, text)
+    return re.sub(r"(?i)\b(bearer\s+)\S+", rf"\1{REDACTED}", text)
 
 
 def resolved_config(*objs, config_file: Path | None = None) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for obj in objs:
         merged.update(to_dict(obj))
-    for key in SECRET_KEYS:  # never write a Hub token to disk
-        if merged.get(key):
-            merged[key] = "<redacted>"
+    merged = redact_secrets(merged)  # never write a Hub token to disk
     merged["config_file"] = str(config_file) if config_file else None
     return merged
 

@@ -24,15 +24,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLUXCHAT_CACHE", Path.home() / ".cache" / "fluxchat"))
 
 
-def default_corpus() -> Path:
+def default_corpus(flag: str = "--train_file") -> Path:
     """tinyshakespeare as shipped in data/ (see data/NOTICE.md); where the package was installed without
-    that folder, downloaded once and cached; offline, a one-line error says what to do instead."""
+    that folder, downloaded once and cached; offline, a one-line error names `flag`, the caller's own flag for a corpus."""
     if SHIPPED_CORPUS.is_file():
         return SHIPPED_CORPUS
     path = cache_dir() / "tinyshakespeare.txt"
     if path.is_file():
         return path
-    hint = "pass --train_file PATH (e.g. --train_file ../shared/data/pretrain/tinyshakespeare.txt)"
+    hint = f"pass {flag} PATH (e.g. {flag} ../shared/data/pretrain/tinyshakespeare.txt)"
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         fail(f"offline (HF_HUB_OFFLINE=1) and tinyshakespeare is not cached at {path}: {hint}")
     try:

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python pipeline/push.py` from anywhere
+import yaml
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
 
 from fluxchat import cards, runs
-from fluxchat.config import REPO_ROOT, UsageError, fail, main_process
+from fluxchat.config import REPO_ROOT, UsageError, fail, known_tokens, main_process, scrub_secrets
 
 # Kept local: resumable-training state (large, useless to a user of the model), our logs (local
 # paths, nothing a model user needs: the card has the metrics and curve) and training_args.bin (a
@@ -30,7 +32,6 @@ IGNORE_PATTERNS = [
 # Every file to be uploaded is scanned for the token, binary or not (a pickled .bin/.pt can hold it), in
 # chunks of this size so that multi-GB weights never sit in memory whole.
 SCAN_CHUNK_BYTES = 16 * 1024 * 1024
-CHAT_STAGES = ("ppo", "sft", "pretrain")  # what the Space serves, best first
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 DEFAULT_GRADIO_VERSION = "6.31.0"
 
@@ -53,8 +54,6 @@ def check_repo_id(repo_id: str, flag: str = "repo id") -> None:
 
 def ensure_can_push(token: str | None = None) -> None:
     """Fail in one line, before any work, when a push cannot succeed: offline mode, or no token at all."""
-    from huggingface_hub import constants, get_token
-
     if constants.is_offline_mode():
         fail("offline mode is on (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1): pushing needs the Hub; set HF_HUB_OFFLINE=0 when online")
     if not (token or get_token()):
@@ -63,9 +62,6 @@ def ensure_can_push(token: str | None = None) -> None:
 
 def one_line_error(err: BaseException, token: str | None = None) -> str:
     """An exception from the Hub client as one line, with every token-shaped string removed."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
-
     # huggingface_hub 2.4 talks through httpx2 (older releases: httpx); both name the class TransportError.
     if any(cls.__name__ == "TransportError" for cls in type(err).__mro__):  # refused, DNS, timeout, proxy
         message = f"cannot reach {constants.ENDPOINT} ({type(err).__name__}: {err}); check the network, a proxy or HF_ENDPOINT"
@@ -78,7 +74,7 @@ def one_line_error(err: BaseException, token: str | None = None) -> str:
     else:
         lines = [line.strip(" -") for line in str(err).strip().splitlines() if line.strip(" -")]
         message = f"{type(err).__name__}: {'; '.join(lines) or 'no details'}"
-    return cards.scrub_secrets(" ".join(message.split()), token)
+    return scrub_secrets(" ".join(message.split()), token)
 
 
 @contextmanager
@@ -93,9 +89,7 @@ def hub_errors(action: str, token: str | None = None):
 
 def refuse_leaked_token(folder: Path, token: str | None = None) -> None:
     """Refuse to upload a folder that contains a Hub token in any file that would be uploaded."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    secrets = {s.encode() for s in [token, *cards.known_tokens()] if s}
+    secrets = {s.encode() for s in [token, *known_tokens()] if s}
     if not secrets:
         return
     relative = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
@@ -132,8 +126,6 @@ def push_stage(
     The model card is rewritten first with `base_model` and the Hub names. `token=None` uses the
     standard login or HF_TOKEN.
     """
-    from huggingface_hub import HfApi
-
     stage_dir = Path(stage_dir)
     check_repo_id(repo_id)
     stage = cards.stage_of(stage_dir)
@@ -211,7 +203,7 @@ def _gradio_version() -> str:
 
 def space_variables(repos: dict[str, str]) -> dict[str, str]:
     """The Space variables app.py reads: the best chat model, the stage before it to compare with, the reward model."""
-    served = [s for s in CHAT_STAGES if s in repos]
+    served = [s for s in runs.CHAT_STAGES if s in repos]  # what the Space serves, best first
     if not served:
         return {}
     variables = {"FLUXCHAT_MODEL": repos[served[0]]}
@@ -238,8 +230,6 @@ def space_readme(variables: dict[str, str], run_name: str) -> str:
         "tags": ["fluxchat"],
         "short_description": "Chat with a tiny GPT-2 trained from scratch with fluxchat",
     }
-    import yaml
-
     return (
         f"---\n{yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip()}\n---\n\n"
         f"# fluxchat: {run_name}\n\n"
@@ -255,8 +245,6 @@ def space_readme(variables: dict[str, str], run_name: str) -> str:
 def push_space(space_id: str, variables: dict[str, str], run_name: str, token: str | None = None, private: bool = False) -> str:
     """Create or update a Gradio Space running this checkout's app.py; `variables` (see `space_variables`)
     name the models it serves. Returns the Space's URL."""
-    from huggingface_hub import HfApi
-
     check_repo_id(space_id, "--space")
     app = REPO_ROOT / "app.py"
     if not app.is_file():
@@ -270,7 +258,7 @@ def push_space(space_id: str, variables: dict[str, str], run_name: str, token: s
         (staging / "fluxchat").mkdir()
         for module in (REPO_ROOT / "fluxchat").glob("*.py"):
             shutil.copy2(module, staging / "fluxchat" / module.name)
-        (staging / "README.md").write_text(space_readme(variables, run_name), encoding="utf-8")
+        (staging / runs.CARD_FILE).write_text(space_readme(variables, run_name), encoding="utf-8")
         refuse_leaked_token(staging, token)
         with hub_errors(f"creating the Space {space_id}", token):
             url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", token=token, private=private, exist_ok=True)

@@ -8,7 +8,11 @@ embed) is one clear line, not a traceback.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from fluxchat import chat_format, runs
 from fluxchat.config import fail
@@ -55,8 +59,6 @@ def _one_line(err: BaseException) -> str:
 
 
 def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as err:  # a truncated tokenizer.json raises JSON/Rust errors of several types
@@ -83,13 +85,11 @@ def refuse_pickle_only(source: str, flag: str = "model") -> None:
 def load_model(source: str, tokenizer=None, reward: bool = False):
     """A causal LM (or, `reward=True`, a one-logit sequence classifier). LoRA adapter folders are merged
     into their base model. With `tokenizer`, checks that every token id has an embedding."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as transformers_logging
-
     refuse_pickle_only(source)
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise
     try:
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
+            # peft only for adapter folders: an optional dependency, not needed by a merged model
             from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
             auto = AutoPeftModelForSequenceClassification if reward else AutoPeftModelForCausalLM
@@ -111,9 +111,21 @@ def load_model(source: str, tokenizer=None, reward: bool = False):
     return model.eval()
 
 
-def load_model_and_tokenizer(source: str, reward: bool = False):
+def load_model_and_tokenizer(source: str, reward: bool = False, chat: bool = False):
+    """Tokenizer and model from `source`; `chat` also requires the chat tokens a conversation needs."""
     tokenizer = load_tokenizer(source)
+    missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
+    if chat and missing:
+        fail(f"{source}: its tokenizer lacks the chat tokens {missing}; use a model trained with this project's tokenizer")
     return load_model(source, tokenizer, reward=reward), tokenizer
+
+
+def load_config(source: str):
+    """A model's config.json (for its context length) without loading its weights."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        fail(f"cannot read the model config in {source} ({_one_line(err)}): re-run the stage that wrote it")
 
 
 def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_missing_tokens: bool = False):
@@ -122,9 +134,8 @@ def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_miss
 
     A tokenizer from outside the pipeline (e.g. the Hub's gpt2) lacks our tokens: SFT may add them
     (`add_missing_tokens`; the model's embeddings grow to match in `load_causal_lm`), later stages refuse.
+    A format given by a flag that differs from the tokenizer's own is applied with a printed note.
     """
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -137,7 +148,10 @@ def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_miss
         logger.info(f"added chat tokens {' '.join(missing)} to the tokenizer of {path}")
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         tokenizer.pad_token = chat_format.PAD  # PPO masks on ids != pad: pad must differ from EOS
-    name = chat_format_name or chat_format.format_of(tokenizer).name
+    own = chat_format.format_of(tokenizer).name
+    if chat_format_name and chat_format_name != own and tokenizer.chat_template:
+        print(f"note: --chat_format {chat_format_name} overrides the '{own}' format the tokenizer in {path} was trained with", file=sys.stderr)
+    name = chat_format_name or own
     chat_format.set_chat_format(tokenizer, name, chat_model=True)
     tokenizer.padding_side = "right"
     return tokenizer
@@ -168,8 +182,6 @@ def load_causal_lm(path: str, tokenizer):
 
 def load_score_model(path: str, tokenizer):
     """A model with one scalar output per sequence (reward or value), read at the last non-pad token."""
-    from transformers import AutoModelForSequenceClassification
-
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
     except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
@@ -179,8 +191,6 @@ def load_score_model(path: str, tokenizer):
 
 
 def check_same_tokenizer(tokenizer, other_path: str, what: str) -> None:
-    from transformers import AutoTokenizer
-
     other = AutoTokenizer.from_pretrained(other_path)
     if other.get_vocab() != tokenizer.get_vocab():
         fail(f"{what} {other_path} uses a different tokenizer than the policy: train it from the same SFT model")

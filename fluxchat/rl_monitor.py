@@ -7,6 +7,7 @@ import sys
 from transformers import TrainerCallback
 
 from fluxchat import chat_format, generation, training
+from fluxchat.config import main_process
 from fluxchat.training import logger
 
 
@@ -80,7 +81,7 @@ class PPOMonitor:
         for problem in problems:
             message = f"warning: PPO update {step}: {problem}"
             self.warnings.append(message)
-            if training.is_main_process():
+            if main_process():
                 logger.warning(message)
                 print(message, file=sys.stderr, flush=True)
         if problems and self.stop:

@@ -18,6 +18,7 @@ which the next start of the stage removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -28,12 +29,31 @@ from typing import Any
 
 import yaml
 
-from fluxchat.config import fail, resolved_config
+from fluxchat.config import UsageError, fail, main_process, resolved_config
 
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")
-FINISHED_MARKER = "stage_complete.json"
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
+CHAT_STAGES = ("ppo", "sft", "pretrain")  # stages whose model generates text, most aligned first
 STAGING = ".staging"  # inside a stage folder: saves in progress, renamed into place when complete
+OVERWRITE_SUFFIX = ".overwrite"  # <parent>/.<stage>.overwrite: a replacement built beside the stage it replaces
+REPLACED_SUFFIX = ".replaced"  # <parent>/.<stage>.replaced: the replaced stage, for the moment of the swap
 DEFAULT_RUNS_DIR = "runs"
+DEFAULT_RUN_NAME = "default"
+
+# Every file a stage writes, named once. Checkpoints are the Trainer's own layout (checkpoint-N/).
+FINISHED_MARKER = "stage_complete.json"  # written last: the stage is finished
+STARTED_MARKER = ".fluxchat_stage.json"  # written first: the folder belongs to a stage (hidden: never uploaded)
+CONFIG_FILE = "config.yaml"  # the resolved configuration, secrets redacted
+LOG_FILE = "train.log"  # our dense log lines
+METRICS_FILE = "metrics.json"  # headline numbers of the stage (and its evaluation under "eval")
+EVAL_FILE = "eval.json"  # the end-of-stage evaluation report
+LOG_HISTORY_FILE = "log_history.json"  # the Trainer's log history
+CARD_FILE = "README.md"  # the model card (also the Hub's)
+PLOT_FILE = "loss_curve.png"  # the card's training curves
+TOKENIZER_STATS_FILE = "tokenizer_stats.json"  # the tokenizer stage's compression report
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+EVALUATION_FILE = "evaluation.json"  # pipeline/evaluate.py's report (in the model folder, or the run folder)
+SUMMARY_FILE = "summary.json"  # pipeline/run_all.py's per-stage summary, in the run folder
+DATA_DIR = "data"  # in the run folder: corpora pipeline/run_all.py writes for its stages
 
 # The command that produces each stage, for "run this first" errors.
 PRODUCER = {
@@ -42,6 +62,8 @@ PRODUCER = {
     "sft": "accelerate launch pipeline/sft.py --config configs/tiny/sft.yaml --run_name {run}",
     "reward": "accelerate launch pipeline/reward.py --config configs/tiny/reward.yaml --run_name {run}",
     "ppo": "accelerate launch pipeline/ppo.py --config configs/tiny/ppo.yaml --run_name {run}",
+    "grpo": "accelerate launch pipeline/grpo.py --config configs/tiny/grpo.yaml --run_name {run}",
+    "dpo": "accelerate launch pipeline/dpo.py --config configs/tiny/dpo.yaml --run_name {run}",
 }
 
 
@@ -49,8 +71,15 @@ def runs_dir() -> Path:
     return Path(os.environ.get("FLUXCHAT_RUNS_DIR", DEFAULT_RUNS_DIR))
 
 
+def check_run_name(run_name: str, flag: str = "--run_name") -> str:
+    """A run name is one plain folder name under runs/: never a path that leads elsewhere."""
+    if not run_name or run_name in (".", "..") or "/" in run_name or "\\" in run_name or Path(run_name).is_absolute():
+        fail(f"{flag} {run_name!r} must be one plain folder name under {runs_dir()}/ (no '/', '..' or absolute path)")
+    return run_name
+
+
 def run_dir(run_name: str) -> Path:
-    return runs_dir() / run_name
+    return runs_dir() / check_run_name(run_name)
 
 
 def stage_dir(run_name: str, stage: str) -> Path:
@@ -88,25 +117,108 @@ def _is_plain_model_dir(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() and not any(folder.glob("checkpoint-*"))
 
 
-def refuse_finished(folder: Path, overwrite: bool) -> None:
-    """Call before any work: a finished stage is only replaced on `--overwrite`."""
+def _sibling(folder: Path, suffix: str) -> Path:
+    return Path(folder).parent / f".{Path(folder).name}{suffix}"
+
+
+def is_stage_folder(folder: str | Path) -> bool:
+    """Whether a stage may write into (and `--overwrite` may replace) `folder`: absent, empty, or written by
+    one of our stages (its started or finished marker, our staging folder, a Trainer checkpoint)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    return (
+        (folder / FINISHED_MARKER).is_file()
+        or (folder / STARTED_MARKER).is_file()
+        or (folder / STAGING).is_dir()
+        or any((ckpt / TRAINER_STATE_FILE).is_file() for ckpt in folder.glob("checkpoint-[0-9]*"))
+    )
+
+
+def check_output_dir(folder: str | Path, *, overwrite: bool, resume: bool = False) -> Path | None:
+    """Every check on a stage's output folder, run before any input is read and anything written.
+    Returns the checkpoint to resume from (`resume`), else None."""
+    folder = Path(folder)
+    recover_interrupted_swap(folder)
+    blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        fail(f"--output_dir {folder}: {blocking} is a file, not a folder")
+    if resume and overwrite:
+        fail(f"--resume continues the run in {folder} and --overwrite replaces it: give one of them")
+    if not is_stage_folder(folder):
+        fail(
+            f"{folder} is not empty and holds no fluxchat stage (no {FINISHED_MARKER}, no checkpoint-N): refusing to "
+            f"{'replace' if overwrite else 'write into'} it; choose another --output_dir or --run_name"
+        )
     if is_finished(folder) and not overwrite:
         fail(f"{folder} already holds a finished run: pass --overwrite to replace it, or choose another --run_name/--output_dir")
-
-
-def prepare_output_dir(folder: Path, *, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to clobber a finished stage unless asked; `--overwrite` starts the folder afresh."""
-    refuse_finished(folder, overwrite)
     if resume:
-        if latest_checkpoint(folder) is None:
-            fail(f"--resume: no complete checkpoint in {folder} to resume from (drop --resume to start afresh)")
-        return
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None:
+            fail(f"--resume: no complete checkpoint in {folder} (complete = its {TRAINER_STATE_FILE} is readable); drop --resume to start afresh")
+        return checkpoint
     if not overwrite and latest_checkpoint(folder) is not None:
         fail(f"{folder} holds checkpoints of an unfinished run: pass --resume to continue it, or --overwrite to start afresh")
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder / STAGING, ignore_errors=True)
+    return None
+
+
+def work_dir(folder: str | Path, overwrite: bool) -> Path:
+    """Where a stage writes until it has finished: its output folder, or, when `--overwrite` replaces a folder
+    that holds something, the sibling <parent>/.<name>.overwrite that `commit` swaps in at the very end. So a
+    failed, killed or refused overwrite leaves the previous stage exactly as it was."""
+    folder = Path(folder)
+    if overwrite and folder.is_dir() and any(folder.iterdir()):
+        return _sibling(folder, OVERWRITE_SUFFIX)
+    return folder
+
+
+def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = False) -> Path:
+    """Create the folder a stage writes into (main process only; call after `check_output_dir`) and return it."""
+    folder = Path(folder)
+    work = work_dir(folder, overwrite)
+    if work != folder:
+        shutil.rmtree(work, ignore_errors=True)  # what an earlier, killed overwrite left
+    if resume:
+        discard_incomplete_checkpoints(work)
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / STAGING, ignore_errors=True)
+    write_json(work / STARTED_MARKER, {"stage": stage})
+    return work
+
+
+def commit(work: str | Path, folder: str | Path) -> None:
+    """Put a finished replacement in place: the old folder renamed away, the new one renamed in, the old one
+    deleted. A crash between the two renames is repaired by the next `check_output_dir`."""
+    work, folder = Path(work), Path(folder)
+    if work == folder:
+        return
+    replaced = _sibling(folder, REPLACED_SUFFIX)
+    shutil.rmtree(replaced, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, replaced)
+    os.replace(work, folder)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def abandon(work: str | Path, folder: str | Path) -> None:
+    """A replacement that failed: removed, the previous stage untouched."""
+    if Path(work) != Path(folder):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def recover_interrupted_swap(folder: str | Path) -> None:
+    """Finish or undo a `commit` a crash interrupted between its renames (main process only)."""
+    folder = Path(folder)
+    replaced, work = _sibling(folder, REPLACED_SUFFIX), _sibling(folder, OVERWRITE_SUFFIX)
+    if not main_process() or not replaced.is_dir():
+        return
+    if not folder.exists():
+        os.replace(work if is_finished(work) else replaced, folder)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _readable_json(path: Path) -> bool:
@@ -125,7 +237,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     complete = [
         ckpt
         for ckpt in Path(folder).glob("checkpoint-*")
-        if ckpt.name.split("-")[-1].isdigit() and _readable_json(ckpt / "trainer_state.json")
+        if ckpt.name.split("-")[-1].isdigit() and _readable_json(ckpt / TRAINER_STATE_FILE)
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
@@ -139,7 +251,7 @@ def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
         shutil.rmtree(Path(folder) / STAGING, ignore_errors=True)
         removed.append(Path(folder) / STAGING)
     for ckpt in Path(folder).glob("checkpoint-*"):
-        if ckpt.is_dir() and not _readable_json(ckpt / "trainer_state.json"):
+        if ckpt.is_dir() and not _readable_json(ckpt / TRAINER_STATE_FILE):
             shutil.rmtree(ckpt, ignore_errors=True)
             removed.append(ckpt)
     return removed
@@ -198,11 +310,47 @@ def mark_finished(folder: Path, stage: str, **info: Any) -> None:
 
 def latest_stage(folder: str | Path) -> Path | None:
     """For a run folder, the most aligned finished stage with a model (ppo > sft > pretrain)."""
-    for stage in ("ppo", "sft", "pretrain"):
+    for stage in CHAT_STAGES:
         candidate = Path(folder) / stage
         if is_finished(candidate):
             return candidate
     return None
+
+
+@contextlib.contextmanager
+def save_errors(staged: Path, what: str):
+    """An OSError while writing `staged` (a full disk, a quota) becomes one line naming the device. The half-written
+    save is removed (and a replacement built for --overwrite with it); what was saved before stays intact."""
+    try:
+        yield
+    except OSError as err:
+        staged = Path(staged)
+        shutil.rmtree(staged, ignore_errors=True)
+        folder = staged.parent.parent if staged.parent.name == STAGING else staged.parent
+        kept = "the checkpoints saved before it are intact"
+        if folder.name.endswith(OVERWRITE_SUFFIX):  # nothing can resume an overwrite: free its space
+            shutil.rmtree(folder, ignore_errors=True)
+            kept = "the stage it was to replace is intact"
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        problem = "is full" if full else f"refused the write ({err.strerror or err})"
+        raise UsageError(
+            f"saving {what} failed: the device {device_of(folder)} holding {folder} {problem}; "
+            f"the half-written save was removed and {kept}"
+        ) from None
+
+
+def device_of(path: str | Path) -> str:
+    """The device (as /proc/self/mounts names it) and mount point holding `path`, for a message about a full disk."""
+    mount = Path(path).resolve()
+    while not mount.exists() or (not os.path.ismount(mount) and mount != mount.parent):
+        mount = mount.parent
+    device = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 1 and fields[1] == str(mount):
+                device = fields[0]  # the last entry for a mount point is the one in effect
+    return f"{device} (mounted at {mount})" if device else str(mount)
 
 
 def save_resolved_config(path: Path, *objs, config_file: Path | None = None) -> None:

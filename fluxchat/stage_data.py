@@ -8,18 +8,20 @@ oldest whole turns through `chat_format.trim_to_context`, the one trimming rule.
 from __future__ import annotations
 
 import random
+import sys
 
 from datasets import Dataset
 
 from fluxchat import chat_format, formats, tasks
 from fluxchat.arguments import StageArguments
-from fluxchat.config import fail
+from fluxchat.config import UsageError, fail
 
 
-def sft_dataset(tokenizer, conversations: list[dict], max_length: int):
+def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required: bool = True):
     """Dataset with `input_ids` and `assistant_masks` (1 on assistant content + its end-of-turn token).
 
-    SFTTrainer turns the mask into labels (-100 elsewhere). Returns (dataset, counts)."""
+    SFTTrainer turns the mask into labels (-100 elsewhere). Returns (dataset, counts); when no conversation
+    fits, a one-line error, or (None, counts) if not `required` (a held-out split: no eval loss, not an error)."""
     columns = {"input_ids": [], "assistant_masks": []}
     counts = {"examples": 0, "trimmed": 0, "dropped_too_long": 0, "dropped_no_reply": 0}
     # The separator after the last turn carries no loss and, the model being causal, changes nothing before it.
@@ -33,7 +35,9 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int):
         messages = conversation["messages"]
         ids, mask = render(messages)
         if len(ids) > max_length:
-            messages = chat_format.trim_to_context(tokenizer, messages, max_length + separator, 0, generation_prompt=False, required=False)
+            messages = chat_format.trim_to_context(
+                tokenizer, messages, max_length + separator, 0, generation_prompt=False, required=False
+            )
             if messages is None:
                 counts["dropped_too_long"] += 1
                 continue
@@ -45,8 +49,12 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int):
         columns["input_ids"].append(ids)
         columns["assistant_masks"].append(mask)
         counts["examples"] += 1
+    if not counts["examples"] and not required:
+        return None, counts
     if not counts["examples"]:
-        fail(f"no conversation fits the model's context of {max_length} tokens ({counts}): use shorter data or a model with a longer context")
+        fail(
+            f"no conversation fits the model's context of {max_length} tokens ({counts}): use shorter data or a model with a longer context"
+        )
     return Dataset.from_dict(columns), counts
 
 
@@ -62,7 +70,11 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
         if max(len(chosen), len(rejected)) > max_length:
             prompt_length = len(chat_format.render_prompt(tokenizer, prompt)) if prompt else 0
             reply_length = max(len(chosen), len(rejected)) - prompt_length
-            prompt = chat_format.trim_to_context(tokenizer, prompt, max_length, reply_length, required=False) if prompt else None
+            prompt = (
+                chat_format.trim_to_context(tokenizer, prompt, max_length, reply_length, required=False)
+                if prompt
+                else None
+            )
             if prompt is None:
                 counts["dropped_too_long"] += 1
                 continue
@@ -151,8 +163,41 @@ def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
     return out, dropped
 
 
+def evaluable_tasks(stage_args: StageArguments) -> tuple[str, ...]:
+    """The built-in tasks the end-of-stage evaluation can run. quote/speaker need a play-script corpus: without
+    one (none cached offline, or a corpus with no `NAME:` blocks) they are skipped with a note saying why, so a
+    user's training on their own data never fails for the sake of the built-in evaluation."""
+    chosen = tasks.select_tasks(stage_args.tasks)
+    corpus_tasks = tuple(t for t in chosen if t in tasks.CORPUS_TASKS)
+    if not corpus_tasks or not stage_args.eval_examples:
+        return chosen
+    try:
+        tasks.conversations("eval", n=len(corpus_tasks), corpus_file=stage_args.corpus_file, tasks=corpus_tasks)
+    except UsageError as err:
+        if formats.BUILTIN in stage_args.dataset:
+            raise  # training on the built-in tasks needs them too: that error stands
+        others = tuple(t for t in chosen if t not in corpus_tasks)
+        print(
+            f"note: the held-out evaluation skips the {'/'.join(corpus_tasks)} tasks ({err}); it scores {', '.join(others) or 'nothing'}",
+            file=sys.stderr,
+        )
+        return others
+    return chosen
+
+
 def task_examples(stage_args: StageArguments) -> list[dict]:
-    """Held-out built-in examples scored at the end of a stage."""
-    if not stage_args.eval_examples:
+    """Held-out built-in examples scored at the end of a stage (the tasks evaluable_tasks keeps)."""
+    runnable = evaluable_tasks(stage_args) if stage_args.eval_examples else ()
+    if not runnable:
         return []
-    return tasks.conversations("eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+    return tasks.conversations("eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=runnable)
+
+
+def task_pairs(stage_args: StageArguments) -> list[dict]:
+    """Held-out built-in preference pairs a reward model is scored on (the tasks evaluable_tasks keeps)."""
+    runnable = evaluable_tasks(stage_args) if stage_args.eval_examples else ()
+    if not runnable:
+        return []
+    return tasks.preference_pairs(
+        "eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=runnable
+    )

@@ -362,7 +362,7 @@ def _corpus_items(corpus_path: str):
 
 def resolve_corpus(corpus_file) -> str:
     if corpus_file is None:
-        corpus_file = default_corpus()
+        corpus_file = default_corpus("--corpus_file")  # the flag every command using the tasks has
     if not Path(corpus_file).is_file():
         fail(f"corpus file {corpus_file} does not exist (the quote/speaker tasks read their lines from it)")
     return str(Path(corpus_file).resolve())

@@ -1,41 +1,93 @@
-"""What every Trainer-based stage shares: output folder, dense logs (console + train.log), rank bookkeeping."""
+"""The start and finish of every Trainer stage (pretraining included), staged saves, dense logs (console + train.log).
+
+A stage command reads as: parse; `plan_stage` (every check on flags and the output folder, nothing written);
+load its inputs; `start_stage` (work folder, log file, resolved config); build the Trainer; `train`;
+`save_model`/`save_final`; `finish_stage` (logs, metrics, card, finished marker, swap into place, push).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import math
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import ProgressCallback
+import torch.distributed as dist
+from accelerate import PartialState
+from transformers import ProgressCallback, TrainerState
+from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluxchat import cards, generation, hub, runs
+from fluxchat.config import fail, main_process
 
 logger = logging.getLogger("fluxchat")
+
+
+@dataclass
+class StageRun:
+    """One run of a stage: where it ends up, where it is written until it has finished (the same folder, or
+    a sibling swapped in at the end for `--overwrite`), and the checkpoint it resumes from."""
+
+    stage: str
+    output_dir: Path
+    work_dir: Path
+    overwrite: bool = False
+    resume_from: Path | None = None
+
+
+def run_name(training_args) -> str:
+    return training_args.run_name or runs.DEFAULT_RUN_NAME
 
 
 def resolve_output_dir(training_args, stage: str) -> Path:
     """`--output_dir` if given, else runs/<run_name>/<stage>; written back into the training args."""
     if training_args.output_dir in (None, "trainer_output"):  # transformers' placeholder when unset
-        training_args.output_dir = str(runs.stage_dir(training_args.run_name or "default", stage))
+        training_args.output_dir = str(runs.stage_dir(run_name(training_args), stage))
     return Path(training_args.output_dir)
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def plan_stage(training_args, stage: str, *, overwrite: bool, resume: bool = False) -> StageRun:
+    """Every check a stage makes before reading its inputs; writes nothing. Call right after parsing."""
+    if training_args.run_name is not None:
+        runs.check_run_name(training_args.run_name)
+    if getattr(training_args, "resume_from_checkpoint", None):  # a TrainingArguments field nothing reads
+        fail("--resume_from_checkpoint is not supported: pass --resume to continue from the newest complete checkpoint in the output folder")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        fail(f"--max_steps {training_args.max_steps} trains nothing: give a positive number of steps (or -1 to train --num_train_epochs epochs)")
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        fail(f"--num_train_epochs {training_args.num_train_epochs} trains nothing: give a positive number (or --max_steps)")
+    output_dir = resolve_output_dir(training_args, stage)
+    resume_from = runs.check_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    return StageRun(stage, output_dir, runs.work_dir(output_dir, overwrite), overwrite, resume_from)
+
+
+def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | None = None) -> None:
+    """Create the work folder, log into its train.log and save the resolved config there. Call once the inputs
+    are loaded, so that a broken input leaves no trace. The folder is prepared on the main process only, the
+    others waiting: with several processes an --overwrite on each would delete what the first had written."""
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            runs.begin(run.output_dir, run.stage, overwrite=run.overwrite, resume=run.resume_from is not None)
+    log_to_file(run.work_dir)
+    if state.is_main_process:  # the config records where the stage ends up, not where it is built
+        runs.save_resolved_config(run.work_dir / runs.CONFIG_FILE, *config_objs, config_file=config_file)
+    training_args.output_dir = str(run.work_dir)  # the Trainer's checkpoints go where the stage is built
 
 
 def log_to_file(output_dir: Path) -> None:
     """Mirror our log lines into <stage>/train.log so an overnight run can be followed with `tail -f`."""
-    if not is_main_process():
+    if not main_process():
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:  # an earlier stage in this process
         logger.removeHandler(old)
         old.close()
-    handler = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
+    handler = logging.FileHandler(output_dir / runs.LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -110,8 +162,6 @@ def keep_freed_memory() -> None:
     time (0.25 s vs 0.21 s; see bench/pretrain_throughput.py). Peak memory is unchanged: the process
     keeps what it already needed at its peak. Not glibc (macOS, musl): nothing to do.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -129,22 +179,24 @@ def stage_checkpoints(trainer) -> None:
     kill -9 mid-save would leave a folder that looks like a checkpoint. The Trainer has no hook for
     where a checkpoint goes, so we point its output folder at the staging folder for the duration of
     the save, then rename and apply its rotation (save_total_limit) to the real folder ourselves.
+    A failed save (a full disk) removes its staging folder and ends the stage in one line.
     """
-    from transformers.trainer_utils import rotate_checkpoints
-
     save_checkpoint, output_dir_for = trainer._save_checkpoint, trainer._get_output_dir
 
     def staged_save(model, trial, *args, **kwargs):
         run_dir = Path(output_dir_for(trial=trial))
         staging = run_dir / runs.STAGING
         trainer._get_output_dir = lambda trial=None: str(staging)
+        name = f"checkpoint-{trainer.state.global_step}"
         try:
-            save_checkpoint(model, trial, *args, **kwargs)
+            with runs.save_errors(runs.staging_dir(run_dir, name), name):
+                save_checkpoint(model, trial, *args, **kwargs)
         finally:
             trainer._get_output_dir = output_dir_for
         trainer.accelerator.wait_for_everyone()  # sharded saves: every rank has written its part
         if trainer.args.should_save:
-            runs.publish(runs.staging_dir(run_dir, f"checkpoint-{trainer.state.global_step}"), run_dir)
+            with runs.save_errors(runs.staging_dir(run_dir, name), name):
+                runs.publish(runs.staging_dir(run_dir, name), run_dir)
             best = trainer.state.best_model_checkpoint
             if best and Path(best).parent == staging:
                 trainer.state.best_model_checkpoint = str(run_dir / Path(best).name)
@@ -161,10 +213,12 @@ def save_final(trainer, output_dir: Path, save) -> None:
     if trainer.is_world_process_zero():
         shutil.rmtree(staged, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    save(staged)
+    with runs.save_errors(staged, "the final model"):
+        save(staged)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        runs.publish(staged, output_dir)
+        with runs.save_errors(staged, "the final model"):
+            runs.publish(staged, output_dir)
 
 
 def train(trainer, resume_from: Path | None = None):
@@ -173,19 +227,13 @@ def train(trainer, resume_from: Path | None = None):
     A run killed after its *last* checkpoint but before it was marked finished has nothing left to
     train; the Trainer would still take one more step (step 61 of 60). We load that checkpoint instead.
     """
-    import json
-
-    from transformers.trainer_utils import TrainOutput
-
     keep_freed_memory()
     stage_checkpoints(trainer)
     if resume_from is not None:
-        state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        state = json.loads((Path(resume_from) / runs.TRAINER_STATE_FILE).read_text())
         if 0 < trainer.args.max_steps <= state["global_step"]:
-            from transformers import TrainerState
-
             trainer._load_from_checkpoint(str(resume_from))  # weights only; optimizer state is not needed any more
-            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / runs.TRAINER_STATE_FILE))
             losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
             return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {})
     return trainer.train(resume_from_checkpoint=str(resume_from)) if resume_from else trainer.train()  # PPOTrainer.train() takes no argument
@@ -193,8 +241,6 @@ def train(trainer, resume_from: Path | None = None):
 
 def gather_rank_info(info: dict) -> list[dict]:
     """Every rank's `info`, on every rank (a single process gets a list of one)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, info)
@@ -230,29 +276,23 @@ def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool,
     return model
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """runs.prepare_output_dir on the main process only, the others waiting: with several processes
-    an --overwrite on each would delete what the first had already written (e.g. train.log)."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    with state.main_process_first():
-        if state.is_main_process:
-            runs.prepare_output_dir(output_dir, overwrite=overwrite)
-
-
-def finish_stage(trainer, output_dir: Path, stage: str, metrics: dict, evaluation: dict, finished: bool = True, push_request=None) -> None:
-    """Write log_history.json, eval.json, metrics.json and the model card, then the finished marker
-    (last), then push if `--push_to_hub` asked for it."""
+def finish_stage(
+    trainer, run: StageRun, metrics: dict, evaluation: dict | None = None, *, finished: bool = True, push_request=None
+) -> None:
+    """Write log_history.json, eval.json (when the stage evaluates), metrics.json and the model card, then the
+    finished marker (last); then swap the work folder into place and push if `--push_to_hub` asked for it."""
     if not trainer.is_world_process_zero():
         return
-    runs.write_json(output_dir / "log_history.json", trainer.state.log_history)
-    runs.write_json(output_dir / "eval.json", evaluation)
-    runs.write_json(output_dir / "metrics.json", {**metrics, "eval": evaluation})
-    cards.write_model_card(output_dir, stage)  # replaces the generic card TRL's save_model writes
+    runs.write_json(run.work_dir / runs.LOG_HISTORY_FILE, trainer.state.log_history)
+    if evaluation is not None:
+        runs.write_json(run.work_dir / runs.EVAL_FILE, evaluation)
+        metrics = {**metrics, "eval": evaluation}
+    runs.write_json(run.work_dir / runs.METRICS_FILE, metrics)
+    cards.write_model_card(run.work_dir, run.stage, location=run.output_dir)  # replaces the generic card TRL's save_model writes
     if finished:
-        runs.mark_finished(output_dir, stage, global_step=trainer.state.global_step)
-        hub.maybe_push(push_request, output_dir, stage)
+        runs.mark_finished(run.work_dir, run.stage, global_step=trainer.state.global_step)
+        runs.commit(run.work_dir, run.output_dir)
+        hub.maybe_push(push_request, run.output_dir, run.stage)
 
 
 def train_metrics(result, seconds: float) -> dict:

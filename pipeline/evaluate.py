@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.output_file:
         output_file = Path(args.output_file)
     elif Path(model_path).is_dir():
-        output_file = Path(model_path) / "evaluation.json"
+        output_file = Path(model_path) / runs.EVALUATION_FILE
     else:
-        output_file = Path("evaluation.json")
+        output_file = Path(runs.EVALUATION_FILE)
     # Checked before the work: a folder (or a path under a file) would fail only after the whole evaluation ran.
     if output_file.is_dir():
         fail(f"--output_file {output_file} is a folder: name a file, e.g. {output_file / 'evaluation.json'}")

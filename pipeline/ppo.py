@@ -2,39 +2,46 @@
 
     accelerate launch pipeline/ppo.py --config configs/tiny/ppo.yaml --run_name demo
     python pipeline/ppo.py --preset tiny --run_name demo --kl_coef 0.1 --stop_on_collapse
-    python pipeline/ppo.py --preset tiny --run_name demo --sft_model_path runs/a/sft --reward_model_path runs/b/reward
+    python pipeline/ppo.py --preset tiny --run_name demo --model_name_or_path runs/a/sft --reward_model_path runs/b/reward
     python pipeline/ppo.py --preset tiny --run_name demo --use_peft          # LoRA policy; the reference is the adapter switched off
 
-Policy and reference come from runs/<run_name>/sft (or --sft_model_path), reward and value models from
+Policy and reference come from runs/<run_name>/sft (or --model_name_or_path; TRL's --sft_model_path is an alias), reward and value models from
 runs/<run_name>/reward (or --reward_model_path / --value_model_path). Prompts are the built-in tasks'
 (or --dataset conversations' prompts), rendered with the chat template, left-padded; replies stop at
 <|end|> (the chat tokenizer's EOS, distinct from the pad token) and lose --missing_eos_penalty reward
 when they never stop. Writes the policy as a plain causal LM with tokenizer and generation config,
 metrics.json (task accuracy and mean reward before/after, KL), eval.json, log_history.json, train.log
 to runs/<run_name>/ppo.
+
+PPO cannot resume: TRL's PPOTrainer saves only the policy in a checkpoint (no value model, optimizer or
+data position), so `--save_steps` checkpoints are snapshots to inspect or chat with, and `--resume` is
+refused; an interrupted PPO stage is rerun with `--overwrite` (run_all.py does so).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Before TRL is imported: it warns about its experimental modules at import time.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")  # raised inside PPOTrainer
 
-from transformers import ProgressCallback
-from trl.experimental.ppo import PPOConfig, PPOTrainer
+from transformers import ProgressCallback  # noqa: E402
+from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
-from fluxchat import arguments, evaluation, hub, loading, rl_monitor, runs, stage_data, training
-from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import fail, parse_config, run_cli
+from fluxchat import arguments, evaluation, hub, loading, rl_monitor, runs, stage_data, training  # noqa: E402
+from fluxchat.arguments import PeftArguments, StageArguments  # noqa: E402
+from fluxchat.config import fail, parse_config, run_cli  # noqa: E402
 
 
 @dataclass
 class PPOArguments(StageArguments):
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Policy and reference model (the SFT model); default runs/<run_name>/sft. Alias: --sft_model_path."})
     value_model_path: str | None = field(default=None, metadata={"help": "Value model initialisation; default the reward model (as TRL's example does)."})
     max_kl: float = field(default=10.0, metadata={"help": "Warn when the KL to the SFT reference (summed over a reply) exceeds this."})
     min_eos_rate: float = field(default=0.1, metadata={"help": "Warn when fewer probe replies than this end with <|end|>."})
@@ -46,29 +53,31 @@ class PPOArguments(StageArguments):
 @dataclass
 class StagePPOConfig(PPOConfig):
     # TRL defaults both to a Hub model; ours default to this run's stages.
-    sft_model_path: str | None = field(default=None, metadata={"help": "Policy and reference model; default runs/<run_name>/sft."})
+    sft_model_path: str | None = field(default=None, metadata={"help": "TRL's name for --model_name_or_path (an alias)."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward model; default runs/<run_name>/reward."})
 
 
 def main(argv: list[str] | None = None) -> Path:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        fail("--resume: PPO cannot continue from a checkpoint (TRL's PPOTrainer saves the policy only); rerun the stage with --overwrite")
     script_args, peft_args, args, config_file = parse_config("ppo", (PPOArguments, PeftArguments, StagePPOConfig), argv)
-    output_dir = training.resolve_output_dir(args, "ppo")
-    run_name = args.run_name or "default"
-    runs.refuse_finished(output_dir, script_args.overwrite)
+    if script_args.model_name_or_path and args.sft_model_path and script_args.model_name_or_path != args.sft_model_path:
+        fail("--model_name_or_path and --sft_model_path name the same input (the policy): give one of them")
+    run = training.plan_stage(args, "ppo", overwrite=script_args.overwrite)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
-    from transformers import AutoConfig
-
-
-    sft_path = runs.resolve_input(args.sft_model_path, run_name, "sft")
+    run_name = training.run_name(args)
+    policy_flag = "--sft_model_path" if args.sft_model_path and not script_args.model_name_or_path else "--model_name_or_path"
+    sft_path = runs.resolve_input(script_args.model_name_or_path or args.sft_model_path, run_name, "sft")
     reward_path = runs.resolve_input(args.reward_model_path, run_name, "reward")
     value_path = runs.resolve_input(script_args.value_model_path, run_name, "reward") if script_args.value_model_path else reward_path
     tokenizer = loading.load_chat_tokenizer(sft_path)
     for flag, path in (("--reward_model_path", reward_path), ("--value_model_path", value_path)):
         loading.check_same_tokenizer(tokenizer, path, flag)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        fail(f"tokenizer in {sft_path}: pad token == EOS, which corrupts PPO's masks; retrain the tokenizer with a <|pad|> token")
-    context = loading.context_length(AutoConfig.from_pretrained(sft_path))
+        fail(f"{policy_flag} {sft_path}: its tokenizer's pad token == EOS, which corrupts PPO's masks; retrain the tokenizer with a <|pad|> token")
+    context = loading.context_length(loading.load_config(sft_path))
     if args.response_length >= context - 4:
         fail(f"--response_length {args.response_length} leaves no room for a prompt in the model's context of {context}")
     if args.stop_token is None and args.stop_token_id is None:
@@ -79,14 +88,12 @@ def main(argv: list[str] | None = None) -> Path:
     examples = stage_data.task_examples(script_args)
     eval_set = stage_data.prompt_dataset(tokenizer, examples, context - args.response_length)[0] if examples else train_set.select(range(min(8, len(train_set))))
     probe = [stage_data.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
-
-    training.prepare_output_dir(output_dir, script_args.overwrite)
-    training.log_to_file(output_dir)
-    runs.save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
     policy = loading.load_causal_lm(sft_path, tokenizer)
     reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)  # must be a separate copy
     reward_model = loading.load_score_model(reward_path, tokenizer)
     value_model = loading.load_score_model(value_path, tokenizer)
+
+    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"ppo: policy {sft_path}, reward {reward_path}, value {value_path}; {counts['prompts']} prompts "
         f"({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), replies up to {args.response_length} tokens"
@@ -124,13 +131,13 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         training.train(trainer)
     except rl_monitor.TrainingCollapsed as err:
-        training.finish_stage(trainer, output_dir, "ppo", {"stopped_early": str(err)}, {}, finished=False, push_request=push_request)
-        fail(f"PPO stopped at {err}; nothing marked finished in {output_dir} (see train.log)")
+        training.finish_stage(trainer, run, {"stopped_early": str(err)}, {}, finished=False)
+        fail(f"PPO stopped at {err}; nothing marked finished (see {run.work_dir / runs.LOG_FILE})")
     seconds = time.perf_counter() - start
     tokenizer.padding_side = "right"
 
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    policy = training.save_model(trainer, policy, tokenizer, output_dir, peft_args.merge_adapter, direct=True)
+    policy = training.save_model(trainer, policy, tokenizer, run.work_dir, peft_args.merge_adapter, direct=True)
     after = measure(policy)
     updates = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
     kl = {"first_update": updates[0]["objective/kl"], "last_update": updates[-1]["objective/kl"]} if updates else {}
@@ -147,15 +154,15 @@ def main(argv: list[str] | None = None) -> Path:
         "data": counts,
         "models": {"sft": sft_path, "reward": reward_path, "value": value_path},
     }
-    training.finish_stage(trainer, output_dir, "ppo", metrics, report, push_request=push_request)
+    training.finish_stage(trainer, run, metrics, report, push_request=push_request)
     reward_change = ""
     if before and after:
         reward_change = f", mean reward {before['reward']['mean_reward']:.3f} -> {after['reward']['mean_reward']:.3f}"
     summary = f"held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}{reward_change}, KL {kl.get('last_update', float('nan')):.3f}"
     training.logger.info(f"after ppo: {summary}")
     if trainer.is_world_process_zero():
-        print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {output_dir}")
-    return output_dir
+        print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    return run.output_dir
 
 
 if __name__ == "__main__":

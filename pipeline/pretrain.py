@@ -11,16 +11,17 @@ tokenizer, generation config, metrics.json and train.log to runs/<run_name>/pret
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import TrainingArguments, default_data_collator, set_seed
 
-from fluxchat import cards, generation, hub, loading, pretraining, runs, training
+from fluxchat import data, generation, hub, loading, pretraining, runs, shards, training
 from fluxchat.config import fail, parse_config, run_cli
-from fluxchat.data import load_text
 
 DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
 
@@ -45,9 +46,14 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: list[str] | None = field(default=None, metadata={"help": "Text files/folders (.txt/.jsonl/.parquet); default tinyshakespeare (downloaded once)."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id instead of files."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (or local dataset folder) instead of files."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration (e.g. wikitext-103-raw-v1)."})
+    dataset_split: str = field(default="train", metadata={"help": "The Hub dataset's split to read."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the Hub dataset into token shards without downloading it whole first."})
     text_column: str = field(default="text", metadata={"help": "Column with text for jsonl/parquet/Hub data."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out tail of each text file (nanoGPT: last 10%)."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out tail of each text file (nanoGPT: last 10%); streamed: every 1/fraction-th document."})
+    token_cache_dir: str | None = field(default=None, metadata={"help": "Where token shards are cached; default $FLUXCHAT_CACHE/tokens (~/.cache/fluxchat/tokens)."})
+    tokenize_num_proc: int = field(default=0, metadata={"help": "Processes tokenizing a new corpus; 0 = one per CPU core."})
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts sampled after each evaluation."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."})
@@ -56,24 +62,23 @@ class DataArguments:
 
 def main(argv: list[str] | None = None) -> Path:
     model_args, data_args, args, config_file = parse_config("pretrain", (ModelArguments, DataArguments, TrainingArguments), argv)
+    run = training.plan_stage(args, "pretrain", overwrite=data_args.overwrite, resume=data_args.resume)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
-    output_dir = training.resolve_output_dir(args, "pretrain")
-    run_name = args.run_name or "default"
-    runs.refuse_finished(output_dir, data_args.overwrite)
-    resume_from = runs.latest_checkpoint(output_dir) if data_args.resume else None
-    if data_args.resume and resume_from is None:
-        fail(f"--resume: no complete checkpoint in {output_dir} (complete = its trainer_state.json is readable); drop --resume to start afresh")
 
-    tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, run_name, "tokenizer")
+    tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, training.run_name(args), "tokenizer")
     tokenizer = loading.load_tokenizer(tokenizer_path)
-    train_docs, val_docs = load_text(data_args.train_file, data_args.dataset_name, data_args.text_column, data_args.validation_fraction)
-    train_tokens = pretraining.tokenize_documents(tokenizer, train_docs)
-    val_tokens = pretraining.tokenize_documents(tokenizer, val_docs) if val_docs else None
+    sources = data.text_sources(data_args.train_file, data_args.dataset_name, data_args.dataset_config_name,
+                                data_args.dataset_split, data_args.streaming)
+    with PartialState().local_main_process_first():  # one process per machine tokenizes, the others read its cache
+        corpus = shards.load_or_build(tokenizer, sources, data_args.text_column, data_args.validation_fraction,
+                                      Path(data_args.token_cache_dir or shards.default_cache_root()),
+                                      data_args.tokenize_num_proc or os.cpu_count() or 1)
+    train_tokens, val_tokens = corpus.train, corpus.validation
     set_seed(args.seed)  # the Trainer seeds only after the model exists: without this, init ignores --seed
     model = pretraining.build_model(model_args, tokenizer)
     tokenizer.model_max_length = model_args.block_size  # saved with the model; set after tokenizing whole documents
-    if train_tokens.max() >= model.config.vocab_size:
-        fail(f"tokenizer {tokenizer_path} produces id {int(train_tokens.max())} but the model's vocab_size is {model.config.vocab_size}")
+    if corpus.max_id >= model.config.vocab_size:
+        fail(f"tokenizer {tokenizer_path} produces id {corpus.max_id} but the model's vocab_size is {model.config.vocab_size}")
     if model_args.block_size > model.config.n_positions:
         fail(f"--block_size {model_args.block_size} is longer than the model's context ({model.config.n_positions} positions)")
     block_size = model_args.block_size
@@ -82,15 +87,9 @@ def main(argv: list[str] | None = None) -> Path:
     eval_set = pretraining.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
     if eval_set is None:
         args.eval_strategy = "no"
-    val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
-    bytes_per_token = val_bytes / len(val_tokens) if eval_set else 1.0
+    bytes_per_token = corpus.validation_bytes / len(val_tokens) if eval_set else 1.0
 
-    if resume_from:
-        runs.discard_incomplete_checkpoints(output_dir)
-    else:
-        runs.prepare_output_dir(output_dir, overwrite=data_args.overwrite)
-    training.log_to_file(output_dir)
-    runs.save_resolved_config(output_dir / "config.yaml", model_args, data_args, args, config_file=config_file)
+    training.start_stage(run, args, model_args, data_args, args, config_file=config_file)
     n_params = sum(p.numel() for p in model.parameters())
     world = args.world_size
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * world
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.add_callback(pretraining.SampleCallback(tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens))
 
     start = time.perf_counter()
-    result = training.train(trainer, resume_from)
+    result = training.train(trainer, run.resume_from)
     train_seconds = time.perf_counter() - start
     evals = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == result.global_step]
     final_eval = evals[-1] if evals else (trainer.evaluate() if eval_set is not None else {})
@@ -121,25 +120,20 @@ def main(argv: list[str] | None = None) -> Path:
 
     model.generation_config = generation.generation_config(tokenizer)
     # weights (safetensors), config, tokenizer, generation config
-    training.save_final(trainer, output_dir, lambda folder: trainer.save_model(str(folder)))
+    training.save_final(trainer, run.work_dir, lambda folder: trainer.save_model(str(folder)))
+    metrics = {
+        **training.train_metrics(result, train_seconds),
+        **final_eval,
+        "parameters": n_params,
+        "tokens_per_second": round(result.global_step * tokens_per_step / max(train_seconds, 1e-9), 1),
+        "global_step": result.global_step,
+        "ranks": ranks,
+    }
+    training.finish_stage(trainer, run, metrics, push_request=push_request)
     if trainer.is_world_process_zero():
-        metrics = {
-            **{k: v for k, v in result.metrics.items() if k != "total_flos"},
-            **final_eval,
-            "parameters": n_params,
-            "train_wall_seconds": round(train_seconds, 1),
-            "tokens_per_second": round(result.global_step * tokens_per_step / max(train_seconds, 1e-9), 1),
-            "global_step": result.global_step,
-            "ranks": ranks,
-        }
-        runs.write_json(output_dir / "metrics.json", metrics)
-        runs.write_json(output_dir / "log_history.json", trainer.state.log_history)
-        cards.write_model_card(output_dir, "pretrain")
-        runs.mark_finished(output_dir, "pretrain", global_step=result.global_step)
-        hub.maybe_push(push_request, output_dir, "pretrain")
         bpb = final_eval.get("eval_bits_per_byte")
-        print(f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {output_dir}")
-    return output_dir
+        print(f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {run.output_dir}")
+    return run.output_dir
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from fluxchat import arguments, evaluation, formats, hub, loading, runs, stage_data, tasks, training
+from fluxchat import arguments, evaluation, formats, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
 
@@ -49,16 +50,12 @@ def describe(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     script_args, peft_args, args, config_file = parse_config("reward", (RewardArguments, PeftArguments, RewardConfig), argv)
-    output_dir = training.resolve_output_dir(args, "reward")
-    run_name = args.run_name or "default"
-    runs.refuse_finished(output_dir, script_args.overwrite)
+    run = training.plan_stage(args, "reward", overwrite=script_args.overwrite)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
-    from transformers import AutoConfig, set_seed
-
-    model_path = runs.resolve_input(script_args.model_name_or_path, run_name, "sft")
+    model_path = runs.resolve_input(script_args.model_name_or_path, training.run_name(args), "sft")
     tokenizer = loading.load_chat_tokenizer(model_path)
-    context = loading.context_length(AutoConfig.from_pretrained(model_path))
+    context = loading.context_length(loading.load_config(model_path))
     args.max_length = min(args.max_length or context, context)
     pairs, n_identical = stage_data.load_preferences(script_args)
     pairs = stage_data.sample_rows(pairs, script_args.max_train_samples, args.seed)
@@ -67,17 +64,13 @@ def main(argv: list[str] | None = None) -> Path:
     train_pairs, heldout_pairs = formats.split_heldout(pairs, script_args.eval_fraction, args.seed)
     train_set, counts = stage_data.preference_dataset(tokenizer, train_pairs, args.max_length)
     eval_set, eval_counts = stage_data.preference_dataset(tokenizer, heldout_pairs, args.max_length)
-    builtin_pairs = [] if not script_args.eval_examples else tasks.preference_pairs(
-        "eval", n=script_args.eval_examples, corpus_file=script_args.corpus_file, tasks=script_args.tasks
-    )
+    builtin_pairs = stage_data.task_pairs(script_args)  # the tasks that can run here (see evaluable_tasks)
     if args.eval_strategy == "no":
         eval_set = None
-
-    training.prepare_output_dir(output_dir, script_args.overwrite)
-    training.log_to_file(output_dir)
-    runs.save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
     set_seed(args.seed)  # the new score head's initialisation
     model = loading.load_score_model(model_path, tokenizer)
+
+    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"reward: {model_path} (context {context}), {counts['pairs']} train pairs ({counts['trimmed']} trimmed, "
         f"{counts['dropped_too_long']} dropped as too long, {n_identical} dropped with chosen == rejected), "
@@ -101,7 +94,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = training.train(trainer)
     seconds = time.perf_counter() - start
 
-    model = training.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
+    model = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)
     report = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
     if len(script_args.dataset) > 1:
         report["heldout_by_source"] = {
@@ -118,12 +111,12 @@ def main(argv: list[str] | None = None) -> Path:
         "data": data_counts,
         "model": model_path,
     }
-    training.finish_stage(trainer, output_dir, "reward", metrics, report, push_request=push_request)
+    training.finish_stage(trainer, run, metrics, report, push_request=push_request)
     summary = f"built-in held-out pairs {describe(report['builtin'])}; held-out given pairs {describe(report['heldout'])}"
     training.logger.info(f"after reward training: {summary}")
     if trainer.is_world_process_zero():
-        print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {output_dir}")
-    return output_dir
+        print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    return run.output_dir
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ with no corpus given, it pretrains on the embedded task corpus instead and leave
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -91,8 +92,8 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
 def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
     if stage == "evaluate":
         run = runs.run_dir(args.run_name)
-        policy = next((run / s for s in ("ppo", "sft", "pretrain") if runs.is_finished(run / s)), run / "ppo")
-        cmd = [sys.executable, "pipeline/evaluate.py", str(policy), "--output_file", str(run / "evaluation.json")]
+        policy = runs.latest_stage(run) or run / "ppo"
+        cmd = [sys.executable, "pipeline/evaluate.py", str(policy), "--output_file", str(run / runs.EVALUATION_FILE)]
         if runs.is_finished(run / "reward"):
             cmd += ["--reward_model", str(run / "reward")]
         return cmd + task_flags + extra
@@ -108,11 +109,9 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
 
 
 def key_metric(stage: str, folder: Path) -> str:
-    import json
-
-    path = folder / ("tokenizer_stats.json" if stage == "tokenizer" else "metrics.json")
+    path = folder / (runs.TOKENIZER_STATS_FILE if stage == "tokenizer" else runs.METRICS_FILE)
     if stage == "evaluate":
-        path = folder / "evaluation.json"
+        path = folder / runs.EVALUATION_FILE
     if not path.is_file():
         return ""
     m = json.loads(path.read_text())
@@ -157,11 +156,11 @@ def main(argv: list[str] | None = None) -> Path:
         extra.setdefault(stage, []).append(flag)
 
     run = runs.run_dir(args.run_name)
-    corpus_files, task_flags = prepare_corpus(args, run / "data")
+    corpus_files, task_flags = prepare_corpus(args, run / runs.DATA_DIR)
     summary = []
     for stage in args.stages:
         folder = run if stage == "evaluate" else runs.stage_dir(args.run_name, stage)
-        done = (run / "evaluation.json").is_file() if stage == "evaluate" else runs.is_finished(folder)
+        done = (run / runs.EVALUATION_FILE).is_file() if stage == "evaluate" else runs.is_finished(folder)
         if done:
             print(f"== {stage}: already finished, skipped", flush=True)
             summary.append({"stage": stage, "status": "skipped", "seconds": None, "metric": key_metric(stage, folder)})
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
             fail(f"stage {stage} failed (exit {code}) after {seconds}s: fix the error above and re-run the same command to continue")
         summary.append({"stage": stage, "status": "ran", "seconds": seconds, "metric": key_metric(stage, folder)})
 
-    runs.write_json(run / "summary.json", {"preset": args.preset, "stages": summary})
+    runs.write_json(run / runs.SUMMARY_FILE, {"preset": args.preset, "stages": summary})
     total = sum(s["seconds"] or 0 for s in summary)
     print(f"\n{'stage':<10} {'status':<8} {'wall':>8}  key metric")
     for s in summary:

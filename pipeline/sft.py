@@ -15,6 +15,7 @@ chat_format.render_conversation and hand SFTTrainer `input_ids` + `assistant_mas
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,20 +24,20 @@ from trl import SFTConfig, SFTTrainer
 
 from fluxchat import arguments, chat_format, evaluation, formats, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.config import parse_config, run_cli
 
 
 @dataclass
 class SFTArguments(StageArguments):
     model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder or Hub id to fine-tune; default runs/<run_name>/pretrain."})
-    chat_format: str = field(default=chat_format.DEFAULT_FORMAT, metadata={"help": f"Chat template the model learns: {' or '.join(chat_format.FORMATS)}; later stages inherit it."})
+    chat_format: str | None = field(default=None, metadata={"help": f"Chat template the model learns: {' or '.join(chat_format.FORMATS)}; default the one its tokenizer was trained with. Later stages inherit it."})
     eval_fraction: float = field(default=0.02, metadata={"help": "Share of the training conversations held out for the eval loss (0 = none)."})
     inspect: bool = field(default=False, metadata={"help": "Print one tokenized example with the loss-bearing tokens in [[...]] and exit."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.chat_format not in chat_format.FORMATS:
+        if self.chat_format is not None and self.chat_format not in chat_format.FORMATS:
             raise ValueError(f"--chat_format {self.chat_format}: choose from {', '.join(chat_format.FORMATS)}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
@@ -55,20 +56,16 @@ def inspect(tokenizer, train_set, counts) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     script_args, peft_args, args, config_file = parse_config("sft", (SFTArguments, PeftArguments, SFTConfig), argv)
-    output_dir = training.resolve_output_dir(args, "sft")
-    run_name = args.run_name or "default"
-    if not script_args.inspect:
-        runs.refuse_finished(output_dir, script_args.overwrite)
-    resume_from = runs.latest_checkpoint(output_dir) if script_args.resume else None
-    if script_args.resume and resume_from is None:
-        fail(f"--resume: no complete checkpoint in {output_dir} (drop --resume to start afresh)")
+    if script_args.inspect:  # writes nothing: no output folder to check
+        run = training.StageRun("sft", training.resolve_output_dir(args, "sft"), training.resolve_output_dir(args, "sft"))
+    else:
+        run = training.plan_stage(args, "sft", overwrite=script_args.overwrite, resume=script_args.resume)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
-    from transformers import AutoConfig
-
-    model_path = runs.resolve_input(script_args.model_name_or_path, run_name, "pretrain")
+    model_path = runs.resolve_input(script_args.model_name_or_path, training.run_name(args), "pretrain")
     tokenizer = loading.load_chat_tokenizer(model_path, script_args.chat_format, add_missing_tokens=True)
-    context = loading.context_length(AutoConfig.from_pretrained(model_path))
+    format_name = chat_format.format_of(tokenizer).name
+    context = loading.context_length(loading.load_config(model_path))
     args.max_length = min(args.max_length or context, context)
     conversations = stage_data.load_conversations(script_args)
     conversations = stage_data.sample_rows(conversations, script_args.max_train_samples, args.seed)
@@ -78,26 +75,23 @@ def main(argv: list[str] | None = None) -> Path:
     train_set, counts = stage_data.sft_dataset(tokenizer, conversations, args.max_length)
     if script_args.inspect:
         inspect(tokenizer, train_set, counts)
-        return output_dir
-    eval_set = stage_data.sft_dataset(tokenizer, held_out, args.max_length)[0] if held_out else None
+        return run.output_dir
+    eval_set = stage_data.sft_dataset(tokenizer, held_out, args.max_length, required=False)[0] if held_out else None
+    if held_out and eval_set is None:  # rows that fit are for training; an eval loss is a nice-to-have
+        print(f"note: none of the {len(held_out)} held-out conversations fits the context of {args.max_length} tokens: no eval loss", file=sys.stderr)
     if eval_set is None:
         args.eval_strategy = "no"
     examples = stage_data.task_examples(script_args)
+    model = loading.load_causal_lm(model_path, tokenizer)
 
-    model = loading.load_causal_lm(model_path, tokenizer)  # before writing anything: a broken input leaves no trace
-    if resume_from:
-        runs.discard_incomplete_checkpoints(output_dir)
-    else:
-        training.prepare_output_dir(output_dir, script_args.overwrite)
-    training.log_to_file(output_dir)
-    runs.save_resolved_config(output_dir / "config.yaml", script_args, peft_args, args, config_file=config_file)
+    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"sft: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, context {context}), "
-        f"chat format {script_args.chat_format}, {counts['examples']} train conversations ({counts['trimmed']} trimmed, "
+        f"chat format {format_name}, {counts['examples']} train conversations ({counts['trimmed']} trimmed, "
         f"{counts['dropped_too_long']} dropped as too long), {len(eval_set) if eval_set else 0} held out for eval loss"
     )
     baseline = {}
-    if script_args.eval_baseline and not resume_from:
+    if script_args.eval_baseline and not run.resume_from:
         baseline = evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)
         training.logger.info(f"before sft: held-out tasks {evaluation.summarize_tasks(baseline)}")
 
@@ -113,10 +107,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
-    result = training.train(trainer, resume_from)
+    result = training.train(trainer, run.resume_from)
     seconds = time.perf_counter() - start
 
-    model = training.save_model(trainer, trainer.model, tokenizer, output_dir, peft_args.merge_adapter)
+    model = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)
     report = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
     if baseline:
         report["before"] = {"tasks": baseline}
@@ -126,13 +120,13 @@ def main(argv: list[str] | None = None) -> Path:
         "task_accuracy_before": baseline.get("overall"),
         "data": counts,
         "model": model_path,
-        "chat_format": script_args.chat_format,
+        "chat_format": format_name,
     }
-    training.finish_stage(trainer, output_dir, "sft", metrics, report, push_request=push_request)
+    training.finish_stage(trainer, run, metrics, report, push_request=push_request)
     training.logger.info(f"after sft: held-out tasks {evaluation.summarize_tasks(report['tasks'])}")
     if trainer.is_world_process_zero():
-        print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {evaluation.summarize_tasks(report['tasks'])} -> {output_dir}")
-    return output_dir
+        print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {evaluation.summarize_tasks(report['tasks'])} -> {run.output_dir}")
+    return run.output_dir
 
 
 if __name__ == "__main__":

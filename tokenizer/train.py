@@ -121,21 +121,24 @@ def main(argv: list[str] | None = None) -> Path:
             f"--vocab_size {args.vocab_size} is too small for a {args.tokenizer_type} tokenizer: it needs at least "
             f"{minimum_vocab_size(args.tokenizer_type)} (alphabet + {len(chat_format.SPECIAL_TOKENS)} special tokens)"
         )
+    runs.check_run_name(args.run_name)
     output_dir = Path(args.output_dir) if args.output_dir else runs.stage_dir(args.run_name, "tokenizer")
-    runs.refuse_finished(output_dir, args.overwrite)
+    runs.check_output_dir(output_dir, overwrite=args.overwrite)
     train_texts, heldout_texts = load_text(args.train_file, args.dataset_name, args.text_column, args.validation_fraction)
     tokenizer = wrap(build_backend(args, train_texts), args)
     stats = compression_stats(tokenizer, heldout_texts or train_texts[-1:], args.tokenizer_type)
     stats.update(tokenizer_type=args.tokenizer_type, vocab_size=len(tokenizer))
 
-    runs.prepare_output_dir(output_dir, overwrite=args.overwrite)
-    staged = runs.staging_dir(output_dir, "final")
-    tokenizer.save_pretrained(staged)
-    runs.publish(staged, output_dir)  # renamed into place whole, as every stage's outputs are
-    runs.save_resolved_config(output_dir / "config.yaml", args, config_file=config_file)
-    runs.write_json(output_dir / "tokenizer_stats.json", stats)
-    cards.write_model_card(output_dir, "tokenizer")
-    runs.mark_finished(output_dir, "tokenizer", **stats)
+    work = runs.begin(output_dir, "tokenizer", overwrite=args.overwrite)  # output_dir, or a sibling swapped in at the end
+    staged = runs.staging_dir(work, "final")
+    with runs.save_errors(staged, "the tokenizer"):
+        tokenizer.save_pretrained(staged)
+        runs.publish(staged, work)  # renamed into place whole, as every stage's outputs are
+    runs.save_resolved_config(work / runs.CONFIG_FILE, args, config_file=config_file)
+    runs.write_json(work / runs.TOKENIZER_STATS_FILE, stats)
+    cards.write_model_card(work, "tokenizer", location=output_dir)
+    runs.mark_finished(work, "tokenizer", **stats)
+    runs.commit(work, output_dir)
     round_trip = {True: "lossless", False: "LOSSY"}.get(stats.get("lossless_round_trip"), "lossy (word)")
     print(
         f"tokenizer: {args.tokenizer_type}, {len(tokenizer)} tokens, {stats['bytes_per_token']} bytes/token on held-out "
