@@ -52,7 +52,8 @@ class RunAllArguments:
 def launcher(args: RunAllArguments, stage: str) -> list[str]:
     if stage == "tokenizer":
         return [sys.executable]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    # --quiet: a failing stage's own one-line error is the last word, not accelerate's CalledProcessError traceback.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     if args.accelerate_config:
         return cmd + ["--config_file", args.accelerate_config]
     # Explicit defaults: no accelerate config on this machine is normal, and silences accelerate's warning.
@@ -68,8 +69,7 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
     if args.train_file:
         files = [str(f) for f in data.expand_files(args.train_file)]  # check them before any stage runs
         text_files = [f for f in files if f.endswith(".txt")]
-        # The quote/speaker tasks draw their lines from the corpus; without a text file, leave them out.
-        task_flags = ["--corpus_file", text_files[0]] if text_files else ["--tasks", *OFFLINE_TASKS]
+        task_flags = corpus_task_flags(text_files[0] if text_files else None)
     else:
         try:
             corpus = data.default_corpus()
@@ -87,6 +87,22 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
             runs.atomic_write_text(path, tasks.embedded_corpus(n_conversations=0))
         files.append(str(path))
     return files, task_flags
+
+
+def corpus_task_flags(text_file: str | None) -> list[str]:
+    """Flags for the quote/speaker tasks, which draw lines from a play script (`NAME:` blocks): the user's corpus
+    if it is one, else the shipped tinyshakespeare (None below), else the tasks are left out; a note says which."""
+    for corpus in ([text_file] if text_file else []) + [None]:
+        try:
+            tasks.conversations("eval", n=len(tasks.CORPUS_TASKS), corpus_file=corpus, tasks=tasks.CORPUS_TASKS)
+        except UsageError as err:
+            print(f"note: the quote/speaker tasks cannot use {corpus or 'tinyshakespeare'}: {err}", flush=True)
+            continue
+        if corpus != text_file:
+            print("note: the quote/speaker tasks draw their lines from tinyshakespeare (your corpus is not a play script)", flush=True)
+        return ["--corpus_file", tasks.resolve_corpus(corpus)]
+    print(f"note: the quote/speaker tasks are left out: the stages train and evaluate on {', '.join(OFFLINE_TASKS)}", flush=True)
+    return ["--tasks", *OFFLINE_TASKS]
 
 
 def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
