@@ -186,7 +186,14 @@ def _cpu_only_flags(argv: list[str]) -> list[str]:
     if asked and main_process():
         print(f"note: --{asked[0]} ignored: no GPU here, training in fp32", file=sys.stderr)
     cores, processes = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if os.environ.get("OMP_NUM_THREADS") == "1" and processes < cores and main_process():
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ  # its launcher sets this for every child
+    if os.environ.get("OMP_NUM_THREADS") == "1" and processes < cores and launched_by_accelerate:
+        # `accelerate launch` without --num_cpu_threads_per_process pins its child to one thread; a stage
+        # that is one of `processes` on this machine takes its share of the cores instead (all of them when alone).
+        import torch
+
+        torch.set_num_threads(cores // processes)
+    elif os.environ.get("OMP_NUM_THREADS") == "1" and processes < cores and main_process():
         # `accelerate launch` without a config sets this for its child: the run would use one core
         print(f"note: OMP_NUM_THREADS=1, so this process trains on 1 of {cores} CPU cores; to use them all, run "
               f"`accelerate launch --num_cpu_threads_per_process {cores // processes} ...` or `python pipeline/<stage>.py ...`",

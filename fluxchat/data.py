@@ -4,12 +4,18 @@ Sources: local `.txt` / `.jsonl` / `.json` / `.parquet` files or folders of them
 all through `datasets`. A `.txt` file is one document (we keep its line breaks); jsonl/parquet rows
 are documents read from `text_column`. The held-out split is the last `validation_fraction` of each
 text file (nanoGPT's split) or of the rows of a row dataset, so train and validation never overlap.
+
+Two readers over the same sources: `load_text` returns lists (tokenizer training), `iter_text` streams
+(split, chunk, end_of_document) without ever holding a whole file or dataset (pretraining's token shards).
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fluxchat.config import REPO_ROOT, fail
@@ -45,8 +51,8 @@ def default_corpus(flag: str = "--train_file") -> Path:
     return path
 
 
-def expand_files(paths: list[str], flag: str = "--train_file") -> list[Path]:
-    """Files named directly or found in folders; each must exist and be non-empty."""
+def expand_files(paths: list[str], flag: str = "--train_file", check: bool = True) -> list[Path]:
+    """Files named directly or found in folders; each must exist and be non-empty (and, `check`, be UTF-8)."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -64,19 +70,30 @@ def expand_files(paths: list[str], flag: str = "--train_file") -> list[Path]:
     for path in files:
         if path.stat().st_size == 0:
             fail(f"{flag} {path}: file is empty")
-        if path.suffix != ".parquet":
+        if check and path.suffix != ".parquet":
             check_utf8(path, flag)
     return files
 
 
+READ_CHUNK = 1 << 20  # bytes (or characters) read at a time: a 1 GB file never sits in memory whole
+
+
 def check_utf8(path: Path, flag: str) -> None:
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        fail(f"{flag} {path}: looks binary (NUL bytes), expected UTF-8 text")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            if offset == 0 and b"\x00" in chunk[:65536]:
+                fail(f"{flag} {path}: looks binary (NUL bytes), expected UTF-8 text")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                fail(f"{flag} {path}: not UTF-8 text (invalid byte at offset {offset + err.start}); re-encode it as UTF-8")
+            offset += len(chunk)
     try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        fail(f"{flag} {path}: not UTF-8 text (invalid byte at offset {err.start}); re-encode it as UTF-8")
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        fail(f"{flag} {path}: not UTF-8 text (truncated character at the end); re-encode it as UTF-8")
 
 
 def _split(docs: list[str], validation_fraction: float, by_chars: bool):
@@ -96,16 +113,14 @@ def load_text(
     text_column: str = "text",
     validation_fraction: float = 0.1,
     dataset_split: str = "train",
+    dataset_config_name: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """(train documents, validation documents) from files, a Hub dataset, or the default corpus."""
     import datasets
 
     datasets.disable_progress_bars()
     if dataset_name:
-        try:
-            rows = datasets.load_dataset(dataset_name, split=dataset_split)
-        except Exception as err:  # the Hub client raises many types; the user needs one line
-            fail(f"--dataset_name {dataset_name}: could not load ({str(err).splitlines()[0][:200]})")
+        rows = load_hub_dataset(dataset_name, dataset_config_name, dataset_split)
         sources = [("--dataset_name " + dataset_name, rows, False)]
     else:
         files = expand_files(train_files) if train_files else [default_corpus()]
@@ -133,3 +148,156 @@ def load_text(
         train += part_train
         validation += part_val
     return train, validation
+
+
+def load_hub_dataset(name: str, config_name: str | None, split: str, streaming: bool = False):
+    """`datasets.load_dataset(name, config_name, split=...)`; anything that goes wrong (unknown name or
+    config offline, no such split) becomes one line naming the flags."""
+    import datasets  # heavy (pyarrow, pandas): only stages that read data pay for it
+
+    datasets.disable_progress_bars()
+    what = f"--dataset_name {name}" + (f" --dataset_config_name {config_name}" if config_name else "") + f" (split {split!r})"
+    try:
+        return datasets.load_dataset(name, config_name, split=split, streaming=streaming)
+    except Exception as err:  # the Hub client raises many types; the user needs one line
+        fail(f"{what}: could not load ({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})")
+
+
+@dataclass
+class TextSource:
+    """One place text comes from: a .txt file (one document), a row file, or a Hub dataset (rows)."""
+
+    name: str  # for messages: the path or `--dataset_name X`
+    kind: str  # "txt", "rows" (jsonl/json/parquet) or "hub"
+    path: Path | None = None
+    dataset: tuple[str, str | None, str, bool] | None = None  # (name, config, split, streaming)
+
+    def fingerprint(self) -> dict:
+        """What identifies this source's content for a cache: path, size and mtime of a file; the
+        dataset's name/config/split (plus its files' sizes and mtimes when it is a local folder)."""
+        if self.path is not None:
+            stat = self.path.stat()
+            return {"path": str(self.path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        name, config, split, streaming = self.dataset
+        local = Path(name)
+        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+        return {"dataset": name, "config": config, "split": split, "streaming": streaming,
+                "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+    def size_bytes(self) -> int | None:
+        return self.path.stat().st_size if self.path is not None else None
+
+
+def text_sources(train_files: list[str] | None, dataset_name: str | None, dataset_config_name: str | None = None,
+                 dataset_split: str = "train", streaming: bool = False) -> list[TextSource]:
+    """The sources `iter_text` reads, without reading them (so a cache can be checked first)."""
+    if streaming and not dataset_name:
+        fail("--streaming reads a Hub dataset as it downloads: give --dataset_name (local files are already read in pieces)")
+    if dataset_config_name and not dataset_name:
+        fail("--dataset_config_name needs --dataset_name")
+    if dataset_name:
+        return [TextSource(f"--dataset_name {dataset_name}", "hub", dataset=(dataset_name, dataset_config_name, dataset_split, streaming))]
+    files = expand_files(train_files, check=False) if train_files else [default_corpus()]
+    return [TextSource(str(p), "txt" if p.suffix == ".txt" else "rows", path=p) for p in files]
+
+
+def check_sources(sources: list[TextSource]) -> None:
+    """The content checks `expand_files` skipped: run them before reading (not on a cache hit)."""
+    for source in sources:
+        if source.path is not None and source.path.suffix != ".parquet":
+            check_utf8(source.path, "--train_file")
+
+
+def iter_text(sources: list[TextSource], text_column: str, validation_fraction: float) -> Iterator[tuple[str, str, bool]]:
+    """Every source's text as (split, chunk, end_of_document), split "train" or "validation", in order.
+
+    The same documents and the same train/validation cut as `load_text`, read piece by piece: a .txt file
+    in chunks of characters (its held-out tail starts at character int(n * (1 - fraction))), rows one at a
+    time. A streamed Hub dataset cannot be counted first: every round(1 / fraction)-th document is held out.
+    """
+    for source in sources:
+        if source.kind == "txt":
+            yield from _iter_txt(source.path, validation_fraction)
+        elif source.kind == "rows":
+            yield from _iter_rows(source.name, _read_rows(source.path), text_column, validation_fraction)
+        elif source.dataset[3]:
+            yield from _iter_stream(source, text_column, validation_fraction)
+        else:
+            rows = load_hub_dataset(*source.dataset[:3])
+            yield from _iter_rows(source.name, rows, text_column, validation_fraction)
+
+
+def _read_text_chunks(path: Path) -> Iterator[str]:
+    # Text mode, as datasets' "text" builder reads it: "\r\n" and "\r" become "\n".
+    with open(path, encoding="utf-8") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            yield chunk
+
+
+def _iter_txt(path: Path, validation_fraction: float):
+    n_chars, has_text = 0, False
+    for chunk in _read_text_chunks(path):
+        n_chars += len(chunk)
+        has_text = has_text or bool(chunk.strip())
+    if not has_text:
+        fail(f"{path}: no text found in column 'text'")
+    cut = int(n_chars * (1 - validation_fraction))
+    position = 0
+    for chunk in _read_text_chunks(path):
+        end = position + len(chunk)
+        if position < cut:
+            yield "train", chunk[: cut - position], end >= cut
+        if end > cut and validation_fraction > 0:
+            yield "validation", chunk[max(cut - position, 0) :], end == n_chars
+        position = end
+    if cut == n_chars and validation_fraction > 0:  # an empty held-out tail is still a document
+        yield "validation", "", True
+    if cut == 0:
+        yield "train", "", True
+
+
+def _read_rows(path: Path):
+    import datasets  # heavy: see load_hub_dataset
+
+    datasets.disable_progress_bars()
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    try:  # an Arrow table memory-mapped from datasets' cache: rows are read from disk, not held
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:
+        fail(f"{path}: could not be read as {builder} ({str(err).splitlines()[0][:200]})")
+
+
+def _column_values(rows, column: str) -> Iterator:
+    for batch in rows.select_columns([column]).iter(batch_size=1000):
+        yield from batch[column]
+
+
+def _iter_rows(name: str, rows, text_column: str, validation_fraction: float):
+    if text_column not in rows.column_names:
+        fail(f"{name}: no '{text_column}' column (columns: {', '.join(rows.column_names)}); set --text_column")
+    n_docs = sum(1 for d in _column_values(rows, text_column) if isinstance(d, str) and d.strip())
+    if not n_docs:
+        fail(f"{name}: no text found in column '{text_column}'")
+    cut = int(n_docs * (1 - validation_fraction))
+    if validation_fraction > 0 and cut == n_docs and n_docs > 1:
+        cut -= 1  # keep at least one held-out row (as _split)
+    index = 0
+    for doc in _column_values(rows, text_column):
+        if isinstance(doc, str) and doc.strip():
+            yield ("train" if index < cut else "validation"), doc, True
+            index += 1
+
+
+def _iter_stream(source: TextSource, text_column: str, validation_fraction: float):
+    rows = load_hub_dataset(*source.dataset[:3], streaming=True)
+    every = round(1 / validation_fraction) if validation_fraction > 0 else 0
+    index = 0
+    for row in rows:
+        if text_column not in row:
+            fail(f"{source.name} --streaming: no '{text_column}' column (columns: {', '.join(row)}); set --text_column")
+        doc = row[text_column]
+        if isinstance(doc, str) and doc.strip():
+            yield ("validation" if every and index % every == every - 1 else "train"), doc, True
+            index += 1
+    if not index:
+        fail(f"{source.name} --streaming: no text found in column '{text_column}'")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import os
 import re
 
+import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
@@ -16,7 +19,8 @@ logger = logging.getLogger("fluxchat")
 
 
 def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
-    """All documents as one token stream, each followed by <|endoftext|>.
+    """All documents as one token stream in memory, each followed by <|endoftext|> (pretraining reads token
+    shards instead, fluxchat.shards: exactly these ids, on disk).
 
     `split_special_tokens=True`: a corpus that contains the literal text "<|endoftext|>" is data,
     not a document boundary. A long document is encoded in pieces (see `_pieces`): the same ids,
@@ -57,23 +61,33 @@ def _pieces(text: str):
     characters with neither is cut where it stands (a token may differ there: no real text has one)."""
     start = 0
     while len(text) - start > PIECE_CHARS:
-        low, high = start + PIECE_CHARS, start + 2 * PIECE_CHARS
-        cut = _CUT.search(text, low, high) or _SPACE_CUT.search(text, low, high)
-        end = cut.start() if cut else min(high, len(text))
+        end = _piece_end(text, start)
         yield text[start:end]
         start = end
     yield text[start:]
 
 
+def _piece_end(text: str, start: int) -> int:
+    """Where the piece starting at `start` ends. It reads only text[start : start + 2 * PIECE_CHARS] (the
+    search stops there), so a stream with that much buffered cuts exactly where the whole text is cut."""
+    low, high = start + PIECE_CHARS, start + 2 * PIECE_CHARS
+    cut = _CUT.search(text, low, high) or _SPACE_CUT.search(text, low, high)
+    return cut.start() if cut else min(high, len(text))
+
+
+def _as_long(window) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(window, dtype=np.int64)) if isinstance(window, np.ndarray) else window
+
+
 class RandomWindows(torch.utils.data.Dataset):
     """Every offset of the token stream is a sample, as nanoGPT's `get_batch` draws them.
 
-    The Trainer's seeded sampler shuffles the offsets, so batches are random windows (far more
-    variety than fixed chunks when a small corpus is seen many times), and `--resume` replays the
-    same order because the sampler state is saved with the checkpoint.
+    `tokens` is a tensor or a (memory-mapped) numpy array: a window reads only its own pages. The order
+    comes from `WindowSampler` (the Trainer uses it for this dataset): random offsets that depend only on
+    the seed, the epoch and the position in it, so `--resume` continues at the same data position.
     """
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, accounting: "RankAccounting | None" = None):
+    def __init__(self, tokens, block_size: int, accounting: RankAccounting | None = None):
         if len(tokens) <= block_size:
             fail(f"training text is only {len(tokens)} tokens, shorter than one block ({block_size}): add text or lower --block_size")
         self.tokens, self.block_size, self.accounting = tokens, block_size, accounting
@@ -82,10 +96,36 @@ class RandomWindows(torch.utils.data.Dataset):
         return len(self.tokens) - self.block_size
 
     def __getitem__(self, i):
-        window = self.tokens[i : i + self.block_size]
+        window = _as_long(self.tokens[i : i + self.block_size])
         if self.accounting is not None:
             self.accounting.record(i, len(window))
         return {"input_ids": window, "labels": window}
+
+
+class WindowSampler(torch.utils.data.Sampler):
+    """`n` random offsets in [0, n) per epoch, drawn with replacement as nanoGPT's get_batch does.
+
+    Each epoch's draws come from a generator seeded by (seed, epoch), in chunks: no permutation of a
+    billion offsets is ever held (torch's RandomSampler would build one). The data position is therefore
+    (epoch, samples taken), which the Trainer saves in every checkpoint and restores on resume by skipping
+    the batches already taken: the resumed run sees exactly the windows the uninterrupted run would.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer (through accelerate) before each epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for start in range(0, self.n, self.CHUNK):
+            yield from rng.integers(0, self.n, size=min(self.CHUNK, self.n - start)).tolist()
 
 
 class Blocks(RandomWindows):
@@ -152,6 +192,12 @@ class BitsPerByteTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.bytes_per_token = bytes_per_token
 
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, RandomWindows):
+            return WindowSampler(len(dataset), self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
             logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.bytes_per_token
@@ -181,14 +227,15 @@ class RankAccounting:
         self.samples = 0
         self.tokens = 0
         self.first_offsets: list[int] = []
+        self.last_offsets: collections.deque = collections.deque(maxlen=8)  # where the run's data position ended
 
     def record(self, offset: int, n_tokens: int):
         self.samples += 1
         self.tokens += n_tokens
         if len(self.first_offsets) < 8:
             self.first_offsets.append(offset)
+        self.last_offsets.append(offset)
 
     def summary(self) -> dict:
-        import os
-
-        return {"rank": int(os.environ.get("RANK", 0)), "samples": self.samples, "tokens": self.tokens, "first_offsets": self.first_offsets}
+        return {"rank": int(os.environ.get("RANK", 0)), "samples": self.samples, "tokens": self.tokens,
+                "first_offsets": self.first_offsets, "last_offsets": list(self.last_offsets)}
