@@ -25,9 +25,11 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int =
     """One sampled continuation of `prompt`, with the KV cache, reproducible by `seed`."""
     was_training = model.training
     model.eval()
+    context = loading.context_length(model)
+    max_new_tokens = min(max_new_tokens, context - 1)  # a position-embedding model cannot go past its context
     ids = chat_format.encode_text(tokenizer, prompt) or [tokenizer.bos_token_id]
-    ids = ids[-(loading.context_length(model) - max_new_tokens) :] if max_new_tokens < loading.context_length(model) else ids[-1:]
-    device = next(model.parameters()).device
+    ids = ids[-(context - max_new_tokens) :]
+    device = loading.device_of(model)
     torch.manual_seed(seed)
     config = generation_config(tokenizer, max_new_tokens)
     config.update(**sampling)
