@@ -27,48 +27,69 @@ def _by(rows: list[dict], **match) -> list[dict]:
 def throughput(rows: list[dict]) -> str:
     parts = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        (pipe,), (plain,), (ratio,) = (_by(rows, shape=shape, side=side) for side in ("pipeline", "plain", "ratio pipeline/plain"))
-        parts.append(f"{shape}: pipeline {pipe['tokens_per_s']:,.0f} tokens/s (MFU {pipe['mfu_pct']:.0f}%) vs plain loop "
-                     f"{plain['tokens_per_s']:,.0f}, **{ratio['tokens_per_s']:.2f}×**")
+        (pipe,), (plain,), (ratio,) = (
+            _by(rows, shape=shape, side=side) for side in ("pipeline", "plain", "ratio pipeline/plain")
+        )
+        parts.append(
+            f"{shape}: pipeline {pipe['tokens_per_s']:,.0f} tokens/s (MFU {pipe['mfu_pct']:.0f}%) vs plain loop "
+            f"{plain['tokens_per_s']:,.0f}, **{ratio['tokens_per_s']:.2f}×**"
+        )
     return "; ".join(parts)
 
 
 def time_to_quality(rows: list[dict]) -> str:
     (row,) = rows
-    return (f"**{row['val_bits_per_char']:.3f} bits/char** on tinyshakespeare's last 10% after {row['steps']} steps in "
-            f"{row['train_s']:.0f} s ({row['tokens_per_s']:,.0f} tokens/s, {row['params_M']}M params; budget {row['budget_s']:.0f} s; "
-            "aim ≤ 2.30, nanoGPT's CPU recipe ~2.72)")
+    return (
+        f"**{row['val_bits_per_char']:.3f} bits/char** on tinyshakespeare's last 10% after {row['steps']} steps in "
+        f"{row['train_s']:.0f} s ({row['tokens_per_s']:,.0f} tokens/s, {row['params_M']}M params; budget {row['budget_s']:.0f} s; "
+        "aim ≤ 2.30, nanoGPT's CPU recipe ~2.72)"
+    )
 
 
 def memory(rows: list[dict]) -> str:
-    return "; ".join(f"{r['model']} ({r['params_M']}M): **{r['peak_rss_GB']:.2f} GB** peak, {r['rss_after_imports_MB']} MB of it "
-                     "importing torch + transformers" for r in rows) + " (aim 0.6 GB)"
+    return (
+        "; ".join(
+            f"{r['model']} ({r['params_M']}M): **{r['peak_rss_GB']:.2f} GB** peak, {r['rss_after_imports_MB']} MB of it "
+            "importing torch + transformers"
+            for r in rows
+        )
+        + " (aim 0.6 GB)"
+    )
 
 
 def generation(rows: list[dict]) -> str:
     parts = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         (cached,), (uncached,) = _by(rows, shape=shape, kv_cache=True), _by(rows, shape=shape, kv_cache=False)
-        parts.append(f"{shape}: first token {cached['first_token_ms']:.1f} ms, {cached['tokens_per_s']:,.1f} tokens/s with the KV cache, "
-                     f"{uncached['tokens_per_s']:,.1f} without")
+        parts.append(
+            f"{shape}: first token {cached['first_token_ms']:.1f} ms, {cached['tokens_per_s']:,.1f} tokens/s with the KV cache, "
+            f"{uncached['tokens_per_s']:,.1f} without"
+        )
     return "; ".join(parts) + " (batch 1)"
 
 
 def pipeline_time(rows: list[dict]) -> str:
-    return ", ".join(f"{r['stage']} {r['wall_s']:.0f} s" for r in rows if r["stage"] != "total") + \
-        f"; **total {rows[-1]['wall_s'] / 60:.1f} min**"
+    return (
+        ", ".join(f"{r['stage']} {r['wall_s']:.0f} s" for r in rows if r["stage"] != "total")
+        + f"; **total {rows[-1]['wall_s'] / 60:.1f} min**"
+    )
 
 
 def app_load(rows: list[dict]) -> str:
     (r,) = rows
-    return (f"{r['clients']} clients × {r['turns']} turns: {r['replies']} replies, {r['errors']} errors, {r['cross_talk']} cross-talk; "
-            f"reply latency p50 {r['p50_ms']:,} ms, p95 {r['p95_ms']:,} ms ({r['max_new_tokens']} new tokens, concurrency {r['concurrency']}); "
-            f"app RSS {r['rss_warm_MB']} → {r['rss_end_MB']} MB")
+    return (
+        f"{r['clients']} clients × {r['turns']} turns: {r['replies']} replies, {r['errors']} errors, {r['cross_talk']} cross-talk; "
+        f"reply latency p50 {r['p50_ms']:,} ms, p95 {r['p95_ms']:,} ms ({r['max_new_tokens']} new tokens, concurrency {r['concurrency']}); "
+        f"app RSS {r['rss_warm_MB']} → {r['rss_end_MB']} MB"
+    )
 
 
 def crash_safety(rows: list[dict]) -> str:
-    return "; ".join(f"{r['stage']}: {r['kills']} kills, {r['resumed_steps']}/{r['ref_steps']} steps, final eval loss "
-                     f"Δ {r['diff']:.1e}, {'passed' if r['passed'] else 'FAILED'}" for r in rows)
+    return "; ".join(
+        f"{r['stage']}: {r['kills']} kills, {r['resumed_steps']}/{r['ref_steps']} steps, final eval loss "
+        f"Δ {r['diff']:.1e}, {'passed' if r['passed'] else 'FAILED'}"
+        for r in rows
+    )
 
 
 def gpu(rows: list[dict], chain: dict | None = None) -> str:
@@ -77,9 +98,14 @@ def gpu(rows: list[dict], chain: dict | None = None) -> str:
     parts = [
         f"{r['variant']}: {r['tokens_per_s']:,} tokens/s, **MFU {r['mfu_pct']}%**, {r['peak_mem_GB']} GB" for r in rows
     ]
-    text = f"{rows[0]['device']}, {rows[0]['params_M']}M params, bf16, batch {rows[0]['batch']} x {rows[0]['context']}: " + "; ".join(parts)
+    text = (
+        f"{rows[0]['device']}, {rows[0]['params_M']}M params, bf16, batch {rows[0]['batch']} x {rows[0]['context']}: "
+        + "; ".join(parts)
+    )
     if chain and chain.get("stages"):
-        stages = ", ".join(f"{s['stage']} {s['seconds']:.0f} s ({s['metric']})" for s in chain["stages"] if s["seconds"] is not None)
+        stages = ", ".join(
+            f"{s['stage']} {s['seconds']:.0f} s ({s['metric']})" for s in chain["stages"] if s["seconds"] is not None
+        )
         text += f". `small` chain (`{chain['command']}`): {stages}; **total {chain['wall_s'] / 60:.1f} min**"
     return text
 
@@ -105,8 +131,12 @@ def table(results_dir: Path) -> str:
             continue
         payload = json.loads(path.read_text(encoding="utf-8"))
         m = payload["machine"]
-        machine = f"{m['cpu']}, {m['cores']} cores, load {m['load_average_1min']}, {m['date'][:10]}" + (" (smoke)" if payload["smoke"] else "")
-        summary = summarize(payload["results"], payload.get("chain")) if name == "gpu" else summarize(payload["results"])
+        machine = f"{m['cpu']}, {m['cores']} cores, load {m['load_average_1min']}, {m['date'][:10]}" + (
+            " (smoke)" if payload["smoke"] else ""
+        )
+        summary = (
+            summarize(payload["results"], payload.get("chain")) if name == "gpu" else summarize(payload["results"])
+        )
         lines.append(f"| {title} | {summary} | {machine} | `{m['command']}` |")
     return "\n".join(lines)
 
@@ -131,7 +161,9 @@ def main() -> None:
     updated = render(current, args.results)
     if args.check:
         if updated != current:
-            sys.exit(f"error: {args.readme}'s benchmark table is out of date with {args.results}: run `python bench/report.py`")
+            sys.exit(
+                f"error: {args.readme}'s benchmark table is out of date with {args.results}: run `python bench/report.py`"
+            )
         print(f"{args.readme} is up to date with {args.results}")
         return
     args.readme.write_text(updated, encoding="utf-8")
