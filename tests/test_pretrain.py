@@ -1,6 +1,7 @@
 """Pretraining end to end through the real entry points: learning, artifacts, resume, 2 processes, bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -86,8 +87,23 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(isolated_runs):
     ref = json.loads((runs.stage_dir("ref", "pretrain") / "metrics.json").read_text())
     got = json.loads((stage / "metrics.json").read_text())
     assert got["global_step"] == ref["global_step"] == 60
-    # Same optimizer/scheduler/RNG/data position restored: the final validation loss matches closely.
+    # Same optimizer/scheduler/RNG/data position restored: the final validation loss matches closely,
+    # and the resumed run drew exactly the windows the uninterrupted one drew at the same steps.
     assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.05)
+    assert got["ranks"][0]["last_offsets"] == ref["ranks"][0]["last_offsets"]
+    assert got["ranks"][0]["samples"] < ref["ranks"][0]["samples"]  # it did not replay the windows before the checkpoint
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to spread over")
+def test_accelerate_launch_trains_on_every_core(isolated_runs):
+    """`accelerate launch` sets OMP_NUM_THREADS=1 for its child; a stage alone on a CPU machine uses every core anyway."""
+    train_tiny_tokenizer("launch")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *_pretrain_cmd("launch", 2, "--eval_strategy", "no")[1:]]
+    result = run_script(*cmd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (runs.stage_dir("launch", "pretrain") / "train.log").read_text()
+    assert f"1 process(es) x {os.cpu_count()} thread(s)" in log, log
 
 
 def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
