@@ -43,7 +43,7 @@ def lora_config(peft_args: PeftArguments, task_type: str):
     """A peft LoraConfig, or None without --use_peft. task_type SEQ_CLS keeps the new score head trainable."""
     if not peft_args.use_peft:
         return None
-    from peft import LoraConfig
+    from peft import LoraConfig  # peft only with --use_peft: an optional dependency
 
     return LoraConfig(
         r=peft_args.lora_r,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import constants
 
 from fluxchat import runs
 from fluxchat.config import redact_secrets, scrub_secrets
@@ -182,6 +183,7 @@ def plot_loss_curve(history: list[dict], path: Path) -> bool:
     panels = [(title, lines) for title, lines in (("loss", losses), ("objectives", objectives)) if lines]
     if not panels:
         return False
+    # matplotlib only when there is a curve to draw: heavy, and a card must not need it to load
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -238,8 +240,6 @@ def infer_base_model(stage_dir: Path, config: dict[str, Any]) -> str | None:
 
 
 def hub_url(repo_id: str) -> str:
-    from huggingface_hub import constants
-
     return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
 
 

@@ -120,6 +120,7 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
     (`generate.py runs/demo/pretrain` == `generate.py --model_name_or_path runs/demo/pretrain`).
     Returns the instances in order, with `config_file` (Path or None) appended.
     """
+    # transformers only when parsing: this module is imported by every command, some of which never need it
     from transformers import HfArgumentParser
 
     class StrictParser(HfArgumentParser):
@@ -251,7 +252,7 @@ def resolved_config(*objs, config_file: Path | None = None) -> dict[str, Any]:
 
 
 def on_cpu_only() -> bool:
-    import torch
+    import torch  # torch only when asked: this module is imported by commands that never need it
 
     return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 

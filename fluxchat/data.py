@@ -116,7 +116,7 @@ def load_text(
     dataset_config_name: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """(train documents, validation documents) from files, a Hub dataset, or the default corpus."""
-    import datasets
+    import datasets  # datasets only when text is loaded: a second of import time for commands that never read any
 
     datasets.disable_progress_bars()
     if dataset_name:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate import PartialState
 
 from fluxchat import chat_format, generation, loading, tasks
 from fluxchat.config import fail
@@ -122,8 +123,6 @@ def mean_reward(policy, reward_model, tokenizer, prompts: list, max_new_tokens: 
 
 def on_device(model):
     """The model on this process's accelerator (before a trainer has placed it), for evaluation."""
-    from accelerate import PartialState
-
     return model.to(PartialState().device)
 
 

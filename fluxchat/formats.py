@@ -7,6 +7,7 @@ every row must then fit it, so a missing field is reported as missing rather tha
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -64,8 +65,6 @@ def looks_like_hub_dataset(value: str) -> bool:
 
 def _open_text(path: Path):
     if path.suffix == ".gz":
-        import gzip
-
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 

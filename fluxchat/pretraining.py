@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
 from fluxchat import chat_format, generation, loading
 from fluxchat.config import fail
@@ -145,8 +145,6 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     if model_args.model_name_or_path:
-        from transformers import AutoModelForCausalLM
-
         loading.refuse_pickle_only(model_args.model_name_or_path, "model_name_or_path")
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
         if model.config.vocab_size < len(tokenizer):

@@ -326,6 +326,8 @@ def save_errors(staged: Path, what: str):
     except OSError as err:
         staged = Path(staged)
         shutil.rmtree(staged, ignore_errors=True)
+        if staged.parent.name == STAGING:
+            shutil.rmtree(staged.parent, ignore_errors=True)  # nothing else is saved while this save runs
         folder = staged.parent.parent if staged.parent.name == STAGING else staged.parent
         kept = "the checkpoints saved before it are intact"
         if folder.name.endswith(OVERWRITE_SUFFIX):  # nothing can resume an overwrite: free its space

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+from transformers import StoppingCriteriaList, TextIteratorStreamer
+
 from fluxchat import chat_format, generation, loading, runs
 from fluxchat.config import fail
 
@@ -138,14 +141,10 @@ class _StopWhenAsked:
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _timed_streamer(tokenizer, stats: GenerationStats, start: float):
-    from transformers import TextIteratorStreamer
-
     class TimedStreamer(TextIteratorStreamer):
         """Counts generated tokens and stamps the first one (text is released a word at a time)."""
 
@@ -179,8 +178,6 @@ class ChatModel:
 
     def warm_up(self) -> None:
         """Pick the thread count and run one tiny generation, so the first user doesn't pay for either."""
-        import torch
-
         if sum(p.numel() for p in self.model.parameters()) < SINGLE_THREAD_BELOW_PARAMETERS:
             torch.set_num_threads(1)
         self.reply([{"role": "user", "content": "hi"}], Sampling(max_new_tokens=2, temperature=0))
@@ -199,8 +196,6 @@ class ChatModel:
     ) -> Iterator[str]:
         """Yield the next assistant reply piece by piece, for a prepared Prompt (or messages, prepared here).
         Raises UsageError if the newest message cannot fit."""
-        import torch
-        from transformers import StoppingCriteriaList
 
         start = time.perf_counter()
         sampling = sampling.clamped()
@@ -258,8 +253,6 @@ class RewardScorer:
         self.context_length = loading.context_length(self.model)
 
     def score(self, messages: list[dict]) -> float:
-        import torch
-
         ids = chat_format.render_scored(self.tokenizer, messages)[-self.context_length :]
         with torch.inference_mode():
             logits = self.model(

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from fluxchat import chat_format
 from fluxchat.config import UsageError, parse_config, run_cli
 from fluxchat.serving import ChatModel, GenerationStats, Sampling
@@ -60,8 +62,6 @@ def show_history(messages: list[dict], out) -> None:
 def main(argv: list[str] | None = None) -> Path:
     argv = split_model_argument([str(a) for a in (sys.argv[1:] if argv is None else argv)])
     args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv)
-    import torch
-
     model = ChatModel.load(args.model)
     torch.manual_seed(args.seed)
     # Invalid UTF-8 on stdin (a pipe from anything) becomes U+FFFD rather than ending the conversation.

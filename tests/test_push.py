@@ -102,7 +102,7 @@ def test_stage_push_request_takes_over_from_the_trainer(tiny_run, tmp_path):
 import sys
 sys.path.insert(0, {str(REPO)!r})
 from transformers import TrainingArguments
-from pipeline import push
+from fluxchat import hub
 args = TrainingArguments(output_dir={str(tmp_path / "out")!r}, push_to_hub=True, hub_model_id="alice/solo", hub_token={TOKEN!r}, hub_private_repo=True)
 request = hub.take_over_push(args)
 assert args.push_to_hub is False and args.hub_token is None, "the Trainer must not push nor pickle the token"
