@@ -4,6 +4,7 @@
     python app.py --model runs/demo                                      # a run folder: its ppo > sft > pretrain stage
     python app.py --model runs/demo/ppo --compare_model runs/demo/sft --reward_model runs/demo/reward
     python app.py --model runs/demo/ppo --host 0.0.0.0 --auth me:secret  # reachable from the network, behind a login
+    python app.py --model runs/demo/ppo --compare_model runs/demo/sft --collect_feedback   # A/B/tie -> runs/demo/feedback.jsonl
     FLUXCHAT_MODEL=you/fluxchat-ppo FLUXCHAT_COMPARE_MODEL=you/fluxchat-sft python app.py   # a Space: models from the Hub
 
 Without --model (and FLUXCHAT_MODEL) it serves the newest finished run under runs/. Everything a public
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from fluxchat import chat_format
+from fluxchat import chat_format, feedback
 from fluxchat.config import UsageError, fail, parse_config, run_cli
 from fluxchat.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling
 
@@ -79,6 +80,22 @@ class AppArguments:
         default="info",
         metadata={"help": "info: one line per reply; debug: also every prompt the model sees, as JSON."},
     )
+    collect_feedback: bool = field(
+        default=False,
+        metadata={
+            "help": "Compare tab: 'A is better / B is better / Tie' buttons; each choice is one line in --feedback_file (pipeline/reward.py and dpo.py read it with --dataset)."
+        },
+    )
+    feedback_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where choices are appended (JSONL); default feedback.jsonl in the served model's run folder."
+        },
+    )
+    feedback_max_mb: float = field(
+        default=50.0,
+        metadata={"help": "Largest size of the feedback file; past it choices are refused with a message."},
+    )
 
     def __post_init__(self):
         self.model = self.model or os.environ.get("FLUXCHAT_MODEL")
@@ -92,6 +109,8 @@ class AppArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
+        if not self.feedback_max_mb > 0:
+            raise ValueError(f"--feedback_max_mb must be above 0, got {self.feedback_max_mb}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"--log_level must be debug, info, warning or error, got {self.log_level}")
 
@@ -129,8 +148,10 @@ class ChatService:
         max_message_chars: int = 2000,
         max_turns: int = 20,
         system: str | None = None,
+        feedback_log: feedback.FeedbackLog | None = None,
     ):
         self.model, self.compare_model, self.scorer = model, compare_model, scorer
+        self.feedback = feedback_log  # None: no feedback buttons
         self.max_message_chars, self.max_turns = max_message_chars, max_turns
         self.start = [{"role": "system", "content": system}] if system else []
 
@@ -219,6 +240,41 @@ class ChatService:
             yield first, second, ""
         yield first, second, self.score_table(messages, first, second)
 
+    def compare_and_remember(self, prompt, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None):
+        """compare(), then the finished comparison kept in the session's server-side state for a choice to rate:
+        what is recorded is what the models said, not what a client sends back."""
+        first = second = scores = ""
+        locked = [gr.update(interactive=False)] * len(FEEDBACK_BUTTONS)  # nothing to rate until both replies are in
+        for first, second, scores in self.compare(prompt, max_new_tokens, temperature, top_k, top_p, request):
+            yield first, second, scores, None, *locked
+        conversation = self.start + [{"role": "user", "content": message_text(prompt)}]
+        unlocked = [gr.update(interactive=True)] * len(FEEDBACK_BUTTONS)
+        yield first, second, scores, {"conversation": conversation, "A": first, "B": second}, *unlocked
+
+    def record_choice(self, choice: str, last: dict | None) -> tuple:
+        """A feedback button: one line in the feedback file; the comparison can be rated once."""
+        if not last:
+            self.refuse("Nothing to rate: press Compare first (each comparison is rated once).")
+        record = feedback.make_record(
+            last["conversation"], last["A"], last["B"], choice, self.model.source, self.compare_model.source
+        )
+        try:
+            self.feedback.append(record)
+        except feedback.FeedbackError as err:
+            self.refuse(str(err))
+        logger.info(f"feedback {choice} appended to {self.feedback.path}")
+        return (
+            f"Recorded: {FEEDBACK_LABELS[choice]}. Thank you!",
+            None,
+            *[gr.update(interactive=False)] * len(FEEDBACK_BUTTONS),
+        )
+
+    def _choice_handler(self, choice: str):
+        def handler(last):
+            return self.record_choice(choice, last)
+
+        return handler
+
     def score_table(self, messages: list[dict], first: str, second: str) -> str:
         if self.scorer is None:
             return ""
@@ -270,17 +326,36 @@ class ChatService:
                         second = gr.Textbox(label=f"B: {self.compare_model.source}", lines=8, interactive=False)
                     scores = gr.Markdown()
                     button = gr.Button("Compare", variant="primary")
+                    outputs, compare = [first, second, scores], self.compare
+                    if self.feedback is not None:
+                        last = gr.State(None)  # the comparison to rate, kept on the server per session
+                        with gr.Row():
+                            choice_buttons = [gr.Button(text, interactive=False) for text in FEEDBACK_BUTTONS.values()]
+                        feedback_note = gr.Markdown()
+                        outputs, compare = outputs + [last, *choice_buttons], self.compare_and_remember
+                        for choice, choice_button in zip(FEEDBACK_BUTTONS, choice_buttons):
+                            choice_button.click(
+                                self._choice_handler(choice),
+                                [last],
+                                [feedback_note, last, *choice_buttons],
+                                api_name=f"feedback_{choice.lower()}",
+                                concurrency_limit=concurrency,
+                            )
                     gr.on(
                         [button.click, prompt.submit],
-                        self.compare,
+                        compare,
                         [prompt, *controls],
-                        [first, second, scores],
+                        outputs,
                         api_name="compare",
                         concurrency_limit=concurrency,
                     )
         # Gradio's default is one request at a time for the whole app: every user would wait for every other.
         demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
         return demo
+
+
+FEEDBACK_BUTTONS = {"A": "A is better", "B": "B is better", "tie": "Tie"}
+FEEDBACK_LABELS = {"A": "A is better", "B": "B is better", "tie": "a tie"}
 
 
 def session_of(request) -> str:
@@ -316,6 +391,10 @@ def main(argv: list[str] | None = None):
 
     if args.reward_model and not args.compare_model:
         fail("--reward_model scores the Compare tab's replies: give --compare_model too")
+    if args.collect_feedback and not args.compare_model:
+        fail("--collect_feedback records which of the Compare tab's two replies is better: give --compare_model too")
+    if args.feedback_file and not args.collect_feedback:
+        fail("--feedback_file is where --collect_feedback appends choices: give --collect_feedback too")
     # A Space's container must listen on all interfaces (Spaces set GRADIO_SERVER_NAME and SPACE_ID); anywhere
     # else only this machine may connect unless --host says otherwise.
     host = (
@@ -325,7 +404,14 @@ def main(argv: list[str] | None = None):
     model = ChatModel.load(args.model)
     compare_model = ChatModel.load(args.compare_model) if args.compare_model else None
     scorer = RewardScorer(args.reward_model) if args.reward_model else None
-    service = ChatService(model, compare_model, scorer, args.max_message_chars, args.max_turns, args.system)
+    feedback_log = None
+    if args.collect_feedback:
+        path = feedback.feedback_path(args.feedback_file, model.source)
+        feedback_log = feedback.FeedbackLog(path, int(args.feedback_max_mb * 1024 * 1024))
+        logger.info(f"collecting feedback in {path}")
+    service = ChatService(
+        model, compare_model, scorer, args.max_message_chars, args.max_turns, args.system, feedback_log
+    )
     demo = service.build(defaults, args.concurrency, args.queue_size)
     logger.info(
         f"serving {model.source} on http://{host}:{args.port} (concurrency {args.concurrency}, queue {args.queue_size})"

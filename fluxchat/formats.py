@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 
-from fluxchat import tasks
+from fluxchat import feedback, tasks
 from fluxchat.config import fail
 
 BUILTIN = "builtin"
@@ -335,7 +335,8 @@ def load_preferences(sources: list[str], corpus_file: str | None = None) -> tupl
     """([{"prompt", "chosen", "rejected"}] as message lists, number of dropped chosen == rejected pairs).
 
     Accepts TRL preference data (explicit prompt or implicit shared prefix, text or conversational),
-    hh-rlhf transcripts (.jsonl.gz is fine), or "builtin" (the built-in tasks' train pairs).
+    hh-rlhf transcripts (.jsonl.gz is fine), the app's feedback file (ties skipped), or "builtin" (the
+    built-in tasks' train pairs).
     """
     if not sources:
         fail("no preference data given: pass files, Hub dataset ids, or 'builtin'")
@@ -349,11 +350,15 @@ def load_preferences(sources: list[str], corpus_file: str | None = None) -> tupl
         name, rows = _read_rows(source)
         count = 0
         for label, row in rows:
+            count += 1
+            if feedback.is_feedback_row(row):  # a choice made in the app's Compare tab (fluxchat/feedback.py)
+                row = feedback.as_pair(row)
+                if row is None:  # a tie is not a pair
+                    continue
             try:
                 pair = _row_preference(row)
             except _RowError as err:
                 fail(f"{name}: {label}: {err}")
-            count += 1
             if pair["chosen"] == pair["rejected"]:
                 dropped += 1
                 continue

@@ -6,6 +6,7 @@ the mean reward of a policy's replies. Every stage calls these functions at its 
     python pipeline/evaluate.py runs/demo/ppo --reward_model runs/demo/reward
     python pipeline/evaluate.py runs/demo/sft --reward_model runs/demo/reward \
         --pairs_file ../shared/data/pref/hh-rlhf_helpful-base_test.jsonl.gz --max_pairs 500
+    python pipeline/evaluate.py runs/demo --report               # every stage of the run: report.json, report.md
 
 Task accuracy is exact match (whitespace normalised) of the greedy reply, stopped at the end-of-turn
 token, with the expected answer. Writes JSON (default: evaluation.json in the model folder).
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fluxchat import evaluation, formats, loading, runs, tasks
+from fluxchat import cards, evaluation, formats, loading, runs, tasks
+from fluxchat import report as stage_reports
 from fluxchat.config import UsageError, fail, parse_config, run_cli
 
 
@@ -38,6 +40,7 @@ class EvaluateArguments:
     batch_size: int = field(default=32, metadata={"help": "Prompts generated (or pairs scored) together."})
     seed: int = field(default=0, metadata={"help": "Seed of the held-out examples and of --pairs_heldout_fraction's split."})
     output_file: str | None = field(default=None, metadata={"help": "Where to write the JSON; default evaluation.json in the model folder."})
+    report: bool = field(default=False, metadata={"help": "Stage report: every finished stage of the run folder (pretrain, sft, ppo, grpo, dpo) on the same held-out items -> <run>/report.json and report.md; the final stage's model card shows it."})
 
     def __post_init__(self):
         if not self.model:
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> Path:
     if argv and not argv[0].startswith("-"):  # `evaluate.py runs/demo ...`: the model as first argument
         argv = ["--model", argv[0], *argv[1:]]
     args, _config_file = parse_config("evaluate", (EvaluateArguments,), argv)
+    if args.report:
+        return stage_report(args)
     if args.pairs_file and not args.reward_model:
         fail("--pairs_file needs --reward_model (the pairs are scored by a reward model)")
     model_path = loading.resolve_model(args.model)
@@ -116,6 +121,44 @@ def main(argv: list[str] | None = None) -> Path:
     print(format_report(report))
     print(f"wrote {output_file}")
     return output_file
+
+
+def stage_report(args) -> Path:
+    """--report: score every finished chat stage of a run on the same held-out items (fluxchat/report.py)."""
+    run = Path(args.model)
+    if args.output_file or args.pairs_file:
+        fail("--report writes report.json and report.md into the run folder and scores no pairs: drop --output_file/--pairs_file")
+    if not run.is_dir() or any((run / name).is_file() for name in ("config.json", "adapter_config.json")):
+        fail(f"--report: {run} is not a run folder (give runs/<name>, whose stages are compared)")
+    stages = stage_reports.report_stages(run)
+    if not stages:
+        fail(f"--report: {run} has no finished {'/'.join(stage_reports.REPORT_STAGES)} stage")
+    if args.reward_model:
+        reward_path = loading.resolve_model(args.reward_model, "reward_model")
+    else:
+        reward_path = str(run / "reward") if runs.is_finished(run / "reward") else None
+    examples = _examples(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    reward_model = None
+    results = {}
+    for stage in stages:
+        tokenizer = loading.load_tokenizer(str(run / stage))
+        model = loading.load_model(str(run / stage), tokenizer).to(device)
+        if reward_path and reward_model is None:
+            reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
+        results[stage] = stage_reports.score_stage(model, tokenizer, examples, reward_model, args.max_new_tokens, args.batch_size)
+        print(f"{stage}: overall {results[stage]['overall']:.3f} on {results[stage]['n']} examples", flush=True)
+        del model
+    data = stage_reports.build_report(run, results, args.n_per_task, args.seed, reward_path)
+    data["seconds"] = round(time.perf_counter() - start, 1)
+    runs.write_json(run / stage_reports.REPORT_JSON, data)
+    markdown = stage_reports.to_markdown(data)
+    runs.atomic_write_text(run / stage_reports.REPORT_MD, markdown)
+    final = run / data["final_stage"]
+    cards.write_model_card(final, cards.stage_of(final))  # the final stage's card shows the report
+    print(f"\nstage report of {run}\n{markdown}wrote {run / stage_reports.REPORT_JSON}, {run / stage_reports.REPORT_MD} and {final / 'README.md'}")
+    return run / stage_reports.REPORT_JSON
 
 
 def format_report(report: dict) -> str:

@@ -113,3 +113,54 @@ def test_bad_inputs_are_usage_errors(tiny_run, tmp_path):
     code, error = run_main(evaluate.main, [tiny_run, "--pairs_file", HH_RLHF, "--output_file", tmp_path / "x.json"])
     assert code == 2 and "--pairs_file needs --reward_model" in error
     assert not (tmp_path / "x.json").exists()
+
+
+def test_wilson_interval_known_values():
+    from fluxchat.report import wilson_interval
+
+    low, high = wilson_interval(25, 50)
+    assert math.isclose(low, 0.3664, abs_tol=1e-3) and math.isclose(high, 0.6336, abs_tol=1e-3)
+    low, high = wilson_interval(0, 50)
+    assert low == 0.0 and math.isclose(high, 0.0713, abs_tol=1e-3)
+    assert math.isclose(wilson_interval(50, 50)[1], 1.0) and math.isclose(wilson_interval(50, 50)[0], 0.9287, abs_tol=1e-3)
+
+
+def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path / "run"  # the shared run is read-only: a copy, with its pretrained model also standing in as "sft"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(run / "pretrain", run / "sft")
+    reward_dir = tmp_path / "reward"
+    AutoModelForSequenceClassification.from_pretrained(run / "pretrain", num_labels=1).save_pretrained(reward_dir)
+    AutoTokenizer.from_pretrained(run / "pretrain").save_pretrained(reward_dir)
+    result = run_script(
+        PYTHON, "pipeline/evaluate.py", run, "--report", "--reward_model", reward_dir, "--n_per_task", "3",
+        "--max_new_tokens", "6", "--corpus_file", SHAKESPEARE,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["stages"] == ["pretrain", "sft"] and report["final_stage"] == "sft" and report["tasks"] == list(tasks.TASKS)
+    first, second = (report["results"][s] for s in report["stages"])
+    for task in tasks.TASKS:
+        row = first["per_task"][task]
+        assert row["n"] == 3 and row["low"] <= row["accuracy"] <= row["high"]
+        assert row["correct"] == second["per_task"][task]["correct"]  # same weights, same items: same score
+    assert math.isfinite(first["mean_reward"]) and first["mean_reward"] == pytest.approx(second["mean_reward"], abs=1e-5)
+    assert 0 < first["mean_reply_tokens"] <= 6
+    markdown = (run / "report.md").read_text()
+    assert "| task | n | pretrain | sft |" in markdown and "| arithmetic | 3 |" in markdown and "mean reward" in markdown
+    assert markdown in result.stdout
+    card = (run / "sft" / "README.md").read_text()
+    assert "Stage report" in card and "| arithmetic | 3 |" in card  # the final stage's card shows it
+    assert "Stage report" not in (run / "pretrain" / "README.md").read_text()
+
+    code, error = run_main(evaluate.main, [run / "sft", "--report"])
+    assert code == 2 and "not a run folder" in error
+    code, error = run_main(evaluate.main, [run, "--report", "--output_file", tmp_path / "x.json"])
+    assert code == 2 and "drop --output_file" in error
+    (tmp_path / "empty").mkdir()
+    code, error = run_main(evaluate.main, [tmp_path / "empty", "--report"])
+    assert code == 2 and "no finished" in error

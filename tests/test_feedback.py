@@ -1,0 +1,195 @@
+"""Human feedback from the app: records, safe concurrent appends, the size bound, reading the file as
+preference pairs, and the whole round trip: a browser click in the Compare tab, then a reward run on the file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+
+import pytest
+from conftest import run_main
+
+from fluxchat import feedback, formats
+from fluxchat.config import UsageError
+
+CONVERSATION = [{"role": "user", "content": "What's the capital of France?"}]
+BIG = "x" * 70_000  # a line longer than a pipe buffer and a page: a torn or interleaved write would show
+
+
+def _record(i: int, choice: str = "A", filler: str = "") -> dict:
+    return feedback.make_record(
+        CONVERSATION, f"reply A {i} {filler}", f"reply B {i}", choice, "runs/x/ppo", "runs/x/sft"
+    )
+
+
+def test_record_shape_and_pairs():
+    a, b, tie = (_record(1, choice) for choice in ("A", "B", "tie"))
+    assert (
+        a["chosen"] == [{"role": "assistant", "content": "reply A 1 "}] and a["rejected"][0]["content"] == "reply B 1"
+    )
+    assert b["chosen"][0]["content"] == "reply B 1" and b["rejected"][0]["content"] == "reply A 1 "
+    assert {a["choice"], b["choice"], tie["choice"]} == {"A", "B", "tie"}
+    assert a["conversation"] == CONVERSATION and a["model_a"] == "runs/x/ppo" and a["model_b"] == "runs/x/sft"
+    assert a["time"].endswith("Z")
+    assert feedback.as_pair(a) == {"prompt": CONVERSATION, "chosen": a["chosen"], "rejected": a["rejected"]}
+    assert feedback.as_pair(tie) is None
+    with pytest.raises(ValueError):
+        _record(1, "C")
+
+
+def _append_many(path: str, worker: int, n: int) -> None:
+    log = feedback.FeedbackLog(path)
+    for i in range(n):
+        log.append(_record(worker * 1000 + i, filler=BIG))
+
+
+def _check_whole_lines(path, expected: int) -> None:
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == expected
+    ids = sorted(json.loads(line)["rejected"][0]["content"] for line in lines[:-1])  # each line parses whole
+    assert len(set(ids)) == expected
+
+
+def test_concurrent_appends_from_threads_and_processes_give_whole_lines(tmp_path):
+    path = tmp_path / "feedback.jsonl"
+    threads = [threading.Thread(target=_append_many, args=(str(path), w, 15)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _check_whole_lines(path, 8 * 15)
+
+    context = multiprocessing.get_context(
+        "fork"
+    )  # separate processes (own file descriptions), as several app instances
+    processes = [context.Process(target=_append_many, args=(str(path), 10 + w, 15)) for w in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    _check_whole_lines(path, 8 * 15 + 4 * 15)
+
+
+def test_a_full_file_refuses_and_stays_unchanged(tmp_path):
+    path = tmp_path / "feedback.jsonl"
+    log = feedback.FeedbackLog(path, max_bytes=1000)
+    size = log.append(_record(1))
+    assert size == path.stat().st_size < 1000
+    before = path.read_bytes()
+    with pytest.raises(feedback.FeedbackError, match=r"feedback.jsonl is full .* limit 1,000"):
+        log.append(_record(2, filler="y" * 800))
+    assert path.read_bytes() == before
+    with pytest.raises(feedback.FeedbackError, match="cannot open"):
+        feedback.FeedbackLog(tmp_path / "no_such_folder" / "f.jsonl").append(_record(3))
+
+
+def test_feedback_file_reads_as_preference_pairs_ties_skipped(tmp_path):
+    path = tmp_path / "feedback.jsonl"
+    log = feedback.FeedbackLog(path)
+    for i, choice in enumerate(["A", "tie", "B", "A"]):
+        log.append(_record(i, choice))
+    pairs, dropped = formats.load_preferences([str(path)])
+    assert len(pairs) == 3 and dropped == 0
+    assert [p["chosen"][0]["content"] for p in pairs] == ["reply A 0 ", "reply B 2", "reply A 3 "]
+    assert all(p["prompt"] == CONVERSATION for p in pairs)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(path.read_text().splitlines()[0] + "\n" + '{"conversation": [' + "\n")
+    with pytest.raises(UsageError, match=rf"^{broken}: line 2 is not valid JSON"):
+        formats.load_preferences([str(broken)])
+    ties = tmp_path / "ties.jsonl"
+    feedback.FeedbackLog(ties).append(_record(0, "tie"))
+    with pytest.raises(UsageError, match="no usable preference pairs"):
+        formats.load_preferences([str(ties)])
+
+
+def test_app_feedback_flags_are_checked(tiny_run, tmp_path):
+    import app
+
+    code, error = run_main(app.main, ["--model", tiny_run / "pretrain", "--collect_feedback"])
+    assert code == 2 and "--collect_feedback" in error and "--compare_model" in error
+    code, error = run_main(app.main, ["--model", tiny_run / "pretrain", "--feedback_file", tmp_path / "f.jsonl"])
+    assert code == 2 and "--collect_feedback too" in error
+    with pytest.raises(UsageError, match="does not exist"):
+        feedback.feedback_path(str(tmp_path / "missing" / "f.jsonl"), str(tiny_run / "pretrain"))
+    with pytest.raises(UsageError, match="no local folder"):
+        feedback.feedback_path(None, "someone/some-model")
+    assert feedback.feedback_path(None, str(tiny_run / "pretrain")) == (tiny_run / "feedback.jsonl").resolve()
+    assert not (tiny_run / "feedback.jsonl").exists() and not (tmp_path / "f.jsonl").exists()
+
+
+def test_browser_choice_is_appended_and_a_reward_run_reads_it(tiny_run, isolated_runs, tmp_path):
+    """A user compares twice in the Compare tab and clicks 'A is better', then 'B is better' (and 'Tie' once):
+    the file gets one line per click, the buttons lock after a choice, and reward.py trains on the file."""
+    from bench.common import running_app
+    from tests.test_browser import CHROMIUM_FLAGS, browser_or_skip
+
+    chromium = browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipeline import reward
+
+    model = tiny_run / "pretrain"
+    path = tmp_path / "feedback.jsonl"
+    flags = ["--compare_model", model, "--collect_feedback", "--feedback_file", path, "--max_new_tokens", 8]
+    with running_app(model, tmp_path / "app.log", *flags) as (url, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.get_by_role("tab", name="Compare").click()
+            shown = []
+            for prompt, choice in [
+                ("What is 12+30?", "A is better"),
+                ("Repeat after me: quiet river", "B is better"),
+                ("Hello", "Tie"),
+            ]:
+                page.get_by_label("Prompt").fill(prompt)
+                page.get_by_role("button", name="Compare", exact=True).click()
+                button = page.get_by_role("button", name=choice)
+                expect(button).to_be_enabled(timeout=60_000)  # unlocked once both replies are in
+                shown.append([page.get_by_label(f"{side}: {model}").input_value() for side in "AB"])
+                button.click()
+                expect(page.get_by_text("Recorded:")).to_be_visible(timeout=30_000)
+                expect(button).to_be_disabled()  # each comparison is rated once
+        finally:
+            browser.close()
+
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["choice"] for line in lines] == ["A", "B", "tie"]
+    assert lines[0]["conversation"] == [{"role": "user", "content": "What is 12+30?"}]
+    assert lines[0]["chosen"][0]["content"] == shown[0][0] and lines[0]["rejected"][0]["content"] == shown[0][1]
+    assert lines[1]["chosen"][0]["content"] == shown[1][1] and lines[1]["rejected"][0]["content"] == shown[1][0]
+    assert lines[0]["model_a"] == lines[0]["model_b"] == str(model)
+
+    # Identical models replying greedily give chosen == rejected: such pairs are dropped, so add one real pair.
+    feedback.FeedbackLog(path).append(
+        feedback.make_record(CONVERSATION, "The capital of France is Paris.", "Rome.", "A", "a", "b")
+    )
+    argv = [
+        "--preset",
+        "tiny",
+        "--run_name",
+        "fb",
+        "--model_name_or_path",
+        model,
+        "--dataset",
+        path,
+        "--max_steps",
+        2,
+        "--eval_fraction",
+        0.3,
+        "--eval_examples",
+        0,
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        1,
+    ]
+    code, error = run_main(reward.main, argv)
+    assert code == 0, error
+    data = json.loads((isolated_runs / "fb" / "reward" / "metrics.json").read_text())["data"]
+    n_real = sum(line["chosen"] != line["rejected"] for line in lines if line["choice"] != "tie") + 1
+    assert data["train"]["pairs"] + data["heldout"]["pairs"] == n_real and data["sources"] == [str(path)]
