@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ class Case:
     succeeds: Callable[[Path], Path] | None = None  # success case: the folder that must end up finished
     stdin: str | None = None
     env: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # success case: substrings its output (stdout or stderr) must show
+
+
+def tiny_pretrain(inputs, case_dir) -> list:
+    return ["--preset", "tiny", "--tokenizer_name_or_path", inputs.shared / "tokenizer", "--train_file", inputs.corpus, "--output_dir", case_dir / "out"]
 
 
 def copy_stage(stage: str, to: str):
@@ -99,6 +105,21 @@ def cut_trainer_state(inputs, case_dir):
 def corrupt_tokenizer(inputs, case_dir):
     shutil.copytree(inputs.shared / "tokenizer", case_dir / "tok")
     (case_dir / "tok" / "tokenizer.json").write_bytes(b"\x00\x01 not json")
+
+
+def held_out_too_long(inputs, case_dir, seed: int = 0, rows: int = 50):
+    """An Alpaca JSON array whose one held-out row (sft's split with --seed, --eval_fraction 0.02) is too long
+    for the 64-token context while every training row fits."""
+    order = list(range(rows))
+    random.Random(seed).shuffle(order)
+    held_out = order[-1]
+    data = [{"instruction": ("word " * 200 if i == held_out else f"Say {i}."), "output": f"{i}."} for i in range(rows)]
+    (case_dir / "mine.json").write_text(json.dumps(data), encoding="utf-8")
+
+
+def own_pairs(inputs, case_dir):
+    rows = [{"prompt": f"What is {n} plus {n}?", "chosen": f"{2 * n}.", "rejected": f"{2 * n + 1}."} for n in range(20)]
+    (case_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 def write_yaml(name: str, text: str):
@@ -248,6 +269,65 @@ CASES = [
         ("tokenizer.json",), prepare=corrupt_tokenizer,
     ),
     Case("run_all with a missing corpus", "run_all", lambda i, d: ["--run_name", "x", "--train_file", d / "nope.txt"], ("nope.txt: no such file",)),
+    # ---- issue 12: every number checked before anything is written, NaN and infinity included (fluxchat/validation.py)
+    Case(
+        "negative learning rate", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--learning_rate", "-0.001"], ("--learning_rate must be > 0, got -0.001",),
+        cli=True,
+    ),
+    Case("zero block size", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--block_size", 0], ("--block_size must be >= 1, got 0",)),
+    Case("NaN validation fraction", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--validation_fraction", "nan"], ("--validation_fraction must be a finite number, got nan",)),
+    Case("negative PPO response length", "ppo", lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--response_length", -4], ("--response_length must be >= 1, got -4",)),
+    Case("NaN temperature", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--temperature", "nan"], ("--temperature must be a finite number, got nan",), cli=True),
+    Case("infinite temperature", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--temperature", "inf"], ("--temperature must be a finite number, got inf",)),
+    # ---- issue 12: outputs checked before the work
+    Case("evaluate --output_file naming a folder", "evaluate", lambda i, d: [i.shared / "pretrain", "--output_file", d], ("--output_file", "is a folder: name a file"), cli=True),
+    Case(
+        "evaluate --output_file under a file", "evaluate", lambda i, d: [i.shared / "pretrain", "--output_file", d / "taken.txt" / "eval.json"],
+        ("taken.txt is a file",), prepare=write_yaml("taken.txt", "mine\n"),
+    ),
+    Case(
+        "--output_dir under a file", "pretrain",
+        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--train_file", i.corpus, "--output_dir", d / "taken.txt" / "out"],
+        ("taken.txt is a file",), prepare=write_yaml("taken.txt", "mine\n"),
+    ),
+    # ---- issue 12: model folders and data sources
+    Case(
+        "pickle-only weights (pretrain --model_name_or_path)", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--model_name_or_path", i.pickle_model],
+        ("pytorch_model.bin", "only safetensors weights load"), cli=True,
+    ),
+    Case("pickle-only weights (generate)", "generate", lambda i, d: [i.pickle_model, "--prompt", "ROMEO:"], ("pytorch_model.bin", "only safetensors weights load")),
+    Case("app --model naming a reward model", "app", lambda i, d: ["--model", i.reward_model], ("is a reward model", "--reward_model")),
+    Case("app --host that is no address", "app", lambda i, d: ["--model", i.shared / "pretrain", "--host", "256.1.1.1"], ("--host 256.1.1.1 is not a valid IPv4 address",), cli=True),
+    Case(
+        "sft --dataset naming a folder", "sft",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.dataset_folder, "--output_dir", d / "out"],
+        ("is a folder: a data source is one .jsonl, .json or .parquet file", "it holds train.jsonl"),
+    ),
+    Case(
+        "run_all: a failing stage ends with our line", "run_all",
+        lambda i, d: ["--run_name", "x", "--stages", "pretrain", "--train_file", i.corpus, "--with_facts", "false"],
+        ("stage pretrain failed",), cli=True,
+    ),
+    # ---- issue 12: a user's own data, offline (success cases: the stage finishes and says what it left out)
+    Case(
+        "sft on own data: held-out row too long, corpus not a play script", "sft",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", d / "mine.json", "--corpus_file", i.one_line_corpus,
+                      "--seed", 0, "--max_steps", 2, "--eval_steps", 1, "--eval_examples", 10, "--eval_baseline", "false", "--output_dir", d / "out"],
+        (), cli=True, prepare=held_out_too_long, succeeds=lambda d: d / "out",
+        notes=("no `NAME:` speaker blocks found", "evaluation skips the quote/speaker tasks", "none of the 1 held-out conversations fits", "no eval loss"),
+    ),
+    Case(
+        "reward on own pairs, corpus not a play script", "reward",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", d / "pairs.jsonl", "--corpus_file", i.one_line_corpus,
+                      "--max_steps", 2, "--eval_examples", 10, "--output_dir", d / "out"],
+        (), cli=True, prepare=own_pairs, succeeds=lambda d: d / "out", notes=("evaluation skips the quote/speaker tasks",),
+    ),
+    Case(
+        "run_all on a corpus that is not a play script", "run_all",
+        lambda i, d: ["--run_name", "story", "--stages", "tokenizer", "--train_file", i.one_line_corpus, "--with_facts", "false"],
+        (), cli=True, succeeds=lambda d: d / "runs" / "story" / "tokenizer",
+        notes=("cannot use", "no `NAME:` speaker blocks", "draw their lines from tinyshakespeare"),
+    ),
 ]
 DEFECTS = {  # case -> what goes wrong today (none known: add a case here as a strict xfail when you find one)
 }
@@ -330,6 +410,19 @@ def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
     shutil.copytree(tiny_run / "pretrain", paths.truncated_model)
     weights = paths.truncated_model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # A reward model folder (one-score sequence classifier), as the reward stage saves one.
+    from transformers import AutoModelForSequenceClassification
+
+    paths.reward_model = root / "reward_model"
+    AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1).save_pretrained(paths.reward_model)
+    AutoTokenizer.from_pretrained(tiny_run / "pretrain").save_pretrained(paths.reward_model)
+    # A cloned dataset repo: a folder of data files.
+    paths.dataset_folder = root / "dataset_repo"
+    paths.dataset_folder.mkdir()
+    shutil.copy(paths.missing_field_jsonl, paths.dataset_folder / "train.jsonl")
+    # A corpus with no line breaks at all (and so no `NAME:` speaker blocks): a story, not a play script.
+    paths.one_line_corpus = root / "one_line.txt"
+    paths.one_line_corpus.write_text(" ".join(corpus.read_text(encoding="utf-8").split()), encoding="utf-8")
     paths.cache = root / "cache"
     return paths
 
@@ -342,6 +435,7 @@ class Outcome:
     before: dict
     after: dict
     case_dir: Path
+    stdout: str = ""
 
 
 def case_folder(tmp_path_factory, case: Case) -> Path:
@@ -356,7 +450,8 @@ def run_case_cli(case: Case, inputs: SimpleNamespace, case_dir: Path) -> Outcome
     script = ENTRY_POINTS[case.entry][0]
     result = run_script(PYTHON, script, *case.argv(inputs, case_dir), env=env, timeout=300, input=case.stdin or "")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return Outcome(result.returncode, lines[-1] if lines else "", result.stderr, before, fingerprint(case_dir, inputs.shared), case_dir)
+    last = lines[-1] if lines else ""
+    return Outcome(result.returncode, last, result.stderr, before, fingerprint(case_dir, inputs.shared), case_dir, result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +503,8 @@ def test_bad_input(case, inputs, request, tmp_path_factory, monkeypatch):
     if case.succeeds:
         assert outcome.code == 0, outcome.stderr[-3000:]
         assert runs.is_finished(case.succeeds(outcome.case_dir)), outcome.stderr[-3000:]
+        for note in case.notes:
+            assert note in outcome.stdout + outcome.stderr, f"{note!r} not shown; stderr: {outcome.stderr[-3000:]}"
         return
     assert outcome.code == 2, f"exit code {outcome.code}; stderr: {outcome.stderr[-3000:]}"
     assert outcome.error.startswith("error: ") and "\n" not in outcome.error, outcome.stderr[-3000:]
@@ -415,3 +512,41 @@ def test_bad_input(case, inputs, request, tmp_path_factory, monkeypatch):
         assert expected in outcome.error
     changed = {path for path in outcome.before.keys() | outcome.after.keys() if outcome.before.get(path) != outcome.after.get(path)}
     assert not changed, f"a failed command wrote: {sorted(changed)[:10]}"
+
+
+# ---- issue 12, items 6 and 7: the Hub token is never written, and nothing holding it is ever uploaded
+HUB_TOKEN = "hf_" + "Q" * 34  # token-shaped, never a real one
+
+
+def test_hub_token_without_push_is_never_written(tiny_run, tmp_path):
+    """--hub_token without --push_to_hub: the Trainer pickles its arguments into training_args.bin of the final
+    model and of every checkpoint; not one byte of any file the stage writes may hold the token."""
+    from conftest import TINY_MODEL_FLAGS
+
+    from pipeline import pretrain
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    out = tmp_path / "out"
+    pretrain.main([str(a) for a in [
+        "--preset", "tiny", "--tokenizer_name_or_path", tiny_run / "tokenizer", "--train_file", corpus, "--output_dir", out,
+        "--max_steps", 2, "--save_steps", 1, "--eval_strategy", "no", "--hub_token", HUB_TOKEN, *TINY_MODEL_FLAGS,
+    ]])
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert any(path.name == "training_args.bin" for path in files), "the pickle this test is about was written"
+    assert [path for path in files if HUB_TOKEN.encode() in path.read_bytes()] == []
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "extra_state.pt", "weights.pth", "model.safetensors", "README.md"])
+def test_push_scans_every_file_binary_or_not(tmp_path, monkeypatch, name):
+    """Every file that would be uploaded is scanned, in chunks: here the token straddles a chunk boundary."""
+    from fluxchat import hub
+    from fluxchat.config import UsageError
+
+    monkeypatch.setattr(hub, "SCAN_CHUNK_BYTES", 1000)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / name).write_bytes(bytes(range(256)) * 3 + b"\x00" * 220 + HUB_TOKEN.encode() + bytes(range(256)) * 12)
+    with pytest.raises(UsageError, match=f"{name} contains your Hub token"):
+        hub.refuse_leaked_token(tmp_path, HUB_TOKEN)
+    (tmp_path / name).write_bytes(bytes(range(256)) * 16)
+    hub.refuse_leaked_token(tmp_path, HUB_TOKEN)  # the same folder without the token passes
