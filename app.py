@@ -1,7 +1,7 @@
 """fluxchat's Gradio app: chat with a trained model, or compare two stages side by side (a Space's entry point).
 
     python app.py --model runs/demo/ppo                                  # http://127.0.0.1:7860
-    python app.py --model runs/demo                                      # a run folder: its ppo > sft > pretrain stage
+    python app.py --model runs/demo                                      # a run folder: its ppo > grpo > dpo > sft > pretrain stage
     python app.py --model runs/demo/ppo --compare_model runs/demo/sft --reward_model runs/demo/reward
     python app.py --model runs/demo/ppo --host 0.0.0.0 --auth me:secret  # reachable from the network, behind a login
     python app.py --model runs/demo/ppo --compare_model runs/demo/sft --collect_feedback   # A/B/tie -> runs/demo/feedback.jsonl

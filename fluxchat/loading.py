@@ -37,7 +37,7 @@ def resolve_model(value: str | None, flag: str = "model") -> str:
             return str(path)
         stage = runs.latest_stage(path)
         if stage is None:
-            fail(f"--{flag} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo stage")
+            fail(f"--{flag} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo/grpo/dpo stage")
         return str(stage)
     if runs.looks_like_hub_id(value):
         return value

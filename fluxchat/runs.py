@@ -32,7 +32,7 @@ import yaml
 from fluxchat.config import UsageError, fail, main_process, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
-CHAT_STAGES = ("ppo", "sft", "pretrain")  # stages whose model generates text, most aligned first
+CHAT_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")  # stages whose model generates text: a run folder serves the first finished
 STAGING = ".staging"  # inside a stage folder: saves in progress, renamed into place when complete
 OVERWRITE_SUFFIX = ".overwrite"  # <parent>/.<stage>.overwrite: a replacement built beside the stage it replaces
 REPLACED_SUFFIX = ".replaced"  # <parent>/.<stage>.replaced: the replaced stage, for the moment of the swap
@@ -309,7 +309,7 @@ def mark_finished(folder: Path, stage: str, **info: Any) -> None:
 
 
 def latest_stage(folder: str | Path) -> Path | None:
-    """For a run folder, the most aligned finished stage with a model (ppo > sft > pretrain)."""
+    """For a run folder, the most aligned finished stage with a model (ppo > grpo > dpo > sft > pretrain)."""
     for stage in CHAT_STAGES:
         candidate = Path(folder) / stage
         if is_finished(candidate):

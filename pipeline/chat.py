@@ -1,6 +1,6 @@
 """Chat with a model in the terminal: multi-turn, streamed, with the conversation trimmed to the context.
 
-    python pipeline/chat.py runs/demo                       # a run folder: its ppo > sft > pretrain stage
+    python pipeline/chat.py runs/demo                       # a run folder: its ppo > grpo > dpo > sft > pretrain stage
     python pipeline/chat.py runs/demo/sft --temperature 0.7 --top_p 0.9 --system "You are terse."
     python pipeline/chat.py someone/fluxchat-tiny --max_new_tokens 64   # a Hub id (safetensors only)
     printf 'hello\\nwhat is 2+2?\\n' | python pipeline/chat.py runs/demo --seed 1   # piped: one reply per line read
@@ -32,7 +32,7 @@ class ChatArguments:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Model folder, run folder (runs/<name>: its ppo > sft > pretrain stage) or Hub id; may also be the first argument. Default: the newest run."
+            "help": "Model folder, run folder (runs/<name>: its ppo > grpo > dpo > sft > pretrain stage) or Hub id; may also be the first argument. Default: the newest run."
         },
     )
     system: str | None = field(

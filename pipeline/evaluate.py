@@ -1,7 +1,7 @@
 """Evaluate a model on the held-out built-in tasks, a reward model on held-out preference pairs, and
 the mean reward of a policy's replies. Every stage calls these functions at its end; this is also a CLI.
 
-    python pipeline/evaluate.py runs/demo                        # newest finished stage: ppo > sft > pretrain
+    python pipeline/evaluate.py runs/demo                        # newest finished stage: ppo > grpo > dpo > sft > pretrain
     python pipeline/evaluate.py runs/demo/sft --n_per_task 20 --output_file sft_eval.json
     python pipeline/evaluate.py runs/demo/ppo --reward_model runs/demo/reward
     python pipeline/evaluate.py runs/demo/sft --reward_model runs/demo/reward \
@@ -28,7 +28,7 @@ from fluxchat.config import UsageError, fail, parse_config, run_cli
 
 @dataclass
 class EvaluateArguments:
-    model: str | None = field(default=None, metadata={"help": "Model folder, run folder (its newest finished stage: ppo > sft > pretrain) or Hub id; may be given as the first argument."})
+    model: str | None = field(default=None, metadata={"help": "Model folder, run folder (its newest finished stage: ppo > grpo > dpo > sft > pretrain) or Hub id; may be given as the first argument."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model folder: scores its accuracy on held-out pairs and the mean reward of the model's replies."})
     pairs_file: list[str] | None = field(default=None, metadata={"help": "Preference files (TRL or hh-rlhf, .jsonl.gz ok) to score the reward model on, besides the built-in held-out pairs."})
     pairs_heldout_fraction: float | None = field(default=None, metadata={"help": "Score only the held-out part of --pairs_file, split as formats.formats.split_heldout(rows, fraction, --seed) splits it for the reward stage; default all pairs."})
