@@ -1,0 +1,186 @@
+"""Reward functions for RL on verifiable rewards (GRPO), and the prompts-with-answers they check.
+
+No other module owns these: `tasks` owns the built-in checkers, `evaluation` scores finished models.
+Every function here has TRL's reward-function shape, `f(prompts, completions, completion_ids, **columns)
+-> list[float | None]`, where `columns` are the prompt dataset's other columns repeated per completion
+(here `answer` and `match`). None means "no opinion on this row" (TRL then leaves it out of the sum).
+
+    answer_reward   1 when the reply is the row's answer: the built-in task checker (exact, whitespace
+                    normalised), or for a user's prompt file a normalised exact match or containment
+    format_reward   1 when the reply ends its turn with <|end|> and invents no next turn
+    ScoreReward     a trained reward model's score of the whole conversation
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from fluxchat import chat_format, evaluation, formats, tasks
+from fluxchat.config import UsageError, fail
+
+MATCH_MODES = ("task", "exact", "contains")  # task: the built-in checker; exact/contains: a user's answer column
+PROMPT_COLUMNS = ("prompt", "messages")
+ANSWER_COLUMNS = ("answer", "solution", "completion")
+
+# Text a reply uses to start the next turn itself: our control tokens typed out, the `User:` transcript
+# style the embedded corpus pretrains on, hh-rlhf's `Human:`, and the instruction format's headers.
+INVENTED_TURN = re.compile(
+    r"<\|(?:user|assistant|system|end|endoftext|pad)\|>|(?:^|\n)\s*(?:user|human|assistant|system)\s*:|###\s*(?:instruction|response)\s*:",
+    re.IGNORECASE,
+)
+
+
+def completion_text(completion) -> str:
+    """The reply text of a TRL completion: a list of messages (conversational prompts) or a string."""
+    if isinstance(completion, list):
+        return "".join(message.get("content") or "" for message in completion if isinstance(message, dict))
+    return completion or ""
+
+
+def normalise_answer(text: str) -> str:
+    """Case, whitespace and surrounding punctuation do not count in a user's answers."""
+    return " ".join(text.lower().split()).strip(" .,;:!?\"'")
+
+
+def is_correct(reply: str, answer: str, match: str = "task") -> bool:
+    if match == "task":
+        return tasks.check({"messages": [{"role": "assistant", "content": answer}]}, reply)
+    if match == "exact":
+        return normalise_answer(reply) == normalise_answer(answer)
+    if match == "contains":
+        wanted = normalise_answer(answer)
+        return bool(wanted) and wanted in normalise_answer(reply)
+    raise ValueError(f"unknown match mode {match!r}: choose from {', '.join(MATCH_MODES)}")
+
+
+def answer_reward(prompts, completions, answer=None, match=None, **_) -> list[float | None]:
+    """1.0 for a reply that is the row's answer, 0.0 otherwise; None for a row without an answer."""
+    answers = answer or [None] * len(completions)
+    matches = match or ["task"] * len(completions)
+    return [
+        None if expected is None else float(is_correct(completion_text(completion), expected, mode or "task"))
+        for completion, expected, mode in zip(completions, answers, matches)
+    ]
+
+
+def format_reward_for(tokenizer):
+    """TRL reward function: 1.0 when a reply ends with the end-of-turn token and holds no invented turn
+    (no control token of any kind inside it, no `User:`-style line), else 0.0.
+
+    GRPO cuts a completion right after its first <|end|>, so "ends its turn" is "its last id is <|end|>";
+    the text is checked too, because decoding drops special tokens and a typed-out `<|user|>` is plain text."""
+    end_id = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
+    control_ids = {tokenizer.convert_tokens_to_ids(token) for token in chat_format.SPECIAL_TOKENS}
+
+    def format_reward(prompts, completions, completion_ids=None, **_) -> list[float]:
+        rewards = []
+        for i, completion in enumerate(completions):
+            ids = list(completion_ids[i]) if completion_ids is not None else []
+            ended = bool(ids) and ids[-1] == end_id
+            clean = not any(token in control_ids for token in ids[:-1]) and not INVENTED_TURN.search(
+                completion_text(completion)
+            )
+            rewards.append(float(ended and clean))
+        return rewards
+
+    return format_reward
+
+
+class ScoreReward:
+    """A trained reward model (one-logit sequence classifier) as a TRL reward function.
+
+    TRL can take the model itself, but it would render the conversation with the Jinja template,
+    which ends a turn with `<|end|>\\n`; our reward model was trained to read its score at `<|end|>`
+    (chat_format.render_scored), so we score through evaluation.score_conversations instead."""
+
+    __name__ = "reward_model"  # the name TRL logs this reward under
+
+    def __init__(self, reward_model, tokenizer, batch_size: int = 32):
+        self.reward_model, self.tokenizer, self.batch_size = reward_model, tokenizer, batch_size
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        conversations = [
+            list(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
+            for prompt, completion in zip(prompts, completions)
+        ]
+        return evaluation.score_conversations(self.reward_model, self.tokenizer, conversations, self.batch_size)
+
+
+def training_name(func) -> str:
+    """The name TRL logs a reward function under (`rewards/<name>/mean`)."""
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def builtin_prompts(examples: list[dict]) -> list[dict]:
+    """Rows {prompt, answer, match, task} from built-in task conversations (the last reply is the answer)."""
+    rows = []
+    for example in examples:
+        prompt, answer = tasks.prompt_and_answer(example)
+        rows.append({"prompt": prompt, "answer": answer, "match": "task", "task": example.get("task", "custom")})
+    return rows
+
+
+def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
+    """Rows {prompt, answer, match, task} from a user's .jsonl/.json/.parquet file (or Hub dataset).
+
+    A row has a `prompt` (text or messages) or `messages` (a conversation; a final assistant turn is
+    dropped, it is not the answer) and, unless a reward model scores the replies, an `answer`."""
+    name, rows = formats._read_rows(source)  # the one reader that names the bad line
+    out = []
+    for label, row in rows:
+        column = next((c for c in PROMPT_COLUMNS if c in row), None)
+        if column is None:
+            fail(f"{name}: {label}: no prompt: give a 'prompt' (text or messages) or a 'messages' column")
+        value = row[column]
+        if isinstance(value, str):
+            if not value.strip():
+                fail(f"{name}: {label}: field '{column}' is empty")
+            prompt = [{"role": "user", "content": value}]
+        elif isinstance(value, list):
+            try:
+                chat_format.validate_messages(value)
+            except UsageError as err:  # add the file and line
+                fail(f"{name}: {label}: field '{column}': {err}")
+            prompt = [{"role": m["role"], "content": m["content"]} for m in value]
+            while prompt and prompt[-1]["role"] == "assistant":
+                prompt.pop()
+            if not prompt or prompt[-1]["role"] != "user":
+                fail(f"{name}: {label}: field '{column}' must end with a user message")
+        else:
+            fail(f"{name}: {label}: field '{column}' must be text or a list of messages, got {type(value).__name__}")
+        answer_column = next((c for c in ANSWER_COLUMNS if c in row and row[c] is not None), None)
+        answer = row[answer_column] if answer_column else None
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            fail(f"{name}: {label}: field '{answer_column}' must be text or a number, got {type(answer).__name__}")
+        if answer is None and need_answers:
+            fail(
+                f"{name}: {label}: no 'answer' column and no --reward_model_path: GRPO needs an answer to check "
+                "each reply against, or a reward model to score it"
+            )
+        out.append(
+            {"prompt": prompt, "answer": None if answer is None else str(answer), "match": match, "task": "custom"}
+        )
+    if not out:
+        fail(f"{name}: no rows")
+    return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at 0% and 100% and for small n, unlike p +- 2se)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def task_intervals(result: dict) -> dict[str, dict]:
+    """Per-task {accuracy, n, low, high} from evaluation.evaluate_tasks' result."""
+    out = {}
+    for task, accuracy in (result.get("per_task") or {}).items():
+        n = result["n_per_task"][task]
+        low, high = wilson_interval(round(accuracy * n), n)
+        out[task] = {"accuracy": accuracy, "n": n, "low": low, "high": high}
+    return out

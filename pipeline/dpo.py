@@ -1,0 +1,283 @@
+"""DPO: the SFT model learns to prefer the chosen reply of each pair over the rejected one, relative to a
+frozen copy of itself, with no reward model and no sampling (TRL DPOTrainer).
+
+    accelerate launch pipeline/dpo.py --config configs/tiny/dpo.yaml --run_name demo
+    python pipeline/dpo.py --preset tiny --run_name demo --dataset builtin ../shared/data/pref/hh-rlhf_helpful-base_test.jsonl.gz
+    python pipeline/dpo.py --preset tiny --run_name demo --dataset runs/demo/feedback.jsonl --beta 0.2
+    python pipeline/dpo.py --preset tiny --run_name demo --use_peft          # LoRA policy; the reference is the adapter switched off
+
+Reads runs/<run_name>/sft (or --model_name_or_path): the policy, and again as the reference model.
+Pairs: the built-in tasks' train pairs, hh-rlhf transcripts, TRL preference files (explicit or implicit
+prompt, text or conversational) and the app's feedback file ({conversation, chosen, rejected}). Writes the
+policy with tokenizer and generation config, metrics.json (implicit-reward accuracy on held-out pairs with
+a 95% interval, held-out task accuracy before/after), eval.json, log_history.json and train.log to
+runs/<run_name>/dpo.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from fluxchat import (
+    arguments,
+    chat_format,
+    evaluation,
+    formats,
+    hub,
+    loading,
+    rewards,
+    runs,
+    stage_data,
+    tasks,
+    training,
+)
+from fluxchat.arguments import PeftArguments, StageArguments
+from fluxchat.config import fail, parse_config, run_cli
+
+warnings.filterwarnings(
+    "ignore", message=".*is_gradient_checkpointing.* is deprecated"
+)  # raised inside TRL's trainers
+
+
+@dataclass
+class DPOArguments(StageArguments):
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "SFT model folder or Hub id: the policy and the frozen reference; default runs/<run_name>/sft."
+        },
+    )
+    eval_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."},
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+class RenderedDPOTrainer(DPOTrainer):
+    """DPOTrainer on pairs already tokenized by `pair_dataset`: TRL would render them with the Jinja template,
+    which turns typed control-token spellings into control tokens and ends each reply with the separator."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+def pair_dataset(tokenizer, pairs: list[dict], max_length: int):
+    """Dataset of `prompt_ids` (the prompt and the assistant header) and `chosen_ids` / `rejected_ids` (each
+    reply through its <|end|>, as chat_format.render_scored cuts it). Over-long prompts lose their oldest
+    turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept)."""
+    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
+    kept = []
+
+    def render(prompt, pair):
+        if pair["chosen"][0]["role"] == "assistant" and pair["rejected"][0]["role"] == "assistant":
+            prompt_ids = chat_format.render_prompt(tokenizer, prompt)
+        else:  # replies that start with another turn: the assistant header belongs to them
+            prompt_ids = chat_format.render_conversation(tokenizer, prompt)[0]
+        chosen, rejected = (
+            chat_format.render_scored(tokenizer, prompt + pair[key])[len(prompt_ids) :]
+            for key in ("chosen", "rejected")
+        )
+        return prompt_ids, chosen, rejected
+
+    for pair in pairs:
+        prompt = list(pair.get("prompt") or [])
+        prompt_ids, chosen, rejected = render(prompt, pair)
+        longest = max(len(chosen), len(rejected))
+        if len(prompt_ids) + longest > max_length:
+            fitted = (
+                chat_format.trim_to_context(tokenizer, prompt, max_length, longest, required=False) if prompt else None
+            )
+            if fitted is None:
+                counts["dropped_too_long"] += 1
+                continue
+            counts["trimmed"] += 1
+            prompt_ids, chosen, rejected = render(fitted, pair)
+        columns["prompt_ids"].append(prompt_ids)
+        columns["chosen_ids"].append(chosen)
+        columns["rejected_ids"].append(rejected)
+        counts["pairs"] += 1
+        kept.append(pair)
+    if not counts["pairs"]:
+        fail(f"no preference pair fits the model's context of {max_length} tokens ({counts})")
+    return Dataset.from_dict(columns), counts, kept
+
+
+def _sequence_logps(model, inputs) -> torch.Tensor:
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    token_logps = torch.gather(logits.log_softmax(-1), 2, inputs["input_ids"][:, 1:, None]).squeeze(2)
+    return (token_logps * inputs["completion_mask"][:, 1:]).sum(1)
+
+
+@torch.no_grad()
+def implicit_rewards(trainer, dataset, pairs: list[dict], batch_size: int = 32) -> dict:
+    """DPO's implicit reward, beta * (log pi(y|x) - log pi_ref(y|x)), of each pair's chosen and rejected reply:
+    accuracy (chosen above rejected) and mean margin, counted pair by pair (TRL's eval metrics average per batch)."""
+    if not pairs:
+        return {}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    was_training = model.training
+    model.eval()
+    device, margins = loading.device_of(model), []
+    for start in range(0, len(dataset), batch_size):
+        inputs = trainer.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        inputs = {key: value.to(device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+        policy = _sequence_logps(model, inputs)
+        if trainer.ref_model is not None:
+            reference = _sequence_logps(trainer.ref_model, inputs)
+        else:  # LoRA: the reference is the model with its adapter switched off
+            with model.disable_adapter():
+                reference = _sequence_logps(model, inputs)
+        chosen, rejected = (trainer.beta * (policy - reference)).chunk(2)
+        margins += (chosen - rejected).tolist()
+    model.train(was_training)
+    wins = [margin > 0 for margin in margins]
+    low, high = rewards.wilson_interval(sum(wins), len(wins))
+    result = {
+        "accuracy": sum(wins) / len(wins),
+        "low": low,
+        "high": high,
+        "margin": sum(margins) / len(margins),
+        "n": len(wins),
+    }
+    if all("task" in pair for pair in pairs):
+        per_task: dict[str, list[bool]] = {}
+        for pair, win in zip(pairs, wins):
+            per_task.setdefault(pair["task"], []).append(win)
+        result["per_task"] = {task: sum(w) / len(w) for task, w in per_task.items()}
+    return result
+
+
+def describe(result: dict) -> str:
+    if not result:
+        return "not evaluated"
+    return f"{result['accuracy']:.1%} [{result['low']:.1%}, {result['high']:.1%}], margin {result['margin']:.2f} (n={result['n']})"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    script_args, peft_args, args, config_file = parse_config("dpo", (DPOArguments, PeftArguments, DPOConfig), argv)
+    run = training.plan_stage(args, "dpo", overwrite=script_args.overwrite, resume=script_args.resume)
+    run_name = training.run_name(args)
+    push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
+
+    sft_path = runs.resolve_input(script_args.model_name_or_path, run_name, "sft")
+    tokenizer = loading.load_chat_tokenizer(sft_path)
+    context = loading.context_length(loading.load_config(sft_path))
+    args.max_length = min(args.max_length or context, context)
+    pairs, n_identical = stage_data.load_preferences(script_args)
+    pairs = stage_data.sample_rows(pairs, script_args.max_train_samples, args.seed)
+    if len(pairs) < 2:
+        fail(
+            f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)"
+        )
+    train_pairs, heldout_pairs = formats.split_heldout(pairs, script_args.eval_fraction, args.seed)
+    train_set, counts, _ = pair_dataset(tokenizer, train_pairs, args.max_length)
+    heldout_set, heldout_counts, heldout_pairs = pair_dataset(tokenizer, heldout_pairs, args.max_length)
+    builtin_pairs = (
+        []
+        if not script_args.eval_examples
+        else tasks.preference_pairs(
+            "eval", n=script_args.eval_examples, corpus_file=script_args.corpus_file, tasks=script_args.tasks
+        )
+    )
+    builtin_set, _, builtin_pairs = (
+        pair_dataset(tokenizer, builtin_pairs, args.max_length) if builtin_pairs else (None, {}, [])
+    )
+    examples = stage_data.task_examples(script_args)
+
+    policy = loading.load_causal_lm(sft_path, tokenizer)  # before writing anything: a broken input leaves no trace
+    # The reference is the SFT model reloaded from its folder: a separate object (TRL refuses the policy itself).
+    reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)
+    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
+    training.logger.info(
+        f"dpo: policy and reference {sft_path} (context {context}), beta {args.beta}, loss {'+'.join(args.loss_type)}; "
+        f"{counts['pairs']} train pairs ({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long, "
+        f"{n_identical} dropped with chosen == rejected), {heldout_counts['pairs']} held out, {len(builtin_pairs)} built-in held-out pairs"
+    )
+    before = {}
+    if script_args.eval_baseline and examples and not run.resume_from:
+        before = {"tasks": evaluation.evaluate_policy(policy, tokenizer, examples, script_args.eval_max_new_tokens)}
+        training.logger.info(f"before dpo: held-out tasks {evaluation.summarize_tasks(before['tasks'])}")
+
+    trainer = RenderedDPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=heldout_set if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
+    )
+    training.use_dense_progress(trainer)
+    start = time.perf_counter()
+    result = training.train(trainer, run.resume_from)
+    seconds = time.perf_counter() - start
+
+    # Before saving: a LoRA policy is merged on save, and its reference is the adapter switched off.
+    preferences = {
+        "builtin": implicit_rewards(trainer, builtin_set, builtin_pairs),
+        "heldout": implicit_rewards(trainer, heldout_set, heldout_pairs),
+    }
+    if len(script_args.dataset) > 1:
+        preferences["heldout_by_source"] = {
+            source: implicit_rewards(trainer, *_subset(heldout_set, heldout_pairs, source))
+            for source in script_args.dataset
+        }
+    policy = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)
+    after = (
+        {"tasks": evaluation.evaluate_policy(policy, tokenizer, examples, script_args.eval_max_new_tokens)}
+        if examples
+        else {}
+    )
+    for report_part in (after, before):
+        if report_part:
+            report_part["intervals"] = rewards.task_intervals(report_part["tasks"])
+    report = {**after, "preferences": preferences, "before": before}
+    metrics = {
+        **training.train_metrics(result, seconds),
+        "reward_accuracy": preferences["builtin"].get("accuracy"),
+        "reward_margin": preferences["builtin"].get("margin"),
+        "heldout_accuracy": preferences["heldout"].get("accuracy"),
+        "task_accuracy": after.get("tasks", {}).get("overall"),
+        "task_accuracy_before": before.get("tasks", {}).get("overall"),
+        "data": {
+            "train": counts,
+            "heldout": heldout_counts,
+            "dropped_identical": n_identical,
+            "sources": script_args.dataset,
+        },
+        "model": sft_path,
+    }
+    training.finish_stage(trainer, run, metrics, report, push_request=push_request)
+    summary = (
+        f"implicit-reward accuracy: built-in held-out pairs {describe(preferences['builtin'])}; held-out given pairs "
+        f"{describe(preferences['heldout'])}; held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}"
+    )
+    training.logger.info(f"after dpo: {summary}")
+    if trainer.is_world_process_zero():
+        print(f"dpo done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    return run.output_dir
+
+
+def _subset(dataset, pairs: list[dict], source: str):
+    keep = [i for i, pair in enumerate(pairs) if pair.get("source") == source]
+    return dataset.select(keep), [pairs[i] for i in keep]
+
+
+if __name__ == "__main__":
+    run_cli(main)

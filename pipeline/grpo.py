@@ -1,0 +1,257 @@
+"""GRPO: the SFT model samples a group of replies per prompt and learns from their rewards relative to each
+other, held near itself by a KL penalty (TRL GRPOTrainer). Rewards are verifiable: the built-in tasks'
+exact checkers, a format reward, optionally a trained reward model, or a user's answers.
+
+    accelerate launch pipeline/grpo.py --config configs/tiny/grpo.yaml --run_name demo
+    python pipeline/grpo.py --preset tiny --run_name demo --tasks arithmetic --num_generations 8 --beta 0.04
+    python pipeline/grpo.py --preset tiny --run_name demo --reward_model_path runs/demo/reward --reward_model_weight 0.5
+    python pipeline/grpo.py --preset tiny --run_name demo --dataset my_prompts.jsonl --answer_match contains
+    python pipeline/grpo.py --preset tiny --run_name demo --use_peft          # LoRA policy; the reference is the adapter switched off
+
+Reads runs/<run_name>/sft (or --model_name_or_path). Prompts are the built-in tasks' train split (their
+held-out items are never trained on) and/or .jsonl/.json/.parquet files with a `prompt` (text or messages)
+or `messages` column and an `answer` column (checked by normalised exact match or containment). Replies
+stop at <|end|> (the chat tokenizer's EOS). Writes the policy as a plain causal LM with tokenizer and
+generation config, metrics.json (held-out task accuracy before/after with 95% intervals, reward, KL),
+eval.json, log_history.json and train.log to runs/<run_name>/grpo.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from fluxchat import arguments, chat_format, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
+from fluxchat.arguments import PeftArguments, StageArguments
+from fluxchat.config import fail, parse_config, run_cli
+
+warnings.filterwarnings(
+    "ignore", message=".*is_gradient_checkpointing.* is deprecated"
+)  # raised inside TRL's trainers
+
+
+@dataclass
+class GRPOArguments(StageArguments):
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "SFT model folder or Hub id to start from (and the KL reference); default runs/<run_name>/sft."
+        },
+    )
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trained reward model (pipeline/reward.py) whose score is added to the rewards; default none."
+        },
+    )
+    answer_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the answer reward (1 when the reply is the expected answer); 0 turns it off."},
+    )
+    format_weight: float = field(
+        default=0.25,
+        metadata={
+            "help": "Weight of the format reward (1 when the reply ends with <|end|> and invents no next turn); 0 turns it off."
+        },
+    )
+    reward_model_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the reward model's score (only with --reward_model_path)."}
+    )
+    answer_match: str = field(
+        default="exact",
+        metadata={
+            "help": "How a prompt file's answers are checked: 'exact' (normalised: case, spaces, outer punctuation ignored) or 'contains'."
+        },
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.answer_match not in ("exact", "contains"):
+            raise ValueError(f"--answer_match {self.answer_match}: choose exact or contains")
+        if min(self.answer_weight, self.format_weight, self.reward_model_weight) < 0:
+            raise ValueError("--answer_weight, --format_weight and --reward_model_weight must be >= 0")
+
+
+@dataclass
+class StageGRPOConfig(GRPOConfig):
+    def __post_init__(self):
+        # TRL says the same, but without naming the flag.
+        if self.num_generations is not None and self.num_generations < 2:
+            raise ValueError(
+                f"--num_generations {self.num_generations}: GRPO compares replies within a group, so it needs at least 2"
+            )
+        super().__post_init__()
+
+
+def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict]:
+    """{prompt, answer, match, task} rows from the --dataset sources, in order."""
+    rows = []
+    for source in script_args.dataset:
+        if source == "builtin":
+            rows += rewards.builtin_prompts(
+                tasks.conversations("train", corpus_file=script_args.corpus_file, tasks=script_args.tasks)
+            )
+        else:
+            rows += rewards.load_prompt_file(source, script_args.answer_match, need_answers=not has_reward_model)
+    return rows
+
+
+def fit_prompts(tokenizer, rows: list[dict], max_prompt_tokens: int) -> tuple[list[dict], dict]:
+    """Rows whose prompt fits `max_prompt_tokens` (oldest turns dropped if needed). GRPOTrainer renders
+    prompts with the Jinja template, which turns a typed `<|user|>` into the control token; our renderer
+    keeps it text, so such prompts are left out rather than trained on in a layout chat never shows."""
+    kept, counts = [], {"prompts": 0, "trimmed": 0, "dropped_too_long": 0, "dropped_control_text": 0}
+    for row in rows:
+        if any(token in message["content"] for message in row["prompt"] for token in chat_format.SPECIAL_TOKENS):
+            counts["dropped_control_text"] += 1
+            continue
+        fitted = chat_format.trim_to_context(tokenizer, row["prompt"], max_prompt_tokens, 0, required=False)
+        if fitted is None:
+            counts["dropped_too_long"] += 1
+            continue
+        counts["trimmed"] += fitted != row["prompt"]
+        kept.append({**row, "prompt": fitted})
+        counts["prompts"] += 1
+    if not kept:
+        fail(f"no prompt fits in {max_prompt_tokens} tokens (context minus --max_completion_length) ({counts})")
+    return kept, counts
+
+
+def main(argv: list[str] | None = None) -> Path:
+    script_args, peft_args, args, config_file = parse_config(
+        "grpo", (GRPOArguments, PeftArguments, StageGRPOConfig), argv
+    )
+    run = training.plan_stage(args, "grpo", overwrite=script_args.overwrite, resume=script_args.resume)
+    run_name = training.run_name(args)
+    push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
+
+    sft_path = runs.resolve_input(script_args.model_name_or_path, run_name, "sft")
+    reward_path = (
+        runs.resolve_input(script_args.reward_model_path, run_name, "reward")
+        if script_args.reward_model_path
+        else None
+    )
+    tokenizer = loading.load_chat_tokenizer(sft_path)
+    if reward_path:
+        loading.check_same_tokenizer(tokenizer, reward_path, "--reward_model_path")
+    context = loading.context_length(loading.load_config(sft_path))
+    if args.max_completion_length >= context - 4:
+        fail(
+            f"--max_completion_length {args.max_completion_length} leaves no room for a prompt in the model's context of {context}"
+        )
+    if args.reward_weights is not None:
+        fail(
+            "--reward_weights: set --answer_weight, --format_weight and --reward_model_weight instead (the stage picks the reward functions)"
+        )
+    if args.use_vllm:
+        fail("--use_vllm: not supported by this stage (it generates with transformers); drop the flag")
+
+    rows = stage_data.sample_rows(
+        prompt_rows(script_args, reward_path is not None), script_args.max_train_samples, args.seed
+    )
+    rows, counts = fit_prompts(tokenizer, rows, context - args.max_completion_length)
+    train_set = Dataset.from_list(rows)
+    examples = stage_data.task_examples(script_args)
+
+    policy = loading.load_causal_lm(sft_path, tokenizer)  # before writing anything: a broken input leaves no trace
+    reward_model = loading.load_score_model(reward_path, tokenizer) if reward_path else None
+    reward_funcs, weights = [], []
+    for func, weight in (
+        (rewards.answer_reward, script_args.answer_weight),
+        (rewards.format_reward_for(tokenizer), script_args.format_weight),
+        (
+            rewards.ScoreReward(reward_model, tokenizer) if reward_model is not None else None,
+            script_args.reward_model_weight,
+        ),
+    ):
+        if func is not None and weight > 0:
+            reward_funcs.append(func)
+            weights.append(weight)
+    if not reward_funcs:
+        fail("every reward has weight 0: give --answer_weight, --format_weight or --reward_model_weight above 0")
+    args.reward_weights = weights
+
+    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
+    names = [rewards.training_name(func) for func in reward_funcs]
+    training.logger.info(
+        f"grpo: policy {sft_path}{f', reward model {reward_path}' if reward_path else ''}; {counts['prompts']} prompts "
+        f"({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long, {counts['dropped_control_text']} with "
+        f"control-token text), groups of {args.num_generations} replies up to {args.max_completion_length} tokens at temperature "
+        f"{args.temperature}, beta {args.beta}, rewards {' + '.join(f'{w:g} x {n}' for w, n in zip(weights, names))}"
+    )
+
+    def measure(model) -> dict:
+        if not examples:
+            return {}
+        out = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
+        out["intervals"] = rewards.task_intervals(out["tasks"])
+        if reward_model is not None:
+            evaluation.on_device(reward_model)
+            out["reward"] = evaluation.mean_reward(
+                model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens
+            )
+        return out
+
+    before = measure(policy) if script_args.eval_baseline and not run.resume_from else {}
+    if before:
+        training.logger.info(f"before grpo: held-out tasks {evaluation.summarize_tasks(before['tasks'])}")
+    if reward_model is not None:
+        evaluation.on_device(reward_model).eval()  # a plain callable to TRL: it does not place it
+    tokenizer.padding_side = "left"  # GRPOTrainer generates from a left-padded batch of prompts
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
+    )
+    training.use_dense_progress(trainer)
+    start = time.perf_counter()
+    result = training.train(trainer, run.resume_from)
+    seconds = time.perf_counter() - start
+    tokenizer.padding_side = "right"
+
+    policy = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)
+    after = measure(policy)
+    logged = [entry for entry in trainer.state.log_history if "reward" in entry]
+    trend = (
+        {
+            key: {"first": logged[0].get(key), "last": logged[-1].get(key)}
+            for key in ("reward", "kl", "completions/mean_length")
+        }
+        if logged
+        else {}
+    )
+    report = {**after, "before": before, "training": trend, "rewards": dict(zip(names, weights))}
+    metrics = {
+        **training.train_metrics(result, seconds),
+        "task_accuracy": after.get("tasks", {}).get("overall"),
+        "task_accuracy_before": before.get("tasks", {}).get("overall"),
+        "mean_reward": after.get("reward", {}).get("mean_reward"),
+        "mean_reward_before": before.get("reward", {}).get("mean_reward"),
+        "train_reward": trend.get("reward", {}).get("last"),
+        "kl": trend.get("kl", {}).get("last"),
+        "data": counts,
+        "models": {"sft": sft_path, "reward": reward_path},
+    }
+    training.finish_stage(trainer, run, metrics, report, push_request=push_request)
+    summary = f"held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}"
+    if before:
+        summary += f" (before: {evaluation.summarize_tasks(before['tasks'])})"
+    training.logger.info(f"after grpo: {summary}")
+    if trainer.is_world_process_zero():
+        print(f"grpo done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    return run.output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

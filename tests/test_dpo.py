@@ -1,0 +1,213 @@
+"""DPO through the real entry point on a tiny SFT model: built-in pairs, a TRL preference file and the app's
+feedback file; implicit-reward accuracy on held-out pairs counted pair by pair; LoRA; bad inputs (one line,
+exit 2, nothing written)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fluxchat import chat_format, loading, tasks
+from pipeline import dpo, sft
+from tests.conftest import SHAKESPEARE, run_main
+
+QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
+DPO_FAST = [
+    "--preset",
+    "tiny",
+    "--max_steps",
+    12,
+    "--per_device_train_batch_size",
+    8,
+    "--max_train_samples",
+    200,
+    "--learning_rate",
+    1e-3,
+    "--warmup_steps",
+    0,
+    "--logging_steps",
+    4,
+    "--eval_steps",
+    6,
+    "--corpus_file",
+    SHAKESPEARE,
+]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo_chain")
+    code, error = run_main(
+        sft.main,
+        [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            tiny_run / "pretrain",
+            "--output_dir",
+            root / "sft",
+            "--max_steps",
+            30,
+            "--max_train_samples",
+            400,
+            "--per_device_train_batch_size",
+            8,
+            "--learning_rate",
+            1e-2,
+            "--eval_examples",
+            0,
+            *QUICK,
+        ],
+    )
+    assert code == 0, error
+    return root / "sft"
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_pairs_are_rendered_like_chat_and_cut_at_the_end_of_turn(sft_model):
+    tokenizer = loading.load_chat_tokenizer(str(sft_model))
+    pair = {
+        "prompt": [{"role": "user", "content": "Type <|user|> please"}],
+        "chosen": [{"role": "assistant", "content": "<|user|>"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
+    dataset, counts, kept = dpo.pair_dataset(tokenizer, [pair], 64)
+    row = dataset[0]
+    end = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
+    assert row["prompt_ids"] == chat_format.render_prompt(tokenizer, pair["prompt"])  # typed control text stays text
+    assert row["chosen_ids"][-1] == end and row["rejected_ids"][-1] == end
+    assert row["prompt_ids"] + row["chosen_ids"] == chat_format.render_scored(
+        tokenizer, pair["prompt"] + pair["chosen"]
+    )
+    assert counts == {"pairs": 1, "trimmed": 0, "dropped_too_long": 0} and kept == [pair]
+
+
+def test_dpo_learns_its_pairs_from_builtin_a_trl_file_and_app_feedback(sft_model, isolated_runs, tmp_path):
+    trl_pairs = [
+        {k: p[k] for k in ("prompt", "chosen", "rejected")}
+        for p in tasks.preference_pairs("train", n=40, corpus_file=SHAKESPEARE)
+    ]
+
+    def choice(conversation, a, b, picked):  # a line as the app's Compare tab writes it (fluxchat/feedback.py)
+        chosen, rejected = (b, a) if picked == "B" else (a, b)
+        return {
+            "conversation": conversation,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "choice": picked,
+            "model_a": "runs/x/sft",
+            "model_b": "runs/x/dpo",
+            "time": "2026-11-30T22:00:00Z",
+        }
+
+    france = [{"role": "user", "content": "What's the capital of France?"}]
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Repeat after me: red"},
+    ]
+    feedback = [
+        choice(france, "Paris Paris Paris", "The capital of France is Paris.", "B"),
+        choice(chat, "red", "blue", "A"),
+        choice(chat, "red", "red.", "tie"),
+    ] * 10  # ties are not pairs: 20 usable lines
+    sources = [
+        "builtin",
+        _write_jsonl(tmp_path / "pairs.jsonl", trl_pairs),
+        _write_jsonl(tmp_path / "feedback.jsonl", feedback),
+    ]
+    argv = [
+        *DPO_FAST,
+        "--run_name",
+        "pref",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset",
+        *sources,
+        "--eval_examples",
+        14,
+    ]
+    code, error = run_main(dpo.main, argv)
+    assert code == 0, error
+
+    stage = isolated_runs / "pref" / "dpo"
+    for name in (
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "metrics.json",
+        "eval.json",
+        "log_history.json",
+        "train.log",
+        "README.md",
+        "stage_complete.json",
+    ):
+        assert (stage / name).is_file(), name
+    metrics = json.loads((stage / "metrics.json").read_text())
+    builtin, heldout = metrics["eval"]["preferences"]["builtin"], metrics["eval"]["preferences"]["heldout"]
+    assert (
+        builtin["n"] == 14
+        and metrics["reward_accuracy"] == builtin["accuracy"]
+        and set(builtin["per_task"]) == set(tasks.TASKS)
+    )
+    assert heldout["n"] == 10  # 5% of 200 sampled pairs
+    assert builtin["low"] <= builtin["accuracy"] <= builtin["high"]
+    assert sum(r.get("n", 0) for r in metrics["eval"]["preferences"]["heldout_by_source"].values()) == 10
+    assert isinstance(metrics["task_accuracy"], float) and isinstance(metrics["task_accuracy_before"], float)
+    history = json.loads((stage / "log_history.json").read_text())
+    evals = [entry for entry in history if "eval_rewards/accuracies" in entry]
+    assert len(evals) == 2 and evals[-1]["eval_loss"] < 0.68  # held-out pairs below the untrained loss, log 2 = 0.693
+    assert "dpo:" in (stage / "train.log").read_text() and "DPO" in (stage / "README.md").read_text()
+
+    model = AutoModelForCausalLM.from_pretrained(stage, use_safetensors=True)
+    reference = AutoModelForCausalLM.from_pretrained(sft_model, use_safetensors=True)
+    assert not torch.equal(
+        model.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+        reference.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(stage)
+    assert tokenizer.eos_token == chat_format.END_OF_TURN
+    assert tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN) in model.generation_config.eos_token_id
+
+
+def test_dpo_with_lora_measures_against_the_adapter_switched_off(sft_model, tmp_path):
+    output = tmp_path / "dpo-lora"
+    argv = [
+        *DPO_FAST,
+        "--max_steps",
+        6,
+        "--model_name_or_path",
+        sft_model,
+        "--output_dir",
+        output,
+        "--eval_examples",
+        7,
+        "--eval_strategy",
+        "no",
+        "--use_peft",
+        "--lora_r",
+        4,
+    ]
+    code, error = run_main(dpo.main, argv)
+    assert code == 0, error
+    metrics = json.loads((output / "metrics.json").read_text())
+    builtin = metrics["eval"]["preferences"]["builtin"]
+    assert 0 < builtin["n"] <= 7 and builtin["margin"] != 0  # a pair too long for the 64-token context is left out
+    assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(sft_model, isolated_runs, tmp_path):
+    same = _write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello."}] * 3)
+    code, error = run_main(
+        dpo.main, [*DPO_FAST, "--run_name", "bad", "--model_name_or_path", sft_model, "--dataset", same]
+    )
+    assert code == 2 and str(same) in error and "chosen == rejected" in error
+    code, error = run_main(dpo.main, ["--preset", "tiny", "--run_name", "nosft"])
+    assert code == 2 and "pipeline/sft.py" in error and "nosft" in error
+    assert not (isolated_runs / "bad").exists() and not (isolated_runs / "nosft" / "dpo").exists()

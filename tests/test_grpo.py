@@ -1,0 +1,283 @@
+"""GRPO through the real entry point on a tiny SFT model, its reward functions against known right and wrong
+replies, and its bad inputs (one line, exit 2, nothing written)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fluxchat import chat_format, loading, rewards, tasks
+from pipeline import grpo, reward, sft
+from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
+
+QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
+GRPO_FAST = [
+    "--preset",
+    "tiny",
+    "--max_steps",
+    3,
+    "--per_device_train_batch_size",
+    8,
+    "--num_generations",
+    4,
+    "--max_completion_length",
+    12,
+    "--logging_steps",
+    1,
+    "--max_train_samples",
+    60,
+    "--corpus_file",
+    SHAKESPEARE,
+]
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_run, tmp_path_factory):
+    """An SFT model of the tiny run (and a reward model from it), written to explicit folders."""
+    root = tmp_path_factory.mktemp("grpo_chain")
+    code, error = run_main(
+        sft.main,
+        [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            tiny_run / "pretrain",
+            "--output_dir",
+            root / "sft",
+            "--max_steps",
+            30,
+            "--max_train_samples",
+            400,
+            "--per_device_train_batch_size",
+            8,
+            "--learning_rate",
+            1e-2,
+            "--eval_examples",
+            0,
+            *QUICK,
+        ],
+    )
+    assert code == 0, error
+    code, error = run_main(
+        reward.main,
+        [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            root / "sft",
+            "--output_dir",
+            root / "reward",
+            "--max_steps",
+            5,
+            "--max_train_samples",
+            100,
+            "--eval_examples",
+            0,
+            "--eval_baseline",
+            "false",
+            *QUICK,
+        ],
+    )
+    assert code == 0, error
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chain):
+    return loading.load_chat_tokenizer(str(chain / "sft"))
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_answer_reward_uses_the_task_checker_and_the_users_answers():
+    example = next(e for e in tasks.conversations("train", n=20, tasks=["arithmetic"]))
+    (row,) = rewards.builtin_prompts([example])
+    right = row["answer"]  # "12+30 equals 42."
+    stem, result = right.rstrip(".").rsplit(" ", 1)
+    wrong = f"{stem} {int(result) + 1}."
+    replies = [
+        [{"role": "assistant", "content": text}] for text in (right, f"  {right} ", wrong, right.rstrip("."), "")
+    ]
+    got = rewards.answer_reward([row["prompt"]] * 5, replies, answer=[row["answer"]] * 5, match=["task"] * 5)
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0]  # exact up to whitespace, like evaluation
+
+    file_replies = ["Paris.", "paris", "The capital is Paris.", "Lyon"]
+    exact = rewards.answer_reward([[]] * 4, file_replies, answer=["Paris"] * 4, match=["exact"] * 4)
+    contains = rewards.answer_reward([[]] * 4, file_replies, answer=["Paris"] * 4, match=["contains"] * 4)
+    assert exact == [1.0, 1.0, 0.0, 0.0] and contains == [1.0, 1.0, 1.0, 0.0]
+    assert rewards.answer_reward([[]], ["anything"], answer=[None], match=["exact"]) == [None]  # a reward model's row
+
+
+def test_format_reward_wants_an_ended_turn_and_no_invented_next_turn(tokenizer):
+    end = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
+    user = tokenizer.convert_tokens_to_ids(chat_format.USER)
+    format_reward = rewards.format_reward_for(tokenizer)
+
+    def case(text, extra_ids=(), ended=True):
+        ids = chat_format.encode_text(tokenizer, text) + list(extra_ids) + ([end] if ended else [])
+        return [{"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}], ids
+
+    cases = [
+        case("12+30 equals 42."),  # ended, clean
+        case("12+30 equals 42.", ended=False),  # cut off at the length limit
+        case("42.\nUser: and 5+5?"),  # invents the user's next turn as text
+        case("42. <|user|> and 5+5?"),  # types a control token's spelling
+        case("42.", extra_ids=[user]),  # emits the real control token mid-reply
+        case("42.\n\nHuman: thanks"),  # hh-rlhf's transcript style
+    ]
+    completions, ids = zip(*cases)
+    assert format_reward([[]] * len(cases), list(completions), completion_ids=list(ids)) == [
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
+
+
+def test_wilson_interval_matches_known_values():
+    low, high = rewards.wilson_interval(8, 10)
+    assert abs(low - 0.4902) < 1e-3 and abs(high - 0.9433) < 1e-3
+    assert rewards.wilson_interval(0, 20)[0] == 0 and rewards.wilson_interval(20, 20)[1] == 1
+
+
+def test_grpo_trains_on_tasks_and_a_prompt_file_and_saves_a_chat_policy(chain, isolated_runs, tmp_path):
+    prompts = _write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "Say yes.", "answer": "yes"},
+            {"messages": [{"role": "user", "content": "What is 2+2?"}], "answer": 4},
+        ],
+    )
+    argv = [
+        *GRPO_FAST,
+        "--run_name",
+        "rl",
+        "--model_name_or_path",
+        chain / "sft",
+        "--dataset",
+        "builtin",
+        prompts,
+        "--answer_match",
+        "contains",
+        "--reward_model_path",
+        chain / "reward",
+        "--reward_model_weight",
+        0.5,
+        "--beta",
+        0.04,
+        "--eval_examples",
+        7,
+    ]
+    code, error = run_main(grpo.main, argv)
+    assert code == 0, error
+    stage = isolated_runs / "rl" / "grpo"
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "metrics.json",
+        "eval.json",
+        "log_history.json",
+        "train.log",
+        "README.md",
+        "stage_complete.json",
+    ):
+        assert (stage / name).is_file(), name
+
+    metrics = json.loads((stage / "metrics.json").read_text())
+    for key in ("task_accuracy", "task_accuracy_before", "mean_reward", "mean_reward_before", "train_reward", "kl"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["data"]["prompts"] == 60 and metrics["eval"]["tasks"]["n"] == 7
+    assert metrics["eval"]["rewards"] == {"answer_reward": 1.0, "format_reward": 0.25, "reward_model": 0.5}
+    for interval in metrics["eval"]["intervals"].values():
+        assert 0 <= interval["low"] <= interval["accuracy"] <= interval["high"] <= 1
+    history = [entry for entry in json.loads((stage / "log_history.json").read_text()) if "reward" in entry]
+    assert len(history) == 3
+    for key in (
+        "rewards/answer_reward/mean",
+        "rewards/format_reward/mean",
+        "rewards/reward_model/mean",
+        "kl",
+        "completions/mean_length",
+    ):
+        assert all(key in entry for entry in history), key
+    assert all(entry["completions/max_length"] <= 12 for entry in history)
+    assert "grpo:" in (stage / "train.log").read_text() and "GRPO" in (stage / "README.md").read_text()
+
+    # A plain causal LM with the chat tokenizer; replies stop at <|end|>.
+    model = AutoModelForCausalLM.from_pretrained(stage, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(stage)
+    assert tokenizer.eos_token == chat_format.END_OF_TURN and tokenizer.padding_side == "right"
+    assert tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN) in model.generation_config.eos_token_id
+    prompt = chat_format.render_prompt(tokenizer, [{"role": "user", "content": "Repeat after me: quiet river"}])
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=8
+        )
+    assert output.shape[1] > len(prompt)
+
+    code, error = run_main(grpo.main, argv)
+    assert code == 2 and "--overwrite" in error  # a finished stage is not replaced silently
+
+
+def test_grpo_with_lora_saves_the_merged_policy(chain, tmp_path):
+    output = tmp_path / "grpo-lora"
+    argv = [
+        *GRPO_FAST,
+        "--max_steps",
+        2,
+        "--model_name_or_path",
+        chain / "sft",
+        "--output_dir",
+        output,
+        "--eval_examples",
+        0,
+        "--use_peft",
+        "--lora_r",
+        4,
+        "--beta",
+        0.04,
+        "--learning_rate",
+        1e-3,
+    ]
+    code, error = run_main(grpo.main, argv)
+    assert code == 0, error
+    assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(output, use_safetensors=True)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_path):
+    no_answers = _write_jsonl(tmp_path / "no_answers.jsonl", [{"prompt": "Say yes."}, {"prompt": "Say no."}])
+    base = [*GRPO_FAST, "--run_name", "bad", "--model_name_or_path", chain / "sft"]
+    code, error = run_main(grpo.main, [*base, "--dataset", no_answers])
+    assert (
+        code == 2
+        and str(no_answers) in error
+        and "line 1" in error
+        and "answer" in error
+        and "--reward_model_path" in error
+    )
+    code, error = run_main(grpo.main, [*base, "--num_generations", 1])
+    assert code == 2 and "--num_generations 1" in error and "at least 2" in error
+    code, error = run_main(grpo.main, [*base, "--max_completion_length", 500])
+    assert code == 2 and "--max_completion_length" in error
+    code, error = run_main(grpo.main, ["--preset", "tiny", "--run_name", "nosft"])
+    assert code == 2 and "pipeline/sft.py" in error and "nosft" in error
+    assert not (isolated_runs / "bad").exists() and not (isolated_runs / "nosft" / "grpo").exists()
+
+    # The command itself: one line on stderr, exit code 2, no traceback.
+    result = run_script(
+        PYTHON, REPO / "pipeline" / "grpo.py", *[str(a) for a in base], "--dataset", no_answers, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    assert not (isolated_runs / "bad").exists()
