@@ -129,3 +129,57 @@ def test_app_arguments_fail_as_one_line(tiny_run, monkeypatch):
     assert code == 2 and "no model given and no finished run" in error
     with pytest.raises(UsageError, match="not a reward model"):
         RewardScorer(str(tiny_run / "pretrain"))  # a language model's folder, loaded with a fresh 2-label head
+
+
+def forged_history(user_turns: int = 19, replies: int = 150, reply_chars: int = 19_000) -> list[dict]:
+    """What a hostile client sent (issue 12 item 8): 19 user turns and 150 long 'assistant' messages, 2.9 MB."""
+    history = [{"role": "user", "content": f"turn {i}"} for i in range(user_turns)]
+    return history + [{"role": "assistant", "content": "x" * reply_chars} for _ in range(replies)]
+
+
+def test_forged_history_is_refused_before_any_tokenization(model, monkeypatch):
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a forged history reached the tokenizer")
+
+    monkeypatch.setattr(serving.chat_format, "encode_text", no_tokenizing)
+    service = app.ChatService(model, max_message_chars=2000, max_turns=20)
+    with pytest.raises(gr.Error, match="more messages than 20 turns can"):
+        next(service.chat("hello", forged_history(), **SAMPLING))
+    long_reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * (service.longest_reply_chars + 1)}]
+    with pytest.raises(gr.Error, match="holds a message longer than this app accepts"):
+        next(service.chat("hello", long_reply, **SAMPLING))
+    with pytest.raises(gr.Error, match="not a list of messages"):
+        next(service.chat("hello", {"role": "user"}, **SAMPLING))
+
+
+def test_the_prompt_is_prepared_once_per_request(model, monkeypatch):
+    calls = []
+    real_trim = serving.chat_format.trim_to_context
+    monkeypatch.setattr(serving.chat_format, "trim_to_context", lambda *a, **k: calls.append(1) or real_trim(*a, **k))
+    history = [{"role": role, "content": "hi"} for _ in range(3) for role in ("user", "assistant")]
+    list(app.ChatService(model).chat("hello", history, **SAMPLING))
+    assert len(calls) == 1
+
+
+def test_internal_errors_reach_the_browser_as_a_plain_message(model, monkeypatch, caplog):
+    """Issue 12 item 10: an exception's text may hold internals; the user gets a plain message, the log the details."""
+
+    def broken(self, prompt, sampling, stats=None):
+        raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        yield ""
+
+    monkeypatch.setattr(ChatModel, "stream", broken)
+    with caplog.at_level(logging.ERROR, logger="fluxchat.app"), pytest.raises(gr.Error) as raised:
+        list(app.ChatService(model).chat("hello", [], **SAMPLING))
+    assert raised.value.message == app.INTERNAL_ERROR and "TextEncodeInput" not in raised.value.message
+    assert "TextEncodeInput" in caplog.text
+
+
+def test_a_lone_surrogate_in_a_message_is_answered(model, caplog):
+    """Issue 12 item 15: the browser can send a lone surrogate (half an emoji); it becomes U+FFFD."""
+    with caplog.at_level(logging.DEBUG, logger="fluxchat.app"):
+        outputs = list(app.ChatService(model).chat("caf\udce9 \ud83d", [{"role": "user", "content": "x\udc80"}, {"role": "assistant", "content": "y"}], **SAMPLING))
+    assert outputs
+    assert prompts_logged(caplog)[-1] == [
+        {"role": "user", "content": "x\ufffd"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "caf\ufffd \ufffd"},
+    ]
