@@ -1,4 +1,5 @@
-"""One command from raw text to a chat model: tokenizer -> pretrain -> SFT -> reward -> PPO -> evaluation.
+"""One command from raw text to a chat model: tokenizer -> pretrain -> SFT -> reward -> PPO -> GRPO -> DPO
+-> evaluation -> stage report.
 
     python pipeline/run_all.py --preset tiny --run_name demo
     python pipeline/run_all.py --preset tiny --run_name demo --train_file my_corpus.txt
@@ -7,11 +8,15 @@
 Each stage runs through the same entry point a user would type (`accelerate launch pipeline/<stage>.py
 --preset P --run_name R`), so accelerate settings apply. Stages that already finished are skipped; an
 interrupted pretrain/SFT continues from its newest checkpoint; so re-running the same command after a
-crash or Ctrl-C picks up where it stopped. Ends with a per-stage summary (runs/R/summary.json).
+crash or Ctrl-C picks up where it stopped. PPO, GRPO and DPO each start from the SFT model, in their own
+folders. Ends with a per-stage summary (runs/R/summary.json) and the stage report: every chat stage on the
+same held-out items (runs/R/report.md, also in the final stage's model card).
 
-Data: the built-in fact tasks (capitals, populations) can only be recalled, so the chain pretrains on the
-corpus *plus* a small facts text rendered by our task generators (`--with_facts false` to skip). Offline
-with no corpus given, it pretrains on the embedded task corpus instead and leaves out the corpus tasks.
+Data: with no --train_file the chain pretrains on tinyshakespeare as shipped in data/ (no network needed).
+The built-in fact tasks (capitals, populations) can only be recalled, so the chain adds a facts text
+rendered by our task generators (`--with_facts false` to skip): every fact in several sentence forms, mixed
+with question-answer dialogues about the training countries only. `--corpus embedded` pretrains on the
+generated task corpus instead (no Shakespeare, so the quote/speaker tasks are left out).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxchat import data, runs, tasks
+from fluxchat import report as stage_reports
 from fluxchat.config import REPO_ROOT, UsageError, fail, on_cpu_only, parse_config, pop_flag, presets, run_cli
 
 SCRIPTS = {
@@ -34,17 +40,22 @@ SCRIPTS = {
     "sft": "pipeline/sft.py",
     "reward": "pipeline/reward.py",
     "ppo": "pipeline/ppo.py",
+    "grpo": "pipeline/grpo.py",
+    "dpo": "pipeline/dpo.py",
 }
-RESUMABLE = ("pretrain", "sft")
+RESUMABLE = ("pretrain", "sft", "grpo", "dpo")
+REPORT = "report"  # after evaluate: every chat stage on the same held-out items (pipeline/evaluate.py --report)
+CORPORA = ("tinyshakespeare", "embedded")
 OFFLINE_TASKS = ("arithmetic", "copy", "upper", "capital", "followup")
 
 
 @dataclass
 class RunAllArguments:
     run_name: str = field(default="demo", metadata={"help": "Everything goes to runs/<run_name>/."})
-    train_file: list[str] | None = field(default=None, metadata={"help": "Pretraining text files/folders; default tinyshakespeare (downloaded once)."})
+    train_file: list[str] | None = field(default=None, metadata={"help": "Pretraining text files/folders; default the shipped tinyshakespeare (data/)."})
+    corpus: str = field(default="tinyshakespeare", metadata={"help": "With no --train_file: 'tinyshakespeare' (shipped in data/) or 'embedded' (the generated task corpus, no quote/speaker tasks)."})
     with_facts: bool = field(default=True, metadata={"help": "Add the built-in facts text to pretraining, so the fact tasks can be learned."})
-    stages: list[str] = field(default_factory=lambda: [*SCRIPTS, "evaluate"], metadata={"help": "Stages to run, in order."})
+    stages: list[str] = field(default_factory=lambda: [*SCRIPTS, "evaluate", REPORT], metadata={"help": "Stages to run, in order."})
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config for the training stages (see configs/accelerate/)."})
     stage_args: list[str] | None = field(default=None, metadata={"help": "Extra flags as 'stage:--flag=value' (e.g. pretrain:--max_steps=100)."})
 
@@ -66,6 +77,12 @@ def launcher(args: RunAllArguments, stage: str) -> list[str]:
 def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], list[str]]:
     """(pretraining files, extra flags for the alignment stages)."""
     task_flags: list[str] = []
+    if args.corpus not in CORPORA:
+        fail(f"--corpus {args.corpus}: choose from {', '.join(CORPORA)}")
+    if args.train_file and args.corpus != CORPORA[0]:
+        fail(f"--corpus {args.corpus} and --train_file both name the pretraining text: give one")
+    if args.corpus == "embedded":
+        return embedded_corpus(data_dir)
     if args.train_file:
         files = [str(f) for f in data.expand_files(args.train_file)]  # check them before any stage runs
         text_files = [f for f in files if f.endswith(".txt")]
@@ -75,18 +92,23 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
             corpus = data.default_corpus()
             files = [str(corpus)]
             task_flags = ["--corpus_file", str(corpus)]
-        except UsageError as err:
+        except UsageError as err:  # a copy of the package without data/, offline
             print(f"note: {err}; pretraining on the embedded task corpus instead", flush=True)
-            path = data_dir / "embedded_corpus.txt"
-            if not path.is_file():
-                runs.atomic_write_text(path, tasks.embedded_corpus())
-            return [str(path)], ["--tasks", *OFFLINE_TASKS]
+            return embedded_corpus(data_dir)
     if args.with_facts:
         path = data_dir / "facts.txt"
         if not path.is_file():
-            runs.atomic_write_text(path, tasks.embedded_corpus(n_conversations=0))
+            runs.atomic_write_text(path, tasks.facts_corpus())
         files.append(str(path))
     return files, task_flags
+
+
+def embedded_corpus(data_dir: Path) -> tuple[list[str], list[str]]:
+    path = data_dir / "embedded_corpus.txt"
+    if not path.is_file():
+        runs.atomic_write_text(path, tasks.embedded_corpus())
+    print(f"note: pretraining on the embedded task corpus ({path}); the quote/speaker tasks are left out", flush=True)
+    return [str(path)], ["--tasks", *OFFLINE_TASKS]
 
 
 def corpus_task_flags(text_file: str | None) -> list[str]:
@@ -113,6 +135,8 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
         if runs.is_finished(run / "reward"):
             cmd += ["--reward_model", str(run / "reward")]
         return cmd + task_flags + extra
+    if stage == REPORT:
+        return [sys.executable, "pipeline/evaluate.py", str(runs.run_dir(args.run_name)), "--report"] + task_flags + extra
     cmd = launcher(args, stage) + [SCRIPTS[stage], "--preset", args.preset, "--run_name", args.run_name]
     if stage in ("tokenizer", "pretrain"):
         cmd += ["--train_file", *corpus_files]
@@ -128,6 +152,8 @@ def key_metric(stage: str, folder: Path) -> str:
     path = folder / (runs.TOKENIZER_STATS_FILE if stage == "tokenizer" else runs.METRICS_FILE)
     if stage == "evaluate":
         path = folder / runs.EVALUATION_FILE
+    if stage == REPORT:
+        path = folder / stage_reports.REPORT_JSON
     if not path.is_file():
         return ""
     m = json.loads(path.read_text())
@@ -138,10 +164,23 @@ def key_metric(stage: str, folder: Path) -> str:
         "reward": [("pair accuracy", "reward_accuracy"), ("pair accuracy", "eval_accuracy")],
         "ppo": [("mean reward", "mean_reward"), ("task accuracy", "task_accuracy")],
         "evaluate": [("task accuracy", "overall")],
-    }[stage]
+        "grpo": [("task accuracy", "task_accuracy"), ("mean reward", "mean_reward")],
+        "dpo": [("task accuracy", "task_accuracy"), ("pair accuracy", "eval_rewards/accuracies")],
+    }.get(stage, [])
+    if stage == REPORT:
+        return ", ".join(f"{s} {100 * r['overall']:.1f}%" for s, r in m.get("results", {}).items())
     flat = _flatten(m)
     found = [f"{label} {flat[key]:.3f}" for label, key in picks if isinstance(flat.get(key), (int, float))]
     return ", ".join(dict.fromkeys(found))
+
+
+def report_is_current(run: Path) -> bool:
+    """report.json exists and covers exactly the chat stages finished now (a stage added later re-runs it)."""
+    try:
+        report = json.loads((run / stage_reports.REPORT_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("stages") == stage_reports.report_stages(run)
 
 
 def _flatten(d: dict) -> dict:
@@ -161,22 +200,27 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"unknown preset '{preset}': choose from {', '.join(presets())}")
     args, _ = parse_config("run_all", (RunAllArguments,), argv)
     args.preset = preset
-    unknown = [s for s in args.stages if s not in (*SCRIPTS, "evaluate")]
+    unknown = [s for s in args.stages if s not in (*SCRIPTS, "evaluate", REPORT)]
     if unknown:
-        fail(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate'])}")
+        fail(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate', REPORT])}")
     extra: dict[str, list[str]] = {}
     for item in args.stage_args or []:
         stage, _, flag = item.partition(":")
-        if stage not in (*SCRIPTS, "evaluate") or not flag.startswith("--"):
-            fail(f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(SCRIPTS)}, evaluate")
+        if stage not in (*SCRIPTS, "evaluate", REPORT) or not flag.startswith("--"):
+            fail(f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(SCRIPTS)}, evaluate, {REPORT}")
         extra.setdefault(stage, []).append(flag)
 
     run = runs.run_dir(args.run_name)
     corpus_files, task_flags = prepare_corpus(args, run / runs.DATA_DIR)
     summary = []
     for stage in args.stages:
-        folder = run if stage == "evaluate" else runs.stage_dir(args.run_name, stage)
-        done = (run / runs.EVALUATION_FILE).is_file() if stage == "evaluate" else runs.is_finished(folder)
+        folder = run if stage in ("evaluate", REPORT) else runs.stage_dir(args.run_name, stage)
+        if stage == "evaluate":
+            done = (run / runs.EVALUATION_FILE).is_file()
+        elif stage == REPORT:
+            done = report_is_current(run)
+        else:
+            done = runs.is_finished(folder)
         if done:
             print(f"== {stage}: already finished, skipped", flush=True)
             summary.append({"stage": stage, "status": "skipped", "seconds": None, "metric": key_metric(stage, folder)})
@@ -197,6 +241,8 @@ def main(argv: list[str] | None = None) -> Path:
         wall = f"{s['seconds']:.0f}s" if s["seconds"] is not None else "-"
         print(f"{s['stage']:<10} {s['status']:<8} {wall:>8}  {s['metric']}")
     print(f"{'total':<10} {'':<8} {total:>7.0f}s\n")
+    if REPORT in args.stages and (run / stage_reports.REPORT_MD).is_file():
+        print(f"stage report ({run / stage_reports.REPORT_MD}):\n{(run / stage_reports.REPORT_MD).read_text()}")
     print(f"chat:  python pipeline/chat.py {run}")
     print(f"app:   python app.py --model {run}")
     return run

@@ -18,7 +18,10 @@ SHRINK = [
     "sft:--max_steps=15", "sft:--eval_examples=10", "sft:--max_train_samples=300", "sft:--eval_baseline=false",
     "reward:--max_steps=8", "reward:--max_train_samples=100", "reward:--eval_examples=10",
     "ppo:--total_episodes=32", "ppo:--eval_examples=5", "ppo:--probe_prompts=4",
-    "evaluate:--n_per_task=2",
+    "grpo:--max_steps=2", "grpo:--per_device_train_batch_size=8", "grpo:--num_generations=4",
+    "grpo:--max_completion_length=12", "grpo:--max_train_samples=40", "grpo:--eval_examples=0",
+    "dpo:--max_steps=4", "dpo:--per_device_train_batch_size=8", "dpo:--max_train_samples=100", "dpo:--eval_examples=0",
+    "evaluate:--n_per_task=2", "report:--n_per_task=2", "report:--max_new_tokens=8",
 ]
 
 
@@ -27,7 +30,7 @@ def _command(run_name):
 
 
 def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
-    # Offline, no --train_file, empty cache: the chain must fall back to the embedded task corpus.
+    # Offline, no --train_file, empty cache: the chain pretrains on the shipped tinyshakespeare + the facts text.
     proc = subprocess.Popen(_command("chain"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env=os.environ.copy())
     pretrain_dir = runs.stage_dir("chain", "pretrain")
@@ -36,7 +39,8 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and the stage it launched
     first_output = proc.communicate()[0]
-    assert "embedded task corpus" in first_output
+    pretrain_line = first_output.split("== pretrain:")[1].splitlines()[0]
+    assert "data/tinyshakespeare.txt" in pretrain_line and "facts.txt" in pretrain_line
     assert runs.is_finished(runs.stage_dir("chain", "tokenizer"))
     assert not runs.is_finished(pretrain_dir) and runs.latest_checkpoint(pretrain_dir) is not None
 
@@ -46,8 +50,8 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
     assert "== tokenizer: already finished, skipped" in out
     assert "pipeline/pretrain.py" in out and "--resume" in out.split("== pretrain:")[1].splitlines()[0]
     summary = json.loads((runs.run_dir("chain") / "summary.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["tokenizer", "pretrain", "sft", "reward", "ppo", "evaluate"]
-    assert [s["status"] for s in summary["stages"]] == ["skipped", "ran", "ran", "ran", "ran", "ran"]
+    assert [s["stage"] for s in summary["stages"]] == ["tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo", "evaluate", "report"]
+    assert [s["status"] for s in summary["stages"]] == ["skipped"] + ["ran"] * 8
     for stage in runs.STAGES:
         assert runs.is_finished(runs.stage_dir("chain", stage)), stage
         assert (runs.stage_dir("chain", stage) / "README.md").is_file(), stage  # model card per stage
@@ -56,8 +60,15 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
     pretrain_metrics = json.loads((pretrain_dir / "metrics.json").read_text())
     assert pretrain_metrics["global_step"] == 40  # the resumed run finished the same schedule
     evaluation = json.loads((runs.run_dir("chain") / "evaluation.json").read_text())
-    assert "quote" not in json.dumps(evaluation.get("tasks", evaluation))  # offline: corpus tasks left out
+    assert "quote" in evaluation["tasks"]["per_task"]  # offline, the shipped Shakespeare gives the corpus tasks
     assert "python pipeline/chat.py" in out
+    # The stage report: every chat stage on the same held-out items, printed, saved, in the final stage's card.
+    report = json.loads((runs.run_dir("chain") / "report.json").read_text())
+    assert report["stages"] == ["pretrain", "sft", "ppo", "grpo", "dpo"] and report["final_stage"] == "dpo"
+    assert all(report["results"][s]["per_task"]["capital"]["n"] == 2 for s in report["stages"])
+    markdown = (runs.run_dir("chain") / "report.md").read_text()
+    assert "| task | n | pretrain | sft | ppo | grpo | dpo |" in markdown and markdown in out
+    assert "Stage report" in (runs.stage_dir("chain", "dpo") / "README.md").read_text()
 
     # The final model is a plain causal LM with the chat template that answers a prompt.
     ppo = runs.stage_dir("chain", "ppo")
@@ -71,4 +82,22 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
 
     # Running it again does nothing but report.
     again = run_script(*_command("chain"))
-    assert again.returncode == 0 and again.stdout.count("already finished, skipped") == 6
+    assert again.returncode == 0 and again.stdout.count("already finished, skipped") == 9
+
+
+def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
+    from pipeline import run_all
+    from tests.conftest import run_main
+
+    data_dir = tmp_path / "data"
+    args = run_all.RunAllArguments(corpus="embedded")
+    files, flags = run_all.prepare_corpus(args, data_dir)
+    assert files == [str(data_dir / "embedded_corpus.txt")] and flags == ["--tasks", *run_all.OFFLINE_TASKS]
+    assert "User: What is" in (data_dir / "embedded_corpus.txt").read_text()
+    files, flags = run_all.prepare_corpus(run_all.RunAllArguments(), tmp_path / "default")
+    assert files[0].endswith("data/tinyshakespeare.txt") and files[1].endswith("facts.txt") and flags[0] == "--corpus_file"
+    code, error = run_main(run_all.main, ["--corpus", "wikipedia"])
+    assert code == 2 and "--corpus wikipedia" in error
+    code, error = run_main(run_all.main, ["--corpus", "embedded", "--train_file", tmp_path / "x.txt"])
+    assert code == 2 and "give one" in error
+    assert not (isolated_runs / "demo").exists()  # nothing written before the error
