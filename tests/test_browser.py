@@ -19,6 +19,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench.common import APP_PROMPT_MARKER, log_lines, logged_prompts, running_app
@@ -159,3 +160,18 @@ def test_eight_concurrent_clients_keep_their_own_conversations(server):
     sessions = {p["session"] for p in prompts if p["messages"][0]["content"].split()[0] in names}
     assert len(sessions) == len(names), "one Gradio session per client"
     assert most_replies_at_once(log_path, since=earlier) >= 2, "users are served at the same time, not one by one"
+
+
+def post_upload(url: str, name: str, data: bytes) -> tuple[int, str]:
+    """POST a file to Gradio's upload route as any anonymous client can: (status, body)."""
+    response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": (name, data)}, timeout=60)
+    return response.status_code, response.text
+
+
+def test_uploads_are_refused_the_app_takes_no_files(server):
+    """Issue 12 item 9: 5 MB and an HTML page were stored and served back; now any upload with content is refused."""
+    url, _ = server
+    status, body = post_upload(url, "big.bin", b"\0" * (5 << 20))
+    assert status == 413 and "maximum allowed size" in body
+    status, body = post_upload(url, "page.html", b"<html><script>alert(1)</script></html>")
+    assert status == 413, body
