@@ -240,3 +240,25 @@ def test_bad_arguments_are_usage_errors(tmp_path):
         tasks.conversations(tasks=("speaker",), corpus_file=prose)
     # Corpus-free tasks never touch the corpus (offline, nothing cached in tests).
     assert len(tasks.conversations(n=10, tasks=tasks.CORPUS_FREE_TASKS)) == 10
+
+
+def test_tiny_preset_context_holds_a_five_turn_conversation(isolated_runs):
+    """Issue 14: the chat keeps 5 exchanges of the built-in tasks in the tiny preset's context, untrimmed."""
+    import random
+
+    import yaml
+    from conftest import train_tiny_tokenizer
+
+    from fluxchat import chat_format, loading
+    from fluxchat.config import CONFIGS_DIR
+
+    tokenizer = loading.load_tokenizer(str(train_tiny_tokenizer("ctx")))
+    context = yaml.safe_load((CONFIGS_DIR / "tiny" / "pretrain.yaml").read_text())["block_size"]
+    pool = tasks.conversations("eval", n=350, corpus_file=SHAKESPEARE)
+    rng = random.Random(0)
+    lengths = []
+    for _ in range(100):
+        messages = [m for example in rng.sample(pool, 5) for m in example["messages"][:2]]
+        lengths.append(len(chat_format.render_prompt(tokenizer, messages)))
+    assert max(lengths) <= context, (max(lengths), context)
+    assert sorted(lengths)[50] > 128  # the old 128-token context could not hold them
