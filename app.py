@@ -9,8 +9,9 @@
 
 Without --model (and FLUXCHAT_MODEL) it serves the newest finished run under runs/. Everything a public
 demo needs is enforced here on the server, whatever a client sends: message length, turns per
-conversation, sampling values (clamped), a queue that serves several users at once, safetensors-only
-loading without remote code. `--log_level debug` logs every prompt the model sees (as JSON), which is
+conversation, the history the client sends (message count and length, checked before anything is
+tokenized), sampling values (clamped), no uploads, internal errors kept out of the browser, a queue that
+serves several users at once, safetensors-only loading without remote code. `--log_level debug` logs every prompt the model sees (as JSON), which is
 how the tests check that the browser's history reaches the model and that sessions never mix.
 """
 
