@@ -10,7 +10,7 @@ class StageArguments:
     """Fields every alignment stage has."""
 
     dataset: list[str] = field(default_factory=lambda: ["builtin"], metadata={"help": "Data sources to mix: 'builtin' (generated tasks), local .jsonl/.json/.parquet files, or Hub dataset ids."})
-    corpus_file: str | None = field(default=None, metadata={"help": "Text corpus the built-in quote/speaker tasks draw lines from; default tinyshakespeare (cached download)."})
+    corpus_file: str | None = field(default=None, metadata={"help": "Text corpus the built-in quote/speaker tasks draw lines from; default the shipped tinyshakespeare (data/)."})
     tasks: list[str] | None = field(default=None, metadata={"help": "Built-in tasks to train and evaluate on; default all (quote speaker arithmetic copy upper capital followup)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (a seeded sample); default all."})
     eval_examples: int = field(default=140, metadata={"help": "Held-out built-in examples scored at the end of the stage (balanced across tasks)."})

@@ -35,7 +35,7 @@ class EvaluateArguments:
     max_pairs: int = field(default=1000, metadata={"help": "Score at most this many pairs per --pairs_file (the first ones after splitting)."})
     n_per_task: int = field(default=50, metadata={"help": "Held-out examples per built-in task (capital/followup have fewer distinct items)."})
     tasks: list[str] | None = field(default=None, metadata={"help": f"Built-in tasks to evaluate; default all: {' '.join(tasks.TASKS)}."})
-    corpus_file: str | None = field(default=None, metadata={"help": "Corpus for the quote/speaker tasks; default tinyshakespeare (cached download). Without either, those tasks are skipped."})
+    corpus_file: str | None = field(default=None, metadata={"help": "Corpus for the quote/speaker tasks; default the shipped tinyshakespeare (data/). Without it, those tasks are skipped."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest reply generated per prompt."})
     batch_size: int = field(default=32, metadata={"help": "Prompts generated (or pairs scored) together."})
     seed: int = field(default=0, metadata={"help": "Seed of the held-out examples and of --pairs_heldout_fraction's split."})
@@ -58,7 +58,7 @@ def _examples(args) -> list[dict]:
         try:
             tasks.resolve_corpus(None)
         except UsageError:
-            print(f"note: skipping {', '.join(corpus_tasks)}: tinyshakespeare is neither cached nor downloadable; pass --corpus_file PATH to include them", file=sys.stderr)
+            print(f"note: skipping {', '.join(corpus_tasks)}: tinyshakespeare is neither shipped (data/) nor cached nor downloadable; pass --corpus_file PATH to include them", file=sys.stderr)
             chosen = tuple(t for t in chosen if t not in tasks.CORPUS_TASKS)
             if not chosen:
                 fail("no task left to evaluate: pass --corpus_file for the quote/speaker tasks")

@@ -45,7 +45,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: list[str] | None = field(default=None, metadata={"help": "Text files/folders (.txt/.jsonl/.parquet); default tinyshakespeare (downloaded once)."})
+    train_file: list[str] | None = field(default=None, metadata={"help": "Text files/folders (.txt/.jsonl/.parquet); default the shipped tinyshakespeare (data/)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (or local dataset folder) instead of files."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration (e.g. wikitext-103-raw-v1)."})
     dataset_split: str = field(default="train", metadata={"help": "The Hub dataset's split to read."})
