@@ -41,9 +41,8 @@ from fluxchat import (
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
 
-warnings.filterwarnings(
-    "ignore", message=".*is_gradient_checkpointing.* is deprecated"
-)  # raised inside TRL's trainers
+# Raised inside TRL's trainers on every step; nothing we can change.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
 
 
 @dataclass

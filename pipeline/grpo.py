@@ -3,7 +3,7 @@ other, held near itself by a KL penalty (TRL GRPOTrainer). Rewards are verifiabl
 exact checkers, a format reward, optionally a trained reward model, or a user's answers.
 
     accelerate launch pipeline/grpo.py --config configs/tiny/grpo.yaml --run_name demo
-    python pipeline/grpo.py --preset tiny --run_name demo --tasks arithmetic --num_generations 8 --beta 0.04
+    python pipeline/grpo.py --preset tiny --run_name demo --train_tasks arithmetic --num_generations 8 --beta 0.04
     python pipeline/grpo.py --preset tiny --run_name demo --reward_model_path runs/demo/reward --reward_model_weight 0.5
     python pipeline/grpo.py --preset tiny --run_name demo --dataset my_prompts.jsonl --answer_match contains
     python pipeline/grpo.py --preset tiny --run_name demo --use_peft          # LoRA policy; the reference is the adapter switched off
@@ -30,9 +30,8 @@ from fluxchat import arguments, chat_format, evaluation, hub, loading, rewards, 
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
 
-warnings.filterwarnings(
-    "ignore", message=".*is_gradient_checkpointing.* is deprecated"
-)  # raised inside TRL's trainers
+# Raised inside TRL's trainers on every step; nothing we can change.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
 
 
 @dataclass
@@ -47,6 +46,12 @@ class GRPOArguments(StageArguments):
         default=None,
         metadata={
             "help": "A trained reward model (pipeline/reward.py) whose score is added to the rewards; default none."
+        },
+    )
+    train_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Built-in tasks whose train prompts are sampled (e.g. arithmetic, where sampling finds right answers); default --tasks. Evaluation stays on --tasks."
         },
     )
     answer_weight: float = field(
@@ -97,7 +102,9 @@ def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict
     for source in script_args.dataset:
         if source == "builtin":
             rows += rewards.builtin_prompts(
-                tasks.conversations("train", corpus_file=script_args.corpus_file, tasks=script_args.tasks)
+                tasks.conversations(
+                    "train", corpus_file=script_args.corpus_file, tasks=script_args.train_tasks or script_args.tasks
+                )
             )
         else:
             rows += rewards.load_prompt_file(source, script_args.answer_match, need_answers=not has_reward_model)
