@@ -13,6 +13,7 @@ import pytest
 from conftest import PYTHON, REPO, run_main, run_script
 
 from fluxchat import hub, runs
+from fluxchat.config import UsageError
 from pipeline import push
 from tests.hub_server import LocalHub, split_front_matter
 
@@ -144,7 +145,7 @@ def test_offline_missing_stage_and_bad_names_fail_in_one_line(tiny_run, tmp_path
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / "out"), push_to_hub=True)
-    with pytest.raises(push.UsageError, match="--hub_model_id"):
+    with pytest.raises(UsageError, match="--hub_model_id"):
         hub.take_over_push(args)
 
 

@@ -225,7 +225,7 @@ def pretrain_overwrite_command(inputs, out: Path, steps: int) -> list[str]:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_kill_9_during_an_overwrite_leaves_the_finished_stage_as_it_was(inputs, tmp_path, seed):
-    out = tmp_path / "pretrain"
+    out = tmp_path / "work" / "pretrain"  # a folder of its own: the token cache lives in tmp_path too
     shutil.copytree(inputs.shared / "pretrain", out)
     before = fingerprint(out)
     command = [str(a) for a in pretrain_overwrite_command(inputs, out, 15)]
@@ -243,7 +243,7 @@ def test_kill_9_during_an_overwrite_leaves_the_finished_stage_as_it_was(inputs, 
     result = run_script(*command, timeout=600)  # the same command again: leftovers cleared, then the swap
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / runs.FINISHED_MARKER).read_text())["global_step"] == 15
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pretrain"]
 
 
 def finished(folder: Path, step: int) -> Path:
@@ -322,9 +322,9 @@ def test_pretrain_prepares_its_folder_on_the_main_process_only(inputs, tmp_path,
     process that is not the main one start_stage deletes and creates nothing."""
     from pipeline import pretrain
 
-    out = tmp_path / "out"
+    out = tmp_path / "work" / "out"  # a folder of its own: the token cache lives in tmp_path too
     shutil.copytree(inputs.shared / "pretrain", out)
-    before = fingerprint(tmp_path)
+    before = fingerprint(out.parent)
 
     class OtherRank:
         is_main_process = False
@@ -346,7 +346,7 @@ def test_pretrain_prepares_its_folder_on_the_main_process_only(inputs, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         pretrain.main([str(a) for a in pre(inputs, None, "--output_dir", out, "--overwrite", "--max_steps", 2, *TINY_MODEL_FLAGS)])
     assert started and started[0].output_dir == out
-    assert fingerprint(tmp_path) == before, "a non-main process wrote or deleted files"
+    assert fingerprint(out.parent) == before, "a non-main process wrote or deleted files"
 
 
 @pytest.fixture
