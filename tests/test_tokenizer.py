@@ -147,12 +147,10 @@ def test_finished_output_is_kept_unless_overwrite(tmp_path, corpus):
 @pytest.mark.parametrize("kind", ["bpe", "char", "word"])
 def test_pretraining_text_encoded_in_pieces_gives_the_ids_of_the_whole(tokenizers_by_type, corpus, kind, monkeypatch):
     """pretraining.tokenize_documents cuts long documents after lone newlines to save memory: it must not change one id."""
-    from fluxchat import pretraining
-
     tok = AutoTokenizer.from_pretrained(tokenizers_by_type[kind])
     text = corpus.read_text(encoding="utf-8")[:20_000] + "\n\n\nA\n \nB\r\nC\n" + TRICKY + "\nend."
     whole = chat_format.encode_text(tok, text) + [tok.convert_tokens_to_ids(chat_format.END_OF_TEXT)]
-    monkeypatch.setattr(lm, "PIECE_CHARS", 100)  # hundreds of pieces
+    monkeypatch.setattr(pretraining, "PIECE_CHARS", 100)  # hundreds of pieces
     assert pretraining._splits_after_newline(tok)
     assert list(pretraining._pieces(text))[1:] and "".join(pretraining._pieces(text)) == text
     assert pretraining.tokenize_documents(tok, [text]).tolist() == whole
