@@ -45,7 +45,7 @@ class LocalHub:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> LocalHub:
         hub = self
 
         class Handler(HubHandler):

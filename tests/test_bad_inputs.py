@@ -23,11 +23,11 @@ import importlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 from conftest import PYTHON, SHAKESPEARE, run_main, run_script
