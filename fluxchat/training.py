@@ -252,6 +252,40 @@ def finite_or_none(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def is_sharded(trainer) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3): then no process can
+    save the model from its own copy, and the full weights must be gathered first."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) and plugin is not None and plugin.zero_stage == 3)
+
+
+def full_state_dict(trainer, model) -> dict | None:
+    """`model`'s full weights on the main process (None elsewhere), gathered by accelerate's get_state_dict from
+    the module the trainer wrapped (e.g. PPO's policy+value wrapper), as the Trainer's own sharded save does.
+    Call it on every process: under FSDP / ZeRO-3 the gather is collective."""
+    wrapped = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+    state = trainer.accelerator.get_state_dict(wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    unwrapped = trainer.accelerator.unwrap_model(wrapped)
+    prefix = next((f"{name}." if name else "" for name, module in unwrapped.named_modules() if module is model), None)
+    if prefix is None:  # not part of the trained module (e.g. a merged copy): its own weights are whole
+        return None
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def merged_copy(peft_model, state: dict):
+    """A CPU copy of a LoRA model built from gathered full weights, with the adapter merged in."""
+    import peft  # only LoRA stages need it
+
+    base = peft_model.get_base_model()
+    copy = peft.get_peft_model(type(base)._from_config(base.config), peft_model.peft_config["default"])
+    copy.load_state_dict(state)
+    return copy.merge_and_unload()
+
+
 def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool, direct: bool = False):
     """Save `model` (+ tokenizer with chat template + generation config) so AutoModel... loads it.
 
@@ -260,14 +294,20 @@ def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool,
     through trainer.save_model (PPO: its save_model cannot find the policy inside a DDP wrapper).
     Returns the model to evaluate."""
     is_peft = hasattr(model, "merge_and_unload")
-    if is_peft and merge_adapter:
+    sharded = is_sharded(trainer)
+    if is_peft and merge_adapter and not sharded:  # sharded: merged after gathering (a shard cannot be merged)
         model = model.merge_and_unload()
     if getattr(model, "can_generate", lambda: False)():  # PPOTrainer leaves its own stop settings in it
         model.generation_config = generation.generation_config(tokenizer)
     def save(folder: Path) -> None:
         if direct or (is_peft and merge_adapter):
+            # Every process takes part in the gather (FSDP / ZeRO-3: each holds a shard); the main one writes.
+            state = full_state_dict(trainer, model)
             if trainer.is_world_process_zero():
-                model.save_pretrained(folder)
+                if sharded and is_peft and merge_adapter:
+                    merged_copy(model, state).save_pretrained(folder)
+                else:
+                    model.save_pretrained(folder, state_dict=state)
                 tokenizer.save_pretrained(folder)
         else:
             trainer.save_model(str(folder))  # on every process: sharded (DeepSpeed/FSDP) saves gather across them
