@@ -1,28 +1,34 @@
-"""Pretraining tokens/s and MFU: pipeline/pretrain.py (transformers' Trainer) against a plain PyTorch loop.
+"""Pretraining tokens/s and MFU: pipeline/pretrain.py (transformers' GPT-2 + Trainer) against a plain PyTorch GPT.
 
     python bench/pretrain_throughput.py                      # tiny preset + nanoGPT's CPU shape, 5 rounds each
     python bench/pretrain_throughput.py --shapes tiny --rounds 5 --steps 100
     python bench/pretrain_throughput.py --smoke              # seconds; checks it runs
 
-Both sides train the same GPT2LMHeadModel (pipeline.pretraining.build_model) on the same tokens (tinyshakespeare's
-first 90%), batch, context, torch threads, AdamW settings and warm-up + cosine schedule, and are run
-alternately (pipeline, plain, pipeline, plain, ...) so both see the same machine load. The pipeline
-side is the real `pretrain.main()`; only steps after `--warmup` are timed, evaluation is off while timed.
-The plain loop is nanoGPT's: random windows, forward, backward, clip, AdamW (torch's CPU default), step.
+The yardstick is bench/plain_gpt.py: nanoGPT's architecture written in plain PyTorch (pre-LN blocks, fused
+causal SDPA, tied embeddings, fused AdamW) trained by nanoGPT's loop, so the ratio measures everything the
+pipeline adds or loses: transformers' GPT-2 forward/backward and loss, the Trainer's per-step work, the
+data path (memory-mapped token shards). Both sides use the same tokens (tinyshakespeare's first 90%),
+batch, context, torch threads, AdamW settings and warm-up + cosine schedule. Three sides per round, in
+rotating order so a drift in machine load favours none: the real `pretrain.main()` in this process, the
+plain GPT, and `accelerate launch pipeline/pretrain.py` in a subprocess (the README's command; its
+tokens/s from the run's own per-window log, after warm-up). Only steps after `--warmup` are timed;
+evaluation is off. Ratios are per round (pipeline / plain of the same round), then the median.
 MFU uses nanoGPT's estimate (6N + 12*L*d*T FLOPs per token) against the best fp32 matmul FLOP/s measured here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import common
+import plain_gpt
 
 from fluxchat import pretraining
 
@@ -58,38 +64,35 @@ def pipeline_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: i
     return timer.step_ends
 
 
-def plain_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int) -> tuple[list[float], object]:
-    import torch
-    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+def plain_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int) -> tuple[list[float], int]:
+    from transformers import AutoTokenizer
 
     from fluxchat.data import load_text
 
-    torch.manual_seed(settings.get("seed", 1337))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     train_docs, _ = load_text([str(text)], None, "text", 0.1)
     tokens = pretraining.tokenize_documents(tokenizer, train_docs)
-    model_args = SimpleNamespace(model_name_or_path=None, pad_vocab_to_multiple_of=0, attn_implementation="sdpa",
-                                 **{k: settings[k] for k in ("n_layer", "n_embd", "n_head", "block_size", "dropout")})
-    model = pretraining.build_model(model_args, tokenizer)
-    block, batch = settings["block_size"], settings["per_device_train_batch_size"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases and LayerNorms, as the Trainer
-    optimizer = torch.optim.AdamW(groups, lr=settings["learning_rate"], betas=(0.9, settings["adam_beta2"]), eps=1e-8)
-    schedule = get_cosine_schedule_with_warmup(optimizer, settings["warmup_steps"], total_steps)
-    model.train()
-    step_ends = []
-    for _ in range(total_steps):
-        offsets = torch.randint(len(tokens) - block, (batch,))
-        x = torch.stack([tokens[i : i + block] for i in offsets])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_ends.append(time.perf_counter())
-    return step_ends, model
+    return plain_gpt.train(tokens, settings, len(tokenizer), total_steps, seed=settings.get("seed", 1337)), len(tokenizer)
+
+
+def accelerate_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, warmup: int) -> float:
+    """`accelerate launch pipeline/pretrain.py ...` as a user types it (no --num_cpu_threads_per_process):
+    the median of its logged tokens/s windows after the warm-up steps."""
+    flags = [f"--{k}={settings[k]}" for k in ("n_layer", "n_embd", "n_head", "block_size", "per_device_train_batch_size",
+                                              "learning_rate", "warmup_steps", "adam_beta2", "weight_decay", "dropout")]
+    logging_steps = max(1, (total_steps - warmup) // 5)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "pipeline/pretrain.py", "--preset", "tiny",
+           "--train_file", str(text), "--tokenizer_name_or_path", str(tokenizer_dir), "--output_dir", str(out), "--overwrite",
+           "--max_steps", str(total_steps), "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", str(logging_steps),
+           "--sample_prompts", "ROMEO:", "--sample_max_new_tokens", "8", *flags]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"accelerate launch failed:\n{result.stderr[-3000:]}")
+    history = json.loads((out / "log_history.json").read_text())
+    windows = [h["tokens_per_second"] for h in history if "tokens_per_second" in h and h["step"] - logging_steps >= warmup]
+    return statistics.median(windows or [h["tokens_per_second"] for h in history if "tokens_per_second" in h])
 
 
 def tokens_per_second(step_ends: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -100,7 +103,7 @@ def tokens_per_second(step_ends: list[float], warmup: int, tokens_per_step: int)
 def main() -> None:
     args = common.parser("pretrain_throughput", __doc__)
     args.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    args.add_argument("--rounds", type=int, default=5, help="Pipeline/plain pairs per shape, alternating.")
+    args.add_argument("--rounds", type=int, default=5, help="Rounds per shape (pipeline, plain, accelerate launch each), order rotating.")
     args.add_argument("--warmup", type=int, default=10, help="Steps run before timing starts.")
     args.add_argument("--steps", type=int, default=60, help="Timed steps per run.")
     args = args.parse_args()
@@ -118,19 +121,24 @@ def main() -> None:
         tokenizer_dir = common.train_tokenizer(work / f"tok-{tok_type}-{vocab}", tok_type, vocab, text)
         tokens_per_step = settings["per_device_train_batch_size"] * settings["block_size"]
         total = args.warmup + args.steps
-        measured = {"pipeline": [], "plain": []}
-        model = None
+        measured = {"pipeline": [], "plain": [], "accelerate launch": []}
+        sides = list(measured)
+        model_vocab = None
         for round_index in range(args.rounds):
-            # alternate which side goes first, so a drift in machine load does not favour one side
-            order = ["pipeline", "plain"] if round_index % 2 == 0 else ["plain", "pipeline"]
-            for side in order:
+            # rotate the order, so a drift in machine load does not favour one side
+            for side in sides[round_index % 3 :] + sides[: round_index % 3]:
                 if side == "pipeline":
-                    ends = pipeline_run(text, tokenizer_dir, settings, total, work / f"run-{shape}")
+                    tps = tokens_per_second(pipeline_run(text, tokenizer_dir, settings, total, work / f"run-{shape}"), args.warmup, tokens_per_step)
+                elif side == "plain":
+                    ends, model_vocab = plain_run(text, tokenizer_dir, settings, total)
+                    tps = tokens_per_second(ends, args.warmup, tokens_per_step)
                 else:
-                    ends, model = plain_run(text, tokenizer_dir, settings, total)
-                measured[side].append(tokens_per_second(ends, args.warmup, tokens_per_step))
-                print(f"{shape} round {round_index + 1} {side}: {measured[side][-1]:,.0f} tokens/s", file=sys.stderr)
-        flops_per_token = common.gpt2_flops_per_token(common.non_embedding_params(model), settings["n_layer"], settings["n_embd"], settings["block_size"])
+                    tps = accelerate_run(text, tokenizer_dir, settings, total, work / f"launch-{shape}", args.warmup)
+                measured[side].append(tps)
+                print(f"{shape} round {round_index + 1} {side}: {tps:,.0f} tokens/s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+        model = plain_gpt.GPT(model_vocab, settings["block_size"], settings["n_layer"], settings["n_embd"], settings["n_head"])
+        non_embedding = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+        flops_per_token = common.gpt2_flops_per_token(non_embedding, settings["n_layer"], settings["n_embd"], settings["block_size"])
         for side, values in measured.items():
             median = statistics.median(values)
             rows.append({
@@ -138,11 +146,12 @@ def main() -> None:
                 "tokens_per_step": tokens_per_step, "tokens_per_s": round(median, 1),
                 "runs_tokens_per_s": [round(v) for v in values], "mfu_pct": round(100 * flops_per_token * median / peak, 2),
             })
-        # Each round's pipeline run against the plain run next to it (same machine state), then the median:
-        # steadier than the ratio of the two sides' medians when the machine's speed drifts between rounds.
-        ratios = [pipe / plain for pipe, plain in zip(measured["pipeline"], measured["plain"])]
-        rows.append({"shape": shape, "side": "ratio pipeline/plain", "tokens_per_s": round(statistics.median(ratios), 3),
-                     "runs_tokens_per_s": [round(r, 3) for r in ratios]})
+        # Each round's runs against the plain run of the same round (same machine state), then the median:
+        # steadier than the ratio of the sides' medians when the machine's speed drifts between rounds.
+        for side in ("pipeline", "accelerate launch"):
+            ratios = [ours / plain for ours, plain in zip(measured[side], measured["plain"])]
+            rows.append({"shape": shape, "side": f"ratio {side}/plain", "tokens_per_s": round(statistics.median(ratios), 3),
+                         "runs_tokens_per_s": [round(r, 3) for r in ratios]})
     common.print_table(f"Pretraining throughput ({threads} threads, peak {peak / 1e9:.0f} GFLOP/s fp32)", rows,
                        ["shape", "side", "params_M", "tokens_per_step", "tokens_per_s", "mfu_pct", "runs_tokens_per_s"])
     common.write_results(args.output, "pretrain_throughput", rows, args.smoke, peak_flops=peak, rounds=args.rounds,

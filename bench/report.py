@@ -30,11 +30,23 @@ def throughput(rows: list[dict]) -> str:
         (pipe,), (plain,), (ratio,) = (
             _by(rows, shape=shape, side=side) for side in ("pipeline", "plain", "ratio pipeline/plain")
         )
+        launched = _by(rows, shape=shape, side="ratio accelerate launch/plain")
         parts.append(
-            f"{shape}: pipeline {pipe['tokens_per_s']:,.0f} tokens/s (MFU {pipe['mfu_pct']:.0f}%) vs plain loop "
+            f"{shape}: pipeline {pipe['tokens_per_s']:,.0f} tokens/s (MFU {pipe['mfu_pct']:.0f}%) vs plain PyTorch GPT "
             f"{plain['tokens_per_s']:,.0f}, **{ratio['tokens_per_s']:.2f}×**"
+            + (f", `accelerate launch` {launched[0]['tokens_per_s']:.2f}×" if launched else "")
         )
     return "; ".join(parts)
+
+
+def data_scale(rows: list[dict]) -> str:
+    small, large, gap = rows
+    return (
+        f"{large['text_MB']:,.0f} MB corpus: peak {max(large['first_peak_rss_MB'], large['second_peak_rss_MB']):,} MB vs "
+        f"{max(small['first_peak_rss_MB'], small['second_peak_rss_MB']):,} MB for {small['text_MB']:,.0f} MB "
+        f"(**+{gap['peak_rss_gap_MB']} MB**, aim ≤ 100); tokenized at {large['tokenize_MB_per_s']:.2f} MB/s "
+        f"({large['tokenize_processes']} processes); with the cache, data ready {large['second_data_ready_s']:.0f} s after launch"
+    )
 
 
 def time_to_quality(rows: list[dict]) -> str:
@@ -114,6 +126,7 @@ SUMMARIES = {  # README order
     "time_to_quality": ("time to quality, 5-minute budget", time_to_quality),
     "pretrain_throughput": ("pipeline vs plain PyTorch loop", throughput),
     "memory": ("peak memory while pretraining", memory),
+    "data_scale": ("pretraining data at scale (token shards)", data_scale),
     "generation": ("generation", generation),
     "pipeline_time": ("tiny chain, wall time per stage", pipeline_time),
     "app_load": ("app under load", app_load),
