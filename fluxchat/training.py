@@ -265,7 +265,8 @@ def full_state_dict(trainer, model) -> dict | None:
     """`model`'s full weights on the main process (None elsewhere), gathered by accelerate's get_state_dict from
     the module the trainer wrapped (e.g. PPO's policy+value wrapper), as the Trainer's own sharded save does.
     Call it on every process: under FSDP / ZeRO-3 the gather is collective."""
-    wrapped = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+    wrapped = getattr(trainer, "model_wrapped", None)  # PPOTrainer sets it only under DeepSpeed
+    wrapped = trainer.model if wrapped is None else wrapped
     state = trainer.accelerator.get_state_dict(wrapped)
     if not trainer.is_world_process_zero():
         return None
