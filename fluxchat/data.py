@@ -88,7 +88,9 @@ def check_utf8(path: Path, flag: str) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                fail(f"{flag} {path}: not UTF-8 text (invalid byte at offset {offset + err.start}); re-encode it as UTF-8")
+                fail(
+                    f"{flag} {path}: not UTF-8 text (invalid byte at offset {offset + err.start}); re-encode it as UTF-8"
+                )
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)
@@ -156,11 +158,17 @@ def load_hub_dataset(name: str, config_name: str | None, split: str, streaming: 
     import datasets  # heavy (pyarrow, pandas): only stages that read data pay for it
 
     datasets.disable_progress_bars()
-    what = f"--dataset_name {name}" + (f" --dataset_config_name {config_name}" if config_name else "") + f" (split {split!r})"
+    what = (
+        f"--dataset_name {name}"
+        + (f" --dataset_config_name {config_name}" if config_name else "")
+        + f" (split {split!r})"
+    )
     try:
         return datasets.load_dataset(name, config_name, split=split, streaming=streaming)
     except Exception as err:  # the Hub client raises many types; the user needs one line
-        fail(f"{what}: could not load ({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})")
+        fail(
+            f"{what}: could not load ({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})"
+        )
 
 
 @dataclass
@@ -181,22 +189,40 @@ class TextSource:
         name, config, split, streaming = self.dataset
         local = Path(name)
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
-        return {"dataset": name, "config": config, "split": split, "streaming": streaming,
-                "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+        return {
+            "dataset": name,
+            "config": config,
+            "split": split,
+            "streaming": streaming,
+            "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        }
 
     def size_bytes(self) -> int | None:
         return self.path.stat().st_size if self.path is not None else None
 
 
-def text_sources(train_files: list[str] | None, dataset_name: str | None, dataset_config_name: str | None = None,
-                 dataset_split: str = "train", streaming: bool = False) -> list[TextSource]:
+def text_sources(
+    train_files: list[str] | None,
+    dataset_name: str | None,
+    dataset_config_name: str | None = None,
+    dataset_split: str = "train",
+    streaming: bool = False,
+) -> list[TextSource]:
     """The sources `iter_text` reads, without reading them (so a cache can be checked first)."""
     if streaming and not dataset_name:
-        fail("--streaming reads a Hub dataset as it downloads: give --dataset_name (local files are already read in pieces)")
+        fail(
+            "--streaming reads a Hub dataset as it downloads: give --dataset_name (local files are already read in pieces)"
+        )
     if dataset_config_name and not dataset_name:
         fail("--dataset_config_name needs --dataset_name")
     if dataset_name:
-        return [TextSource(f"--dataset_name {dataset_name}", "hub", dataset=(dataset_name, dataset_config_name, dataset_split, streaming))]
+        return [
+            TextSource(
+                f"--dataset_name {dataset_name}",
+                "hub",
+                dataset=(dataset_name, dataset_config_name, dataset_split, streaming),
+            )
+        ]
     files = expand_files(train_files, check=False) if train_files else [default_corpus()]
     return [TextSource(str(p), "txt" if p.suffix == ".txt" else "rows", path=p) for p in files]
 
@@ -208,7 +234,9 @@ def check_sources(sources: list[TextSource]) -> None:
             check_utf8(source.path, "--train_file")
 
 
-def iter_text(sources: list[TextSource], text_column: str, validation_fraction: float) -> Iterator[tuple[str, str, bool]]:
+def iter_text(
+    sources: list[TextSource], text_column: str, validation_fraction: float
+) -> Iterator[tuple[str, str, bool]]:
     """Every source's text as (split, chunk, end_of_document), split "train" or "validation", in order.
 
     The same documents and the same train/validation cut as `load_text`, read piece by piece: a .txt file
@@ -294,7 +322,9 @@ def _iter_stream(source: TextSource, text_column: str, validation_fraction: floa
     index = 0
     for row in rows:
         if text_column not in row:
-            fail(f"{source.name} --streaming: no '{text_column}' column (columns: {', '.join(row)}); set --text_column")
+            fail(
+                f"{source.name} --streaming: no '{text_column}' column (columns: {', '.join(row)}); set --text_column"
+            )
         doc = row[text_column]
         if isinstance(doc, str) and doc.strip():
             yield ("validation" if every and index % every == every - 1 else "train"), doc, True

@@ -89,7 +89,9 @@ class RandomWindows(torch.utils.data.Dataset):
 
     def __init__(self, tokens, block_size: int, accounting: RankAccounting | None = None):
         if len(tokens) <= block_size:
-            fail(f"training text is only {len(tokens)} tokens, shorter than one block ({block_size}): add text or lower --block_size")
+            fail(
+                f"training text is only {len(tokens)} tokens, shorter than one block ({block_size}): add text or lower --block_size"
+            )
         self.tokens, self.block_size, self.accounting = tokens, block_size, accounting
 
     def __len__(self):
@@ -174,10 +176,6 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
     return GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
 
 
-
-
-
-
 class BitsPerByteTrainer(Trainer):
     """Trainer that reports validation bits per byte next to the loss.
 
@@ -235,5 +233,10 @@ class RankAccounting:
         self.last_offsets.append(offset)
 
     def summary(self) -> dict:
-        return {"rank": int(os.environ.get("RANK", 0)), "samples": self.samples, "tokens": self.tokens,
-                "first_offsets": self.first_offsets, "last_offsets": list(self.last_offsets)}
+        return {
+            "rank": int(os.environ.get("RANK", 0)),
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "first_offsets": self.first_offsets,
+            "last_offsets": list(self.last_offsets),
+        }
