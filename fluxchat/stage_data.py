@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import sys
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from fluxchat import chat_format, formats, tasks
 from fluxchat.arguments import StageArguments
@@ -56,6 +56,33 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required:
             f"no conversation fits the model's context of {max_length} tokens ({counts}): use shorter data or a model with a longer context"
         )
     return Dataset.from_dict(columns), counts
+
+
+def mix_text_rows(train_set, tokenizer, path: str, fraction: float, max_length: int, seed: int):
+    """`train_set` plus language-modelling rows of a plain text, so that they make `fraction` of the rows.
+
+    Each row is a random window of `max_length` tokens of the text, its mask all ones (loss on every
+    token, no chat tokens). Mixing the prose that states facts with the chat data during fine-tuning
+    ("mixed training", Allen-Zhu & Li, Physics of Language Models 3.1) keeps SFT from overwriting what
+    pretraining stored and lets questions about some entities teach extraction for the others.
+    Returns (dataset, number of text rows)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError as err:
+        fail(f"--mix_text_file {path}: cannot read it ({err.strerror or err})")
+    ids = chat_format.encode_text(tokenizer, text)
+    if len(ids) < 2:
+        fail(f"--mix_text_file {path}: no text to mix in")
+    n_rows = round(len(train_set) * fraction / (1 - fraction))
+    rng = random.Random(f"{seed}:mix_text")
+    window = min(max_length, len(ids))
+    starts = [rng.randrange(len(ids) - window + 1) for _ in range(n_rows)]
+    rows = {
+        "input_ids": [ids[start : start + window] for start in starts],
+        "assistant_masks": [[1] * window for _ in starts],
+    }
+    return concatenate_datasets([train_set, Dataset.from_dict(rows, features=train_set.features)]), n_rows
 
 
 def preference_dataset(tokenizer, pairs: list[dict], max_length: int):

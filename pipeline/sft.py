@@ -34,6 +34,8 @@ class SFTArguments(StageArguments):
     eval_fraction: float = field(default=0.02, metadata={"help": "Share of the training conversations held out for the eval loss (0 = none)."})
     inspect: bool = field(default=False, metadata={"help": "Print one tokenized example with the loss-bearing tokens in [[...]] and exit."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."})
+    mix_text_file: str | None = field(default=None, metadata={"help": "Plain text mixed into SFT as language-modelling rows (loss on every token), e.g. the facts prose of pretraining, so SFT reaches what pretraining stored; default none."})
+    mix_text_fraction: float = field(default=0.3, metadata={"help": "Share of the training rows that are --mix_text_file windows (of the model's context), in [0, 1)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -41,6 +43,10 @@ class SFTArguments(StageArguments):
             raise ValueError(f"--chat_format {self.chat_format}: choose from {', '.join(chat_format.FORMATS)}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.mix_text_file and not Path(self.mix_text_file).is_file():  # refuse before any folder is made
+            raise ValueError(f"--mix_text_file {self.mix_text_file}: no such file")
+        if not 0 <= self.mix_text_fraction < 1:
+            raise ValueError(f"--mix_text_fraction must be in [0, 1), got {self.mix_text_fraction}")
 
 
 def inspect(tokenizer, train_set, counts) -> None:
@@ -73,6 +79,10 @@ def main(argv: list[str] | None = None) -> Path:
     if script_args.eval_fraction and args.eval_strategy != "no" and len(conversations) > 1:
         conversations, held_out = formats.split_heldout(conversations, script_args.eval_fraction, args.seed)
     train_set, counts = stage_data.sft_dataset(tokenizer, conversations, args.max_length)
+    if script_args.mix_text_file and script_args.mix_text_fraction:
+        train_set, counts["text_rows"] = stage_data.mix_text_rows(
+            train_set, tokenizer, script_args.mix_text_file, script_args.mix_text_fraction, args.max_length, args.seed
+        )
     if script_args.inspect:
         inspect(tokenizer, train_set, counts)
         return run.output_dir

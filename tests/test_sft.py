@@ -145,3 +145,46 @@ def test_missing_pretrained_model_is_one_line_naming_the_command(isolated_runs):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "pipeline/pretrain.py" in error_lines[0] and "nothing-here" in error_lines[0]
     assert not (isolated_runs / "nothing-here").exists()
+
+
+def test_mixed_text_rows_carry_loss_on_every_token(tiny_run, isolated_runs, tmp_path, monkeypatch):
+    _copy_run(tiny_run, isolated_runs, "mix")
+    data_file = tmp_path / "chat.jsonl"
+    data_file.write_text("".join(json.dumps({"messages": CONVERSATIONS["fluxchat"]}) + "\n" for _ in range(4)))
+    text_file = tmp_path / "facts.txt"
+    text = " ".join(f"The capital of Land{i} is Town{i}." for i in range(200))
+    text_file.write_text(text)
+    seen = {}
+
+    class RecordingTrainer(sft.SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["trainer"] = self
+
+    monkeypatch.setattr(sft, "SFTTrainer", RecordingTrainer)
+    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "mix", "--dataset", data_file, "--max_steps", 1,
+                                      "--eval_fraction", 0, "--eval_examples", 0, "--mix_text_file", text_file,
+                                      "--mix_text_fraction", 0.5])
+    assert code == 0, error
+    trainer = seen["trainer"]
+    tokenizer = trainer.processing_class
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert len(rows) == 8  # 4 conversations + 4 text rows: half of the rows
+    text_rows = [row for row in rows if chat_format.END_OF_TURN not in tokenizer.decode(row["input_ids"])]
+    assert len(text_rows) == 4
+    for row in text_rows:
+        batch = trainer.data_collator([row])
+        input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        assert labels == input_ids  # loss on every token, no chat tokens
+        assert len(input_ids) == trainer.args.max_length
+        assert " ".join(tokenizer.decode(input_ids).split()[1:-1]) in text
+
+
+def test_missing_mix_text_file_is_one_line(isolated_runs, tmp_path):
+    missing = tmp_path / "absent.txt"
+    result = run_script(PYTHON, "pipeline/sft.py", "--preset", "tiny", "--run_name", "nomix", "--mix_text_file", str(missing))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "--mix_text_file" in error_lines[0] and "absent.txt" in error_lines[0]
+    assert not (isolated_runs / "nomix").exists()
