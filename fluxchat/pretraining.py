@@ -75,10 +75,6 @@ def _piece_end(text: str, start: int) -> int:
     return cut.start() if cut else min(high, len(text))
 
 
-def _as_long(window) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(window, dtype=np.int64)) if isinstance(window, np.ndarray) else window
-
-
 class RandomWindows(torch.utils.data.Dataset):
     """Every offset of the token stream is a sample, as nanoGPT's `get_batch` draws them.
 
@@ -93,15 +89,33 @@ class RandomWindows(torch.utils.data.Dataset):
                 f"training text is only {len(tokens)} tokens, shorter than one block ({block_size}): add text or lower --block_size"
             )
         self.tokens, self.block_size, self.accounting = tokens, block_size, accounting
+        self._fd = None  # token shards: windows are read with pread, see _read
 
     def __len__(self):
         return len(self.tokens) - self.block_size
 
     def __getitem__(self, i):
-        window = _as_long(self.tokens[i : i + self.block_size])
+        window = self._read(i)
         if self.accounting is not None:
             self.accounting.record(i, len(window))
         return {"input_ids": window, "labels": window}
+
+    def _read(self, i: int) -> torch.Tensor:
+        """The window at offset i as int64. From a memory-mapped shard it is read with pread rather than through
+        the map: every page a random window touches through the map (plus the kernel's fault-around, ~64 KB)
+        would stay mapped and count in the process's RSS until the whole file did; pread leaves the data in
+        the page cache, where it is shared and reclaimable, and the process's memory stays flat."""
+        tokens = self.tokens
+        if not isinstance(tokens, np.memmap):
+            return tokens[i : i + self.block_size]
+        if self._fd is None:
+            self._fd = os.open(tokens.filename, os.O_RDONLY)
+        size = tokens.dtype.itemsize
+        raw = os.pread(self._fd, self.block_size * size, tokens.offset + i * size)
+        return torch.from_numpy(np.frombuffer(raw, dtype=tokens.dtype).astype(np.int64))
+
+    def __getstate__(self):  # a file descriptor does not travel to a spawned worker: it opens its own
+        return {**self.__dict__, "_fd": None}
 
 
 class WindowSampler(torch.utils.data.Sampler):
