@@ -21,7 +21,9 @@ from fluxchat import pretraining
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
-SHAKESPEARE = Path(os.environ.get("FLUXCHAT_SHARED_DATA", REPO.parent / "shared" / "data")) / "pretrain" / "tinyshakespeare.txt"
+SHAKESPEARE = (
+    Path(os.environ.get("FLUXCHAT_SHARED_DATA", REPO.parent / "shared" / "data")) / "pretrain" / "tinyshakespeare.txt"
+)
 
 # Benchmarks never touch the network (TRL/transformers ping the Hub otherwise).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,8 +34,12 @@ APP_PROMPT_MARKER = " fluxchat.app: prompt "  # app.py --log_level debug: this, 
 
 
 def parser(name: str, doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="A few steps at tiny sizes: checks the script runs, measures nothing.")
+    p = argparse.ArgumentParser(
+        description=doc.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="A few steps at tiny sizes: checks the script runs, measures nothing."
+    )
     p.add_argument("--output", type=Path, default=RESULTS / f"{name}.json", help="Where the JSON results go.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, one per core).")
     return p
@@ -112,15 +118,30 @@ def corpus(smoke: bool) -> Path:
     return path
 
 
-def train_tokenizer(output_dir: Path, tokenizer_type: str = "bpe", vocab_size: int = 1024, text: Path = SHAKESPEARE) -> Path:
+def train_tokenizer(
+    output_dir: Path, tokenizer_type: str = "bpe", vocab_size: int = 1024, text: Path = SHAKESPEARE
+) -> Path:
     """One of our tokenizers trained through the real tokenizer/train.py."""
     from tokenizer import train
 
     if (output_dir / "stage_complete.json").is_file():
         return output_dir
     with contextlib.redirect_stdout(sys.stderr):
-        return train.main(["--preset", "tiny", "--train_file", str(text), "--tokenizer_type", tokenizer_type,
-                           "--vocab_size", str(vocab_size), "--output_dir", str(output_dir), "--overwrite"])
+        return train.main(
+            [
+                "--preset",
+                "tiny",
+                "--train_file",
+                str(text),
+                "--tokenizer_type",
+                tokenizer_type,
+                "--vocab_size",
+                str(vocab_size),
+                "--output_dir",
+                str(output_dir),
+                "--overwrite",
+            ]
+        )
 
 
 @contextlib.contextmanager
@@ -202,8 +223,20 @@ def running_app(model, log_path: Path, *flags, timeout: float = 120):
     port = free_port()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "app.py"), "--model", str(model), "--port", str(port), "--log_level", "debug", *map(str, flags)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                str(REPO / "app.py"),
+                "--model",
+                str(model),
+                "--port",
+                str(port),
+                "--log_level",
+                "debug",
+                *map(str, flags),
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -228,7 +261,9 @@ def wait_until_answering(url: str, process: subprocess.Popen, log_path: Path, ti
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"app.py did not answer on {url} within {timeout:.0f} s:\n{Path(log_path).read_text()[-3000:]}") from None
+                raise RuntimeError(
+                    f"app.py did not answer on {url} within {timeout:.0f} s:\n{Path(log_path).read_text()[-3000:]}"
+                ) from None
             time.sleep(0.5)
 
 
@@ -241,4 +276,8 @@ def log_lines(log_path: Path, since: int = 0) -> list[str]:
 
 def logged_prompts(log_path: Path, since: int = 0) -> list[dict]:
     """Every prompt the app's model saw, in order: {"session", "model", "messages"} (the trimmed conversation)."""
-    return [json.loads(line.split(APP_PROMPT_MARKER, 1)[1]) for line in log_lines(log_path, since) if APP_PROMPT_MARKER in line]
+    return [
+        json.loads(line.split(APP_PROMPT_MARKER, 1)[1])
+        for line in log_lines(log_path, since)
+        if APP_PROMPT_MARKER in line
+    ]

@@ -57,29 +57,86 @@ def stage_command(stage: str, work: Path, output_dir: Path, smoke: bool, fresh_i
     """The stage as a user types it, with a tiny model, frequent saves and one log line per step."""
     steps = training_flags(smoke)
     common_flags = [
-        "--output_dir", str(output_dir), "--max_steps", str(steps["max_steps"]), "--save_steps", str(steps["save_steps"]),
-        "--eval_steps", str(steps["eval_steps"]), "--logging_steps", "1", "--save_total_limit", "3", "--seed", "0",
-        "--per_device_train_batch_size", "16",
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(steps["max_steps"]),
+        "--save_steps",
+        str(steps["save_steps"]),
+        "--eval_steps",
+        str(steps["eval_steps"]),
+        "--logging_steps",
+        "1",
+        "--save_total_limit",
+        "3",
+        "--seed",
+        "0",
+        "--per_device_train_batch_size",
+        "16",
     ]
     if stage == "pretrain":
-        return [sys.executable, "pipeline/pretrain.py", "--preset", "tiny", "--tokenizer_name_or_path", str(work / "tokenizer"),
-                "--train_file", str(common.corpus(smoke)), *MODEL_FLAGS, *common_flags,
-                "--learning_rate", "3e-3", "--warmup_steps", "5", "--sample_max_new_tokens", "4",
-                *([] if fresh_init else ["--model_name_or_path", str(work / "init")])]
-    return [sys.executable, "pipeline/sft.py", "--preset", "tiny", "--model_name_or_path", str(work / "base"),
-            "--corpus_file", str(common.corpus(smoke)), "--max_train_samples", "400" if smoke else "1200", "--eval_fraction", "0.05",
-            "--eval_examples", "7", "--eval_max_new_tokens", "8", "--eval_baseline", "false", *common_flags, "--warmup_steps", "3"]
+        return [
+            sys.executable,
+            "pipeline/pretrain.py",
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            str(work / "tokenizer"),
+            "--train_file",
+            str(common.corpus(smoke)),
+            *MODEL_FLAGS,
+            *common_flags,
+            "--learning_rate",
+            "3e-3",
+            "--warmup_steps",
+            "5",
+            "--sample_max_new_tokens",
+            "4",
+            *([] if fresh_init else ["--model_name_or_path", str(work / "init")]),
+        ]
+    return [
+        sys.executable,
+        "pipeline/sft.py",
+        "--preset",
+        "tiny",
+        "--model_name_or_path",
+        str(work / "base"),
+        "--corpus_file",
+        str(common.corpus(smoke)),
+        "--max_train_samples",
+        "400" if smoke else "1200",
+        "--eval_fraction",
+        "0.05",
+        "--eval_examples",
+        "7",
+        "--eval_max_new_tokens",
+        "8",
+        "--eval_baseline",
+        "false",
+        *common_flags,
+        "--warmup_steps",
+        "3",
+    ]
 
 
 def child_env() -> dict:
     # One thread per process: the reference and the killed run share the cores and compute identically.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }
 
 
 def launch(cmd: list[str], log: Path) -> subprocess.Popen:
     handle = open(log, "ab")
-    return subprocess.Popen(cmd, cwd=common.REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=common.REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def run_to_end(cmd: list[str], log: Path) -> None:
@@ -100,7 +157,10 @@ def save_initial_model(work: Path, seed: int) -> None:
         return
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     set_seed(seed)
-    model = pretraining.build_model(ModelArguments(**{MODEL_FLAGS[i][2:]: int(MODEL_FLAGS[i + 1]) for i in range(0, len(MODEL_FLAGS), 2)}), tokenizer)
+    model = pretraining.build_model(
+        ModelArguments(**{MODEL_FLAGS[i][2:]: int(MODEL_FLAGS[i + 1]) for i in range(0, len(MODEL_FLAGS), 2)}),
+        tokenizer,
+    )
     model.save_pretrained(work / "init")
     tokenizer.save_pretrained(work / "init")
 
@@ -130,7 +190,13 @@ def partial_checkpoints(output_dir: Path) -> set[str]:
         entries = list(os.scandir(output_dir))
     except FileNotFoundError:
         return set()
-    return {e.name for e in entries if e.name.startswith("checkpoint-") and e.is_dir() and not os.path.exists(os.path.join(e.path, "trainer_state.json"))}
+    return {
+        e.name
+        for e in entries
+        if e.name.startswith("checkpoint-")
+        and e.is_dir()
+        and not os.path.exists(os.path.join(e.path, "trainer_state.json"))
+    }
 
 
 class StepWatcher:
@@ -175,7 +241,9 @@ def kill_at(proc: subprocess.Popen, moment: dict, output_dir: Path, rng: random.
             # Newer than every complete checkpoint: being written (an older one is being rotated away).
             # Only once a complete checkpoint exists: the resume must then fall back to it.
             newest = checkpoint_step(runs.latest_checkpoint(output_dir))
-            saving = {name for name in saves_in_progress(output_dir) - stale if checkpoint_step(Path(name)) > newest > 0}
+            saving = {
+                name for name in saves_in_progress(output_dir) - stale if checkpoint_step(Path(name)) > newest > 0
+            }
             if saving:
                 return kill(proc, f"while writing {sorted(saving)[0]}")
         elif moment["kind"] == "final":
@@ -226,7 +294,9 @@ def final_numbers(output_dir: Path) -> tuple[int, float | None]:
     return step, (losses[-1] if losses else None)
 
 
-def crash_and_resume(stage: str, work: Path, kills: int, seed: int, smoke: bool, tolerance: float, fresh_init: bool = False) -> dict:
+def crash_and_resume(
+    stage: str, work: Path, kills: int, seed: int, smoke: bool, tolerance: float, fresh_init: bool = False
+) -> dict:
     prepare(stage, work, smoke)
     ref_dir, crash_dir = work / f"{stage}_reference", work / f"{stage}_killed"
     max_steps, save_steps = training_flags(smoke)["max_steps"], training_flags(smoke)["save_steps"]
@@ -253,9 +323,20 @@ def crash_and_resume(stage: str, work: Path, kills: int, seed: int, smoke: bool,
         marked = runs.is_finished(crash_dir)
         whole = latest_checkpoint_loads(crash_dir)
         broken_checkpoints += not whole
-        events.append({"kind": kind, "resumed_from_step": resume_from, "killed": seen, "marked_finished_after_kill": marked,
-                       "latest_checkpoint_loads": whole, "partial_checkpoints_left": sorted(partial_checkpoints(crash_dir))})
-        print(f"  {stage}: kill {len(events)} ({kind}) {seen}; resumed from step {resume_from}; finished marker: {marked}", flush=True)
+        events.append(
+            {
+                "kind": kind,
+                "resumed_from_step": resume_from,
+                "killed": seen,
+                "marked_finished_after_kill": marked,
+                "latest_checkpoint_loads": whole,
+                "partial_checkpoints_left": sorted(partial_checkpoints(crash_dir)),
+            }
+        )
+        print(
+            f"  {stage}: kill {len(events)} ({kind}) {seen}; resumed from step {resume_from}; finished marker: {marked}",
+            flush=True,
+        )
 
     if not runs.is_finished(crash_dir):
         resume_from = checkpoint_step(runs.latest_checkpoint(crash_dir))
@@ -277,22 +358,49 @@ def crash_and_resume(stage: str, work: Path, kills: int, seed: int, smoke: bool,
         "killed_during_a_save": any(e["kind"] == "save" for e in events),
     }
     return {
-        "stage": stage, "kills": len(events), "resumes": launches - 1, "fresh_restarts": fresh_restarts,
-        "ref_steps": ref_steps, "resumed_steps": steps, "ref_eval_loss": ref_loss, "resumed_eval_loss": loss,
-        "diff": diff, "tolerance": tolerance, "checks": checks, "passed": all(checks.values()),
-        "events": events, "finished_before_moment": finished_early,
-        "start": "shared pretrained base" if stage == "sft" else ("fresh init in each run" if fresh_init else "shared seeded init"),
+        "stage": stage,
+        "kills": len(events),
+        "resumes": launches - 1,
+        "fresh_restarts": fresh_restarts,
+        "ref_steps": ref_steps,
+        "resumed_steps": steps,
+        "ref_eval_loss": ref_loss,
+        "resumed_eval_loss": loss,
+        "diff": diff,
+        "tolerance": tolerance,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "events": events,
+        "finished_before_moment": finished_early,
+        "start": "shared pretrained base"
+        if stage == "sft"
+        else ("fresh init in each run" if fresh_init else "shared seeded init"),
     }
 
 
 def main() -> None:
     p = common.parser("crash_safety", __doc__)
-    p.add_argument("--stage", choices=["pretrain", "sft", "both"], default="both", help="Which training stage to kill.")
-    p.add_argument("--kills", type=int, default=5, help="SIGKILLs per stage (at least 2: one random step, one checkpoint save).")
+    p.add_argument(
+        "--stage", choices=["pretrain", "sft", "both"], default="both", help="Which training stage to kill."
+    )
+    p.add_argument(
+        "--kills", type=int, default=5, help="SIGKILLs per stage (at least 2: one random step, one checkpoint save)."
+    )
     p.add_argument("--seed", type=int, default=0, help="Seeds the kill moments.")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="Largest accepted |final eval loss - reference| (with --fresh_init use ~0.3).")
-    p.add_argument("--fresh_init", action="store_true", help="Let each pretraining run build its own fresh model (today: differently initialised, see save_initial_model).")
-    p.add_argument("--workdir", type=Path, default=None, help="Keep the runs here (default: a temporary folder, removed).")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="Largest accepted |final eval loss - reference| (with --fresh_init use ~0.3).",
+    )
+    p.add_argument(
+        "--fresh_init",
+        action="store_true",
+        help="Let each pretraining run build its own fresh model (today: differently initialised, see save_initial_model).",
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="Keep the runs here (default: a temporary folder, removed)."
+    )
     args = p.parse_args()
     if args.kills < 2:
         p.error("--kills must be at least 2")
@@ -301,15 +409,36 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        for stage in (["pretrain", "sft"] if args.stage == "both" else [args.stage]):
-            print(f"{stage}: reference run and a run killed {args.kills} times, side by side (logs in {work})", flush=True)
-            rows.append(crash_and_resume(stage, work, args.kills, args.seed, args.smoke, args.tolerance, args.fresh_init))
+        for stage in ["pretrain", "sft"] if args.stage == "both" else [args.stage]:
+            print(
+                f"{stage}: reference run and a run killed {args.kills} times, side by side (logs in {work})",
+                flush=True,
+            )
+            rows.append(
+                crash_and_resume(stage, work, args.kills, args.seed, args.smoke, args.tolerance, args.fresh_init)
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    columns = ["stage", "kills", "resumes", "ref_steps", "resumed_steps", "ref_eval_loss", "resumed_eval_loss", "diff", "passed"]
-    shown = [{**r, **{k: "-" if r[k] is None else f"{r[k]:.4f}" for k in ("ref_eval_loss", "resumed_eval_loss")},
-              "diff": "-" if r["diff"] is None else f"{r['diff']:.2e}"} for r in rows]
+    columns = [
+        "stage",
+        "kills",
+        "resumes",
+        "ref_steps",
+        "resumed_steps",
+        "ref_eval_loss",
+        "resumed_eval_loss",
+        "diff",
+        "passed",
+    ]
+    shown = [
+        {
+            **r,
+            **{k: "-" if r[k] is None else f"{r[k]:.4f}" for k in ("ref_eval_loss", "resumed_eval_loss")},
+            "diff": "-" if r["diff"] is None else f"{r['diff']:.2e}",
+        }
+        for r in rows
+    ]
     common.print_table("kill -9 and resume vs an uninterrupted run", shown, columns)
     for row in rows:
         failed = [name for name, ok in row["checks"].items() if not ok]

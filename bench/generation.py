@@ -32,8 +32,13 @@ def shape_config(name: str, smoke: bool) -> dict:
     from fluxchat.config import CONFIGS_DIR, load_yaml
 
     pre, tok = load_yaml(CONFIGS_DIR / "tiny" / "pretrain.yaml"), load_yaml(CONFIGS_DIR / "tiny" / "tokenizer.yaml")
-    return dict(n_layer=pre["n_layer"], n_embd=pre["n_embd"], n_head=pre["n_head"], n_positions=pre["block_size"],
-                vocab_size=tok["vocab_size"])
+    return dict(
+        n_layer=pre["n_layer"],
+        n_embd=pre["n_embd"],
+        n_head=pre["n_head"],
+        n_positions=pre["block_size"],
+        vocab_size=tok["vocab_size"],
+    )
 
 
 def timed_generate(model, prompt, new_tokens: int, use_cache: bool) -> float:
@@ -41,8 +46,15 @@ def timed_generate(model, prompt, new_tokens: int, use_cache: bool) -> float:
 
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=0)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+        )
     elapsed = time.perf_counter() - start
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return elapsed
@@ -70,11 +82,27 @@ def main() -> None:
         timed_generate(model, prompt, 2, True)  # warm-up: first calls allocate and pick kernels
         for use_cache in (True, False):
             first = statistics.median(timed_generate(model, prompt, 1, use_cache) for _ in range(repeats))
-            total = statistics.median(timed_generate(model, prompt, new, use_cache) for _ in range(max(1, repeats // 2)))
-            rows.append({"shape": name, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                         "kv_cache": use_cache, "prompt_tokens": PROMPT_TOKENS, "new_tokens": new,
-                         "first_token_ms": round(1000 * first, 2), "tokens_per_s": round(new / total, 1)})
-        rows.append({"shape": name, "kv_cache": "speed-up", "tokens_per_s": round(rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"], 2)})
+            total = statistics.median(
+                timed_generate(model, prompt, new, use_cache) for _ in range(max(1, repeats // 2))
+            )
+            rows.append(
+                {
+                    "shape": name,
+                    "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                    "kv_cache": use_cache,
+                    "prompt_tokens": PROMPT_TOKENS,
+                    "new_tokens": new,
+                    "first_token_ms": round(1000 * first, 2),
+                    "tokens_per_s": round(new / total, 1),
+                }
+            )
+        rows.append(
+            {
+                "shape": name,
+                "kv_cache": "speed-up",
+                "tokens_per_s": round(rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"], 2),
+            }
+        )
     common.print_table(f"Generation, batch 1, greedy ({threads} threads)", rows)
     common.write_results(args.output, "generation", rows, args.smoke, threads=threads)
 

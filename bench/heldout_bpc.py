@@ -56,8 +56,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args()
     result = heldout_bits_per_char(args.model, args.text_file, args.fraction)
-    print(f"| model | text | held-out chars | bits per byte |\n|---|---|---|---|\n"
-          f"| {result['model']} | {Path(result['text_file']).name} (last {args.fraction:.0%}) | {result['heldout_chars']:,} | {result['bits_per_byte']} |")
+    print(
+        f"| model | text | held-out chars | bits per byte |\n|---|---|---|---|\n"
+        f"| {result['model']} | {Path(result['text_file']).name} (last {args.fraction:.0%}) | {result['heldout_chars']:,} | {result['bits_per_byte']} |"
+    )
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
 

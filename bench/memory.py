@@ -26,7 +26,18 @@ MODELS = {
     "tiny preset": [],
     "0.5M params": ["--n_layer", "2", "--n_embd", "128", "--n_head", "4"],
 }
-SMOKE_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "32", "--per_device_train_batch_size", "4"]
+SMOKE_FLAGS = [
+    "--n_layer",
+    "2",
+    "--n_embd",
+    "64",
+    "--n_head",
+    "2",
+    "--block_size",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+]
 
 
 def current_rss_mb() -> float:
@@ -76,18 +87,42 @@ def main() -> None:
     rows = []
     models = dict(list(MODELS.items())[:1]) if args.smoke else MODELS  # smoke: one fresh process is enough
     for name, model_flags in models.items():
-        flags = ["--preset", "tiny", "--train_file", str(text), "--tokenizer_name_or_path", str(tokenizer_dir),
-                 "--output_dir", str(work / name.replace(" ", "-")), "--max_steps", str(steps), "--eval_strategy", "no",
-                 "--save_strategy", "no", "--sample_max_new_tokens", "8", *model_flags, *(SMOKE_FLAGS if args.smoke else [])]
+        flags = [
+            "--preset",
+            "tiny",
+            "--train_file",
+            str(text),
+            "--tokenizer_name_or_path",
+            str(tokenizer_dir),
+            "--output_dir",
+            str(work / name.replace(" ", "-")),
+            "--max_steps",
+            str(steps),
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--sample_max_new_tokens",
+            "8",
+            *model_flags,
+            *(SMOKE_FLAGS if args.smoke else []),
+        ]
         threads = ["--threads", str(args.threads)] if args.threads else []
         proc = subprocess.run([sys.executable, __file__, *threads, "--child", *flags], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{name}: training failed:\n{proc.stderr[-3000:]}")
         figures = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"model": name, "params_M": round(figures["parameters"] / 1e6, 3), "steps": steps,
-                     "rss_after_imports_MB": round(figures["rss_after_imports_mb"]),
-                     "rss_before_training_MB": round(figures["rss_before_training_mb"]),
-                     "peak_rss_MB": round(figures["peak_rss_mb"]), "peak_rss_GB": round(figures["peak_rss_mb"] / 1024, 3)})
+        rows.append(
+            {
+                "model": name,
+                "params_M": round(figures["parameters"] / 1e6, 3),
+                "steps": steps,
+                "rss_after_imports_MB": round(figures["rss_after_imports_mb"]),
+                "rss_before_training_MB": round(figures["rss_before_training_mb"]),
+                "peak_rss_MB": round(figures["peak_rss_mb"]),
+                "peak_rss_GB": round(figures["peak_rss_mb"] / 1024, 3),
+            }
+        )
     common.print_table("Peak memory while pretraining (fresh process each)", rows)
     common.write_results(args.output, "memory", rows, args.smoke)
 

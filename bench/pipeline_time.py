@@ -40,9 +40,14 @@ def stage_rows(run_dir: Path, started: float | None = None) -> list[dict]:
         metrics_file = stage / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         train_seconds = next((metrics[k] for k in TRAIN_TIME_KEYS if isinstance(metrics.get(k), (int, float))), None)
-        rows.append({"stage": stage.name, "wall_s": round(done - previous, 1),
-                     "train_s": None if train_seconds is None else round(train_seconds, 1),
-                     "steps": metrics.get("global_step")})
+        rows.append(
+            {
+                "stage": stage.name,
+                "wall_s": round(done - previous, 1),
+                "train_s": None if train_seconds is None else round(train_seconds, 1),
+                "steps": metrics.get("global_step"),
+            }
+        )
         previous = done
     rows.append({"stage": "total", "wall_s": round(sum(r["wall_s"] for r in rows), 1)})
     return rows
@@ -51,20 +56,72 @@ def stage_rows(run_dir: Path, started: float | None = None) -> list[dict]:
 def launch(run_name: str, smoke: bool) -> Path:
     runs_root = Path(os.environ.get("FLUXCHAT_RUNS_DIR", common.REPO / "runs"))
     if (runs_root / run_name).exists():
-        sys.exit(f"error: {runs_root / run_name} exists and its finished stages would be skipped: remove it or pass another --run_name")
+        sys.exit(
+            f"error: {runs_root / run_name} exists and its finished stages would be skipped: remove it or pass another --run_name"
+        )
     text = str(common.corpus(smoke))
     orchestrator = common.REPO / "pipeline" / "run_all.py"
     if not smoke:
-        commands = [[sys.executable, str(orchestrator), "--preset", "tiny", "--run_name", run_name, "--train_file", text]]
+        commands = [
+            [sys.executable, str(orchestrator), "--preset", "tiny", "--run_name", run_name, "--train_file", text]
+        ]
     else:  # the stages that exist today, as a user would type them
-        small = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "32", "--max_steps", "6",
-                 "--per_device_train_batch_size", "4", "--eval_steps", "6", "--sample_max_new_tokens", "8"] if smoke else []
-        commands = [[sys.executable, "tokenizer/train.py", "--preset", "tiny", "--run_name", run_name, "--train_file", text, "--overwrite"],
-                    [sys.executable, "pipeline/pretrain.py", "--preset", "tiny", "--run_name", run_name, "--train_file", text, "--overwrite", *small]]
+        small = (
+            [
+                "--n_layer",
+                "2",
+                "--n_embd",
+                "64",
+                "--n_head",
+                "2",
+                "--block_size",
+                "32",
+                "--max_steps",
+                "6",
+                "--per_device_train_batch_size",
+                "4",
+                "--eval_steps",
+                "6",
+                "--sample_max_new_tokens",
+                "8",
+            ]
+            if smoke
+            else []
+        )
+        commands = [
+            [
+                sys.executable,
+                "tokenizer/train.py",
+                "--preset",
+                "tiny",
+                "--run_name",
+                run_name,
+                "--train_file",
+                text,
+                "--overwrite",
+            ],
+            [
+                sys.executable,
+                "pipeline/pretrain.py",
+                "--preset",
+                "tiny",
+                "--run_name",
+                run_name,
+                "--train_file",
+                text,
+                "--overwrite",
+                *small,
+            ],
+        ]
     for command in commands:
         print("running:", " ".join(command[1:]), file=sys.stderr)
-        proc = subprocess.run(command, cwd=common.REPO, env={**os.environ, "FLUXCHAT_RUNS_DIR": str(runs_root)},
-                              stdout=sys.stderr, stderr=sys.stderr)
+        proc = subprocess.run(
+            command,
+            cwd=common.REPO,
+            env={**os.environ, "FLUXCHAT_RUNS_DIR": str(runs_root)},
+            stdout=sys.stderr,
+            stderr=sys.stderr,
+        )
         if proc.returncode:
             sys.exit(f"error: {' '.join(command[1:3])} failed with exit code {proc.returncode}")
     return runs_root / run_name
@@ -86,7 +143,9 @@ def main() -> None:
     launched_seconds = round(time.time() - started, 1) if args.run else None
     rows = stage_rows(run_dir, started if args.run else None)
     common.print_table(f"Wall time per stage: {run_dir}", rows)
-    common.write_results(args.output, "pipeline_time", rows, args.smoke, run_dir=str(run_dir), launched_wall_seconds=launched_seconds)
+    common.write_results(
+        args.output, "pipeline_time", rows, args.smoke, run_dir=str(run_dir), launched_wall_seconds=launched_seconds
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,28 @@ from pathlib import Path
 
 import common
 
-SMOKE_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "32", "--per_device_train_batch_size", "4",
-               "--max_steps", "12", "--warmup_steps", "2", "--logging_steps", "4", "--eval_steps", "12", "--sample_max_new_tokens", "8"]
+SMOKE_FLAGS = [
+    "--n_layer",
+    "2",
+    "--n_embd",
+    "64",
+    "--n_head",
+    "2",
+    "--block_size",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_steps",
+    "12",
+    "--warmup_steps",
+    "2",
+    "--logging_steps",
+    "4",
+    "--eval_steps",
+    "12",
+    "--sample_max_new_tokens",
+    "8",
+]
 
 
 def wall_clock_stop(budget_seconds: float):
@@ -58,10 +78,22 @@ def main() -> None:
     from tokenizer import train
 
     with contextlib.redirect_stdout(sys.stderr):
-        tokenizer_dir = train.main(["--preset", "tiny", "--train_file", str(text), "--output_dir", str(work / "tokenizer")])
+        tokenizer_dir = train.main(
+            ["--preset", "tiny", "--train_file", str(text), "--output_dir", str(work / "tokenizer")]
+        )
     stop = wall_clock_stop(budget)
-    argv = ["--preset", "tiny", "--train_file", str(text), "--tokenizer_name_or_path", str(tokenizer_dir),
-            "--output_dir", str(work / "pretrain"), *(SMOKE_FLAGS if args.smoke else []), *args.extra]
+    argv = [
+        "--preset",
+        "tiny",
+        "--train_file",
+        str(text),
+        "--tokenizer_name_or_path",
+        str(tokenizer_dir),
+        "--output_dir",
+        str(work / "pretrain"),
+        *(SMOKE_FLAGS if args.smoke else []),
+        *args.extra,
+    ]
     start = time.perf_counter()
     with common.trainer_callbacks(stop), contextlib.redirect_stdout(sys.stderr):
         out = pretrain.main(argv)

@@ -27,24 +27,48 @@ TRIALS = REPO / "bench" / "results" / "tuning_trials.jsonl"
 
 def run_trial(mode: str, name: str, tokenizer: str, steps: int, flags: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"tune-{name}-"))
-    common = ["--preset", "tiny", "--train_file", str(SHAKESPEARE), "--tokenizer_name_or_path", tokenizer,
-              "--output_dir", str(out), "--overwrite", "--save_strategy", "no", "--sample_prompts", "ROMEO:"]
+    common = [
+        "--preset",
+        "tiny",
+        "--train_file",
+        str(SHAKESPEARE),
+        "--tokenizer_name_or_path",
+        tokenizer,
+        "--output_dir",
+        str(out),
+        "--overwrite",
+        "--save_strategy",
+        "no",
+        "--sample_prompts",
+        "ROMEO:",
+    ]
     if mode == "probe":
         common += ["--max_steps", str(steps), "--eval_strategy", "no", "--logging_steps", str(steps)]
     else:
         common += ["--max_steps", str(steps), "--eval_steps", str(steps), "--logging_steps", "100"]
     start = time.time()
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "pretrain.py"), *common, *flags],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipeline" / "pretrain.py"), *common, *flags],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if proc.returncode:
         print(proc.stdout[-2000:], proc.stderr[-3000:])
         raise SystemExit(f"trial {name} failed")
     metrics = json.loads((out / "metrics.json").read_text())
     record = {
-        "name": name, "mode": mode, "tokenizer": Path(tokenizer).name, "flags": " ".join(flags), "steps": steps,
-        "parameters": metrics["parameters"], "tokens_per_second": metrics["tokens_per_second"],
-        "train_wall_seconds": metrics["train_wall_seconds"], "eval_bits_per_byte": metrics.get("eval_bits_per_byte"),
-        "eval_loss": metrics.get("eval_loss"), "wall_seconds": round(time.time() - start, 1),
+        "name": name,
+        "mode": mode,
+        "tokenizer": Path(tokenizer).name,
+        "flags": " ".join(flags),
+        "steps": steps,
+        "parameters": metrics["parameters"],
+        "tokens_per_second": metrics["tokens_per_second"],
+        "train_wall_seconds": metrics["train_wall_seconds"],
+        "eval_bits_per_byte": metrics.get("eval_bits_per_byte"),
+        "eval_loss": metrics.get("eval_loss"),
+        "wall_seconds": round(time.time() - start, 1),
         "load_average": round(os.getloadavg()[0], 2),
     }
     TRIALS.parent.mkdir(parents=True, exist_ok=True)
@@ -55,13 +79,17 @@ def run_trial(mode: str, name: str, tokenizer: str, steps: int, flags: list[str]
 
 
 def markdown_table() -> str:
-    lines = ["| trial | mode | tokenizer | flags (over configs/tiny) | params | steps | tokens/s (contended) | val bits/byte |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| trial | mode | tokenizer | flags (over configs/tiny) | params | steps | tokens/s (contended) | val bits/byte |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for line in TRIALS.read_text().splitlines():
         r = json.loads(line)
         bpb = "" if r["mode"] == "probe" else f"{r['eval_bits_per_byte']:.4f}"
-        lines.append(f"| {r['name']} | {r['mode']} | {r['tokenizer']} | {r['flags'] or '-'} | {r['parameters'] / 1e6:.2f}M | "
-                     f"{r['steps']} | {r['tokens_per_second']:,.0f} (load {r['load_average']}) | {bpb} |")
+        lines.append(
+            f"| {r['name']} | {r['mode']} | {r['tokenizer']} | {r['flags'] or '-'} | {r['parameters'] / 1e6:.2f}M | "
+            f"{r['steps']} | {r['tokens_per_second']:,.0f} (load {r['load_average']}) | {bpb} |"
+        )
     return "\n".join(lines)
 
 

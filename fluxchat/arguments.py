@@ -9,13 +9,36 @@ from dataclasses import dataclass, field
 class StageArguments:
     """Fields every alignment stage has."""
 
-    dataset: list[str] = field(default_factory=lambda: ["builtin"], metadata={"help": "Data sources to mix: 'builtin' (generated tasks), local .jsonl/.json/.parquet files, or Hub dataset ids."})
-    corpus_file: str | None = field(default=None, metadata={"help": "Text corpus the built-in quote/speaker tasks draw lines from; default the shipped tinyshakespeare (data/)."})
-    tasks: list[str] | None = field(default=None, metadata={"help": "Built-in tasks to train and evaluate on; default all (quote speaker arithmetic copy upper capital followup)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (a seeded sample); default all."})
-    eval_examples: int = field(default=140, metadata={"help": "Held-out built-in examples scored at the end of the stage (balanced across tasks)."})
+    dataset: list[str] = field(
+        default_factory=lambda: ["builtin"],
+        metadata={
+            "help": "Data sources to mix: 'builtin' (generated tasks), local .jsonl/.json/.parquet files, or Hub dataset ids."
+        },
+    )
+    corpus_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text corpus the built-in quote/speaker tasks draw lines from; default the shipped tinyshakespeare (data/)."
+        },
+    )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Built-in tasks to train and evaluate on; default all (quote speaker arithmetic copy upper capital followup)."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows (a seeded sample); default all."}
+    )
+    eval_examples: int = field(
+        default=140,
+        metadata={"help": "Held-out built-in examples scored at the end of the stage (balanced across tasks)."},
+    )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Reply length limit when scoring held-out tasks."})
-    eval_baseline: bool = field(default=True, metadata={"help": "Also score the input model before training, so metrics.json shows what the stage changed."})
+    eval_baseline: bool = field(
+        default=True,
+        metadata={"help": "Also score the input model before training, so metrics.json shows what the stage changed."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in the output folder."})
 
     def __post_init__(self):
@@ -31,8 +54,16 @@ class PeftArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Module names to adapt; default all linear layers (GPT-2: c_attn c_proj c_fc)."})
-    merge_adapter: bool = field(default=True, metadata={"help": "Save the adapter merged into a plain model, so the next stage and chat load it without peft."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to adapt; default all linear layers (GPT-2: c_attn c_proj c_fc)."},
+    )
+    merge_adapter: bool = field(
+        default=True,
+        metadata={
+            "help": "Save the adapter merged into a plain model, so the next stage and chat load it without peft."
+        },
+    )
 
     def __post_init__(self):
         if self.lora_r < 1 or self.lora_alpha < 1 or not 0 <= self.lora_dropout < 1:

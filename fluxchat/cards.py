@@ -76,10 +76,32 @@ HEADLINE_PATTERNS = ("bits_per_byte", "accuracy", "margin", "reward", "score", "
 HIDDEN_METRICS = {"ranks"}  # per-process bookkeeping, not a result
 
 KEY_SETTINGS = (
-    "tokenizer_type", "vocab_size", "split_digits", "chat_format", "n_layer", "n_embd", "n_head", "block_size",
-    "max_length", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "assistant_only_loss",
-    "response_length", "kl_coef", "num_ppo_epochs", "num_mini_batches", "beta", "use_peft", "lora_r", "seed",
+    "tokenizer_type",
+    "vocab_size",
+    "split_digits",
+    "chat_format",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "block_size",
+    "max_length",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "assistant_only_loss",
+    "response_length",
+    "kl_coef",
+    "num_ppo_epochs",
+    "num_mini_batches",
+    "beta",
+    "use_peft",
+    "lora_r",
+    "seed",
 )
 
 # Our shared data files and where they come from on the Hub (for the card's `datasets`).
@@ -92,11 +114,20 @@ KNOWN_DATASETS = {
 }
 
 # Curves worth plotting, in log_history keys: losses left, what PPO/reward training optimise right.
-LOSS_SERIES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("loss/policy_avg", "policy loss"), ("loss/value_avg", "value loss"))
-OBJECTIVE_SERIES = (
-    ("objective/rlhf_reward", "RLHF reward"), ("objective/scores", "reward-model score"),
-    ("objective/kl", "KL to reference"), ("eval_accuracy", "eval accuracy"), ("eval_margin", "eval margin"),
+LOSS_SERIES = (
+    ("loss", "train loss"),
+    ("eval_loss", "eval loss"),
+    ("loss/policy_avg", "policy loss"),
+    ("loss/value_avg", "value loss"),
 )
+OBJECTIVE_SERIES = (
+    ("objective/rlhf_reward", "RLHF reward"),
+    ("objective/scores", "reward-model score"),
+    ("objective/kl", "KL to reference"),
+    ("eval_accuracy", "eval accuracy"),
+    ("eval_margin", "eval margin"),
+)
+
 
 def _read_json(path: Path) -> Any:
     try:
@@ -174,6 +205,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 def plot_loss_curve(history: list[dict], path: Path) -> bool:
     """Train/eval loss against step (and, for reward/PPO, what they optimise) as a PNG. False if nothing to plot."""
+
     def series(key):
         points = [(e["step"], e[key]) for e in history if isinstance(e.get(key), (int, float)) and "step" in e]
         return points if points else None
@@ -325,7 +357,9 @@ def _settings_table(config: dict[str, Any]) -> str:
     return "\n".join(["| setting | value |", "|---|---|", *[f"| `{k}` | {_format_value(config[k])} |" for k in keys]])
 
 
-def card_metadata(stage: str, config: dict[str, Any], base_model: str | None, hub_datasets: list[str], adapter: bool) -> dict[str, Any]:
+def card_metadata(
+    stage: str, config: dict[str, Any], base_model: str | None, hub_datasets: list[str], adapter: bool
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {"license": config.get("license") or DEFAULT_LICENSE}
     metadata["library_name"] = "peft" if adapter else "transformers"
     if stage == "reward":
@@ -389,7 +423,12 @@ def write_model_card(
 
     metadata = card_metadata(stage, config, base_model, hub_datasets, adapter)
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(), "---", ""]
-    lines += [f"# fluxchat {stage}: {run_name}", "", WHAT_IT_DID.get(stage, f"The `{stage}` stage of a fluxchat run."), ""]
+    lines += [
+        f"# fluxchat {stage}: {run_name}",
+        "",
+        WHAT_IT_DID.get(stage, f"The `{stage}` stage of a fluxchat run."),
+        "",
+    ]
     facts = _facts(metrics)
     if facts:
         lines += ["This model: " + ", ".join(facts) + ".", ""]
@@ -405,7 +444,14 @@ def write_model_card(
     lines += [table if table else "No metrics recorded (metrics.json is missing).", ""]
     stage_report = _stage_report(location)
     if stage_report:
-        lines += ["### Stage report", "", "Every stage of this run on the same held-out items (`pipeline/evaluate.py RUN --report`):", "", stage_report, ""]
+        lines += [
+            "### Stage report",
+            "",
+            "Every stage of this run on the same held-out items (`pipeline/evaluate.py RUN --report`):",
+            "",
+            stage_report,
+            "",
+        ]
     if plotted:
         lines += [f"![training curves]({PLOT_FILE})", ""]
     elif stage != "tokenizer":
@@ -419,7 +465,16 @@ def write_model_card(
         lines += [settings, ""]
     if config:
         full = yaml.safe_dump(config, sort_keys=True, allow_unicode=True).strip()
-        lines += ["<details><summary>Full resolved configuration (config.yaml)</summary>", "", "```yaml", full, "```", "", "</details>", ""]
+        lines += [
+            "<details><summary>Full resolved configuration (config.yaml)</summary>",
+            "",
+            "```yaml",
+            full,
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     else:
         lines += ["No config.yaml found.", ""]
     lines += [

@@ -114,7 +114,9 @@ def _field_names(dataclass_types) -> set[str]:
     return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
 
-def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] | None = None, positional: str | None = None):
+def parse_config(
+    stage: str, dataclass_types: tuple[type, ...], argv: list[str] | None = None, positional: str | None = None
+):
     """Parse `--config`/`--preset` YAML plus CLI flags into instances of `dataclass_types`.
 
     `positional`: a field that may also be given as the first bare argument
@@ -160,7 +162,9 @@ def parse_config(stage: str, dataclass_types: tuple[type, ...], argv: list[str] 
         full_argv += _cpu_only_flags(full_argv)
     try:
         parsed = parser.parse_args_into_dataclasses(args=full_argv, look_for_args_file=False)
-        validation.check_numbers(parsed)  # NaN, infinity and out-of-range numbers: one line, before anything is written
+        validation.check_numbers(
+            parsed
+        )  # NaN, infinity and out-of-range numbers: one line, before anything is written
     except UsageError as err:
         message = str(err)
         cli_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
@@ -197,9 +201,11 @@ def _cpu_only_flags(argv: list[str]) -> list[str]:
         torch.set_num_threads(cores // processes)
     elif os.environ.get("OMP_NUM_THREADS") == "1" and processes < cores and main_process():
         # `accelerate launch` without a config sets this for its child: the run would use one core
-        print(f"note: OMP_NUM_THREADS=1, so this process trains on 1 of {cores} CPU cores; to use them all, run "
-              f"`accelerate launch --num_cpu_threads_per_process {cores // processes} ...` or `python pipeline/<stage>.py ...`",
-              file=sys.stderr)
+        print(
+            f"note: OMP_NUM_THREADS=1, so this process trains on 1 of {cores} CPU cores; to use them all, run "
+            f"`accelerate launch --num_cpu_threads_per_process {cores // processes} ...` or `python pipeline/<stage>.py ...`",
+            file=sys.stderr,
+        )
     return ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]
 
 
@@ -248,8 +254,6 @@ def resolved_config(*objs, config_file: Path | None = None) -> dict[str, Any]:
     merged = redact_secrets(merged)  # never write a Hub token to disk
     merged["config_file"] = str(config_file) if config_file else None
     return merged
-
-
 
 
 def on_cpu_only() -> bool:

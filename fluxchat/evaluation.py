@@ -30,7 +30,9 @@ def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int =
         correct = tasks.check(example, result["reply"])
         per_task.setdefault(task, []).append(correct)
         if len(samples.setdefault(task, [])) < SAMPLES_PER_TASK:
-            samples[task].append({"prompt": prompt[-1]["content"], "expected": answer, "reply": result["reply"], "correct": correct})
+            samples[task].append(
+                {"prompt": prompt[-1]["content"], "expected": answer, "reply": result["reply"], "correct": correct}
+            )
     ordered = sorted(per_task, key=lambda t: (tasks.TASKS.index(t) if t in tasks.TASKS else len(tasks.TASKS), t))
     per_task = {task: per_task[task] for task in ordered}
     accuracy = {task: sum(hits) / len(hits) for task, hits in per_task.items()}
@@ -101,7 +103,9 @@ def _prompt_messages(item) -> list[dict]:
     return tasks.prompt_and_answer(item)[0]
 
 
-def mean_reward(policy, reward_model, tokenizer, prompts: list, max_new_tokens: int = 48, batch_size: int = 32) -> dict:
+def mean_reward(
+    policy, reward_model, tokenizer, prompts: list, max_new_tokens: int = 48, batch_size: int = 32
+) -> dict:
     """Mean reward of the policy's greedy replies. `prompts`: message lists, task examples or pairs."""
     if not prompts:
         fail("no prompts to generate replies for")

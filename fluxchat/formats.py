@@ -23,7 +23,15 @@ CONVERSATION_FORMATS = (
     "messages (OpenAI), conversations (ShareGPT from/value), prompt+completion, "
     "instruction+output[+input] (Alpaca), instruction+response[+context] (Dolly), instruction+instances (self-instruct)"
 )
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -40,9 +48,13 @@ def _read_rows(source: str):
             fail(f"{source}: could not load as a local file or Hub dataset ({str(err).splitlines()[0][:200]})")
         return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
     if path.is_dir():  # e.g. a cloned dataset repo: its data files are named one by one, never guessed
-        found = sorted(p.name for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")))
+        found = sorted(
+            p.name for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet"))
+        )
         holds = f"it holds {', '.join(found[:5])}: name one of them" if found else "it holds none"
-        fail(f"{source} is a folder: a data source is one .jsonl, .json or .parquet file (or a Hub dataset id); {holds}")
+        fail(
+            f"{source} is a folder: a data source is one .jsonl, .json or .parquet file (or a Hub dataset id); {holds}"
+        )
     if not path.is_file():
         fail(f"{source}: no such file (give a .jsonl/.json/.parquet file, a Hub dataset id, or '{BUILTIN}')")
     suffixes = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
@@ -60,7 +72,9 @@ def _read_rows(source: str):
 
 
 def looks_like_hub_dataset(value: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.endswith((".json", ".jsonl", ".gz", ".parquet"))
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.endswith(
+        (".json", ".jsonl", ".gz", ".parquet")
+    )
 
 
 def _open_text(path: Path):
@@ -91,7 +105,9 @@ def _json_rows(path: Path):
         with _open_text(path) as handle:
             data = json.load(handle)
     except json.JSONDecodeError as err:
-        fail(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); for one object per line name it .jsonl")
+        fail(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); for one object per line name it .jsonl"
+        )
     except (UnicodeDecodeError, OSError, EOFError) as err:
         fail(f"{path}: could not be read as UTF-8 JSON ({err.__class__.__name__})")
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: one list of rows inside
@@ -210,7 +226,11 @@ def _row_conversations(fmt: str, row: dict) -> list[list[dict]]:
     if fmt == "self_instruct":
         instances = row.get("instances")
         if not isinstance(instances, list) or not instances:
-            raise _RowError("field 'instances' must be a non-empty list of {input, output}" if "instances" in row else "missing field 'instances'")
+            raise _RowError(
+                "field 'instances' must be a non-empty list of {input, output}"
+                if "instances" in row
+                else "missing field 'instances'"
+            )
         out = []
         for i, instance in enumerate(instances):
             if not isinstance(instance, dict):
@@ -220,7 +240,9 @@ def _row_conversations(fmt: str, row: dict) -> list[list[dict]]:
                 output = _text_field(instance, "output")
             except _RowError as err:
                 raise _RowError(f"instances[{i}]: {err}") from None
-            out.append([{"role": "user", "content": _user_turn(instruction, extra)}, {"role": "assistant", "content": output}])
+            out.append(
+                [{"role": "user", "content": _user_turn(instruction, extra)}, {"role": "assistant", "content": output}]
+            )
         return out
     answer_key, extra_key = ("output", "input") if fmt == "alpaca" else ("response", "context")
     extra = _text_field(row, extra_key, required=False)
@@ -239,7 +261,9 @@ def load_conversations(sources: list[str], corpus_file: str | None = None) -> li
     out: list[dict] = []
     for source in sources:
         if source == BUILTIN:
-            out += [{"messages": example["messages"]} for example in tasks.conversations("train", corpus_file=corpus_file)]
+            out += [
+                {"messages": example["messages"]} for example in tasks.conversations("train", corpus_file=corpus_file)
+            ]
             continue
         name, rows = _read_rows(source)
         fmt = None
@@ -248,7 +272,9 @@ def load_conversations(sources: list[str], corpus_file: str | None = None) -> li
             if fmt is None:
                 fmt = _detect_conversation_format(row.keys())
                 if fmt is None:
-                    fail(f"{name}: {label}: unrecognised columns ({', '.join(sorted(row.keys()))}); expected one of: {CONVERSATION_FORMATS}")
+                    fail(
+                        f"{name}: {label}: unrecognised columns ({', '.join(sorted(row.keys()))}); expected one of: {CONVERSATION_FORMATS}"
+                    )
             try:
                 conversations = _row_conversations(fmt, row)
             except _RowError as err:
@@ -291,7 +317,9 @@ def _row_preference(row: dict) -> dict:
     chosen, rejected = row["chosen"], row["rejected"]
     if "prompt" in row and row["prompt"] is not None:
         if not isinstance(row["prompt"], (str, list)):
-            raise _RowError(f"field 'prompt' must be a string or a list of messages, got {type(row['prompt']).__name__}")
+            raise _RowError(
+                f"field 'prompt' must be a string or a list of messages, got {type(row['prompt']).__name__}"
+            )
         prompt = _text_or_messages(row["prompt"], "prompt", "user")
         return {
             "prompt": prompt,
@@ -328,7 +356,11 @@ def _row_preference(row: dict) -> dict:
     shared = _common_prefix_length(chosen_messages, rejected_messages)
     while shared and chosen_messages[shared - 1]["role"] == "assistant":  # the answers start after the last user turn
         shared -= 1
-    return {"prompt": chosen_messages[:shared], "chosen": chosen_messages[shared:], "rejected": rejected_messages[shared:]}
+    return {
+        "prompt": chosen_messages[:shared],
+        "chosen": chosen_messages[shared:],
+        "rejected": rejected_messages[shared:],
+    }
 
 
 def load_preferences(sources: list[str], corpus_file: str | None = None) -> tuple[list[dict], int]:

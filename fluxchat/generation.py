@@ -11,13 +11,23 @@ from transformers import GenerationConfig
 from fluxchat import chat_format, loading
 
 
-def generation_config(tokenizer, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0) -> GenerationConfig:
+def generation_config(
+    tokenizer, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0
+) -> GenerationConfig:
     """The one GenerationConfig builder: sampling with the given settings, greedy when temperature <= 0.
     Stops at every stop token of the tokenizer's chat format (end of turn and end of text)."""
-    ids = dict(eos_token_id=chat_format.stop_token_ids(tokenizer), pad_token_id=pad_id(tokenizer), bos_token_id=tokenizer.bos_token_id)
+    ids = dict(
+        eos_token_id=chat_format.stop_token_ids(tokenizer),
+        pad_token_id=pad_id(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+    )
     if temperature <= 0:
-        return GenerationConfig(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=max_new_tokens, **ids)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, **ids)
+        return GenerationConfig(
+            do_sample=False, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=max_new_tokens, **ids
+        )
+    return GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, **ids
+    )
 
 
 @torch.no_grad()
@@ -47,7 +57,9 @@ def pad_id(tokenizer) -> int:
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 32) -> list[dict]:
+def generate_replies(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 32
+) -> list[dict]:
     """Greedy replies to each conversation: [{"reply", "response_tokens", "stopped"}] in input order.
 
     Prompts are sorted by length and left-padded in batches (the KV cache makes each new token one

@@ -26,16 +26,21 @@ from fluxchat.config import REPO_ROOT, UsageError, fail, known_tokens, main_proc
 # paths, nothing a model user needs: the card has the metrics and curve) and training_args.bin (a
 # pickle of TrainingArguments, which can hold --hub_token).
 IGNORE_PATTERNS = [
-    "checkpoint-*", "checkpoint-*/*", "*.log", "training_args.bin", "optimizer.pt", "scheduler.pt",
-    "rng_state*.pth", "*.tmp", ".*",
+    "checkpoint-*",
+    "checkpoint-*/*",
+    "*.log",
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state*.pth",
+    "*.tmp",
+    ".*",
 ]
 # Every file to be uploaded is scanned for the token, binary or not (a pickled .bin/.pt can hold it), in
 # chunks of this size so that multi-GB weights never sit in memory whole.
 SCAN_CHUNK_BYTES = 16 * 1024 * 1024
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 DEFAULT_GRADIO_VERSION = "6.31.0"
-
-
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ def check_repo_id(repo_id: str, flag: str = "repo id") -> None:
 def ensure_can_push(token: str | None = None) -> None:
     """Fail in one line, before any work, when a push cannot succeed: offline mode, or no token at all."""
     if constants.is_offline_mode():
-        fail("offline mode is on (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1): pushing needs the Hub; set HF_HUB_OFFLINE=0 when online")
+        fail(
+            "offline mode is on (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1): pushing needs the Hub; set HF_HUB_OFFLINE=0 when online"
+        )
     if not (token or get_token()):
         fail("no Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write access")
 
@@ -173,14 +180,18 @@ def maybe_push(push_request: PushRequest | None, stage_dir: str | Path, stage: s
     try:
         url = push_stage(stage_dir, push_request.repo_id, token=push_request.token, private=push_request.private)
     except UsageError as err:
-        raise UsageError(f"{err} (the {stage} stage itself finished: retry with `python pipeline/push.py` or rerun with the same flags)") from None
+        raise UsageError(
+            f"{err} (the {stage} stage itself finished: retry with `python pipeline/push.py` or rerun with the same flags)"
+        ) from None
     print(f"pushed {stage} -> {url}")
     return url
 
 
 def stage_repos(run_folder: Path, hub_user: str) -> dict[str, str]:
     """Every finished stage of a run -> its repo id <hub_user>/<run_name>-<stage>."""
-    return {stage: f"{hub_user}/{run_folder.name}-{stage}" for stage in runs.STAGES if runs.is_finished(run_folder / stage)}
+    return {
+        stage: f"{hub_user}/{run_folder.name}-{stage}" for stage in runs.STAGES if runs.is_finished(run_folder / stage)
+    }
 
 
 def base_repo(stage: str, repos: dict[str, str]) -> str | None:
@@ -242,7 +253,9 @@ def space_readme(variables: dict[str, str], run_name: str) -> str:
     )
 
 
-def push_space(space_id: str, variables: dict[str, str], run_name: str, token: str | None = None, private: bool = False) -> str:
+def push_space(
+    space_id: str, variables: dict[str, str], run_name: str, token: str | None = None, private: bool = False
+) -> str:
     """Create or update a Gradio Space running this checkout's app.py; `variables` (see `space_variables`)
     name the models it serves. Returns the Space's URL."""
     check_repo_id(space_id, "--space")
@@ -261,8 +274,18 @@ def push_space(space_id: str, variables: dict[str, str], run_name: str, token: s
         (staging / runs.CARD_FILE).write_text(space_readme(variables, run_name), encoding="utf-8")
         refuse_leaked_token(staging, token)
         with hub_errors(f"creating the Space {space_id}", token):
-            url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", token=token, private=private, exist_ok=True)
-            api.upload_folder(folder_path=staging, repo_id=space_id, repo_type="space", token=token, commit_message=f"fluxchat app for {run_name}")
+            url = api.create_repo(
+                space_id, repo_type="space", space_sdk="gradio", token=token, private=private, exist_ok=True
+            )
+            api.upload_folder(
+                folder_path=staging,
+                repo_id=space_id,
+                repo_type="space",
+                token=token,
+                commit_message=f"fluxchat app for {run_name}",
+            )
             for key, value in variables.items():
-                api.add_space_variable(space_id, key, value, description="fluxchat model repo app.py serves", token=token)
+                api.add_space_variable(
+                    space_id, key, value, description="fluxchat model repo app.py serves", token=token
+                )
     return str(url)

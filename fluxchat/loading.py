@@ -37,7 +37,9 @@ def resolve_model(value: str | None, flag: str = "model") -> str:
             return str(path)
         stage = runs.latest_stage(path)
         if stage is None:
-            fail(f"--{flag} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo/grpo/dpo stage")
+            fail(
+                f"--{flag} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo/grpo/dpo stage"
+            )
         return str(stage)
     if runs.looks_like_hub_id(value):
         return value
@@ -74,7 +76,9 @@ def refuse_pickle_only(source: str, flag: str = "model") -> None:
     folder = Path(source)
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return
-    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern) if p.name != "training_args.bin")
+    pickles = sorted(
+        p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern) if p.name != "training_args.bin"
+    )
     if pickles:
         fail(
             f"--{flag} {source}: its weights are only a pickle ({', '.join(pickles[:3])}); only safetensors weights "
@@ -102,7 +106,9 @@ def load_model(source: str, tokenizer=None, reward: bool = False):
         where = weights[0] if len(weights) == 1 else source
         fail(f"cannot load a model from {where} (only safetensors weights are loaded): {_one_line(err)}")
     if reward and model.config.num_labels != 1:  # e.g. a language model's folder: a fresh, random 2-label head
-        fail(f"{source} is not a reward model: it has {model.config.num_labels} labels, expected 1 (train one with pipeline/reward.py)")
+        fail(
+            f"{source} is not a reward model: it has {model.config.num_labels} labels, expected 1 (train one with pipeline/reward.py)"
+        )
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         fail(
             f"{source}: the model embeds {model.get_input_embeddings().num_embeddings} tokens but its tokenizer has "
@@ -116,7 +122,9 @@ def load_model_and_tokenizer(source: str, reward: bool = False, chat: bool = Fal
     tokenizer = load_tokenizer(source)
     missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
     if chat and missing:
-        fail(f"{source}: its tokenizer lacks the chat tokens {missing}; use a model trained with this project's tokenizer")
+        fail(
+            f"{source}: its tokenizer lacks the chat tokens {missing}; use a model trained with this project's tokenizer"
+        )
     return load_model(source, tokenizer, reward=reward), tokenizer
 
 
@@ -142,7 +150,9 @@ def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_miss
         fail(f"could not load a tokenizer from {path}: {str(err).splitlines()[0][:200]}")
     missing = [t for t in chat_format.SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing and not add_missing_tokens:
-        fail(f"tokenizer in {path} lacks the chat tokens {' '.join(missing)}: give a model that went through pipeline/sft.py")
+        fail(
+            f"tokenizer in {path} lacks the chat tokens {' '.join(missing)}: give a model that went through pipeline/sft.py"
+        )
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
         logger.info(f"added chat tokens {' '.join(missing)} to the tokenizer of {path}")
@@ -150,7 +160,10 @@ def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_miss
         tokenizer.pad_token = chat_format.PAD  # PPO masks on ids != pad: pad must differ from EOS
     own = chat_format.format_of(tokenizer).name
     if chat_format_name and chat_format_name != own and tokenizer.chat_template:
-        print(f"note: --chat_format {chat_format_name} overrides the '{own}' format the tokenizer in {path} was trained with", file=sys.stderr)
+        print(
+            f"note: --chat_format {chat_format_name} overrides the '{own}' format the tokenizer in {path} was trained with",
+            file=sys.stderr,
+        )
     name = chat_format_name or own
     chat_format.set_chat_format(tokenizer, name, chat_model=True)
     tokenizer.padding_side = "right"

@@ -26,7 +26,16 @@ class PPOMonitor:
     probe prompts, every logging step) to PPO's log; warns when KL to the reference runs away or the
     replies collapse (no end-of-turn, loops), and raises TrainingCollapsed when asked to stop."""
 
-    def __init__(self, tokenizer, probe_conversations, max_new_tokens: int, max_kl: float, min_eos_rate: float, max_repetition: float, stop: bool):
+    def __init__(
+        self,
+        tokenizer,
+        probe_conversations,
+        max_new_tokens: int,
+        max_kl: float,
+        min_eos_rate: float,
+        max_repetition: float,
+        stop: bool,
+    ):
         self.tokenizer, self.probe_conversations, self.max_new_tokens = tokenizer, probe_conversations, max_new_tokens
         self.max_kl, self.min_eos_rate, self.max_repetition, self.stop = max_kl, min_eos_rate, max_repetition, stop
         self.trainer = None  # set after the trainer exists: the probe samples its current policy
@@ -65,7 +74,9 @@ class PPOMonitor:
             probe = self.probe()
             sample = probe.pop("sample")
             added.update(probe)
-            logger.info(f"probe @ update {state.global_step} | {self.probe_conversations[0][-1]['content']!r} -> {sample!r}")
+            logger.info(
+                f"probe @ update {state.global_step} | {self.probe_conversations[0][-1]['content']!r} -> {sample!r}"
+            )
             self.check(state.global_step, logs["objective/kl"], probe)
         logs.update(added)
         state.log_history[-1].update(added)
@@ -73,11 +84,17 @@ class PPOMonitor:
     def check(self, step: int, kl: float, probe: dict) -> None:
         problems = []
         if kl > self.max_kl:
-            problems.append(f"KL to the SFT reference {kl:.2f} > {self.max_kl} (raise --kl_coef or lower --learning_rate)")
+            problems.append(
+                f"KL to the SFT reference {kl:.2f} > {self.max_kl} (raise --kl_coef or lower --learning_rate)"
+            )
         if probe["probe_eos_rate"] < self.min_eos_rate:
-            problems.append(f"only {probe['probe_eos_rate']:.0%} of replies end with <|end|> (< {self.min_eos_rate:.0%}; raise --missing_eos_penalty)")
+            problems.append(
+                f"only {probe['probe_eos_rate']:.0%} of replies end with <|end|> (< {self.min_eos_rate:.0%}; raise --missing_eos_penalty)"
+            )
         if probe["repetition"] > self.max_repetition:
-            problems.append(f"replies repeat themselves ({probe['repetition']:.0%} repeated token trigrams > {self.max_repetition:.0%})")
+            problems.append(
+                f"replies repeat themselves ({probe['repetition']:.0%} repeated token trigrams > {self.max_repetition:.0%})"
+            )
         for problem in problems:
             message = f"warning: PPO update {step}: {problem}"
             self.warnings.append(message)
@@ -106,6 +123,7 @@ PPO_LOG_KEYS = {  # PPOTrainer's metric -> our short name in the dense log line
 def ppo_progress():
     """The dense progress line for PPO: a few named metrics every logging step (PPOTrainer logs
     ~20 metrics on every update; log_history.json keeps them all)."""
+
     class PPOProgress(training.DenseProgress):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "objective/kl" in logs:

@@ -32,7 +32,13 @@ import yaml
 from fluxchat.config import UsageError, fail, main_process, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
-CHAT_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")  # stages whose model generates text: a run folder serves the first finished
+CHAT_STAGES = (
+    "ppo",
+    "grpo",
+    "dpo",
+    "sft",
+    "pretrain",
+)  # stages whose model generates text: a run folder serves the first finished
 STAGING = ".staging"  # inside a stage folder: saves in progress, renamed into place when complete
 OVERWRITE_SUFFIX = ".overwrite"  # <parent>/.<stage>.overwrite: a replacement built beside the stage it replaces
 REPLACED_SUFFIX = ".replaced"  # <parent>/.<stage>.replaced: the replaced stage, for the moment of the swap
@@ -106,7 +112,9 @@ def resolve_input(value: str | None, run_name: str, stage: str) -> str:
     if not folder.exists():
         hint = PRODUCER[stage].format(run=run_name)
         fail(f"{folder} does not exist: run `{hint}` first, or pass a path with the matching flag")
-    if not is_finished(folder) and not (value and _is_plain_model_dir(folder)):  # the run's own stage folder must be finished
+    if not is_finished(folder) and not (
+        value and _is_plain_model_dir(folder)
+    ):  # the run's own stage folder must be finished
         hint = PRODUCER[stage].format(run=run_name)
         fail(f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}): finish it with `{hint}`")
     return str(folder)
@@ -155,14 +163,20 @@ def check_output_dir(folder: str | Path, *, overwrite: bool, resume: bool = Fals
             f"{'replace' if overwrite else 'write into'} it; choose another --output_dir or --run_name"
         )
     if is_finished(folder) and not overwrite:
-        fail(f"{folder} already holds a finished run: pass --overwrite to replace it, or choose another --run_name/--output_dir")
+        fail(
+            f"{folder} already holds a finished run: pass --overwrite to replace it, or choose another --run_name/--output_dir"
+        )
     if resume:
         checkpoint = latest_checkpoint(folder)
         if checkpoint is None:
-            fail(f"--resume: no complete checkpoint in {folder} (complete = its {TRAINER_STATE_FILE} is readable); drop --resume to start afresh")
+            fail(
+                f"--resume: no complete checkpoint in {folder} (complete = its {TRAINER_STATE_FILE} is readable); drop --resume to start afresh"
+            )
         return checkpoint
     if not overwrite and latest_checkpoint(folder) is not None:
-        fail(f"{folder} holds checkpoints of an unfinished run: pass --resume to continue it, or --overwrite to start afresh")
+        fail(
+            f"{folder} holds checkpoints of an unfinished run: pass --resume to continue it, or --overwrite to start afresh"
+        )
     return None
 
 

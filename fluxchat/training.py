@@ -55,11 +55,17 @@ def plan_stage(training_args, stage: str, *, overwrite: bool, resume: bool = Fal
     if training_args.run_name is not None:
         runs.check_run_name(training_args.run_name)
     if getattr(training_args, "resume_from_checkpoint", None):  # a TrainingArguments field nothing reads
-        fail("--resume_from_checkpoint is not supported: pass --resume to continue from the newest complete checkpoint in the output folder")
+        fail(
+            "--resume_from_checkpoint is not supported: pass --resume to continue from the newest complete checkpoint in the output folder"
+        )
     if training_args.max_steps == 0 or training_args.max_steps < -1:
-        fail(f"--max_steps {training_args.max_steps} trains nothing: give a positive number of steps (or -1 to train --num_train_epochs epochs)")
+        fail(
+            f"--max_steps {training_args.max_steps} trains nothing: give a positive number of steps (or -1 to train --num_train_epochs epochs)"
+        )
     if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
-        fail(f"--num_train_epochs {training_args.num_train_epochs} trains nothing: give a positive number (or --max_steps)")
+        fail(
+            f"--num_train_epochs {training_args.num_train_epochs} trains nothing: give a positive number (or --max_steps)"
+        )
     output_dir = resolve_output_dir(training_args, stage)
     resume_from = runs.check_output_dir(output_dir, overwrite=overwrite, resume=resume)
     return StageRun(stage, output_dir, runs.work_dir(output_dir, overwrite), overwrite, resume_from)
@@ -200,7 +206,9 @@ def stage_checkpoints(trainer) -> None:
             best = trainer.state.best_model_checkpoint
             if best and Path(best).parent == staging:
                 trainer.state.best_model_checkpoint = str(run_dir / Path(best).name)
-            rotate_checkpoints(str(run_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                str(run_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True
+            )
         trainer.accelerator.wait_for_everyone()
 
     trainer._save_checkpoint = staged_save
@@ -236,7 +244,9 @@ def train(trainer, resume_from: Path | None = None):
             trainer.state = TrainerState.load_from_json(str(Path(resume_from) / runs.TRAINER_STATE_FILE))
             losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
             return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {})
-    return trainer.train(resume_from_checkpoint=str(resume_from)) if resume_from else trainer.train()  # PPOTrainer.train() takes no argument
+    return (
+        trainer.train(resume_from_checkpoint=str(resume_from)) if resume_from else trainer.train()
+    )  # PPOTrainer.train() takes no argument
 
 
 def gather_rank_info(info: dict) -> list[dict]:
@@ -300,6 +310,7 @@ def save_model(trainer, model, tokenizer, output_dir: Path, merge_adapter: bool,
         model = model.merge_and_unload()
     if getattr(model, "can_generate", lambda: False)():  # PPOTrainer leaves its own stop settings in it
         model.generation_config = generation.generation_config(tokenizer)
+
     def save(folder: Path) -> None:
         if direct or (is_peft and merge_adapter):
             # Every process takes part in the gather (FSDP / ZeRO-3: each holds a shard); the main one writes.
@@ -329,7 +340,9 @@ def finish_stage(
         runs.write_json(run.work_dir / runs.EVAL_FILE, evaluation)
         metrics = {**metrics, "eval": evaluation}
     runs.write_json(run.work_dir / runs.METRICS_FILE, metrics)
-    cards.write_model_card(run.work_dir, run.stage, location=run.output_dir)  # replaces the generic card TRL's save_model writes
+    cards.write_model_card(
+        run.work_dir, run.stage, location=run.output_dir
+    )  # replaces the generic card TRL's save_model writes
     if finished:
         runs.mark_finished(run.work_dir, run.stage, global_step=trainer.state.global_step)
         runs.commit(run.work_dir, run.output_dir)

@@ -1,6 +1,6 @@
 """Write (or rewrite) the model card of a finished stage folder.
 
-    python pipeline/cards.py runs/demo/sft
+python pipeline/cards.py runs/demo/sft
 """
 
 from __future__ import annotations

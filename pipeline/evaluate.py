@@ -28,19 +28,61 @@ from fluxchat.config import UsageError, fail, parse_config, run_cli
 
 @dataclass
 class EvaluateArguments:
-    model: str | None = field(default=None, metadata={"help": "Model folder, run folder (its newest finished stage: ppo > grpo > dpo > sft > pretrain) or Hub id; may be given as the first argument."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward model folder: scores its accuracy on held-out pairs and the mean reward of the model's replies."})
-    pairs_file: list[str] | None = field(default=None, metadata={"help": "Preference files (TRL or hh-rlhf, .jsonl.gz ok) to score the reward model on, besides the built-in held-out pairs."})
-    pairs_heldout_fraction: float | None = field(default=None, metadata={"help": "Score only the held-out part of --pairs_file, split as formats.formats.split_heldout(rows, fraction, --seed) splits it for the reward stage; default all pairs."})
-    max_pairs: int = field(default=1000, metadata={"help": "Score at most this many pairs per --pairs_file (the first ones after splitting)."})
-    n_per_task: int = field(default=50, metadata={"help": "Held-out examples per built-in task (capital/followup have fewer distinct items)."})
-    tasks: list[str] | None = field(default=None, metadata={"help": f"Built-in tasks to evaluate; default all: {' '.join(tasks.TASKS)}."})
-    corpus_file: str | None = field(default=None, metadata={"help": "Corpus for the quote/speaker tasks; default the shipped tinyshakespeare (data/). Without it, those tasks are skipped."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model folder, run folder (its newest finished stage: ppo > grpo > dpo > sft > pretrain) or Hub id; may be given as the first argument."
+        },
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward model folder: scores its accuracy on held-out pairs and the mean reward of the model's replies."
+        },
+    )
+    pairs_file: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Preference files (TRL or hh-rlhf, .jsonl.gz ok) to score the reward model on, besides the built-in held-out pairs."
+        },
+    )
+    pairs_heldout_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Score only the held-out part of --pairs_file, split as formats.formats.split_heldout(rows, fraction, --seed) splits it for the reward stage; default all pairs."
+        },
+    )
+    max_pairs: int = field(
+        default=1000,
+        metadata={"help": "Score at most this many pairs per --pairs_file (the first ones after splitting)."},
+    )
+    n_per_task: int = field(
+        default=50,
+        metadata={"help": "Held-out examples per built-in task (capital/followup have fewer distinct items)."},
+    )
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": f"Built-in tasks to evaluate; default all: {' '.join(tasks.TASKS)}."}
+    )
+    corpus_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Corpus for the quote/speaker tasks; default the shipped tinyshakespeare (data/). Without it, those tasks are skipped."
+        },
+    )
     max_new_tokens: int = field(default=48, metadata={"help": "Longest reply generated per prompt."})
     batch_size: int = field(default=32, metadata={"help": "Prompts generated (or pairs scored) together."})
-    seed: int = field(default=0, metadata={"help": "Seed of the held-out examples and of --pairs_heldout_fraction's split."})
-    output_file: str | None = field(default=None, metadata={"help": "Where to write the JSON; default evaluation.json in the model folder."})
-    report: bool = field(default=False, metadata={"help": "Stage report: every finished stage of the run folder (pretrain, sft, ppo, grpo, dpo) on the same held-out items -> <run>/report.json and report.md; the final stage's model card shows it."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the held-out examples and of --pairs_heldout_fraction's split."}
+    )
+    output_file: str | None = field(
+        default=None, metadata={"help": "Where to write the JSON; default evaluation.json in the model folder."}
+    )
+    report: bool = field(
+        default=False,
+        metadata={
+            "help": "Stage report: every finished stage of the run folder (pretrain, sft, ppo, grpo, dpo) on the same held-out items -> <run>/report.json and report.md; the final stage's model card shows it."
+        },
+    )
 
     def __post_init__(self):
         if not self.model:
@@ -58,11 +100,16 @@ def _examples(args) -> list[dict]:
         try:
             tasks.resolve_corpus(None)
         except UsageError:
-            print(f"note: skipping {', '.join(corpus_tasks)}: tinyshakespeare is neither shipped (data/) nor cached nor downloadable; pass --corpus_file PATH to include them", file=sys.stderr)
+            print(
+                f"note: skipping {', '.join(corpus_tasks)}: tinyshakespeare is neither shipped (data/) nor cached nor downloadable; pass --corpus_file PATH to include them",
+                file=sys.stderr,
+            )
             chosen = tuple(t for t in chosen if t not in tasks.CORPUS_TASKS)
             if not chosen:
                 fail("no task left to evaluate: pass --corpus_file for the quote/speaker tasks")
-    return tasks.conversations("eval", n=args.n_per_task * len(chosen), seed=args.seed, corpus_file=args.corpus_file, tasks=chosen)
+    return tasks.conversations(
+        "eval", n=args.n_per_task * len(chosen), seed=args.seed, corpus_file=args.corpus_file, tasks=chosen
+    )
 
 
 def _pairs_from_files(args) -> dict[str, list[dict]]:
@@ -107,15 +154,30 @@ def main(argv: list[str] | None = None) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     start = time.perf_counter()
-    report = {"model": model_path, "tasks": evaluation.evaluate_tasks(model, tokenizer, examples, args.max_new_tokens, args.batch_size)}
+    report = {
+        "model": model_path,
+        "tasks": evaluation.evaluate_tasks(model, tokenizer, examples, args.max_new_tokens, args.batch_size),
+    }
     if reward_path:
         reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
-        builtin_pairs = tasks.preference_pairs("eval", n=len(examples), seed=args.seed, corpus_file=args.corpus_file, tasks=tuple(report["tasks"]["per_task"]))
+        builtin_pairs = tasks.preference_pairs(
+            "eval",
+            n=len(examples),
+            seed=args.seed,
+            corpus_file=args.corpus_file,
+            tasks=tuple(report["tasks"]["per_task"]),
+        )
         report["reward_model"] = reward_path
-        report["reward_pairs"] = {"builtin": evaluation.evaluate_reward_model(reward_model, tokenizer, builtin_pairs, args.batch_size)}
+        report["reward_pairs"] = {
+            "builtin": evaluation.evaluate_reward_model(reward_model, tokenizer, builtin_pairs, args.batch_size)
+        }
         for source, pairs in file_pairs.items():
-            report["reward_pairs"][source] = evaluation.evaluate_reward_model(reward_model, tokenizer, pairs, args.batch_size)
-        report["mean_reward"] = evaluation.mean_reward(model, reward_model, tokenizer, examples, args.max_new_tokens, args.batch_size)
+            report["reward_pairs"][source] = evaluation.evaluate_reward_model(
+                reward_model, tokenizer, pairs, args.batch_size
+            )
+        report["mean_reward"] = evaluation.mean_reward(
+            model, reward_model, tokenizer, examples, args.max_new_tokens, args.batch_size
+        )
     report["seconds"] = round(time.perf_counter() - start, 1)
     runs.write_json(output_file, report)
     print(format_report(report))
@@ -127,7 +189,9 @@ def stage_report(args) -> Path:
     """--report: score every finished chat stage of a run on the same held-out items (fluxchat/report.py)."""
     run = Path(args.model)
     if args.output_file or args.pairs_file:
-        fail("--report writes report.json and report.md into the run folder and scores no pairs: drop --output_file/--pairs_file")
+        fail(
+            "--report writes report.json and report.md into the run folder and scores no pairs: drop --output_file/--pairs_file"
+        )
     if not run.is_dir() or any((run / name).is_file() for name in ("config.json", "adapter_config.json")):
         fail(f"--report: {run} is not a run folder (give runs/<name>, whose stages are compared)")
     stages = stage_reports.report_stages(run)
@@ -147,7 +211,9 @@ def stage_report(args) -> Path:
         model = loading.load_model(str(run / stage), tokenizer).to(device)
         if reward_path and reward_model is None:
             reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
-        results[stage] = stage_reports.score_stage(model, tokenizer, examples, reward_model, args.max_new_tokens, args.batch_size)
+        results[stage] = stage_reports.score_stage(
+            model, tokenizer, examples, reward_model, args.max_new_tokens, args.batch_size
+        )
         print(f"{stage}: overall {results[stage]['overall']:.3f} on {results[stage]['n']} examples", flush=True)
         del model
     data = stage_reports.build_report(run, results, args.n_per_task, args.seed, reward_path)
@@ -157,7 +223,9 @@ def stage_report(args) -> Path:
     runs.atomic_write_text(run / stage_reports.REPORT_MD, markdown)
     final = run / data["final_stage"]
     cards.write_model_card(final, cards.stage_of(final))  # the final stage's card shows the report
-    print(f"\nstage report of {run}\n{markdown}wrote {run / stage_reports.REPORT_JSON}, {run / stage_reports.REPORT_MD} and {final / 'README.md'}")
+    print(
+        f"\nstage report of {run}\n{markdown}wrote {run / stage_reports.REPORT_JSON}, {run / stage_reports.REPORT_MD} and {final / 'README.md'}"
+    )
     return run / stage_reports.REPORT_JSON
 
 
@@ -167,11 +235,17 @@ def format_report(report: dict) -> str:
     lines = [f"model {report['model']}", f"{'task':<12} {'accuracy':>8} {'n':>5}"]
     for task, accuracy in result["per_task"].items():
         lines.append(f"{task:<12} {accuracy:>8.3f} {result['n_per_task'][task]:>5}")
-    lines.append(f"{'overall':<12} {result['overall']:>8.3f} {result['n']:>5}   (mean over tasks; replies ending at <|end|>: {result['eos_rate']:.0%})")
+    lines.append(
+        f"{'overall':<12} {result['overall']:>8.3f} {result['n']:>5}   (mean over tasks; replies ending at <|end|>: {result['eos_rate']:.0%})"
+    )
     for source, scored in report.get("reward_pairs", {}).items():
-        lines.append(f"reward accuracy {scored['accuracy']:.3f}, margin {scored['margin']:.3f} on {scored['n']} pairs ({source})")
+        lines.append(
+            f"reward accuracy {scored['accuracy']:.3f}, margin {scored['margin']:.3f} on {scored['n']} pairs ({source})"
+        )
     if "mean_reward" in report:
-        lines.append(f"mean reward of the model's replies {report['mean_reward']['mean_reward']:.3f} (n {report['mean_reward']['n']})")
+        lines.append(
+            f"mean reward of the model's replies {report['mean_reward']['mean_reward']:.3f} (n {report['mean_reward']['n']})"
+        )
     return "\n".join(lines)
 
 

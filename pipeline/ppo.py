@@ -41,52 +41,99 @@ from fluxchat.config import fail, parse_config, run_cli  # noqa: E402
 
 @dataclass
 class PPOArguments(StageArguments):
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Policy and reference model (the SFT model); default runs/<run_name>/sft. Alias: --sft_model_path."})
-    value_model_path: str | None = field(default=None, metadata={"help": "Value model initialisation; default the reward model (as TRL's example does)."})
-    max_kl: float = field(default=10.0, metadata={"help": "Warn when the KL to the SFT reference (summed over a reply) exceeds this."})
-    min_eos_rate: float = field(default=0.1, metadata={"help": "Warn when fewer probe replies than this end with <|end|>."})
-    max_repetition: float = field(default=0.5, metadata={"help": "Warn when probe replies repeat more token trigrams than this share."})
-    stop_on_collapse: bool = field(default=False, metadata={"help": "Stop (and mark nothing finished) when a warning above fires."})
-    probe_prompts: int = field(default=16, metadata={"help": "Held-out prompts answered greedily every logging step to measure reply length and repetition."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Policy and reference model (the SFT model); default runs/<run_name>/sft. Alias: --sft_model_path."
+        },
+    )
+    value_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Value model initialisation; default the reward model (as TRL's example does)."},
+    )
+    max_kl: float = field(
+        default=10.0, metadata={"help": "Warn when the KL to the SFT reference (summed over a reply) exceeds this."}
+    )
+    min_eos_rate: float = field(
+        default=0.1, metadata={"help": "Warn when fewer probe replies than this end with <|end|>."}
+    )
+    max_repetition: float = field(
+        default=0.5, metadata={"help": "Warn when probe replies repeat more token trigrams than this share."}
+    )
+    stop_on_collapse: bool = field(
+        default=False, metadata={"help": "Stop (and mark nothing finished) when a warning above fires."}
+    )
+    probe_prompts: int = field(
+        default=16,
+        metadata={
+            "help": "Held-out prompts answered greedily every logging step to measure reply length and repetition."
+        },
+    )
 
 
 @dataclass
 class StagePPOConfig(PPOConfig):
     # TRL defaults both to a Hub model; ours default to this run's stages.
-    sft_model_path: str | None = field(default=None, metadata={"help": "TRL's name for --model_name_or_path (an alias)."})
-    reward_model_path: str | None = field(default=None, metadata={"help": "Reward model; default runs/<run_name>/reward."})
+    sft_model_path: str | None = field(
+        default=None, metadata={"help": "TRL's name for --model_name_or_path (an alias)."}
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward model; default runs/<run_name>/reward."}
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if any(a == "--resume" or a.startswith("--resume=") for a in argv):
-        fail("--resume: PPO cannot continue from a checkpoint (TRL's PPOTrainer saves the policy only); rerun the stage with --overwrite")
-    script_args, peft_args, args, config_file = parse_config("ppo", (PPOArguments, PeftArguments, StagePPOConfig), argv)
-    if script_args.model_name_or_path and args.sft_model_path and script_args.model_name_or_path != args.sft_model_path:
+        fail(
+            "--resume: PPO cannot continue from a checkpoint (TRL's PPOTrainer saves the policy only); rerun the stage with --overwrite"
+        )
+    script_args, peft_args, args, config_file = parse_config(
+        "ppo", (PPOArguments, PeftArguments, StagePPOConfig), argv
+    )
+    if (
+        script_args.model_name_or_path
+        and args.sft_model_path
+        and script_args.model_name_or_path != args.sft_model_path
+    ):
         fail("--model_name_or_path and --sft_model_path name the same input (the policy): give one of them")
     run = training.plan_stage(args, "ppo", overwrite=script_args.overwrite)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     run_name = training.run_name(args)
-    policy_flag = "--sft_model_path" if args.sft_model_path and not script_args.model_name_or_path else "--model_name_or_path"
+    policy_flag = (
+        "--sft_model_path" if args.sft_model_path and not script_args.model_name_or_path else "--model_name_or_path"
+    )
     sft_path = runs.resolve_input(script_args.model_name_or_path or args.sft_model_path, run_name, "sft")
     reward_path = runs.resolve_input(args.reward_model_path, run_name, "reward")
-    value_path = runs.resolve_input(script_args.value_model_path, run_name, "reward") if script_args.value_model_path else reward_path
+    value_path = (
+        runs.resolve_input(script_args.value_model_path, run_name, "reward")
+        if script_args.value_model_path
+        else reward_path
+    )
     tokenizer = loading.load_chat_tokenizer(sft_path)
     for flag, path in (("--reward_model_path", reward_path), ("--value_model_path", value_path)):
         loading.check_same_tokenizer(tokenizer, path, flag)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        fail(f"{policy_flag} {sft_path}: its tokenizer's pad token == EOS, which corrupts PPO's masks; retrain the tokenizer with a <|pad|> token")
+        fail(
+            f"{policy_flag} {sft_path}: its tokenizer's pad token == EOS, which corrupts PPO's masks; retrain the tokenizer with a <|pad|> token"
+        )
     context = loading.context_length(loading.load_config(sft_path))
     if args.response_length >= context - 4:
-        fail(f"--response_length {args.response_length} leaves no room for a prompt in the model's context of {context}")
+        fail(
+            f"--response_length {args.response_length} leaves no room for a prompt in the model's context of {context}"
+        )
     if args.stop_token is None and args.stop_token_id is None:
         args.stop_token = "eos"  # the chat tokenizer's EOS is <|end|>: replies end where a turn ends
     conversations = stage_data.load_conversations(script_args)
     conversations = stage_data.sample_rows(conversations, script_args.max_train_samples, args.seed)
     train_set, counts = stage_data.prompt_dataset(tokenizer, conversations, context - args.response_length)
     examples = stage_data.task_examples(script_args)
-    eval_set = stage_data.prompt_dataset(tokenizer, examples, context - args.response_length)[0] if examples else train_set.select(range(min(8, len(train_set))))
+    eval_set = (
+        stage_data.prompt_dataset(tokenizer, examples, context - args.response_length)[0]
+        if examples
+        else train_set.select(range(min(8, len(train_set))))
+    )
     probe = [stage_data.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
     policy = loading.load_causal_lm(sft_path, tokenizer)
     reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)  # must be a separate copy
@@ -104,13 +151,21 @@ def main(argv: list[str] | None = None) -> Path:
             return {}
         evaluation.on_device(reward_model)
         out = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
-        out["reward"] = evaluation.mean_reward(model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens)
+        out["reward"] = evaluation.mean_reward(
+            model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens
+        )
         return out
 
     before = measure(policy) if script_args.eval_baseline else {}
     tokenizer.padding_side = "left"  # PPOTrainer generates from a batch of prompts
     monitor = rl_monitor.PPOMonitor(
-        tokenizer, probe, args.response_length, script_args.max_kl, script_args.min_eos_rate, script_args.max_repetition, script_args.stop_on_collapse
+        tokenizer,
+        probe,
+        args.response_length,
+        script_args.max_kl,
+        script_args.min_eos_rate,
+        script_args.max_repetition,
+        script_args.stop_on_collapse,
     )
     trainer = PPOTrainer(
         args=args,

@@ -28,14 +28,22 @@ DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
 
 @dataclass
 class ModelArguments:
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id; default runs/<run_name>/tokenizer."})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from this causal LM instead of a fresh GPT-2."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id; default runs/<run_name>/tokenizer."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from this causal LM instead of a fresh GPT-2."}
+    )
     n_layer: int = field(default=4, metadata={"help": "Transformer blocks."})
     n_embd: int = field(default=128, metadata={"help": "Hidden width."})
     n_head: int = field(default=4, metadata={"help": "Attention heads (must divide n_embd)."})
     block_size: int = field(default=128, metadata={"help": "Context length in tokens (GPT-2's n_positions)."})
-    dropout: float = field(default=0.0, metadata={"help": "For pretraining 0 is good; for small data and many epochs try 0.1+."})
-    pad_vocab_to_multiple_of: int = field(default=0, metadata={"help": "Round the embedding up (64 helps GPUs); 0 = exact."})
+    dropout: float = field(
+        default=0.0, metadata={"help": "For pretraining 0 is good; for small data and many epochs try 0.1+."}
+    )
+    pad_vocab_to_multiple_of: int = field(
+        default=0, metadata={"help": "Round the embedding up (64 helps GPUs); 0 = exact."}
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fused attention) or eager."})
 
     def __post_init__(self):
@@ -45,46 +53,86 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: list[str] | None = field(default=None, metadata={"help": "Text files/folders (.txt/.jsonl/.parquet); default the shipped tinyshakespeare (data/)."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (or local dataset folder) instead of files."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration (e.g. wikitext-103-raw-v1)."})
+    train_file: list[str] | None = field(
+        default=None,
+        metadata={"help": "Text files/folders (.txt/.jsonl/.parquet); default the shipped tinyshakespeare (data/)."},
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id (or local dataset folder) instead of files."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The Hub dataset's configuration (e.g. wikitext-103-raw-v1)."}
+    )
     dataset_split: str = field(default="train", metadata={"help": "The Hub dataset's split to read."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the Hub dataset into token shards without downloading it whole first."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the Hub dataset into token shards without downloading it whole first."},
+    )
     text_column: str = field(default="text", metadata={"help": "Column with text for jsonl/parquet/Hub data."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out tail of each text file (nanoGPT: last 10%); streamed: every 1/fraction-th document."})
-    token_cache_dir: str | None = field(default=None, metadata={"help": "Where token shards are cached; default $FLUXCHAT_CACHE/tokens (~/.cache/fluxchat/tokens)."})
-    tokenize_num_proc: int = field(default=0, metadata={"help": "Processes tokenizing a new corpus; 0 = one per CPU core."})
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Held-out tail of each text file (nanoGPT: last 10%); streamed: every 1/fraction-th document."
+        },
+    )
+    token_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where token shards are cached; default $FLUXCHAT_CACHE/tokens (~/.cache/fluxchat/tokens)."},
+    )
+    tokenize_num_proc: int = field(
+        default=0, metadata={"help": "Processes tokenizing a new corpus; 0 = one per CPU core."}
+    )
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts sampled after each evaluation."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in the output folder."})
 
 
 def main(argv: list[str] | None = None) -> Path:
-    model_args, data_args, args, config_file = parse_config("pretrain", (ModelArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, args, config_file = parse_config(
+        "pretrain", (ModelArguments, DataArguments, TrainingArguments), argv
+    )
     run = training.plan_stage(args, "pretrain", overwrite=data_args.overwrite, resume=data_args.resume)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, training.run_name(args), "tokenizer")
     tokenizer = loading.load_tokenizer(tokenizer_path)
-    sources = data.text_sources(data_args.train_file, data_args.dataset_name, data_args.dataset_config_name,
-                                data_args.dataset_split, data_args.streaming)
+    sources = data.text_sources(
+        data_args.train_file,
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.dataset_split,
+        data_args.streaming,
+    )
     with PartialState().local_main_process_first():  # one process per machine tokenizes, the others read its cache
-        corpus = shards.load_or_build(tokenizer, sources, data_args.text_column, data_args.validation_fraction,
-                                      Path(data_args.token_cache_dir or shards.default_cache_root()),
-                                      data_args.tokenize_num_proc or os.cpu_count() or 1)
+        corpus = shards.load_or_build(
+            tokenizer,
+            sources,
+            data_args.text_column,
+            data_args.validation_fraction,
+            Path(data_args.token_cache_dir or shards.default_cache_root()),
+            data_args.tokenize_num_proc or os.cpu_count() or 1,
+        )
     train_tokens, val_tokens = corpus.train, corpus.validation
     set_seed(args.seed)  # the Trainer seeds only after the model exists: without this, init ignores --seed
     model = pretraining.build_model(model_args, tokenizer)
     tokenizer.model_max_length = model_args.block_size  # saved with the model; set after tokenizing whole documents
     if corpus.max_id >= model.config.vocab_size:
-        fail(f"tokenizer {tokenizer_path} produces id {corpus.max_id} but the model's vocab_size is {model.config.vocab_size}")
+        fail(
+            f"tokenizer {tokenizer_path} produces id {corpus.max_id} but the model's vocab_size is {model.config.vocab_size}"
+        )
     if model_args.block_size > model.config.n_positions:
-        fail(f"--block_size {model_args.block_size} is longer than the model's context ({model.config.n_positions} positions)")
+        fail(
+            f"--block_size {model_args.block_size} is longer than the model's context ({model.config.n_positions} positions)"
+        )
     block_size = model_args.block_size
     accounting = pretraining.RankAccounting()
     train_set = pretraining.RandomWindows(train_tokens, block_size, accounting)
-    eval_set = pretraining.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
+    eval_set = (
+        pretraining.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
+    )
     if eval_set is None:
         args.eval_strategy = "no"
     bytes_per_token = corpus.validation_bytes / len(val_tokens) if eval_set else 1.0
@@ -109,7 +157,11 @@ def main(argv: list[str] | None = None) -> Path:
         bytes_per_token=bytes_per_token,
     )
     training.use_dense_progress(trainer, tokens_per_step)
-    trainer.add_callback(pretraining.SampleCallback(tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens))
+    trainer.add_callback(
+        pretraining.SampleCallback(
+            tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens
+        )
+    )
 
     start = time.perf_counter()
     result = training.train(trainer, run.resume_from)
@@ -132,7 +184,9 @@ def main(argv: list[str] | None = None) -> Path:
     training.finish_stage(trainer, run, metrics, push_request=push_request)
     if trainer.is_world_process_zero():
         bpb = final_eval.get("eval_bits_per_byte")
-        print(f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {run.output_dir}")
+        print(
+            f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {run.output_dir}"
+        )
     return run.output_dir
 
 

@@ -40,15 +40,26 @@ from fluxchat.hub import (
 
 @dataclass
 class PushArguments:
-    run_dir: str = field(metadata={"help": "Run folder (runs/<run_name>) or run name; also accepted as the first positional argument."})
-    hub_user: str = field(metadata={"help": "Hub user or organisation that owns the repos: <hub_user>/<run_name>-<stage>."})
+    run_dir: str = field(
+        metadata={"help": "Run folder (runs/<run_name>) or run name; also accepted as the first positional argument."}
+    )
+    hub_user: str = field(
+        metadata={"help": "Hub user or organisation that owns the repos: <hub_user>/<run_name>-<stage>."}
+    )
     private: bool = field(default=False, metadata={"help": "Create the repos (and the Space) private."})
-    stages: list[str] | None = field(default=None, metadata={"help": "Push only these stages (default: every finished stage)."})
-    space: str | None = field(default=None, metadata={"help": "Also create/update this Gradio Space (<user>/<name>) running app.py on the pushed model."})
+    stages: list[str] | None = field(
+        default=None, metadata={"help": "Push only these stages (default: every finished stage)."}
+    )
+    space: str | None = field(
+        default=None,
+        metadata={"help": "Also create/update this Gradio Space (<user>/<name>) running app.py on the pushed model."},
+    )
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.hub_user):
-            raise ValueError(f"--hub_user '{self.hub_user}' is not a Hub user or organisation name (letters, digits, - _ .; no /)")
+            raise ValueError(
+                f"--hub_user '{self.hub_user}' is not a Hub user or organisation name (letters, digits, - _ .; no /)"
+            )
         if self.space is not None and not REPO_ID_PATTERN.fullmatch(self.space):
             raise ValueError(f"--space '{self.space}' must look like <user>/<space_name>")
         for stage in self.stages or []:
@@ -74,13 +85,17 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     repos = stage_repos(run_folder, args.hub_user)
     for stage in args.stages or []:
         if stage not in repos:
-            fail(f"--stages {stage}: {run_folder / stage} is not a finished stage; produce it with `{runs.PRODUCER[stage].format(run=run_folder.name)}`")
+            fail(
+                f"--stages {stage}: {run_folder / stage} is not a finished stage; produce it with `{runs.PRODUCER[stage].format(run=run_folder.name)}`"
+            )
     selected = [s for s in runs.STAGES if s in repos and (not args.stages or s in args.stages)]
     for stage in runs.STAGES:
         if (run_folder / stage).is_dir() and stage not in repos and not args.stages:
             print(f"note: skipping {run_folder / stage}: not finished", file=sys.stderr)
     if not selected:
-        fail(f"{run_folder} has no finished stage to push: run `{runs.PRODUCER['tokenizer'].format(run=run_folder.name)}` and the stages after it")
+        fail(
+            f"{run_folder} has no finished stage to push: run `{runs.PRODUCER['tokenizer'].format(run=run_folder.name)}` and the stages after it"
+        )
     variables = space_variables(repos)
     model_repo = variables.get("FLUXCHAT_MODEL")
     if args.space and model_repo is None:

@@ -27,8 +27,13 @@ from fluxchat.config import fail, parse_config, run_cli
 
 @dataclass
 class RewardArguments(StageArguments):
-    model_name_or_path: str | None = field(default=None, metadata={"help": "SFT model folder or Hub id to start from; default runs/<run_name>/sft."})
-    eval_fraction: float = field(default=0.05, metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "SFT model folder or Hub id to start from; default runs/<run_name>/sft."}
+    )
+    eval_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,11 +50,17 @@ def score_pairs(model, tokenizer, pairs) -> dict:
 
 
 def describe(result: dict) -> str:
-    return f"accuracy {result['accuracy']:.1%}, margin {result['margin']:.2f} (n={result['n']})" if result else "not evaluated"
+    return (
+        f"accuracy {result['accuracy']:.1%}, margin {result['margin']:.2f} (n={result['n']})"
+        if result
+        else "not evaluated"
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config("reward", (RewardArguments, PeftArguments, RewardConfig), argv)
+    script_args, peft_args, args, config_file = parse_config(
+        "reward", (RewardArguments, PeftArguments, RewardConfig), argv
+    )
     run = training.plan_stage(args, "reward", overwrite=script_args.overwrite)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
@@ -60,7 +71,9 @@ def main(argv: list[str] | None = None) -> Path:
     pairs, n_identical = stage_data.load_preferences(script_args)
     pairs = stage_data.sample_rows(pairs, script_args.max_train_samples, args.seed)
     if len(pairs) < 2:
-        fail(f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)")
+        fail(
+            f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)"
+        )
     train_pairs, heldout_pairs = formats.split_heldout(pairs, script_args.eval_fraction, args.seed)
     train_set, counts = stage_data.preference_dataset(tokenizer, train_pairs, args.max_length)
     eval_set, eval_counts = stage_data.preference_dataset(tokenizer, heldout_pairs, args.max_length)
@@ -78,7 +91,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     baseline = {}
     if script_args.eval_baseline:  # an untrained head: accuracy should be near chance
-        baseline = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
+        baseline = {
+            "builtin": score_pairs(model, tokenizer, builtin_pairs),
+            "heldout": score_pairs(model, tokenizer, heldout_pairs),
+        }
         model.train()
 
     trainer = RewardTrainer(
@@ -95,14 +111,23 @@ def main(argv: list[str] | None = None) -> Path:
     seconds = time.perf_counter() - start
 
     model = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)
-    report = {"builtin": score_pairs(model, tokenizer, builtin_pairs), "heldout": score_pairs(model, tokenizer, heldout_pairs)}
+    report = {
+        "builtin": score_pairs(model, tokenizer, builtin_pairs),
+        "heldout": score_pairs(model, tokenizer, heldout_pairs),
+    }
     if len(script_args.dataset) > 1:
         report["heldout_by_source"] = {
-            source: score_pairs(model, tokenizer, [p for p in heldout_pairs if p["source"] == source]) for source in script_args.dataset
+            source: score_pairs(model, tokenizer, [p for p in heldout_pairs if p["source"] == source])
+            for source in script_args.dataset
         }
     if baseline:
         report["before"] = baseline
-    data_counts = {"train": counts, "heldout": eval_counts, "dropped_identical": n_identical, "sources": script_args.dataset}
+    data_counts = {
+        "train": counts,
+        "heldout": eval_counts,
+        "dropped_identical": n_identical,
+        "sources": script_args.dataset,
+    }
     metrics = {
         **training.train_metrics(result, seconds),
         "reward_accuracy": report["builtin"].get("accuracy"),
@@ -112,7 +137,9 @@ def main(argv: list[str] | None = None) -> Path:
         "model": model_path,
     }
     training.finish_stage(trainer, run, metrics, report, push_request=push_request)
-    summary = f"built-in held-out pairs {describe(report['builtin'])}; held-out given pairs {describe(report['heldout'])}"
+    summary = (
+        f"built-in held-out pairs {describe(report['builtin'])}; held-out given pairs {describe(report['heldout'])}"
+    )
     training.logger.info(f"after reward training: {summary}")
     if trainer.is_world_process_zero():
         print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {run.output_dir}")

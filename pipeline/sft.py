@@ -29,13 +29,37 @@ from fluxchat.config import parse_config, run_cli
 
 @dataclass
 class SFTArguments(StageArguments):
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder or Hub id to fine-tune; default runs/<run_name>/pretrain."})
-    chat_format: str | None = field(default=None, metadata={"help": f"Chat template the model learns: {' or '.join(chat_format.FORMATS)}; default the one its tokenizer was trained with. Later stages inherit it."})
-    eval_fraction: float = field(default=0.02, metadata={"help": "Share of the training conversations held out for the eval loss (0 = none)."})
-    inspect: bool = field(default=False, metadata={"help": "Print one tokenized example with the loss-bearing tokens in [[...]] and exit."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."})
-    mix_text_file: str | None = field(default=None, metadata={"help": "Plain text mixed into SFT as language-modelling rows (loss on every token), e.g. the facts prose of pretraining, so SFT reaches what pretraining stored; default none."})
-    mix_text_fraction: float = field(default=0.3, metadata={"help": "Share of the training rows that are --mix_text_file windows (of the model's context), in [0, 1)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model folder or Hub id to fine-tune; default runs/<run_name>/pretrain."}
+    )
+    chat_format: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Chat template the model learns: {' or '.join(chat_format.FORMATS)}; default the one its tokenizer was trained with. Later stages inherit it."
+        },
+    )
+    eval_fraction: float = field(
+        default=0.02, metadata={"help": "Share of the training conversations held out for the eval loss (0 = none)."}
+    )
+    inspect: bool = field(
+        default=False,
+        metadata={"help": "Print one tokenized example with the loss-bearing tokens in [[...]] and exit."},
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
+    )
+    mix_text_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Plain text mixed into SFT as language-modelling rows (loss on every token), e.g. the facts prose of pretraining, so SFT reaches what pretraining stored; default none."
+        },
+    )
+    mix_text_fraction: float = field(
+        default=0.3,
+        metadata={
+            "help": "Share of the training rows that are --mix_text_file windows (of the model's context), in [0, 1)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,19 +75,25 @@ class SFTArguments(StageArguments):
 
 def inspect(tokenizer, train_set, counts) -> None:
     masks = train_set["assistant_masks"]
-    multi_turn = [i for i, mask in enumerate(masks[:500]) if sum(1 for a, b in zip([0] + mask, mask) if b and not a) > 1]
+    multi_turn = [
+        i for i, mask in enumerate(masks[:500]) if sum(1 for a, b in zip([0] + mask, mask) if b and not a) > 1
+    ]
     index = multi_turn[0] if multi_turn else 0
     loss_tokens = sum(sum(mask) for mask in masks)
     all_tokens = sum(len(mask) for mask in masks)
-    print(f"{counts['examples']} examples ({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), "
-          f"{all_tokens:,} tokens, {loss_tokens / all_tokens:.0%} carry loss; example {index}, loss tokens in [[...]]:")
+    print(
+        f"{counts['examples']} examples ({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), "
+        f"{all_tokens:,} tokens, {loss_tokens / all_tokens:.0%} carry loss; example {index}, loss tokens in [[...]]:"
+    )
     print(stage_data.marked_example(tokenizer, train_set[index]["input_ids"], masks[index]))
 
 
 def main(argv: list[str] | None = None) -> Path:
     script_args, peft_args, args, config_file = parse_config("sft", (SFTArguments, PeftArguments, SFTConfig), argv)
     if script_args.inspect:  # writes nothing: no output folder to check
-        run = training.StageRun("sft", training.resolve_output_dir(args, "sft"), training.resolve_output_dir(args, "sft"))
+        run = training.StageRun(
+            "sft", training.resolve_output_dir(args, "sft"), training.resolve_output_dir(args, "sft")
+        )
     else:
         run = training.plan_stage(args, "sft", overwrite=script_args.overwrite, resume=script_args.resume)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
@@ -88,7 +118,10 @@ def main(argv: list[str] | None = None) -> Path:
         return run.output_dir
     eval_set = stage_data.sft_dataset(tokenizer, held_out, args.max_length, required=False)[0] if held_out else None
     if held_out and eval_set is None:  # rows that fit are for training; an eval loss is a nice-to-have
-        print(f"note: none of the {len(held_out)} held-out conversations fits the context of {args.max_length} tokens: no eval loss", file=sys.stderr)
+        print(
+            f"note: none of the {len(held_out)} held-out conversations fits the context of {args.max_length} tokens: no eval loss",
+            file=sys.stderr,
+        )
     if eval_set is None:
         args.eval_strategy = "no"
     examples = stage_data.task_examples(script_args)
@@ -135,7 +168,9 @@ def main(argv: list[str] | None = None) -> Path:
     training.finish_stage(trainer, run, metrics, report, push_request=push_request)
     training.logger.info(f"after sft: held-out tasks {evaluation.summarize_tasks(report['tasks'])}")
     if trainer.is_world_process_zero():
-        print(f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {evaluation.summarize_tasks(report['tasks'])} -> {run.output_dir}")
+        print(
+            f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {evaluation.summarize_tasks(report['tasks'])} -> {run.output_dir}"
+        )
     return run.output_dir
 
 

@@ -29,8 +29,20 @@ PYTHON = sys.executable
 # A model small enough to train in seconds on 2 cores, big enough to learn something.
 TINY_MODEL_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "64"]
 TINY_TRAIN_FLAGS = [
-    "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "5",
-    "--logging_steps", "10", "--eval_steps", "40", "--save_steps", "40", "--seed", "0",
+    "--per_device_train_batch_size",
+    "16",
+    "--learning_rate",
+    "3e-3",
+    "--warmup_steps",
+    "5",
+    "--logging_steps",
+    "10",
+    "--eval_steps",
+    "40",
+    "--save_steps",
+    "40",
+    "--seed",
+    "0",
 ]
 
 

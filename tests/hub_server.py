@@ -105,13 +105,19 @@ class HubHandler(BaseHTTPRequestHandler):
     def _record(self) -> str:
         path = unquote(urlsplit(self.path).path)
         with self.hub.lock:
-            self.hub.requests.append({"method": self.command, "path": path, "headers": {k.lower(): v for k, v in self.headers.items()}})
+            self.hub.requests.append(
+                {"method": self.command, "path": path, "headers": {k.lower(): v for k, v in self.headers.items()}}
+            )
         return path
 
     def _authorized(self) -> bool:
         if self.hub.token is None or self.headers.get("Authorization") == f"Bearer {self.hub.token}":
             return True
-        self._send(401, {"error": "Invalid credentials in Authorization header"}, {"X-Error-Message": "Invalid credentials in Authorization header"})
+        self._send(
+            401,
+            {"error": "Invalid credentials in Authorization header"},
+            {"X-Error-Message": "Invalid credentials in Authorization header"},
+        )
         return False
 
     def _repo_url(self, repo_type: str, repo_id: str) -> str:
@@ -130,7 +136,9 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._validate_yaml(json.loads(body))
         if m := re.fullmatch(rf"/api/{TYPE}/{REPO}/preupload/(?P<rev>[^/]+)", path):
             files = json.loads(body)["files"]
-            return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            return self._send(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if m := re.fullmatch(rf"/api/{TYPE}/{REPO}/commit/(?P<rev>[^/]+)", path):
             return self._commit(m["type"], m["repo"], body)
         if m := re.fullmatch(rf"/api/spaces/{REPO}/variables", path):
@@ -151,14 +159,24 @@ class HubHandler(BaseHTTPRequestHandler):
             if repo is None:
                 return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
             siblings = [{"rfilename": p} for p in self.hub.files.get(m["repo"], {})]
-            return self._send(200, {"id": m["repo"], "sha": repo.get("sha", "0" * 40), "private": repo.get("visibility") == "private", "siblings": siblings})
+            return self._send(
+                200,
+                {
+                    "id": m["repo"],
+                    "sha": repo.get("sha", "0" * 40),
+                    "private": repo.get("visibility") == "private",
+                    "siblings": siblings,
+                },
+            )
         if m := re.fullmatch(rf"/(?:spaces/|datasets/)?{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path):
             content = self.hub.files.get(m["repo"], {}).get(m["file"])
             if content is None:
                 return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
             repo = self.hub.repos.get(m["repo"], {})
             etag = hashlib.sha1(content).hexdigest()
-            return self._send(200, raw=content, headers={"ETag": f'"{etag}"', "X-Repo-Commit": repo.get("sha", "0" * 40)})
+            return self._send(
+                200, raw=content, headers={"ETag": f'"{etag}"', "X-Repo-Commit": repo.get("sha", "0" * 40)}
+            )
         self._send(404, {"error": f"no route for GET {path}"})
 
     do_HEAD = do_GET
@@ -170,7 +188,11 @@ class HubHandler(BaseHTTPRequestHandler):
         with self.hub.lock:
             if repo_id in self.hub.repos:
                 return self._send(409, {"error": "You already created this repo", "url": url})
-            self.hub.repos[repo_id] = {"type": repo_type, "visibility": payload.get("visibility"), "sdk": payload.get("sdk")}
+            self.hub.repos[repo_id] = {
+                "type": repo_type,
+                "visibility": payload.get("visibility"),
+                "sdk": payload.get("sdk"),
+            }
             self.hub.files[repo_id] = {}
         self._send(200, {"url": url, "name": repo_id})
 

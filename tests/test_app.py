@@ -46,7 +46,11 @@ def reward_dir(tiny_run, tmp_path_factory):
 
 
 def prompts_logged(caplog) -> list[list[dict]]:
-    return [json.loads(r.getMessage().split(" ", 1)[1])["messages"] for r in caplog.records if r.getMessage().startswith("prompt ")]
+    return [
+        json.loads(r.getMessage().split(" ", 1)[1])["messages"]
+        for r in caplog.records
+        if r.getMessage().startswith("prompt ")
+    ]
 
 
 def test_chat_streams_a_growing_reply_and_uses_browser_style_history(model, caplog):
@@ -59,11 +63,13 @@ def test_chat_streams_a_growing_reply_and_uses_browser_style_history(model, capl
         outputs = list(service.chat("how now?", history, **SAMPLING))
     assert len(outputs) >= 2, "the reply arrives in pieces"
     assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(outputs, outputs[1:]))
-    assert prompts_logged(caplog) == [[
-        {"role": "user", "content": "good morrow"},
-        {"role": "assistant", "content": "and to you"},
-        {"role": "user", "content": "how now?"},
-    ]]
+    assert prompts_logged(caplog) == [
+        [
+            {"role": "user", "content": "good morrow"},
+            {"role": "assistant", "content": "and to you"},
+            {"role": "user", "content": "how now?"},
+        ]
+    ]
 
 
 def test_limits_are_enforced_on_the_server(model):
@@ -73,7 +79,10 @@ def test_limits_are_enforced_on_the_server(model):
     three_turns = [{"role": role, "content": "hi"} for _ in range(3) for role in ("user", "assistant")]
     with pytest.raises(gr.Error, match="limit of 3 turns"):
         next(service.chat("one more", three_turns, **SAMPLING))
-    forged = [{"role": "user", "content": "x" * 101}, {"role": "assistant", "content": "ok"}]  # the client sends history
+    forged = [
+        {"role": "user", "content": "x" * 101},
+        {"role": "assistant", "content": "ok"},
+    ]  # the client sends history
     with pytest.raises(gr.Error, match="holds a message longer than this app accepts"):
         next(service.chat("hi", forged, **SAMPLING))
     with pytest.raises(gr.Error, match="Empty message"):
@@ -145,7 +154,10 @@ def test_forged_history_is_refused_before_any_tokenization(model, monkeypatch):
     service = app.ChatService(model, max_message_chars=2000, max_turns=20)
     with pytest.raises(gr.Error, match="more messages than 20 turns can"):
         next(service.chat("hello", forged_history(), **SAMPLING))
-    long_reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * (service.longest_reply_chars + 1)}]
+    long_reply = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "x" * (service.longest_reply_chars + 1)},
+    ]
     with pytest.raises(gr.Error, match="holds a message longer than this app accepts"):
         next(service.chat("hello", long_reply, **SAMPLING))
     with pytest.raises(gr.Error, match="not a list of messages"):
@@ -178,8 +190,16 @@ def test_internal_errors_reach_the_browser_as_a_plain_message(model, monkeypatch
 def test_a_lone_surrogate_in_a_message_is_answered(model, caplog):
     """Issue 12 item 15: the browser can send a lone surrogate (half an emoji); it becomes U+FFFD."""
     with caplog.at_level(logging.DEBUG, logger="fluxchat.app"):
-        outputs = list(app.ChatService(model).chat("caf\udce9 \ud83d", [{"role": "user", "content": "x\udc80"}, {"role": "assistant", "content": "y"}], **SAMPLING))
+        outputs = list(
+            app.ChatService(model).chat(
+                "caf\udce9 \ud83d",
+                [{"role": "user", "content": "x\udc80"}, {"role": "assistant", "content": "y"}],
+                **SAMPLING,
+            )
+        )
     assert outputs
     assert prompts_logged(caplog)[-1] == [
-        {"role": "user", "content": "x\ufffd"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "caf\ufffd \ufffd"},
+        {"role": "user", "content": "x\ufffd"},
+        {"role": "assistant", "content": "y"},
+        {"role": "user", "content": "caf\ufffd \ufffd"},
     ]

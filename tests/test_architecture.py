@@ -63,14 +63,21 @@ def test_the_library_has_no_import_cycle():
     assert "runs" in graph["training"] and "config" in graph["runs"]  # the graph is really read from the source
     assert find_cycle(graph) is None, f"import cycle in fluxchat/: {' -> '.join(find_cycle(graph))}"
     # config is at the bottom: it imports only leaf modules (which import nothing of ours)
-    assert all(not graph[leaf] for leaf in graph["config"]), f"config.py imports {graph['config']}, which import more of ours"
+    assert all(not graph[leaf] for leaf in graph["config"]), (
+        f"config.py imports {graph['config']}, which import more of ours"
+    )
 
 
 def test_no_command_edits_sys_path():
     offenders = []
     for path in COMMANDS + sorted(LIBRARY.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) and node.value.id == "sys":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"
+            ):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, f"sys.path edited (the package is installed; see pyproject.toml): {offenders}"
 
@@ -84,9 +91,17 @@ def function_level_imports(path: Path) -> list[tuple[int, bool]]:
             for inner in ast.walk(node):
                 if isinstance(inner, (ast.Import, ast.ImportFrom)):
                     above = inner.lineno - 2  # a group of imports shares the comment above its first line
-                    while above >= 0 and lines[above].strip().startswith(("import ", "from ")) and "#" not in lines[above]:
+                    while (
+                        above >= 0
+                        and lines[above].strip().startswith(("import ", "from "))
+                        and "#" not in lines[above]
+                    ):
                         above -= 1
-                    said = "#" in lines[above] if above >= 0 and lines[above].strip().startswith(("import ", "from ", "#")) else False
+                    said = (
+                        "#" in lines[above]
+                        if above >= 0 and lines[above].strip().startswith(("import ", "from ", "#"))
+                        else False
+                    )
                     found[inner.lineno] = "#" in lines[inner.lineno - 1] or said
     return sorted(found.items())
 

@@ -65,7 +65,16 @@ class Case:
 
 
 def tiny_pretrain(inputs, case_dir) -> list:
-    return ["--preset", "tiny", "--tokenizer_name_or_path", inputs.shared / "tokenizer", "--train_file", inputs.corpus, "--output_dir", case_dir / "out"]
+    return [
+        "--preset",
+        "tiny",
+        "--tokenizer_name_or_path",
+        inputs.shared / "tokenizer",
+        "--train_file",
+        inputs.corpus,
+        "--output_dir",
+        case_dir / "out",
+    ]
 
 
 def copy_stage(stage: str, to: str):
@@ -81,7 +90,9 @@ def unfinished_pretrain(inputs, case_dir, with_tokenizer=True):
     stage.mkdir(parents=True)
     (stage / "train.log").write_text("step 10/80 | loss 5.1\n")
     checkpoint = stage / "checkpoint-40"
-    shutil.copytree(inputs.shared / "pretrain", checkpoint, ignore=shutil.ignore_patterns(runs.FINISHED_MARKER, "*.md"))
+    shutil.copytree(
+        inputs.shared / "pretrain", checkpoint, ignore=shutil.ignore_patterns(runs.FINISHED_MARKER, "*.md")
+    )
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
     if with_tokenizer:
         shutil.copytree(inputs.shared / "tokenizer", case_dir / "runs" / "crashed" / "tokenizer")
@@ -98,7 +109,9 @@ def killed_tokenizer(inputs, case_dir):
 def cut_trainer_state(inputs, case_dir):
     """The newest checkpoint's trainer_state.json cut short (the Trainer writes it last, in place)."""
     checkpoint = case_dir / "out" / "checkpoint-40"
-    shutil.copytree(inputs.shared / "pretrain", checkpoint, ignore=shutil.ignore_patterns(runs.FINISHED_MARKER, "*.md"))
+    shutil.copytree(
+        inputs.shared / "pretrain", checkpoint, ignore=shutil.ignore_patterns(runs.FINISHED_MARKER, "*.md")
+    )
     (checkpoint / "trainer_state.json").write_text('{"global_step": 40, "log_hist')
 
 
@@ -118,7 +131,9 @@ def held_out_too_long(inputs, case_dir, seed: int = 0, rows: int = 50):
 
 
 def own_pairs(inputs, case_dir):
-    rows = [{"prompt": f"What is {n} plus {n}?", "chosen": f"{2 * n}.", "rejected": f"{2 * n + 1}."} for n in range(20)]
+    rows = [
+        {"prompt": f"What is {n} plus {n}?", "chosen": f"{2 * n}.", "rejected": f"{2 * n + 1}."} for n in range(20)
+    ]
     (case_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -131,201 +146,633 @@ def write_yaml(name: str, text: str):
 
 CASES = [
     # ---- tokenizer/train.py: the text files it trains on
-    Case("missing file", "tokenizer", lambda i, d: ["--train_file", d / "nope.txt", "--output_dir", d / "tok"], ("--train_file", "nope.txt: no such file")),
-    Case("empty file", "tokenizer", lambda i, d: ["--train_file", i.empty, "--output_dir", d / "tok"], ("empty.txt: file is empty",)),
-    Case("binary file", "tokenizer", lambda i, d: ["--train_file", i.binary, "--output_dir", d / "tok"], ("binary.txt: looks binary",), cli=True),
-    Case("non-UTF-8 file", "tokenizer", lambda i, d: ["--train_file", i.latin1, "--output_dir", d / "tok"], ("latin1.txt: not UTF-8",)),
-    Case("vocab too small", "tokenizer", lambda i, d: ["--train_file", i.corpus, "--vocab_size", 100, "--output_dir", d / "tok"], ("--vocab_size 100 is too small",)),
     Case(
-        "unknown config key", "tokenizer", lambda i, d: ["--config", d / "typo.yaml", "--train_file", i.corpus, "--output_dir", d / "tok"],
-        ("typo.yaml: unknown key 'vocab_sise'", "did you mean 'vocab_size'"), prepare=write_yaml("typo.yaml", "vocab_sise: 512\n"),
+        "missing file",
+        "tokenizer",
+        lambda i, d: ["--train_file", d / "nope.txt", "--output_dir", d / "tok"],
+        ("--train_file", "nope.txt: no such file"),
     ),
     Case(
-        "wrong type in YAML", "tokenizer", lambda i, d: ["--config", d / "types.yaml", "--train_file", i.corpus, "--output_dir", d / "tok"],
-        ("types.yaml", "--vocab_size", "lots"), prepare=write_yaml("types.yaml", "vocab_size: lots\n"),
+        "empty file",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.empty, "--output_dir", d / "tok"],
+        ("empty.txt: file is empty",),
     ),
     Case(
-        "existing finished output kept", "tokenizer", lambda i, d: ["--train_file", i.corpus, "--output_dir", d / "tok"],
-        ("already holds a finished run", "--overwrite"), prepare=copy_stage("tokenizer", "tok"),
+        "binary file",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.binary, "--output_dir", d / "tok"],
+        ("binary.txt: looks binary",),
+        cli=True,
     ),
     Case(
-        "paths with spaces work", "tokenizer", lambda i, d: ["--train_file", i.spaced_corpus, "--vocab_size", 300, "--output_dir", d / "out dir" / "tok"],
-        (), cli=True, succeeds=lambda d: d / "out dir" / "tok",
+        "non-UTF-8 file",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.latin1, "--output_dir", d / "tok"],
+        ("latin1.txt: not UTF-8",),
+    ),
+    Case(
+        "vocab too small",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.corpus, "--vocab_size", 100, "--output_dir", d / "tok"],
+        ("--vocab_size 100 is too small",),
+    ),
+    Case(
+        "unknown config key",
+        "tokenizer",
+        lambda i, d: ["--config", d / "typo.yaml", "--train_file", i.corpus, "--output_dir", d / "tok"],
+        ("typo.yaml: unknown key 'vocab_sise'", "did you mean 'vocab_size'"),
+        prepare=write_yaml("typo.yaml", "vocab_sise: 512\n"),
+    ),
+    Case(
+        "wrong type in YAML",
+        "tokenizer",
+        lambda i, d: ["--config", d / "types.yaml", "--train_file", i.corpus, "--output_dir", d / "tok"],
+        ("types.yaml", "--vocab_size", "lots"),
+        prepare=write_yaml("types.yaml", "vocab_size: lots\n"),
+    ),
+    Case(
+        "existing finished output kept",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.corpus, "--output_dir", d / "tok"],
+        ("already holds a finished run", "--overwrite"),
+        prepare=copy_stage("tokenizer", "tok"),
+    ),
+    Case(
+        "paths with spaces work",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.spaced_corpus, "--vocab_size", 300, "--output_dir", d / "out dir" / "tok"],
+        (),
+        cli=True,
+        succeeds=lambda d: d / "out dir" / "tok",
     ),
     # ---- pipeline/pretrain.py
-    Case("unknown preset", "pretrain", lambda i, d: ["--preset", "tinny", "--run_name", "x"], ("unknown preset 'tinny'", "did you mean 'tiny'"), cli=True),
-    Case("missing previous stage", "pretrain", lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--train_file", i.corpus], ("tokenizer/train.py", "--run_name fresh")),
-    Case("wrong type on the command line", "pretrain", lambda i, d: ["--preset", "tiny", "--learning_rate", "fast"], ("--learning_rate", "fast")),
     Case(
-        "tokenizer/model vocab mismatch", "pretrain",
-        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--model_name_or_path", i.small_vocab_model,
-                      "--train_file", i.corpus, "--output_dir", d / "out"],
+        "unknown preset",
+        "pretrain",
+        lambda i, d: ["--preset", "tinny", "--run_name", "x"],
+        ("unknown preset 'tinny'", "did you mean 'tiny'"),
+        cli=True,
+    ),
+    Case(
+        "missing previous stage",
+        "pretrain",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--train_file", i.corpus],
+        ("tokenizer/train.py", "--run_name fresh"),
+    ),
+    Case(
+        "wrong type on the command line",
+        "pretrain",
+        lambda i, d: ["--preset", "tiny", "--learning_rate", "fast"],
+        ("--learning_rate", "fast"),
+    ),
+    Case(
+        "tokenizer/model vocab mismatch",
+        "pretrain",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            i.shared / "tokenizer",
+            "--model_name_or_path",
+            i.small_vocab_model,
+            "--train_file",
+            i.corpus,
+            "--output_dir",
+            d / "out",
+        ],
         ("vocab_size 300", "use the tokenizer it was trained with"),
     ),
     Case(
-        "context longer than the model's", "pretrain",
-        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--model_name_or_path", i.shared / "pretrain",
-                      "--block_size", 128, "--train_file", i.corpus, "--output_dir", d / "out"],
+        "context longer than the model's",
+        "pretrain",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            i.shared / "tokenizer",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--block_size",
+            128,
+            "--train_file",
+            i.corpus,
+            "--output_dir",
+            d / "out",
+        ],
         ("--block_size 128", "context (64 positions)"),
     ),
     Case(
-        "unfinished checkpoints without --resume", "pretrain",
+        "unfinished checkpoints without --resume",
+        "pretrain",
         lambda i, d: ["--preset", "tiny", "--run_name", "crashed", "--train_file", i.corpus, "--max_steps", 80],
-        ("checkpoints of an unfinished run", "--resume"), prepare=unfinished_pretrain,
+        ("checkpoints of an unfinished run", "--resume"),
+        prepare=unfinished_pretrain,
     ),
     Case(
-        "previous stage killed mid-save", "pretrain", lambda i, d: ["--preset", "tiny", "--run_name", "killed", "--train_file", i.corpus],
-        ("killed/tokenizer holds no finished tokenizer output", "tokenizer/train.py"), prepare=killed_tokenizer,
+        "previous stage killed mid-save",
+        "pretrain",
+        lambda i, d: ["--preset", "tiny", "--run_name", "killed", "--train_file", i.corpus],
+        ("killed/tokenizer holds no finished tokenizer output", "tokenizer/train.py"),
+        prepare=killed_tokenizer,
     ),
     # ---- pipeline/sft.py: instruction data, line by line
     Case(
-        "JSONL with one malformed line", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.malformed_jsonl, "--output_dir", d / "out"],
-        ("malformed.jsonl: line 3 is not valid JSON",), cli=True,
+        "JSONL with one malformed line",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.malformed_jsonl,
+            "--output_dir",
+            d / "out",
+        ],
+        ("malformed.jsonl: line 3 is not valid JSON",),
+        cli=True,
     ),
     Case(
-        "row missing a field", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.missing_field_jsonl, "--output_dir", d / "out"],
+        "row missing a field",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.missing_field_jsonl,
+            "--output_dir",
+            d / "out",
+        ],
         ("missing_field.jsonl: line 2: missing field 'output'",),
     ),
     Case(
-        "wrong field type", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.wrong_type_jsonl, "--output_dir", d / "out"],
+        "wrong field type",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.wrong_type_jsonl,
+            "--output_dir",
+            d / "out",
+        ],
         ("wrong_type.jsonl: line 1: messages[1].content must be a string, got int",),
     ),
     Case(
-        "non-UTF-8 JSONL", "sft", lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.latin1_jsonl, "--output_dir", d / "out"],
+        "non-UTF-8 JSONL",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.latin1_jsonl,
+            "--output_dir",
+            d / "out",
+        ],
         ("latin1.jsonl", "UTF-8"),
     ),
     Case(
-        "conversations longer than the context", "sft",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.long_jsonl, "--output_dir", d / "out"],
+        "conversations longer than the context",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.long_jsonl,
+            "--output_dir",
+            d / "out",
+        ],
         ("no conversation fits the model's context of 64 tokens",),
     ),
-    Case("sft without pretraining", "sft", lambda i, d: ["--preset", "tiny", "--run_name", "fresh"], ("runs/fresh/pretrain does not exist", "pretrain.py")),
+    Case(
+        "sft without pretraining",
+        "sft",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh"],
+        ("runs/fresh/pretrain does not exist", "pretrain.py"),
+    ),
     # ---- pipeline/reward.py: preference pairs
     Case(
-        "chosen == rejected everywhere", "reward",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.identical_pairs, "--output_dir", d / "out"],
-        ("identical.jsonl", "chosen == rejected"), cli=True,
+        "chosen == rejected everywhere",
+        "reward",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.identical_pairs,
+            "--output_dir",
+            d / "out",
+        ],
+        ("identical.jsonl", "chosen == rejected"),
+        cli=True,
     ),
     Case(
-        "hh-rlhf transcript with no Assistant turn", "reward",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.no_assistant_pairs, "--output_dir", d / "out"],
+        "hh-rlhf transcript with no Assistant turn",
+        "reward",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.no_assistant_pairs,
+            "--output_dir",
+            d / "out",
+        ],
         ("no_assistant.jsonl: line 2: field 'rejected' has no", "Assistant:"),
     ),
     # ---- pipeline/ppo.py
     Case(
-        "ppo without a reward model", "ppo", lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--sft_model_path", i.shared / "pretrain"],
-        ("runs/fresh/reward does not exist", "reward.py"), cli=True,
+        "ppo without a reward model",
+        "ppo",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--sft_model_path", i.shared / "pretrain"],
+        ("runs/fresh/reward does not exist", "reward.py"),
+        cli=True,
     ),
     Case(
-        "reward model with another tokenizer", "ppo",
-        lambda i, d: ["--preset", "tiny", "--sft_model_path", i.shared / "pretrain", "--reward_model_path", i.small_vocab_model, "--output_dir", d / "out"],
+        "reward model with another tokenizer",
+        "ppo",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--sft_model_path",
+            i.shared / "pretrain",
+            "--reward_model_path",
+            i.small_vocab_model,
+            "--output_dir",
+            d / "out",
+        ],
         ("--reward_model_path", "different tokenizer"),
     ),
     # ---- pipeline/evaluate.py
-    Case("evaluate a missing model", "evaluate", lambda i, d: [d / "no model here", "--output_file", d / "eval.json"], ("no model here: no such folder",), cli=True),
     Case(
-        "evaluate an unfinished run", "evaluate", lambda i, d: [d / "runs" / "crashed", "--output_file", d / "eval.json"],
-        ("crashed: neither a model folder", "finished"), prepare=unfinished_pretrain,
+        "evaluate a missing model",
+        "evaluate",
+        lambda i, d: [d / "no model here", "--output_file", d / "eval.json"],
+        ("no model here: no such folder",),
+        cli=True,
+    ),
+    Case(
+        "evaluate an unfinished run",
+        "evaluate",
+        lambda i, d: [d / "runs" / "crashed", "--output_file", d / "eval.json"],
+        ("crashed: neither a model folder", "finished"),
+        prepare=unfinished_pretrain,
     ),
     # ---- pipeline/generate.py
-    Case("prompt of only whitespace", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "   \t "], ("--prompt is only whitespace",), cli=True),
-    Case("reply longer than the context", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--max_new_tokens", 64], ("--max_new_tokens 64", "context of 64")),
+    Case(
+        "prompt of only whitespace",
+        "generate",
+        lambda i, d: [i.shared / "pretrain", "--prompt", "   \t "],
+        ("--prompt is only whitespace",),
+        cli=True,
+    ),
+    Case(
+        "reply longer than the context",
+        "generate",
+        lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--max_new_tokens", 64],
+        ("--max_new_tokens 64", "context of 64"),
+    ),
     # ---- pipeline/chat.py
-    Case("pickle weights refused", "chat", lambda i, d: [i.pickle_model], ("only safetensors",), cli=True, stdin="hello\n"),
+    Case(
+        "pickle weights refused",
+        "chat",
+        lambda i, d: [i.pickle_model],
+        ("only safetensors",),
+        cli=True,
+        stdin="hello\n",
+    ),
     Case("chat with a missing model", "chat", lambda i, d: [d / "gone"], ("gone: no such folder",)),
     # ---- app.py
-    Case("malformed --auth", "app", lambda i, d: ["--model", i.shared / "pretrain", "--auth", "admin"], ("--auth must look like user:password",), cli=True),
-    Case("reward model without a second model", "app", lambda i, d: ["--model", i.shared / "pretrain", "--reward_model", i.shared / "pretrain"], ("--compare_model",)),
+    Case(
+        "malformed --auth",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain", "--auth", "admin"],
+        ("--auth must look like user:password",),
+        cli=True,
+    ),
+    Case(
+        "reward model without a second model",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain", "--reward_model", i.shared / "pretrain"],
+        ("--compare_model",),
+    ),
     # ---- pipeline/run_all.py
-    Case("unknown stage", "run_all", lambda i, d: ["--run_name", "x", "--stages", "tokenizer", "finetune"], ("--stages", "finetune"), cli=True),
-    Case("run_all unknown preset", "run_all", lambda i, d: ["--preset", "huge", "--run_name", "x"], ("unknown preset 'huge'",)),
+    Case(
+        "unknown stage",
+        "run_all",
+        lambda i, d: ["--run_name", "x", "--stages", "tokenizer", "finetune"],
+        ("--stages", "finetune"),
+        cli=True,
+    ),
+    Case(
+        "run_all unknown preset",
+        "run_all",
+        lambda i, d: ["--preset", "huge", "--run_name", "x"],
+        ("unknown preset 'huge'",),
+    ),
     # ---- pipeline/push.py
     Case(
-        "push while offline", "push", lambda i, d: [d / "run", "--hub_user", "alice"], ("offline mode",), cli=True,
-        prepare=lambda i, d: shutil.copytree(i.shared, d / "run"), env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_notarealtoken0000"},
+        "push while offline",
+        "push",
+        lambda i, d: [d / "run", "--hub_user", "alice"],
+        ("offline mode",),
+        cli=True,
+        prepare=lambda i, d: shutil.copytree(i.shared, d / "run"),
+        env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_notarealtoken0000"},
     ),
-    Case("push with a malformed user", "push", lambda i, d: [i.shared, "--hub_user", "alice/bob"], ("--hub_user 'alice/bob'",)),
     Case(
-        "push a run with nothing finished", "push", lambda i, d: [d / "runs" / "crashed", "--hub_user", "alice"], ("no finished stage to push",),
+        "push with a malformed user",
+        "push",
+        lambda i, d: [i.shared, "--hub_user", "alice/bob"],
+        ("--hub_user 'alice/bob'",),
+    ),
+    Case(
+        "push a run with nothing finished",
+        "push",
+        lambda i, d: [d / "runs" / "crashed", "--hub_user", "alice"],
+        ("no finished stage to push",),
         prepare=lambda i, d: unfinished_pretrain(i, d, with_tokenizer=False),
     ),
     # ---- defects found by this table (see DEFECTS): strict, so a fix turns them into failures that ask to move them up
-    Case("chat model smaller than its tokenizer", "chat", lambda i, d: [i.mismatched_model], ("vocab",), stdin="hello\n"),
-    Case("evaluate model smaller than its tokenizer", "evaluate", lambda i, d: [i.mismatched_model, "--output_file", d / "eval.json", "--n_per_task", 1], ("vocab",)),
-    Case("half-written weights file (generate)", "generate", lambda i, d: [i.truncated_model, "--prompt", "ROMEO:"], ("model.safetensors",)),
     Case(
-        "half-written weights file (sft)", "sft",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.truncated_model, "--corpus_file", i.corpus, "--output_dir", d / "out"], ("model.safetensors",),
+        "chat model smaller than its tokenizer", "chat", lambda i, d: [i.mismatched_model], ("vocab",), stdin="hello\n"
     ),
     Case(
-        "checkpoint with a cut trainer_state.json", "pretrain",
-        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--train_file", i.corpus, "--output_dir", d / "out",
-                      "--resume", "--max_steps", 80],
-        ("trainer_state.json",), prepare=cut_trainer_state,
+        "evaluate model smaller than its tokenizer",
+        "evaluate",
+        lambda i, d: [i.mismatched_model, "--output_file", d / "eval.json", "--n_per_task", 1],
+        ("vocab",),
     ),
     Case(
-        "corrupt tokenizer.json", "pretrain",
-        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", d / "tok", "--train_file", i.corpus, "--output_dir", d / "out"],
-        ("tokenizer.json",), prepare=corrupt_tokenizer,
+        "half-written weights file (generate)",
+        "generate",
+        lambda i, d: [i.truncated_model, "--prompt", "ROMEO:"],
+        ("model.safetensors",),
     ),
-    Case("run_all with a missing corpus", "run_all", lambda i, d: ["--run_name", "x", "--train_file", d / "nope.txt"], ("nope.txt: no such file",)),
+    Case(
+        "half-written weights file (sft)",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.truncated_model,
+            "--corpus_file",
+            i.corpus,
+            "--output_dir",
+            d / "out",
+        ],
+        ("model.safetensors",),
+    ),
+    Case(
+        "checkpoint with a cut trainer_state.json",
+        "pretrain",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            i.shared / "tokenizer",
+            "--train_file",
+            i.corpus,
+            "--output_dir",
+            d / "out",
+            "--resume",
+            "--max_steps",
+            80,
+        ],
+        ("trainer_state.json",),
+        prepare=cut_trainer_state,
+    ),
+    Case(
+        "corrupt tokenizer.json",
+        "pretrain",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            d / "tok",
+            "--train_file",
+            i.corpus,
+            "--output_dir",
+            d / "out",
+        ],
+        ("tokenizer.json",),
+        prepare=corrupt_tokenizer,
+    ),
+    Case(
+        "run_all with a missing corpus",
+        "run_all",
+        lambda i, d: ["--run_name", "x", "--train_file", d / "nope.txt"],
+        ("nope.txt: no such file",),
+    ),
     # ---- issue 12: every number checked before anything is written, NaN and infinity included (fluxchat/validation.py)
     Case(
-        "negative learning rate", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--learning_rate", "-0.001"], ("--learning_rate must be > 0, got -0.001",),
+        "negative learning rate",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--learning_rate", "-0.001"],
+        ("--learning_rate must be > 0, got -0.001",),
         cli=True,
     ),
-    Case("zero block size", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--block_size", 0], ("--block_size must be >= 1, got 0",)),
-    Case("NaN validation fraction", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--validation_fraction", "nan"], ("--validation_fraction must be a finite number, got nan",)),
-    Case("negative PPO response length", "ppo", lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--response_length", -4], ("--response_length must be >= 1, got -4",)),
-    Case("NaN temperature", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--temperature", "nan"], ("--temperature must be a finite number, got nan",), cli=True),
-    Case("infinite temperature", "generate", lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--temperature", "inf"], ("--temperature must be a finite number, got inf",)),
-    # ---- issue 12: outputs checked before the work
-    Case("evaluate --output_file naming a folder", "evaluate", lambda i, d: [i.shared / "pretrain", "--output_file", d], ("--output_file", "is a folder: name a file"), cli=True),
     Case(
-        "evaluate --output_file under a file", "evaluate", lambda i, d: [i.shared / "pretrain", "--output_file", d / "taken.txt" / "eval.json"],
-        ("taken.txt is a file",), prepare=write_yaml("taken.txt", "mine\n"),
+        "zero block size",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--block_size", 0],
+        ("--block_size must be >= 1, got 0",),
     ),
     Case(
-        "--output_dir under a file", "pretrain",
-        lambda i, d: ["--preset", "tiny", "--tokenizer_name_or_path", i.shared / "tokenizer", "--train_file", i.corpus, "--output_dir", d / "taken.txt" / "out"],
-        ("taken.txt is a file",), prepare=write_yaml("taken.txt", "mine\n"),
+        "NaN validation fraction",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--validation_fraction", "nan"],
+        ("--validation_fraction must be a finite number, got nan",),
+    ),
+    Case(
+        "negative PPO response length",
+        "ppo",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--response_length", -4],
+        ("--response_length must be >= 1, got -4",),
+    ),
+    Case(
+        "NaN temperature",
+        "generate",
+        lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--temperature", "nan"],
+        ("--temperature must be a finite number, got nan",),
+        cli=True,
+    ),
+    Case(
+        "infinite temperature",
+        "generate",
+        lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--temperature", "inf"],
+        ("--temperature must be a finite number, got inf",),
+    ),
+    # ---- issue 12: outputs checked before the work
+    Case(
+        "evaluate --output_file naming a folder",
+        "evaluate",
+        lambda i, d: [i.shared / "pretrain", "--output_file", d],
+        ("--output_file", "is a folder: name a file"),
+        cli=True,
+    ),
+    Case(
+        "evaluate --output_file under a file",
+        "evaluate",
+        lambda i, d: [i.shared / "pretrain", "--output_file", d / "taken.txt" / "eval.json"],
+        ("taken.txt is a file",),
+        prepare=write_yaml("taken.txt", "mine\n"),
+    ),
+    Case(
+        "--output_dir under a file",
+        "pretrain",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            i.shared / "tokenizer",
+            "--train_file",
+            i.corpus,
+            "--output_dir",
+            d / "taken.txt" / "out",
+        ],
+        ("taken.txt is a file",),
+        prepare=write_yaml("taken.txt", "mine\n"),
     ),
     # ---- issue 12: model folders and data sources
     Case(
-        "pickle-only weights (pretrain --model_name_or_path)", "pretrain", lambda i, d: [*tiny_pretrain(i, d), "--model_name_or_path", i.pickle_model],
-        ("pytorch_model.bin", "only safetensors weights load"), cli=True,
+        "pickle-only weights (pretrain --model_name_or_path)",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--model_name_or_path", i.pickle_model],
+        ("pytorch_model.bin", "only safetensors weights load"),
+        cli=True,
     ),
-    Case("pickle-only weights (generate)", "generate", lambda i, d: [i.pickle_model, "--prompt", "ROMEO:"], ("pytorch_model.bin", "only safetensors weights load")),
-    Case("app --model naming a reward model", "app", lambda i, d: ["--model", i.reward_model], ("is a reward model", "--reward_model")),
-    Case("app --host that is no address", "app", lambda i, d: ["--model", i.shared / "pretrain", "--host", "256.1.1.1"], ("--host 256.1.1.1 is not a valid IPv4 address",), cli=True),
     Case(
-        "sft --dataset naming a folder", "sft",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", i.dataset_folder, "--output_dir", d / "out"],
+        "pickle-only weights (generate)",
+        "generate",
+        lambda i, d: [i.pickle_model, "--prompt", "ROMEO:"],
+        ("pytorch_model.bin", "only safetensors weights load"),
+    ),
+    Case(
+        "app --model naming a reward model",
+        "app",
+        lambda i, d: ["--model", i.reward_model],
+        ("is a reward model", "--reward_model"),
+    ),
+    Case(
+        "app --host that is no address",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain", "--host", "256.1.1.1"],
+        ("--host 256.1.1.1 is not a valid IPv4 address",),
+        cli=True,
+    ),
+    Case(
+        "sft --dataset naming a folder",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            i.dataset_folder,
+            "--output_dir",
+            d / "out",
+        ],
         ("is a folder: a data source is one .jsonl, .json or .parquet file", "it holds train.jsonl"),
     ),
     Case(
-        "run_all: a failing stage ends with our line", "run_all",
+        "run_all: a failing stage ends with our line",
+        "run_all",
         lambda i, d: ["--run_name", "x", "--stages", "pretrain", "--train_file", i.corpus, "--with_facts", "false"],
-        ("stage pretrain failed",), cli=True,
+        ("stage pretrain failed",),
+        cli=True,
     ),
     # ---- issue 12: a user's own data, offline (success cases: the stage finishes and says what it left out)
     Case(
-        "sft on own data: held-out row too long, corpus not a play script", "sft",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", d / "mine.json", "--corpus_file", i.one_line_corpus,
-                      "--seed", 0, "--max_steps", 2, "--eval_steps", 1, "--eval_examples", 10, "--eval_baseline", "false", "--output_dir", d / "out"],
-        (), cli=True, prepare=held_out_too_long, succeeds=lambda d: d / "out",
-        notes=("no `NAME:` speaker blocks found", "evaluation skips the quote/speaker tasks", "none of the 1 held-out conversations fits", "no eval loss"),
+        "sft on own data: held-out row too long, corpus not a play script",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            d / "mine.json",
+            "--corpus_file",
+            i.one_line_corpus,
+            "--seed",
+            0,
+            "--max_steps",
+            2,
+            "--eval_steps",
+            1,
+            "--eval_examples",
+            10,
+            "--eval_baseline",
+            "false",
+            "--output_dir",
+            d / "out",
+        ],
+        (),
+        cli=True,
+        prepare=held_out_too_long,
+        succeeds=lambda d: d / "out",
+        notes=(
+            "no `NAME:` speaker blocks found",
+            "evaluation skips the quote/speaker tasks",
+            "none of the 1 held-out conversations fits",
+            "no eval loss",
+        ),
     ),
     Case(
-        "reward on own pairs, corpus not a play script", "reward",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--dataset", d / "pairs.jsonl", "--corpus_file", i.one_line_corpus,
-                      "--max_steps", 2, "--eval_examples", 10, "--output_dir", d / "out"],
-        (), cli=True, prepare=own_pairs, succeeds=lambda d: d / "out", notes=("evaluation skips the quote/speaker tasks",),
+        "reward on own pairs, corpus not a play script",
+        "reward",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--dataset",
+            d / "pairs.jsonl",
+            "--corpus_file",
+            i.one_line_corpus,
+            "--max_steps",
+            2,
+            "--eval_examples",
+            10,
+            "--output_dir",
+            d / "out",
+        ],
+        (),
+        cli=True,
+        prepare=own_pairs,
+        succeeds=lambda d: d / "out",
+        notes=("evaluation skips the quote/speaker tasks",),
     ),
     Case(
-        "run_all on a corpus that is not a play script", "run_all",
-        lambda i, d: ["--run_name", "story", "--stages", "tokenizer", "--train_file", i.one_line_corpus, "--with_facts", "false"],
-        (), cli=True, succeeds=lambda d: d / "runs" / "story" / "tokenizer",
+        "run_all on a corpus that is not a play script",
+        "run_all",
+        lambda i, d: [
+            "--run_name",
+            "story",
+            "--stages",
+            "tokenizer",
+            "--train_file",
+            i.one_line_corpus,
+            "--with_facts",
+            "false",
+        ],
+        (),
+        cli=True,
+        succeeds=lambda d: d / "runs" / "story" / "tokenizer",
         notes=("cannot use", "no `NAME:` speaker blocks", "draw their lines from tinyshakespeare"),
     ),
 ]
@@ -360,7 +807,9 @@ def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
 
     def jsonl(name: str, lines: list) -> Path:
         path = root / name
-        path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8")
+        path.write_text(
+            "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8"
+        )
         return path
 
     good = {"instruction": "Say hi.", "output": "Hi!"}
@@ -374,13 +823,21 @@ def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
         latin1=root / "latin1.txt",
         malformed_jsonl=jsonl("malformed.jsonl", [good, good, '{"instruction": "Say hi.", "output": "Hi!"', good]),
         missing_field_jsonl=jsonl("missing_field.jsonl", [good, {"instruction": "Say hi.", "outputs": "Hi!"}]),
-        wrong_type_jsonl=jsonl("wrong_type.jsonl", [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": 4}]}]),
+        wrong_type_jsonl=jsonl(
+            "wrong_type.jsonl",
+            [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": 4}]}],
+        ),
         long_jsonl=jsonl("long.jsonl", [{"instruction": "word " * 200, "output": "answer " * 50}] * 3),
-        identical_pairs=jsonl("identical.jsonl", [{"prompt": f"Q{n}?", "chosen": "Same.", "rejected": "Same."} for n in range(6)]),
-        no_assistant_pairs=jsonl("no_assistant.jsonl", [
-            {"chosen": transcript + "4.", "rejected": transcript + "5."},
-            {"chosen": transcript + "4.", "rejected": "\n\nHuman: What is 2+2? Tell me."},
-        ]),
+        identical_pairs=jsonl(
+            "identical.jsonl", [{"prompt": f"Q{n}?", "chosen": "Same.", "rejected": "Same."} for n in range(6)]
+        ),
+        no_assistant_pairs=jsonl(
+            "no_assistant.jsonl",
+            [
+                {"chosen": transcript + "4.", "rejected": transcript + "5."},
+                {"chosen": transcript + "4.", "rejected": "\n\nHuman: What is 2+2? Tell me."},
+            ],
+        ),
     )
     paths.latin1_jsonl = root / "latin1.jsonl"
     paths.latin1_jsonl.write_bytes('{"instruction": "Café?", "output": "Oui."}\n'.encode("latin-1"))
@@ -414,7 +871,9 @@ def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
     from transformers import AutoModelForSequenceClassification
 
     paths.reward_model = root / "reward_model"
-    AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1).save_pretrained(paths.reward_model)
+    AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1).save_pretrained(
+        paths.reward_model
+    )
     AutoTokenizer.from_pretrained(tiny_run / "pretrain").save_pretrained(paths.reward_model)
     # A cloned dataset repo: a folder of data files.
     paths.dataset_folder = root / "dataset_repo"
@@ -451,7 +910,9 @@ def run_case_cli(case: Case, inputs: SimpleNamespace, case_dir: Path) -> Outcome
     result = run_script(PYTHON, script, *case.argv(inputs, case_dir), env=env, timeout=300, input=case.stdin or "")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
-    return Outcome(result.returncode, last, result.stderr, before, fingerprint(case_dir, inputs.shared), case_dir, result.stdout)
+    return Outcome(
+        result.returncode, last, result.stderr, before, fingerprint(case_dir, inputs.shared), case_dir, result.stdout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +920,10 @@ def cli_outcomes(inputs, tmp_path_factory) -> dict[str, Outcome]:
     """Every subprocess case, run a few at a time up front (each mostly waits on imports)."""
     cli_cases = [case for case in CASES if case.cli]
     with ThreadPoolExecutor(PARALLEL_SUBPROCESSES) as pool:
-        futures = {case.name: pool.submit(run_case_cli, case, inputs, case_folder(tmp_path_factory, case)) for case in cli_cases}
+        futures = {
+            case.name: pool.submit(run_case_cli, case, inputs, case_folder(tmp_path_factory, case))
+            for case in cli_cases
+        }
     return {name: future.result() for name, future in futures.items()}
 
 
@@ -483,7 +947,9 @@ def run_case_in_process(case: Case, inputs: SimpleNamespace, case_dir: Path, mon
 
 def test_table_covers_every_entry_point_through_its_cli():
     assert len({case.name for case in CASES}) == len(CASES)
-    assert len([case for case in CASES if case.name not in DEFECTS]) >= 20 and set(DEFECTS) <= {case.name for case in CASES}
+    assert len([case for case in CASES if case.name not in DEFECTS]) >= 20 and set(DEFECTS) <= {
+        case.name for case in CASES
+    }
     assert {case.entry for case in CASES if case.cli} == set(ENTRY_POINTS)
 
 
@@ -510,7 +976,11 @@ def test_bad_input(case, inputs, request, tmp_path_factory, monkeypatch):
     assert outcome.error.startswith("error: ") and "\n" not in outcome.error, outcome.stderr[-3000:]
     for expected in case.expect:
         assert expected in outcome.error
-    changed = {path for path in outcome.before.keys() | outcome.after.keys() if outcome.before.get(path) != outcome.after.get(path)}
+    changed = {
+        path
+        for path in outcome.before.keys() | outcome.after.keys()
+        if outcome.before.get(path) != outcome.after.get(path)
+    }
     assert not changed, f"a failed command wrote: {sorted(changed)[:10]}"
 
 
@@ -528,16 +998,38 @@ def test_hub_token_without_push_is_never_written(tiny_run, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     out = tmp_path / "out"
-    pretrain.main([str(a) for a in [
-        "--preset", "tiny", "--tokenizer_name_or_path", tiny_run / "tokenizer", "--train_file", corpus, "--output_dir", out,
-        "--max_steps", 2, "--save_steps", 1, "--eval_strategy", "no", "--hub_token", HUB_TOKEN, *TINY_MODEL_FLAGS,
-    ]])
+    pretrain.main(
+        [
+            str(a)
+            for a in [
+                "--preset",
+                "tiny",
+                "--tokenizer_name_or_path",
+                tiny_run / "tokenizer",
+                "--train_file",
+                corpus,
+                "--output_dir",
+                out,
+                "--max_steps",
+                2,
+                "--save_steps",
+                1,
+                "--eval_strategy",
+                "no",
+                "--hub_token",
+                HUB_TOKEN,
+                *TINY_MODEL_FLAGS,
+            ]
+        ]
+    )
     files = [path for path in out.rglob("*") if path.is_file()]
     assert any(path.name == "training_args.bin" for path in files), "the pickle this test is about was written"
     assert [path for path in files if HUB_TOKEN.encode() in path.read_bytes()] == []
 
 
-@pytest.mark.parametrize("name", ["pytorch_model.bin", "extra_state.pt", "weights.pth", "model.safetensors", "README.md"])
+@pytest.mark.parametrize(
+    "name", ["pytorch_model.bin", "extra_state.pt", "weights.pth", "model.safetensors", "README.md"]
+)
 def test_push_scans_every_file_binary_or_not(tmp_path, monkeypatch, name):
     """Every file that would be uploaded is scanned, in chunks: here the token straddles a chunk boundary."""
     from fluxchat import hub

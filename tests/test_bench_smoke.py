@@ -42,7 +42,9 @@ def test_benchmark_smoke(name, tmp_path):
         for shape in {shape for shape, _ in by_side}:
             pipeline, plain = by_side[shape, "pipeline"], by_side[shape, "plain"]
             assert pipeline > 0 and plain > 0
-            assert by_side[shape, "ratio pipeline/plain"] == pytest.approx(pipeline / plain, rel=0.01)  # one round: one pair
+            assert by_side[shape, "ratio pipeline/plain"] == pytest.approx(
+                pipeline / plain, rel=0.01
+            )  # one round: one pair
     if name == "app_load":  # the load test's pass criteria, not just its table
         row = payload["results"][0]
         assert row["replies"] == 6 and row["errors"] == 0 and row["cross_talk"] == 0 and row["memory_bounded"], row
@@ -61,7 +63,9 @@ def test_readme_benchmark_table_is_generated_from_the_results():
 def test_report_rewrites_only_its_table_and_names_missing_results(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:begin (python bench/report.py) -->\nstale\n<!-- bench:end -->\noutro\n")
-    proc = run_script(PYTHON, REPO / "bench" / "report.py", "--results", tmp_path / "none", "--readme", readme, timeout=60)
+    proc = run_script(
+        PYTHON, REPO / "bench" / "report.py", "--results", tmp_path / "none", "--readme", readme, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text

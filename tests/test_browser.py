@@ -26,8 +26,14 @@ from bench.common import APP_PROMPT_MARKER, log_lines, logged_prompts, running_a
 from tests.conftest import PYTHON, REPO
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 # Both turns and both replies must fit the tiny model's 64-token context, or the first turn is trimmed.
 MAX_NEW_TOKENS = 16

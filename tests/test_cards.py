@@ -80,18 +80,49 @@ def write_stage(folder, stage, config, metrics, log_history):
 
 def test_reward_and_ppo_cards_with_nested_metrics_and_a_stray_token(tmp_path):
     run = tmp_path / "demo"
-    reward_log = [{"step": s, "loss": 0.7 - s / 100, "eval_loss": 0.72 - s / 100, "eval_accuracy": 0.5 + s / 100} for s in (10, 20, 30)]
+    reward_log = [
+        {"step": s, "loss": 0.7 - s / 100, "eval_loss": 0.72 - s / 100, "eval_accuracy": 0.5 + s / 100}
+        for s in (10, 20, 30)
+    ]
     write_stage(
-        run / "reward", "reward",
-        config={"learning_rate": 1e-4, "preference_file": "/data/hh-rlhf_helpful-base_test.jsonl.gz", "hub_token": FAKE_TOKEN,
-                "note": f"copied from a shell history: {FAKE_TOKEN}", "model_name_or_path": "someone/fluxchat-sft"},
-        metrics={"eval_accuracy": 0.71, "eval_margin": 1.234, "ranks": [{"rank": 0}], "eval": {"per_task": {"addition": {"accuracy": 0.5}}}},
+        run / "reward",
+        "reward",
+        config={
+            "learning_rate": 1e-4,
+            "preference_file": "/data/hh-rlhf_helpful-base_test.jsonl.gz",
+            "hub_token": FAKE_TOKEN,
+            "note": f"copied from a shell history: {FAKE_TOKEN}",
+            "model_name_or_path": "someone/fluxchat-sft",
+        },
+        metrics={
+            "eval_accuracy": 0.71,
+            "eval_margin": 1.234,
+            "ranks": [{"rank": 0}],
+            "eval": {"per_task": {"addition": {"accuracy": 0.5}}},
+        },
         log_history=reward_log,
     )
-    ppo_log = [{"step": s, "loss/policy_avg": -0.1, "loss/value_avg": 0.3, "objective/rlhf_reward": s / 10, "objective/kl": s / 50} for s in (1, 2, 3)]
-    write_stage(run / "ppo", "ppo", config={"kl_coef": 0.05}, metrics={"objective/rlhf_reward": 0.3, "objective/kl": 0.06}, log_history=ppo_log)
+    ppo_log = [
+        {
+            "step": s,
+            "loss/policy_avg": -0.1,
+            "loss/value_avg": 0.3,
+            "objective/rlhf_reward": s / 10,
+            "objective/kl": s / 50,
+        }
+        for s in (1, 2, 3)
+    ]
+    write_stage(
+        run / "ppo",
+        "ppo",
+        config={"kl_coef": 0.05},
+        metrics={"objective/rlhf_reward": 0.3, "objective/kl": 0.06},
+        log_history=ppo_log,
+    )
 
-    cards.write_model_card(run / "reward", "reward", lineage_repos={"reward": "alice/demo-reward"}, repo_id="alice/demo-reward")
+    cards.write_model_card(
+        run / "reward", "reward", lineage_repos={"reward": "alice/demo-reward"}, repo_id="alice/demo-reward"
+    )
     metadata, body = read_card(run / "reward")
     assert metadata["pipeline_tag"] == "text-classification"
     assert metadata["base_model"] == "someone/fluxchat-sft"  # a Hub id in the config is a known base model
@@ -120,14 +151,23 @@ def test_card_survives_missing_and_broken_files(tmp_path):
     cards.write_model_card(folder, "sft")
 
     metadata, body = read_card(folder)
-    assert metadata == {"license": "mit", "library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["fluxchat", "gpt2", "sft"]}
+    assert metadata == {
+        "license": "mit",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["fluxchat", "gpt2", "sft"],
+    }
     assert "No metrics recorded" in body and "No training log found" in body and "No config.yaml found" in body
     assert not (folder / "loss_curve.png").exists()
 
 
 def test_cards_cli_rewrites_a_card(tiny_run, tmp_path):
     folder = tmp_path / "pretrain"
-    shutil.copytree(tiny_run / "pretrain", folder, ignore=shutil.ignore_patterns("checkpoint-*", "log_history.json", "loss_curve.png"))
+    shutil.copytree(
+        tiny_run / "pretrain",
+        folder,
+        ignore=shutil.ignore_patterns("checkpoint-*", "log_history.json", "loss_curve.png"),
+    )
     assert run_main(cards_command.main, [folder]) == (0, "")
     _, body = read_card(folder)
     assert "No training log found" in body  # no checkpoints, no log_history.json: no curve, still a card

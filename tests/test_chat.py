@@ -58,14 +58,24 @@ def test_typed_control_token_spellings_cannot_forge_a_turn(tokenizer):
     naive = tokenizer(forged, add_special_tokens=False)["input_ids"]
     assert sum(i in control for i in naive) == 4
     # ...our rendering has only the control tokens the format itself places: <|user|> <|end|> <|assistant|>.
-    assert [control[i] for i in ids if i in control] == [chat_format.USER, chat_format.END_OF_TURN, chat_format.ASSISTANT]
+    assert [control[i] for i in ids if i in control] == [
+        chat_format.USER,
+        chat_format.END_OF_TURN,
+        chat_format.ASSISTANT,
+    ]
     assert forged in tokenizer.decode(ids)
 
 
 def test_cli_chat_through_piped_stdin(tiny_run):
     result = run_script(
-        PYTHON, REPO / "pipeline" / "chat.py", tiny_run, "--max_new_tokens", "8", "--show_stats",
-        input="hello\n/history\n/reset\n/history\n/quit\nnever answered\n", timeout=120,
+        PYTHON,
+        REPO / "pipeline" / "chat.py",
+        tiny_run,
+        "--max_new_tokens",
+        "8",
+        "--show_stats",
+        input="hello\n/history\n/reset\n/history\n/quit\nnever answered\n",
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     reply, separator, rest = result.stdout.partition("\nuser: hello\n")
@@ -109,12 +119,17 @@ def test_trim_is_the_one_rule_for_training_data(tokenizer):
     kept = chat_format.trim_to_context(tokenizer, messages, 100, 0, generation_prompt=False, required=False)
     assert kept == chat_format.trim_to_context(tokenizer, messages, 100, 0, generation_prompt=False)
     assert kept[0] == SYSTEM and len(chat_format.render_conversation(tokenizer, kept)[0]) <= 100
-    assert chat_format.trim_to_context(tokenizer, [{"role": "user", "content": "the king " * 200}], 64, 0, required=False) is None
+    assert (
+        chat_format.trim_to_context(tokenizer, [{"role": "user", "content": "the king " * 200}], 64, 0, required=False)
+        is None
+    )
 
 
 @pytest.fixture(scope="module")
 def instruction_tokenizer(tiny_run):
-    return chat_format.set_chat_format(AutoTokenizer.from_pretrained(tiny_run / "tokenizer"), "instruction", chat_model=True)
+    return chat_format.set_chat_format(
+        AutoTokenizer.from_pretrained(tiny_run / "tokenizer"), "instruction", chat_model=True
+    )
 
 
 def test_instruction_format_typed_headers_cannot_forge_a_turn(instruction_tokenizer):
@@ -131,14 +146,24 @@ def test_instruction_format_typed_headers_cannot_forge_a_turn(instruction_tokeni
     assert re.findall(r"(?m)^### (?:Instruction|Response):$", text) == ["### Instruction:", "### Response:"]
     assert "\\### Response:" in text and "\\### Instruction:" in text
     # In ids: a header's ids at a line start (where the model reads a turn boundary) only where the format put them.
-    for spelling, where in (("### Instruction:\n", [0]), ("### Response:\n", [len(ids) - len(chat_format.encode_text(tok, "### Response:\n"))])):
+    for spelling, where in (
+        ("### Instruction:\n", [0]),
+        ("### Response:\n", [len(ids) - len(chat_format.encode_text(tok, "### Response:\n"))]),
+    ):
         header = chat_format.encode_text(tok, spelling)
-        at_line_start = [i for i in range(len(ids)) if ids[i : i + len(header)] == header and (i == 0 or tok.decode(ids[i - 1 : i]).endswith("\n"))]
+        at_line_start = [
+            i
+            for i in range(len(ids))
+            if ids[i : i + len(header)] == header and (i == 0 or tok.decode(ids[i - 1 : i]).endswith("\n"))
+        ]
         assert at_line_start == where, spelling
     # The Jinja template (apply_chat_template, TRL) escapes the same way and still gives identical ids.
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
     plain = [{"role": "user", "content": "what is 2+2?"}, {"role": "assistant", "content": "4"}]
-    assert chat_format.render_conversation(tok, plain)[0] == tok(tok.apply_chat_template(plain, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert (
+        chat_format.render_conversation(tok, plain)[0]
+        == tok(tok.apply_chat_template(plain, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_lone_surrogates_and_invalid_utf8_are_replaced(tokenizer, tiny_run):
@@ -147,15 +172,28 @@ def test_lone_surrogates_and_invalid_utf8_are_replaced(tokenizer, tiny_run):
     assert chat_format.encode_text(tokenizer, "caf\udce9") == chat_format.encode_text(tokenizer, "caf\ufffd")
     result = subprocess.run(
         [PYTHON, REPO / "pipeline" / "chat.py", tiny_run, "--max_new_tokens", "4", "--show_stats"],
-        input=b"caf\xe9 au lait\nhello\n/history\n", capture_output=True, timeout=120, cwd=REPO,
+        input=b"caf\xe9 au lait\nhello\n/history\n",
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert b"Traceback" not in result.stderr
     assert len(re.findall(rb"\[\d+ prompt \+ \d+ new tokens", result.stderr)) == 2, "both lines answered"
     assert "user: caf\ufffd au lait" in result.stdout.decode("utf-8")
     result = subprocess.run(
-        [PYTHON, REPO / "pipeline" / "generate.py", tiny_run / "pretrain", "--prompt", b"ROMEO: caf\xe9", "--max_new_tokens", "4"],
-        capture_output=True, timeout=120, cwd=REPO,
+        [
+            PYTHON,
+            REPO / "pipeline" / "generate.py",
+            tiny_run / "pretrain",
+            "--prompt",
+            b"ROMEO: caf\xe9",
+            "--max_new_tokens",
+            "4",
+        ],
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode()[-2000:]
     assert result.stdout.decode("utf-8").startswith("ROMEO: caf\ufffd")

@@ -17,8 +17,20 @@ sys.path.insert(0, str(REPO / "bench"))
 def crash_bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     output, work = root / "crash.json", root / "work"
-    result = run_script(PYTHON, "bench/crash_safety.py", "--stage", "pretrain", "--kills", "2", "--smoke", "--output", output,
-                        "--workdir", work, timeout=300)
+    result = run_script(
+        PYTHON,
+        "bench/crash_safety.py",
+        "--stage",
+        "pretrain",
+        "--kills",
+        "2",
+        "--smoke",
+        "--output",
+        output,
+        "--workdir",
+        work,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (row,) = json.loads(output.read_text())["results"]
     return row, work

@@ -40,32 +40,66 @@ def test_shared_self_instruct_and_dolly_samples_mixed():
     assert rows[0]["messages"] == [user(raw_self_instruct[0]["instruction"]), assistant(first["output"])]
     with_input = next(i for i, r in enumerate(raw_self_instruct) if r["instances"][0]["input"])
     instance = raw_self_instruct[with_input]["instances"][0]
-    assert rows[with_input]["messages"][0]["content"] == f"{raw_self_instruct[with_input]['instruction']}\n\n{instance['input']}"
+    assert (
+        rows[with_input]["messages"][0]["content"]
+        == f"{raw_self_instruct[with_input]['instruction']}\n\n{instance['input']}"
+    )
     assert rows[n_instances]["messages"] == [user(raw_dolly[0]["instruction"]), assistant(raw_dolly[0]["response"])]
     assert all(list(r) == ["messages"] for r in rows)
 
 
 def test_builtin_source_is_the_train_split():
     rows = load_conversations(["builtin"], corpus_file=str(SHAKESPEARE))
-    assert [r["messages"] for r in rows] == [e["messages"] for e in tasks.conversations("train", corpus_file=SHAKESPEARE)]
+    assert [r["messages"] for r in rows] == [
+        e["messages"] for e in tasks.conversations("train", corpus_file=SHAKESPEARE)
+    ]
 
 
 def test_every_format_from_small_files(tmp_path):
-    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [
-        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
-    ])
-    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Who wrote it?", "context": "Hamlet is a play.", "response": "Shakespeare.", "category": "closed_qa"}])
-    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi."},
-        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye."}, {"from": "human", "value": "(no answer)"},
-    ]}])
+    alpaca = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        ],
+    )
+    dolly = write_jsonl(
+        tmp_path / "dolly.jsonl",
+        [
+            {
+                "instruction": "Who wrote it?",
+                "context": "Hamlet is a play.",
+                "response": "Shakespeare.",
+                "category": "closed_qa",
+            }
+        ],
+    )
+    sharegpt = write_jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Hello"},
+                    {"from": "gpt", "value": "Hi."},
+                    {"from": "human", "value": "Bye"},
+                    {"from": "gpt", "value": "Bye."},
+                    {"from": "human", "value": "(no answer)"},
+                ]
+            }
+        ],
+    )
     messages = tmp_path / "messages.json"
-    messages.write_text(json.dumps([{"messages": [user("2+2?"), assistant("4")]}, {"messages": [user("3+3?"), assistant("6")]}]))
-    prompt_completion = write_jsonl(tmp_path / "pc.jsonl", [
-        {"prompt": "Capital of France?", "completion": "Paris."},
-        {"prompt": [user("Capital of Spain?")], "completion": [assistant("Madrid.")]},
-    ])
+    messages.write_text(
+        json.dumps([{"messages": [user("2+2?"), assistant("4")]}, {"messages": [user("3+3?"), assistant("6")]}])
+    )
+    prompt_completion = write_jsonl(
+        tmp_path / "pc.jsonl",
+        [
+            {"prompt": "Capital of France?", "completion": "Paris."},
+            {"prompt": [user("Capital of Spain?")], "completion": [assistant("Madrid.")]},
+        ],
+    )
     gz = tmp_path / "alpaca.jsonl.gz"
     with gzip.open(gz, "wt") as handle:
         handle.write(json.dumps({"instruction": "Zip?", "output": "Zipped."}) + "\n")
@@ -74,7 +108,10 @@ def test_every_format_from_small_files(tmp_path):
     parquet = tmp_path / "dolly.parquet"
     datasets.Dataset.from_list([{"instruction": "Q?", "context": None, "response": "A."}]).to_parquet(str(parquet))
 
-    rows = [r["messages"] for r in load_conversations([alpaca, dolly, sharegpt, str(messages), prompt_completion, str(gz), str(parquet)])]
+    rows = [
+        r["messages"]
+        for r in load_conversations([alpaca, dolly, sharegpt, str(messages), prompt_completion, str(gz), str(parquet)])
+    ]
     assert rows == [
         [user("Add the numbers.\n\n2 and 3"), assistant("5")],
         [user("Say hi."), assistant("Hi!")],
@@ -92,16 +129,31 @@ def test_every_format_from_small_files(tmp_path):
 @pytest.mark.parametrize(
     "lines, expected",
     [
-        (['{"instruction": "a", "output": "b"}', '{"instruction": "c", "output": '], r"bad\.jsonl: line 2 is not valid JSON"),
-        (['{"instruction": "a", "output": "b"}', "", '{"instruction": "c", "input": "d"}'], r"bad\.jsonl: line 3: missing field 'output'"),
+        (
+            ['{"instruction": "a", "output": "b"}', '{"instruction": "c", "output": '],
+            r"bad\.jsonl: line 2 is not valid JSON",
+        ),
+        (
+            ['{"instruction": "a", "output": "b"}', "", '{"instruction": "c", "input": "d"}'],
+            r"bad\.jsonl: line 3: missing field 'output'",
+        ),
         (['{"instruction": "a", "output": 7}'], r"bad\.jsonl: line 1: field 'output' must be a string, got int"),
-        (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}'], r"line 1: messages\[1\]\.content must be a string"),
-        (['{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}'], r"line 1: messages\[1\]\.role is 'bot'"),
+        (
+            ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}'],
+            r"line 1: messages\[1\]\.content must be a string",
+        ),
+        (
+            ['{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}'],
+            r"line 1: messages\[1\]\.role is 'bot'",
+        ),
         (['{"messages": [{"role": "user", "content": "hi"}]}'], r"line 1: has no assistant message"),
-        (['{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}'], r"line 1: conversations\[1\] has no field 'value'"),
+        (
+            ['{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}'],
+            r"line 1: conversations\[1\] has no field 'value'",
+        ),
         (['{"instruction": "a", "instances": [{"input": "x"}]}'], r"line 1: instances\[0\]: missing field 'output'"),
         (['{"text": "just text"}'], r"bad\.jsonl: line 1: unrecognised columns \(text\)"),
-        (['[1, 2]'], r"line 1 must be a JSON object"),
+        (["[1, 2]"], r"line 1 must be a JSON object"),
     ],
 )
 def test_bad_conversation_rows_name_file_row_and_field(tmp_path, lines, expected):
@@ -130,24 +182,39 @@ def test_hh_rlhf_shared_file():
     assert [m["role"] for m in multi_turn["prompt"]] == ["user", "assistant", "user", "assistant", "user"]
     assert multi_turn["prompt"][2] == user("I am in Oregon.")
     for row, source in zip(rows[:200], raw):
-        assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        assert (
+            row["prompt"][-1]["role"] == "user"
+            and row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        )
         assert row["chosen"] != row["rejected"]
         assert source["chosen"].endswith(row["chosen"][-1]["content"])
 
 
 def test_trl_preference_styles(tmp_path):
     explicit_text = write_jsonl(tmp_path / "explicit.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
-    explicit_chat = write_jsonl(tmp_path / "explicit_chat.jsonl", [{"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}])
-    implicit_chat = write_jsonl(tmp_path / "implicit_chat.jsonl", [
-        {"chosen": [user("2+2?"), assistant("4")], "rejected": [user("2+2?"), assistant("5")]},
-        {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi"), assistant("hello")]},
-    ])
-    implicit_text = write_jsonl(tmp_path / "implicit_text.jsonl", [{"chosen": "The sky is blue.", "rejected": "The sky is green."}])
+    explicit_chat = write_jsonl(
+        tmp_path / "explicit_chat.jsonl",
+        [{"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}],
+    )
+    implicit_chat = write_jsonl(
+        tmp_path / "implicit_chat.jsonl",
+        [
+            {"chosen": [user("2+2?"), assistant("4")], "rejected": [user("2+2?"), assistant("5")]},
+            {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi"), assistant("hello")]},
+        ],
+    )
+    implicit_text = write_jsonl(
+        tmp_path / "implicit_text.jsonl", [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]
+    )
     rows, dropped = load_preferences([explicit_text, explicit_chat, implicit_chat, implicit_text])
     assert dropped == 1
     expected = {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}
     assert rows[:3] == [expected, expected, expected]
-    assert rows[3] == {"prompt": [user("The sky is")], "chosen": [assistant("blue.")], "rejected": [assistant("green.")]}
+    assert rows[3] == {
+        "prompt": [user("The sky is")],
+        "chosen": [assistant("blue.")],
+        "rejected": [assistant("green.")],
+    }
 
 
 def test_builtin_preferences_and_heldout_split():
@@ -164,14 +231,22 @@ def test_builtin_preferences_and_heldout_split():
 @pytest.mark.parametrize(
     "row, expected",
     [
-        ({"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi there"}, r"pairs\.jsonl: line 2: field 'chosen' has no .*Assistant"),
+        (
+            {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi there"},
+            r"pairs\.jsonl: line 2: field 'chosen' has no .*Assistant",
+        ),
         ({"chosen": "\n\nHuman: hi\n\nAssistant: a"}, r"pairs\.jsonl: line 2: missing field 'rejected'"),
         ({"chosen": 5, "rejected": "b"}, r"line 2: field 'chosen' must be a string or a list of messages, got int"),
-        ({"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"}, r"line 2: chosen\[0\] has no field 'content'"),
+        (
+            {"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"},
+            r"line 2: chosen\[0\] has no field 'content'",
+        ),
     ],
 )
 def test_bad_preference_rows(tmp_path, row, expected):
     path = tmp_path / "pairs.jsonl"
-    write_jsonl(path, [{"chosen": "\n\nHuman: ok\n\nAssistant: yes", "rejected": "\n\nHuman: ok\n\nAssistant: no"}, row])
+    write_jsonl(
+        path, [{"chosen": "\n\nHuman: ok\n\nAssistant: yes", "rejected": "\n\nHuman: ok\n\nAssistant: no"}, row]
+    )
     with pytest.raises(UsageError, match=expected):
         load_preferences([str(path)])

@@ -22,7 +22,11 @@ def pretrained(tiny_run):
     folder = tiny_run / "pretrain"
     torch.manual_seed(0)  # the reward head is freshly initialised
     reward_model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, use_safetensors=True)
-    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True), reward_model
+    return (
+        AutoTokenizer.from_pretrained(folder),
+        AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True),
+        reward_model,
+    )
 
 
 def test_evaluate_tasks_reports_every_task(pretrained):
@@ -32,7 +36,9 @@ def test_evaluate_tasks_reports_every_task(pretrained):
     assert list(result["per_task"]) == list(tasks.TASKS)
     assert all(0.0 <= acc <= 1.0 for acc in result["per_task"].values()) and 0.0 <= result["overall"] <= 1.0
     assert result["n"] == 21 and sum(result["n_per_task"].values()) == 21
-    assert {s["expected"] for samples in result["samples"].values() for s in samples} <= {tasks.prompt_and_answer(e)[1] for e in examples}
+    assert {s["expected"] for samples in result["samples"].values() for s in samples} <= {
+        tasks.prompt_and_answer(e)[1] for e in examples
+    }
 
 
 def test_batched_left_padded_generation_matches_one_at_a_time(pretrained):
@@ -46,9 +52,15 @@ def test_batched_left_padded_generation_matches_one_at_a_time(pretrained):
     assert batched == single
     # Scoring the model's own greedy replies as the expected answers gives 100%: checker and
     # generation agree end to end; a different reply gives 0%.
-    own = [{"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"]}]} for e, p, r in zip(examples, prompts, batched)]
+    own = [
+        {"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"]}]}
+        for e, p, r in zip(examples, prompts, batched)
+    ]
     assert evaluation.evaluate_tasks(model, tokenizer, own, max_new_tokens=new_tokens, batch_size=5)["overall"] == 1.0
-    wrong = [{"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"] + " x"}]} for e, p, r in zip(examples, prompts, batched)]
+    wrong = [
+        {"task": e["task"], "messages": p + [{"role": "assistant", "content": r["reply"] + " x"}]}
+        for e, p, r in zip(examples, prompts, batched)
+    ]
     assert evaluation.evaluate_tasks(model, tokenizer, wrong, max_new_tokens=new_tokens)["overall"] == 0.0
 
 
@@ -62,7 +74,9 @@ def test_reward_model_accuracy_and_margin(pretrained):
     flipped = evaluation.evaluate_reward_model(reward_model, tokenizer, swapped, batch_size=3)
     assert math.isclose(flipped["margin"], -result["margin"], abs_tol=1e-5)
     assert math.isclose(flipped["accuracy"], 1 - result["accuracy"])  # no ties with a random head
-    ties = evaluation.evaluate_reward_model(reward_model, tokenizer, [{**p, "rejected": p["chosen"]} for p in pairs[:4]])
+    ties = evaluation.evaluate_reward_model(
+        reward_model, tokenizer, [{**p, "rejected": p["chosen"]} for p in pairs[:4]]
+    )
     assert ties["accuracy"] == 0.0 and ties["margin"] == 0.0
 
 
@@ -73,7 +87,10 @@ def test_mean_reward_of_policy_replies(pretrained):
     assert result["n"] == 7 and math.isfinite(result["mean_reward"])
     assert 0.0 <= result["eos_rate"] <= 1.0 and 0 < result["mean_response_tokens"] <= 6
     replies = generation.generate_replies(model, tokenizer, [tasks.prompt_and_answer(e)[0] for e in examples], 6)
-    scored = [tasks.prompt_and_answer(e)[0] + [{"role": "assistant", "content": r["reply"]}] for e, r in zip(examples, replies)]
+    scored = [
+        tasks.prompt_and_answer(e)[0] + [{"role": "assistant", "content": r["reply"]}]
+        for e, r in zip(examples, replies)
+    ]
     expected = sum(evaluation.score_conversations(reward_model, tokenizer, scored)) / 7
     assert math.isclose(result["mean_reward"], expected, rel_tol=1e-5, abs_tol=1e-6)
 
@@ -86,9 +103,25 @@ def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1).save_pretrained(reward_dir)
     AutoTokenizer.from_pretrained(tiny_run / "pretrain").save_pretrained(reward_dir)
     result = run_script(
-        PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", reward_dir, "--pairs_file", HH_RLHF,
-        "--pairs_heldout_fraction", "0.1", "--max_pairs", "12", "--n_per_task", "2", "--max_new_tokens", "6",
-        "--corpus_file", SHAKESPEARE, "--output_file", output,
+        PYTHON,
+        "pipeline/evaluate.py",
+        tiny_run,
+        "--reward_model",
+        reward_dir,
+        "--pairs_file",
+        HH_RLHF,
+        "--pairs_heldout_fraction",
+        "0.1",
+        "--max_pairs",
+        "12",
+        "--n_per_task",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--corpus_file",
+        SHAKESPEARE,
+        "--output_file",
+        output,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
@@ -99,7 +132,9 @@ def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
     assert "overall" in result.stdout and "dropped 2 pairs" in result.stderr
     assert not (tiny_run / "pretrain" / "evaluation.json").exists()
     # A language model's folder is not a reward model: refused, not scored with a random head.
-    refused = run_script(PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", tiny_run / "pretrain", "--output_file", output)
+    refused = run_script(
+        PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", tiny_run / "pretrain", "--output_file", output
+    )
     assert refused.returncode == 2 and "is not a reward model" in refused.stderr
 
 
@@ -122,7 +157,9 @@ def test_wilson_interval_known_values():
     assert math.isclose(low, 0.3664, abs_tol=1e-3) and math.isclose(high, 0.6336, abs_tol=1e-3)
     low, high = wilson_interval(0, 50)
     assert low == 0.0 and math.isclose(high, 0.0713, abs_tol=1e-3)
-    assert math.isclose(wilson_interval(50, 50)[1], 1.0) and math.isclose(wilson_interval(50, 50)[0], 0.9287, abs_tol=1e-3)
+    assert math.isclose(wilson_interval(50, 50)[1], 1.0) and math.isclose(
+        wilson_interval(50, 50)[0], 0.9287, abs_tol=1e-3
+    )
 
 
 def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
@@ -137,21 +174,39 @@ def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
     AutoModelForSequenceClassification.from_pretrained(run / "pretrain", num_labels=1).save_pretrained(reward_dir)
     AutoTokenizer.from_pretrained(run / "pretrain").save_pretrained(reward_dir)
     result = run_script(
-        PYTHON, "pipeline/evaluate.py", run, "--report", "--reward_model", reward_dir, "--n_per_task", "3",
-        "--max_new_tokens", "6", "--corpus_file", SHAKESPEARE,
+        PYTHON,
+        "pipeline/evaluate.py",
+        run,
+        "--report",
+        "--reward_model",
+        reward_dir,
+        "--n_per_task",
+        "3",
+        "--max_new_tokens",
+        "6",
+        "--corpus_file",
+        SHAKESPEARE,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((run / "report.json").read_text())
-    assert report["stages"] == ["pretrain", "sft"] and report["final_stage"] == "sft" and report["tasks"] == list(tasks.TASKS)
+    assert (
+        report["stages"] == ["pretrain", "sft"]
+        and report["final_stage"] == "sft"
+        and report["tasks"] == list(tasks.TASKS)
+    )
     first, second = (report["results"][s] for s in report["stages"])
     for task in tasks.TASKS:
         row = first["per_task"][task]
         assert row["n"] == 3 and row["low"] <= row["accuracy"] <= row["high"]
         assert row["correct"] == second["per_task"][task]["correct"]  # same weights, same items: same score
-    assert math.isfinite(first["mean_reward"]) and first["mean_reward"] == pytest.approx(second["mean_reward"], abs=1e-5)
+    assert math.isfinite(first["mean_reward"]) and first["mean_reward"] == pytest.approx(
+        second["mean_reward"], abs=1e-5
+    )
     assert 0 < first["mean_reply_tokens"] <= 6
     markdown = (run / "report.md").read_text()
-    assert "| task | n | pretrain | sft |" in markdown and "| arithmetic | 3 |" in markdown and "mean reward" in markdown
+    assert (
+        "| task | n | pretrain | sft |" in markdown and "| arithmetic | 3 |" in markdown and "mean reward" in markdown
+    )
     assert markdown in result.stdout
     card = (run / "sft" / "README.md").read_text()
     assert "Stage report" in card and "| arithmetic | 3 |" in card  # the final stage's card shows it

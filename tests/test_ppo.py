@@ -13,32 +13,108 @@ from pipeline import ppo, reward, sft
 from tests.conftest import SHAKESPEARE, run_main
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
-PPO_FAST = ["--preset", "tiny", "--total_episodes", 16, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2,
-            "--num_ppo_epochs", 1, "--response_length", 12, "--logging_steps", 2, "--max_train_samples", 200,
-            "--probe_prompts", 4, "--corpus_file", SHAKESPEARE]
+PPO_FAST = [
+    "--preset",
+    "tiny",
+    "--total_episodes",
+    16,
+    "--per_device_train_batch_size",
+    2,
+    "--gradient_accumulation_steps",
+    2,
+    "--num_ppo_epochs",
+    1,
+    "--response_length",
+    12,
+    "--logging_steps",
+    2,
+    "--max_train_samples",
+    200,
+    "--probe_prompts",
+    4,
+    "--corpus_file",
+    SHAKESPEARE,
+]
 
 
 @pytest.fixture(scope="module")
 def chain(tiny_run, tmp_path_factory):
     """SFT and reward stages of the tiny run, written to explicit folders (no run directory involved)."""
     root = tmp_path_factory.mktemp("ppo_chain")
-    code, error = run_main(sft.main, ["--preset", "tiny", "--model_name_or_path", tiny_run / "pretrain", "--output_dir", root / "sft",
-                                      "--max_steps", 40, "--max_train_samples", 600, "--per_device_train_batch_size", 8,
-                                      "--learning_rate", 1e-2, "--eval_examples", 0, *QUICK])
+    code, error = run_main(
+        sft.main,
+        [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            tiny_run / "pretrain",
+            "--output_dir",
+            root / "sft",
+            "--max_steps",
+            40,
+            "--max_train_samples",
+            600,
+            "--per_device_train_batch_size",
+            8,
+            "--learning_rate",
+            1e-2,
+            "--eval_examples",
+            0,
+            *QUICK,
+        ],
+    )
     assert code == 0, error
-    code, error = run_main(reward.main, ["--preset", "tiny", "--model_name_or_path", root / "sft", "--output_dir", root / "reward",
-                                         "--max_steps", 20, "--max_train_samples", 400, "--eval_examples", 0, "--eval_baseline", "false", *QUICK])
+    code, error = run_main(
+        reward.main,
+        [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            root / "sft",
+            "--output_dir",
+            root / "reward",
+            "--max_steps",
+            20,
+            "--max_train_samples",
+            400,
+            "--eval_examples",
+            0,
+            "--eval_baseline",
+            "false",
+            *QUICK,
+        ],
+    )
     assert code == 0, error
     return root
 
 
 def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs):
-    argv = [*PPO_FAST, "--run_name", "rl", "--sft_model_path", chain / "sft", "--reward_model_path", chain / "reward", "--eval_examples", 7]
+    argv = [
+        *PPO_FAST,
+        "--run_name",
+        "rl",
+        "--sft_model_path",
+        chain / "sft",
+        "--reward_model_path",
+        chain / "reward",
+        "--eval_examples",
+        7,
+    ]
     code, error = run_main(ppo.main, argv)
     assert code == 0, error
     stage = isolated_runs / "rl" / "ppo"
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
-                 "metrics.json", "eval.json", "log_history.json", "train.log", "stage_complete.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "metrics.json",
+        "eval.json",
+        "log_history.json",
+        "train.log",
+        "stage_complete.json",
+    ):
         assert (stage / name).is_file(), name
 
     metrics = json.loads((stage / "metrics.json").read_text())
@@ -64,15 +140,31 @@ def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs):
     assert tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN) in model.generation_config.eos_token_id
     prompt = chat_format.render_prompt(tokenizer, [{"role": "user", "content": "Repeat after me: quiet river"}])
     with torch.no_grad():
-        output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=16, do_sample=False)
+        output = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=16,
+            do_sample=False,
+        )
     assert output.shape[1] > len(prompt)
-    assert isinstance(tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True), str)
+    assert isinstance(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True), str)
 
 
 def test_collapse_stops_training_and_nothing_is_marked_finished(chain, isolated_runs, capsys):
-    argv = [*PPO_FAST, "--run_name", "kl", "--sft_model_path", chain / "sft", "--reward_model_path", chain / "reward",
-            "--eval_examples", 0, "--max_kl", -1, "--stop_on_collapse"]  # any KL counts as runaway
+    argv = [
+        *PPO_FAST,
+        "--run_name",
+        "kl",
+        "--sft_model_path",
+        chain / "sft",
+        "--reward_model_path",
+        chain / "reward",
+        "--eval_examples",
+        0,
+        "--max_kl",
+        -1,
+        "--stop_on_collapse",
+    ]  # any KL counts as runaway
     code, error = run_main(ppo.main, argv)
     assert code == 2 and "PPO stopped at update 1" in error and "KL" in error
     stage = isolated_runs / "kl" / "ppo"
@@ -86,8 +178,24 @@ def test_collapse_stops_training_and_nothing_is_marked_finished(chain, isolated_
 
 def test_ppo_with_lora_saves_the_merged_policy(chain, tmp_path):
     output = tmp_path / "ppo-lora"
-    argv = [*PPO_FAST, "--total_episodes", 8, "--sft_model_path", chain / "sft", "--reward_model_path", chain / "reward",
-            "--output_dir", output, "--eval_examples", 0, "--use_peft", "--lora_r", 4, "--learning_rate", 1e-3]
+    argv = [
+        *PPO_FAST,
+        "--total_episodes",
+        8,
+        "--sft_model_path",
+        chain / "sft",
+        "--reward_model_path",
+        chain / "reward",
+        "--output_dir",
+        output,
+        "--eval_examples",
+        0,
+        "--use_peft",
+        "--lora_r",
+        4,
+        "--learning_rate",
+        1e-3,
+    ]
     code, error = run_main(ppo.main, argv)
     assert code == 0, error
     assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()

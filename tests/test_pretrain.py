@@ -25,7 +25,9 @@ from tests.conftest import (
 
 
 def _history(stage_dir):
-    state = json.loads(max(stage_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime).read_text())
+    state = json.loads(
+        max(stage_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime).read_text()
+    )
     return state["log_history"]
 
 
@@ -36,7 +38,15 @@ def test_tiny_pretraining_learns_and_saves_a_loadable_model(tiny_run):
     assert losses[-1] < losses[0] - 1.0, losses  # it learned
     assert 0 < metrics["eval_bits_per_byte"] < 4.5
     assert metrics["global_step"] == 80 and metrics["tokens_per_second"] > 0
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "train.log", "config.yaml"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "train.log",
+        "config.yaml",
+    ):
         assert (stage / name).is_file(), name
     assert "eval_bits_per_byte" in (stage / "train.log").read_text()
     assert "sample @ step" in (stage / "train.log").read_text()
@@ -50,11 +60,23 @@ def test_tiny_pretraining_learns_and_saves_a_loadable_model(tiny_run):
 
 
 def test_generate_cli_is_reproducible_and_interactive(tiny_run):
-    argv = [PYTHON, "pipeline/generate.py", tiny_run / "pretrain", "--prompt", "To be", "--max_new_tokens", "20", "--seed", "7"]
+    argv = [
+        PYTHON,
+        "pipeline/generate.py",
+        tiny_run / "pretrain",
+        "--prompt",
+        "To be",
+        "--max_new_tokens",
+        "20",
+        "--seed",
+        "7",
+    ]
     first, second = run_script(*argv), run_script(*argv)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("To be")
-    loop = run_script(PYTHON, "pipeline/generate.py", tiny_run, "--interactive", "--max_new_tokens", "10", input="ROMEO:\nJULIET:\n")
+    loop = run_script(
+        PYTHON, "pipeline/generate.py", tiny_run, "--interactive", "--max_new_tokens", "10", input="ROMEO:\nJULIET:\n"
+    )
     assert loop.returncode == 0, loop.stderr
     assert "ROMEO:" in loop.stdout and "JULIET:" in loop.stdout
     bad = run_script(PYTHON, "pipeline/generate.py", tiny_run / "pretrain", "--prompt", "   ")
@@ -62,8 +84,25 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
 
 
 def _pretrain_cmd(run_name, steps, *extra):
-    return [PYTHON, "pipeline/pretrain.py", "--preset", "tiny", "--train_file", SHAKESPEARE, "--run_name", run_name,
-            "--max_steps", steps, *TINY_MODEL_FLAGS, *TINY_TRAIN_FLAGS, "--save_steps", "20", "--eval_steps", "30", *extra]
+    return [
+        PYTHON,
+        "pipeline/pretrain.py",
+        "--preset",
+        "tiny",
+        "--train_file",
+        SHAKESPEARE,
+        "--run_name",
+        run_name,
+        "--max_steps",
+        steps,
+        *TINY_MODEL_FLAGS,
+        *TINY_TRAIN_FLAGS,
+        "--save_steps",
+        "20",
+        "--eval_steps",
+        "30",
+        *extra,
+    ]
 
 
 def test_resume_after_a_killed_run_matches_an_uninterrupted_one(isolated_runs):
@@ -71,7 +110,9 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(isolated_runs):
     train_tiny_tokenizer("killed")
     assert run_script(*_pretrain_cmd("ref", 60)).returncode == 0
     # Start a run and kill -9 it once its first checkpoint is complete.
-    proc = subprocess.Popen([str(a) for a in _pretrain_cmd("killed", 60)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(a) for a in _pretrain_cmd("killed", 60)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     stage = runs.stage_dir("killed", "pretrain")
     deadline = time.time() + 120
     while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
@@ -91,15 +132,29 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(isolated_runs):
     # and the resumed run drew exactly the windows the uninterrupted one drew at the same steps.
     assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.05)
     assert got["ranks"][0]["last_offsets"] == ref["ranks"][0]["last_offsets"]
-    assert got["ranks"][0]["samples"] < ref["ranks"][0]["samples"]  # it did not replay the windows before the checkpoint
+    assert (
+        got["ranks"][0]["samples"] < ref["ranks"][0]["samples"]
+    )  # it did not replay the windows before the checkpoint
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to spread over")
 def test_accelerate_launch_trains_on_every_core(isolated_runs):
     """`accelerate launch` sets OMP_NUM_THREADS=1 for its child; a stage alone on a CPU machine uses every core anyway."""
     train_tiny_tokenizer("launch")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", *_pretrain_cmd("launch", 2, "--eval_strategy", "no")[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *_pretrain_cmd("launch", 2, "--eval_strategy", "no")[1:],
+    ]
     result = run_script(*cmd)
     assert result.returncode == 0, result.stderr[-2000:]
     log = (runs.stage_dir("launch", "pretrain") / "train.log").read_text()
@@ -108,7 +163,16 @@ def test_accelerate_launch_trains_on_every_core(isolated_runs):
 
 def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
     train_tiny_tokenizer("ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *_pretrain_cmd("ddp", 10, "--save_steps", "5")[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        *_pretrain_cmd("ddp", 10, "--save_steps", "5")[1:],
+    ]
     result = run_script(*cmd)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((runs.stage_dir("ddp", "pretrain") / "metrics.json").read_text())
@@ -127,8 +191,20 @@ def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
     # Missing previous stage: the error names the command that makes it.
     code, err = run_main(pretrain.main, ["--preset", "tiny", "--run_name", "nothing", "--train_file", SHAKESPEARE])
     assert code == 2 and "tokenizer/train.py" in err
-    code, err = run_main(pretrain.main, ["--preset", "tiny", "--run_name", "x", "--tokenizer_name_or_path", tiny_run / "tokenizer",
-                                         "--train_file", SHAKESPEARE, "--resume"])
+    code, err = run_main(
+        pretrain.main,
+        [
+            "--preset",
+            "tiny",
+            "--run_name",
+            "x",
+            "--tokenizer_name_or_path",
+            tiny_run / "tokenizer",
+            "--train_file",
+            SHAKESPEARE,
+            "--resume",
+        ],
+    )
     assert code == 2 and "--resume" in err
     # A model whose vocabulary is smaller than the tokenizer's.
     small_tok = tmp_path / "small_tok"
@@ -136,16 +212,58 @@ def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
 
     run_main(train.main, ["--train_file", SHAKESPEARE, "--vocab_size", 300, "--output_dir", small_tok])
     small_model = tmp_path / "small_model"
-    code, err = run_main(pretrain.main, ["--preset", "tiny", "--tokenizer_name_or_path", small_tok, "--train_file", SHAKESPEARE,
-                                         "--output_dir", small_model, "--max_steps", 2, *TINY_MODEL_FLAGS, "--eval_strategy", "no"])
+    code, err = run_main(
+        pretrain.main,
+        [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            small_tok,
+            "--train_file",
+            SHAKESPEARE,
+            "--output_dir",
+            small_model,
+            "--max_steps",
+            2,
+            *TINY_MODEL_FLAGS,
+            "--eval_strategy",
+            "no",
+        ],
+    )
     assert code == 0, err
-    code, err = run_main(pretrain.main, ["--preset", "tiny", "--tokenizer_name_or_path", tiny_run / "tokenizer", "--model_name_or_path",
-                                         small_model, "--train_file", SHAKESPEARE, "--output_dir", tmp_path / "mismatch"])
+    code, err = run_main(
+        pretrain.main,
+        [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            tiny_run / "tokenizer",
+            "--model_name_or_path",
+            small_model,
+            "--train_file",
+            SHAKESPEARE,
+            "--output_dir",
+            tmp_path / "mismatch",
+        ],
+    )
     assert code == 2 and "vocab_size" in err and not (tmp_path / "mismatch").exists()
     # A finished output is not overwritten without --overwrite, and is left intact.
     before = (small_model / "model.safetensors").read_bytes()
-    code, err = run_main(pretrain.main, ["--preset", "tiny", "--tokenizer_name_or_path", small_tok, "--train_file", SHAKESPEARE,
-                                         "--output_dir", small_model, "--max_steps", 2])
+    code, err = run_main(
+        pretrain.main,
+        [
+            "--preset",
+            "tiny",
+            "--tokenizer_name_or_path",
+            small_tok,
+            "--train_file",
+            SHAKESPEARE,
+            "--output_dir",
+            small_model,
+            "--max_steps",
+            2,
+        ],
+    )
     assert code == 2 and "--overwrite" in err and (small_model / "model.safetensors").read_bytes() == before
     code, err = run_main(pretrain.main, ["--preset", "tiny", "--n_embd", 65, "--n_head", 2])
     assert code == 2 and "n_embd" in err
@@ -157,6 +275,14 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     result = run_script(PYTHON, "pipeline/pretrain.py", "--preset", "tiny", "--max_stepz", "3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: unknown flag --max_stepz (did you mean 'max_steps'?)"]
-    result = run_script(PYTHON, "pipeline/pretrain.py", "--preset", "tiny", "--train_file", tmp_path / "missing.txt",
-                        "--tokenizer_name_or_path", tmp_path)
+    result = run_script(
+        PYTHON,
+        "pipeline/pretrain.py",
+        "--preset",
+        "tiny",
+        "--train_file",
+        tmp_path / "missing.txt",
+        "--tokenizer_name_or_path",
+        tmp_path,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -36,7 +36,9 @@ def make_run(tiny_run, tmp_path):
     run = tmp_path / "runs" / "demo"
     shutil.copytree(tiny_run, run)
     shutil.copytree(run / "pretrain", run / "sft", ignore=shutil.ignore_patterns("checkpoint-*", "README.md"))
-    runs.write_json(run / "sft" / "log_history.json", [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.5, "eval_loss": 2.6}])
+    runs.write_json(
+        run / "sft" / "log_history.json", [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.5, "eval_loss": 2.6}]
+    )
     runs.mark_finished(run / "sft", "sft")
     return run
 
@@ -55,23 +57,61 @@ def assert_no_token_anywhere(hub: LocalHub, run, *outputs, token=TOKEN):
 def test_push_whole_run_and_space(tiny_run, tmp_path):
     run = make_run(tiny_run, tmp_path)
     with LocalHub(token=TOKEN) as hub:
-        result = run_script(PYTHON, "pipeline/push.py", run, "--hub_user", "alice", "--space", "alice/demo-chat", env=hub_env(hub, tmp_path), timeout=300)
+        result = run_script(
+            PYTHON,
+            "pipeline/push.py",
+            run,
+            "--hub_user",
+            "alice",
+            "--space",
+            "alice/demo-chat",
+            env=hub_env(hub, tmp_path),
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
-        again = run_script(PYTHON, "pipeline/push.py", run, "--hub_user", "alice", "--stages", "sft", env=hub_env(hub, tmp_path), timeout=300)
+        again = run_script(
+            PYTHON,
+            "pipeline/push.py",
+            run,
+            "--hub_user",
+            "alice",
+            "--stages",
+            "sft",
+            env=hub_env(hub, tmp_path),
+            timeout=300,
+        )
         assert again.returncode == 0, again.stderr  # an existing repo is updated (409 on create is fine)
 
     assert hub.repos.keys() == {"alice/demo-tokenizer", "alice/demo-pretrain", "alice/demo-sft", "alice/demo-chat"}
     assert hub.repos["alice/demo-chat"]["type"] == "space" and hub.repos["alice/demo-chat"]["sdk"] == "gradio"
-    assert [c["repo"] for c in hub.commits] == ["alice/demo-tokenizer", "alice/demo-pretrain", "alice/demo-sft", "alice/demo-chat", "alice/demo-sft"]
+    assert [c["repo"] for c in hub.commits] == [
+        "alice/demo-tokenizer",
+        "alice/demo-pretrain",
+        "alice/demo-sft",
+        "alice/demo-chat",
+        "alice/demo-sft",
+    ]
 
     pretrain = hub.files["alice/demo-pretrain"]
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json", "metrics.json", "config.yaml", "README.md", "loss_curve.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "metrics.json",
+        "config.yaml",
+        "README.md",
+        "loss_curve.png",
+    ):
         assert name in pretrain, name
     assert pretrain["model.safetensors"] == (run / "pretrain" / "model.safetensors").read_bytes()
     assert pretrain["loss_curve.png"][:8] == PNG_MAGIC
     assert not [p for p in pretrain if p.startswith("checkpoint-") or p in ("train.log", "training_args.bin")]
-    assert {"tokenizer.json", "chat_template.jinja", "tokenizer_stats.json", "README.md"} <= hub.files["alice/demo-tokenizer"].keys()
+    assert {"tokenizer.json", "chat_template.jinja", "tokenizer_stats.json", "README.md"} <= hub.files[
+        "alice/demo-tokenizer"
+    ].keys()
 
     metadata, body = hub.card("alice/demo-pretrain")
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
@@ -86,11 +126,24 @@ def test_push_whole_run_and_space(tiny_run, tmp_path):
 
     space = hub.files["alice/demo-chat"]
     assert space["app.py"] == (REPO / "app.py").read_bytes()
-    assert {"requirements.txt", "fluxchat/serving.py", "fluxchat/chat_format.py", "fluxchat/__init__.py"} <= space.keys()
+    assert {
+        "requirements.txt",
+        "fluxchat/serving.py",
+        "fluxchat/chat_format.py",
+        "fluxchat/__init__.py",
+    } <= space.keys()
     space_meta, _ = split_front_matter(space["README.md"].decode())
-    assert space_meta["sdk"] == "gradio" and space_meta["sdk_version"] == "6.31.0" and space_meta["app_file"] == "app.py"
-    assert hub.variables["alice/demo-chat"] == {"FLUXCHAT_MODEL": "alice/demo-sft", "FLUXCHAT_COMPARE_MODEL": "alice/demo-pretrain"}
-    assert "pushed sft       -> " in result.stdout and "chat with it: python pipeline/chat.py alice/demo-sft" in result.stdout
+    assert (
+        space_meta["sdk"] == "gradio" and space_meta["sdk_version"] == "6.31.0" and space_meta["app_file"] == "app.py"
+    )
+    assert hub.variables["alice/demo-chat"] == {
+        "FLUXCHAT_MODEL": "alice/demo-sft",
+        "FLUXCHAT_COMPARE_MODEL": "alice/demo-pretrain",
+    }
+    assert (
+        "pushed sft       -> " in result.stdout
+        and "chat with it: python pipeline/chat.py alice/demo-sft" in result.stdout
+    )
 
     assert all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
     assert_no_token_anywhere(hub, run, result.stdout, result.stderr, again.stdout, again.stderr)
@@ -124,7 +177,15 @@ def test_rejected_token_is_one_line_without_the_token(tiny_run, tmp_path):
     run = make_run(tiny_run, tmp_path)
     wrong = "hf_wrong_token_456789"
     with LocalHub(token=TOKEN) as hub:
-        result = run_script(PYTHON, "pipeline/push.py", run, "--hub_user", "alice", env=hub_env(hub, tmp_path, token=wrong), timeout=300)
+        result = run_script(
+            PYTHON,
+            "pipeline/push.py",
+            run,
+            "--hub_user",
+            "alice",
+            env=hub_env(hub, tmp_path, token=wrong),
+            timeout=300,
+        )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "401" in lines[0] and "hf auth login" in lines[0], result.stderr
@@ -153,7 +214,17 @@ def test_folder_holding_the_token_is_refused_and_an_unreachable_hub_is_one_line(
     run = make_run(tiny_run, tmp_path)
     (run / "sft" / "notes.txt").write_text(f"HF_TOKEN={TOKEN}\n")  # e.g. a pasted shell line
     with LocalHub(token=TOKEN) as hub:
-        result = run_script(PYTHON, "pipeline/push.py", run, "--hub_user", "alice", "--stages", "sft", env=hub_env(hub, tmp_path), timeout=300)
+        result = run_script(
+            PYTHON,
+            "pipeline/push.py",
+            run,
+            "--hub_user",
+            "alice",
+            "--stages",
+            "sft",
+            env=hub_env(hub, tmp_path),
+            timeout=300,
+        )
     assert result.returncode == 2 and not hub.commits
     assert "notes.txt contains your Hub token" in result.stderr and "nothing was uploaded" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
@@ -163,5 +234,7 @@ def test_folder_holding_the_token_is_refused_and_an_unreachable_hub_is_one_line(
         env = hub_env(closed_hub, tmp_path)
     result = run_script(PYTHON, "pipeline/push.py", run, "--hub_user", "alice", env=env, timeout=300)  # server stopped
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "cannot reach" in lines[0] and "HF_ENDPOINT" in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and "cannot reach" in lines[0] and "HF_ENDPOINT" in lines[0], (
+        result.stderr
+    )
     assert TOKEN not in result.stdout + result.stderr

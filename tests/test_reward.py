@@ -14,8 +14,26 @@ from pipeline import reward, sft
 from tests.conftest import DATA, SHAKESPEARE, run_main
 
 HH_RLHF = DATA / "pref" / "hh-rlhf_helpful-base_test.jsonl.gz"
-QUICK_SFT = ["--max_steps", 20, "--max_train_samples", 300, "--per_device_train_batch_size", 8, "--learning_rate", 1e-2,
-             "--warmup_steps", 0, "--eval_strategy", "no", "--save_strategy", "no", "--eval_examples", 0, "--corpus_file", SHAKESPEARE]
+QUICK_SFT = [
+    "--max_steps",
+    20,
+    "--max_train_samples",
+    300,
+    "--per_device_train_batch_size",
+    8,
+    "--learning_rate",
+    1e-2,
+    "--warmup_steps",
+    0,
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--eval_examples",
+    0,
+    "--corpus_file",
+    SHAKESPEARE,
+]
 
 
 def _write_jsonl(path, rows):
@@ -23,7 +41,9 @@ def _write_jsonl(path, rows):
     return path
 
 
-def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_accuracy(tiny_run, isolated_runs, tmp_path):
+def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_accuracy(
+    tiny_run, isolated_runs, tmp_path
+):
     shutil.copytree(tiny_run, isolated_runs / "demo")
     code, error = run_main(reward.main, ["--preset", "tiny", "--run_name", "demo"])
     assert code == 2 and "pipeline/sft.py" in error and "demo" in error  # no SFT stage yet: name the command
@@ -32,17 +52,48 @@ def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_acc
     assert code == 0, error
 
     # Built-in pairs as a TRL file, plus a slice of hh-rlhf transcripts (most too long for a 64-token context).
-    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in tasks.preference_pairs("train", n=60, corpus_file=SHAKESPEARE)]
+    pairs = [
+        {k: p[k] for k in ("prompt", "chosen", "rejected")}
+        for p in tasks.preference_pairs("train", n=60, corpus_file=SHAKESPEARE)
+    ]
     with gzip.open(HH_RLHF, "rt", encoding="utf-8") as handle:
         hh_rows = [json.loads(line) for line, _ in zip(handle, range(40))]
     sources = [_write_jsonl(tmp_path / "pairs.jsonl", pairs), _write_jsonl(tmp_path / "hh.jsonl", hh_rows)]
-    argv = ["--preset", "tiny", "--run_name", "demo", "--dataset", *sources, "--max_steps", 80, "--learning_rate", 1e-2,
-            "--warmup_steps", 0, "--eval_steps", 40, "--logging_steps", 40, "--eval_examples", 14, "--corpus_file", SHAKESPEARE]
+    argv = [
+        "--preset",
+        "tiny",
+        "--run_name",
+        "demo",
+        "--dataset",
+        *sources,
+        "--max_steps",
+        80,
+        "--learning_rate",
+        1e-2,
+        "--warmup_steps",
+        0,
+        "--eval_steps",
+        40,
+        "--logging_steps",
+        40,
+        "--eval_examples",
+        14,
+        "--corpus_file",
+        SHAKESPEARE,
+    ]
     code, error = run_main(reward.main, argv)
     assert code == 0, error
 
     stage = isolated_runs / "demo" / "reward"
-    for name in ("model.safetensors", "tokenizer.json", "metrics.json", "eval.json", "log_history.json", "train.log", "stage_complete.json"):
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.json",
+        "eval.json",
+        "log_history.json",
+        "train.log",
+        "stage_complete.json",
+    ):
         assert (stage / name).is_file(), name
     assert "reward:" in (stage / "train.log").read_text() and "sft:" not in (stage / "train.log").read_text()
     metrics = json.loads((stage / "metrics.json").read_text())

@@ -13,15 +13,36 @@ from tests.conftest import PYTHON, REPO, run_script
 
 # The tiny preset's recipes with fewer steps and a smaller model: the point here is the orchestration.
 SHRINK = [
-    "pretrain:--max_steps=40", "pretrain:--save_steps=10", "pretrain:--eval_steps=20", "pretrain:--n_layer=2",
-    "pretrain:--n_embd=64", "pretrain:--n_head=2", "pretrain:--per_device_train_batch_size=8",
-    "sft:--max_steps=15", "sft:--eval_examples=10", "sft:--max_train_samples=300", "sft:--eval_baseline=false",
-    "reward:--max_steps=8", "reward:--max_train_samples=100", "reward:--eval_examples=10",
-    "ppo:--total_episodes=32", "ppo:--eval_examples=5", "ppo:--probe_prompts=4",
-    "grpo:--max_steps=2", "grpo:--per_device_train_batch_size=8", "grpo:--num_generations=4",
-    "grpo:--max_completion_length=12", "grpo:--max_train_samples=40", "grpo:--eval_examples=0",
-    "dpo:--max_steps=4", "dpo:--per_device_train_batch_size=8", "dpo:--max_train_samples=100", "dpo:--eval_examples=0",
-    "evaluate:--n_per_task=2", "report:--n_per_task=2", "report:--max_new_tokens=8",
+    "pretrain:--max_steps=40",
+    "pretrain:--save_steps=10",
+    "pretrain:--eval_steps=20",
+    "pretrain:--n_layer=2",
+    "pretrain:--n_embd=64",
+    "pretrain:--n_head=2",
+    "pretrain:--per_device_train_batch_size=8",
+    "sft:--max_steps=15",
+    "sft:--eval_examples=10",
+    "sft:--max_train_samples=300",
+    "sft:--eval_baseline=false",
+    "reward:--max_steps=8",
+    "reward:--max_train_samples=100",
+    "reward:--eval_examples=10",
+    "ppo:--total_episodes=32",
+    "ppo:--eval_examples=5",
+    "ppo:--probe_prompts=4",
+    "grpo:--max_steps=2",
+    "grpo:--per_device_train_batch_size=8",
+    "grpo:--num_generations=4",
+    "grpo:--max_completion_length=12",
+    "grpo:--max_train_samples=40",
+    "grpo:--eval_examples=0",
+    "dpo:--max_steps=4",
+    "dpo:--per_device_train_batch_size=8",
+    "dpo:--max_train_samples=100",
+    "dpo:--eval_examples=0",
+    "evaluate:--n_per_task=2",
+    "report:--n_per_task=2",
+    "report:--max_new_tokens=8",
 ]
 
 
@@ -31,8 +52,15 @@ def _command(run_name):
 
 def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
     # Offline, no --train_file, empty cache: the chain pretrains on the shipped tinyshakespeare + the facts text.
-    proc = subprocess.Popen(_command("chain"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env=os.environ.copy())
+    proc = subprocess.Popen(
+        _command("chain"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=os.environ.copy(),
+    )
     pretrain_dir = runs.stage_dir("chain", "pretrain")
     deadline = time.time() + 300
     while runs.latest_checkpoint(pretrain_dir) is None and proc.poll() is None and time.time() < deadline:
@@ -50,7 +78,17 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
     assert "== tokenizer: already finished, skipped" in out
     assert "pipeline/pretrain.py" in out and "--resume" in out.split("== pretrain:")[1].splitlines()[0]
     summary = json.loads((runs.run_dir("chain") / "summary.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo", "evaluate", "report"]
+    assert [s["stage"] for s in summary["stages"]] == [
+        "tokenizer",
+        "pretrain",
+        "sft",
+        "reward",
+        "ppo",
+        "grpo",
+        "dpo",
+        "evaluate",
+        "report",
+    ]
     assert [s["status"] for s in summary["stages"]] == ["skipped"] + ["ran"] * 8
     for stage in runs.STAGES:
         assert runs.is_finished(runs.stage_dir("chain", stage)), stage
@@ -95,7 +133,11 @@ def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
     assert files == [str(data_dir / "embedded_corpus.txt")] and flags == ["--tasks", *run_all.OFFLINE_TASKS]
     assert "User: What is" in (data_dir / "embedded_corpus.txt").read_text()
     files, flags = run_all.prepare_corpus(run_all.RunAllArguments(), tmp_path / "default")
-    assert files[0].endswith("data/tinyshakespeare.txt") and files[1].endswith("facts.txt") and flags[0] == "--corpus_file"
+    assert (
+        files[0].endswith("data/tinyshakespeare.txt")
+        and files[1].endswith("facts.txt")
+        and flags[0] == "--corpus_file"
+    )
     code, error = run_main(run_all.main, ["--corpus", "wikipedia"])
     assert code == 2 and "--corpus wikipedia" in error
     code, error = run_main(run_all.main, ["--corpus", "embedded", "--train_file", tmp_path / "x.txt"])

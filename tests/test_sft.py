@@ -13,9 +13,28 @@ from pipeline import sft
 from tests.conftest import PYTHON, SHAKESPEARE, run_main, run_script
 
 # A high learning rate: the test model learns to end its replies with <|end|> within 40 steps.
-FAST = ["--max_steps", 40, "--max_train_samples", 600, "--eval_steps", 20, "--logging_steps", 20, "--save_steps", 20,
-        "--per_device_train_batch_size", 8, "--learning_rate", 1e-2, "--warmup_steps", 0, "--eval_examples", 14,
-        "--corpus_file", SHAKESPEARE]
+FAST = [
+    "--max_steps",
+    40,
+    "--max_train_samples",
+    600,
+    "--eval_steps",
+    20,
+    "--logging_steps",
+    20,
+    "--save_steps",
+    20,
+    "--per_device_train_batch_size",
+    8,
+    "--learning_rate",
+    1e-2,
+    "--warmup_steps",
+    0,
+    "--eval_examples",
+    14,
+    "--corpus_file",
+    SHAKESPEARE,
+]
 
 # Typed control-token spellings must stay plain text. Short enough for the test model's 64-token
 # context in both formats (the instruction format's "### Instruction:" headers take ~12 tokens each).
@@ -53,7 +72,9 @@ def _labelled_spans(input_ids, labels):
 
 
 @pytest.mark.parametrize("format_name", ["fluxchat", "instruction"])
-def test_loss_is_exactly_the_assistant_replies_with_their_end_token(tiny_run, isolated_runs, tmp_path, monkeypatch, format_name):
+def test_loss_is_exactly_the_assistant_replies_with_their_end_token(
+    tiny_run, isolated_runs, tmp_path, monkeypatch, format_name
+):
     _copy_run(tiny_run, isolated_runs, "mask")
     data_file = tmp_path / "chat.jsonl"
     conversation = CONVERSATIONS[format_name]
@@ -66,8 +87,25 @@ def test_loss_is_exactly_the_assistant_replies_with_their_end_token(tiny_run, is
             seen["trainer"] = self
 
     monkeypatch.setattr(sft, "SFTTrainer", RecordingTrainer)
-    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "mask", "--dataset", data_file, "--chat_format", format_name,
-                                      "--max_steps", 1, "--eval_fraction", 0, "--eval_examples", 0])
+    code, error = run_main(
+        sft.main,
+        [
+            "--preset",
+            "tiny",
+            "--run_name",
+            "mask",
+            "--dataset",
+            data_file,
+            "--chat_format",
+            format_name,
+            "--max_steps",
+            1,
+            "--eval_fraction",
+            0,
+            "--eval_examples",
+            0,
+        ],
+    )
     assert code == 0, error
 
     trainer = seen["trainer"]
@@ -80,8 +118,14 @@ def test_loss_is_exactly_the_assistant_replies_with_their_end_token(tiny_run, is
     assert spans == [chat_format.encode_text(tokenizer, reply) + [end] for reply in replies]
     assert [tokenizer.decode(span) for span in spans] == [reply + chat_format.END_OF_TURN for reply in replies]
     assert input_ids.count(end) == (5 if format_name == "fluxchat" else 2)  # typed "<|end|>" is not the control token
-    assert input_ids.count(tokenizer.convert_tokens_to_ids(chat_format.ASSISTANT)) == (2 if format_name == "fluxchat" else 0)
-    expected_start = "<|system|>\nBe brief.<|end|>\n<|user|>\nHi <|assistant|> you" if format_name == "fluxchat" else "### Instruction:\nHi\n\n### Response:\n"
+    assert input_ids.count(tokenizer.convert_tokens_to_ids(chat_format.ASSISTANT)) == (
+        2 if format_name == "fluxchat" else 0
+    )
+    expected_start = (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi <|assistant|> you"
+        if format_name == "fluxchat"
+        else "### Instruction:\nHi\n\n### Response:\n"
+    )
     assert tokenizer.decode(input_ids).startswith(expected_start)
 
 
@@ -97,8 +141,18 @@ def test_sft_by_run_dir_learns_the_format_and_saves_a_chat_model(tiny_run, isola
     code, error = run_main(sft.main, [*base, *FAST])
     assert code == 0, error
     stage = isolated_runs / "demo" / "sft"
-    for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json", "metrics.json",
-                 "eval.json", "log_history.json", "train.log", "config.yaml", "stage_complete.json"):
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "metrics.json",
+        "eval.json",
+        "log_history.json",
+        "train.log",
+        "config.yaml",
+        "stage_complete.json",
+    ):
         assert (stage / name).is_file(), name
     metrics = json.loads((stage / "metrics.json").read_text())
     tasks_after, tasks_before = metrics["eval"]["tasks"], metrics["eval"]["before"]["tasks"]
@@ -124,8 +178,24 @@ def test_sft_from_an_explicit_path_with_lora_saves_a_merged_plain_model(tiny_run
     source = tmp_path / "my-pretrained"
     shutil.copytree(tiny_run / "pretrain", source, ignore=shutil.ignore_patterns("checkpoint-*"))
     output = tmp_path / "my-sft"
-    argv = ["--preset", "tiny", "--model_name_or_path", source, "--output_dir", output, "--chat_format", "instruction",
-            "--use_peft", "--lora_r", 4, "--lora_alpha", 8, "--eval_baseline", "false", *FAST]
+    argv = [
+        "--preset",
+        "tiny",
+        "--model_name_or_path",
+        source,
+        "--output_dir",
+        output,
+        "--chat_format",
+        "instruction",
+        "--use_peft",
+        "--lora_r",
+        4,
+        "--lora_alpha",
+        8,
+        "--eval_baseline",
+        "false",
+        *FAST,
+    ]
     code, error = run_main(sft.main, argv)
     assert code == 0, error
     assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()
@@ -162,9 +232,27 @@ def test_mixed_text_rows_carry_loss_on_every_token(tiny_run, isolated_runs, tmp_
             seen["trainer"] = self
 
     monkeypatch.setattr(sft, "SFTTrainer", RecordingTrainer)
-    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "mix", "--dataset", data_file, "--max_steps", 1,
-                                      "--eval_fraction", 0, "--eval_examples", 0, "--mix_text_file", text_file,
-                                      "--mix_text_fraction", 0.5])
+    code, error = run_main(
+        sft.main,
+        [
+            "--preset",
+            "tiny",
+            "--run_name",
+            "mix",
+            "--dataset",
+            data_file,
+            "--max_steps",
+            1,
+            "--eval_fraction",
+            0,
+            "--eval_examples",
+            0,
+            "--mix_text_file",
+            text_file,
+            "--mix_text_fraction",
+            0.5,
+        ],
+    )
     assert code == 0, error
     trainer = seen["trainer"]
     tokenizer = trainer.processing_class
@@ -182,7 +270,9 @@ def test_mixed_text_rows_carry_loss_on_every_token(tiny_run, isolated_runs, tmp_
 
 def test_missing_mix_text_file_is_one_line(isolated_runs, tmp_path):
     missing = tmp_path / "absent.txt"
-    result = run_script(PYTHON, "pipeline/sft.py", "--preset", "tiny", "--run_name", "nomix", "--mix_text_file", str(missing))
+    result = run_script(
+        PYTHON, "pipeline/sft.py", "--preset", "tiny", "--run_name", "nomix", "--mix_text_file", str(missing)
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -60,7 +60,9 @@ def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
     corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     (root / "empty.txt").write_bytes(b"")
     broken = root / "broken.jsonl"
-    broken.write_text('{"prompt": "Q?", "chosen": "A.", "rejected": "B."}\n{"prompt": "Q?", "chosen": \n', encoding="utf-8")
+    broken.write_text(
+        '{"prompt": "Q?", "chosen": "A.", "rejected": "B."}\n{"prompt": "Q?", "chosen": \n', encoding="utf-8"
+    )
     return SimpleNamespace(shared=tiny_run, corpus=corpus, empty=root / "empty.txt", broken=broken)
 
 
@@ -114,49 +116,251 @@ def model_stage(i, d, *extra):  # sft / reward: the shared pretrained model as t
 
 
 def ppo_args(i, d, *extra):
-    return ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--reward_model_path", i.shared / "pretrain", "--corpus_file", i.corpus, *extra]
+    return [
+        "--preset",
+        "tiny",
+        "--model_name_or_path",
+        i.shared / "pretrain",
+        "--reward_model_path",
+        i.shared / "pretrain",
+        "--corpus_file",
+        i.corpus,
+        *extra,
+    ]
 
 
 NOT_OURS = ("is not empty and holds no fluxchat stage", "refusing to replace it")
 PLAIN_NAME = ("must be one plain folder name",)
 CASES = [
     # 1. --overwrite replaces only one of our stage folders (or an empty / absent one)
-    Case("1", "overwrite a user's folder (tokenizer)", "tokenizer", lambda i, d: tok(i, d, "--output_dir", d / "mine", "--overwrite"), NOT_OURS, users_folder(), cli=True),
-    Case("1", "overwrite a user's folder (pretrain)", "pretrain", lambda i, d: pre(i, d, "--output_dir", d / "mine", "--overwrite"), NOT_OURS, users_folder()),
-    Case("1", "overwrite a user's folder (sft)", "sft", lambda i, d: model_stage(i, d, "--output_dir", d / "mine", "--overwrite"), NOT_OURS, users_folder()),
-    Case("1", "overwrite a user's folder (reward)", "reward", lambda i, d: model_stage(i, d, "--output_dir", d / "mine", "--overwrite"), NOT_OURS, users_folder()),
-    Case("1", "overwrite a user's folder (ppo)", "ppo", lambda i, d: ppo_args(i, d, "--output_dir", d / "mine", "--overwrite"), NOT_OURS, users_folder()),
-    Case("1", "write into a user's folder", "pretrain", lambda i, d: pre(i, d, "--output_dir", d / "mine"), ("refusing to write into it",), users_folder()),
-    Case("1", "output folder is a file", "reward", lambda i, d: model_stage(i, d, "--output_dir", d / "mine" / "notes.txt" / "x"), ("notes.txt is a file",), users_folder()),
-    Case("1", "overwrite an empty folder", "tokenizer", lambda i, d: tok(i, d, "--output_dir", d / "out", "--overwrite"), (), empty_folder(), output="out"),
-    # 2. the finished stage stays as it was until its replacement has finished; inputs are loaded before anything is written
-    Case("2", "overwrite with a broken input (reward)", "reward", lambda i, d: model_stage(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"), ("broken.jsonl",), finished_stage(), cli=True),
-    Case("2", "overwrite with a broken input (ppo)", "ppo", lambda i, d: ppo_args(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"), ("broken.jsonl",), finished_stage(), cli=True),
-    Case("2", "overwrite with a broken input (sft)", "sft", lambda i, d: model_stage(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"), ("broken.jsonl",), finished_stage()),
-    Case("2", "overwrite with a broken input (pretrain)", "pretrain", lambda i, d: pre(i, d, "--train_file", i.empty, "--output_dir", d / "out", "--overwrite"), ("empty.txt: file is empty",), finished_stage(), cli=True),
-    Case("2", "overwrite with a missing input (tokenizer)", "tokenizer", lambda i, d: ["--train_file", d / "gone.txt", "--output_dir", d / "out", "--overwrite"], ("gone.txt",), finished_stage("out", "tokenizer")),
-    Case("2", "overwrite a finished tokenizer", "tokenizer", lambda i, d: tok(i, d, "--output_dir", d / "out", "--overwrite"), (), finished_stage("out", "tokenizer"), output="out"),
-    # 3. a run name is one plain path component
-    Case("3", "run name climbing out (tokenizer)", "tokenizer", lambda i, d: tok(i, d, "--run_name", "../../escaped"), PLAIN_NAME, cli=True),
-    Case("3", "run name absolute (tokenizer)", "tokenizer", lambda i, d: tok(i, d, "--run_name", d / "abs"), PLAIN_NAME),
-    Case("3", "run name climbing out (pretrain)", "pretrain", lambda i, d: pre(i, d, "--run_name", "../../escaped"), PLAIN_NAME, cli=True),
-    Case("3", "run name with a slash (sft)", "sft", lambda i, d: ["--preset", "tiny", "--run_name", "a/b"], PLAIN_NAME),
-    Case("3", "run name '..' (reward)", "reward", lambda i, d: ["--preset", "tiny", "--run_name", ".."], PLAIN_NAME),
-    Case("3", "run name absolute (ppo)", "ppo", lambda i, d: ["--preset", "tiny", "--run_name", d / "abs"], PLAIN_NAME),
-    Case("3", "run name climbing out (run_all)", "run_all", lambda i, d: ["--run_name", "../escaped", "--train_file", i.corpus], PLAIN_NAME, cli=True),
-    # 4. --max_steps 0 would mark an untrained model finished
-    Case("4", "max_steps 0 (pretrain)", "pretrain", lambda i, d: pre(i, d, "--output_dir", d / "out", "--max_steps", 0), ("--max_steps 0 trains nothing",), cli=True),
-    Case("4", "max_steps 0 (sft)", "sft", lambda i, d: model_stage(i, d, "--output_dir", d / "out", "--max_steps", 0), ("--max_steps 0 trains nothing",)),
-    Case("4", "max_steps 0 (reward)", "reward", lambda i, d: model_stage(i, d, "--output_dir", d / "out", "--max_steps", 0), ("--max_steps 0 trains nothing",)),
-    Case("4", "max_steps 0 (ppo)", "ppo", lambda i, d: ppo_args(i, d, "--output_dir", d / "out", "--max_steps", 0), ("--max_steps 0 trains nothing",)),
-    # issue 11: flags that were silently ignored are refused with a pointer to what works
-    Case("11", "--resume_from_checkpoint (pretrain)", "pretrain", lambda i, d: pre(i, d, "--output_dir", d / "out", "--resume_from_checkpoint", d / "out" / "checkpoint-40"), ("--resume_from_checkpoint is not supported", "pass --resume")),
-    Case("11", "--resume_from_checkpoint (sft)", "sft", lambda i, d: model_stage(i, d, "--output_dir", d / "out", "--resume_from_checkpoint", "true"), ("pass --resume",)),
-    Case("11", "--resume for ppo", "ppo", lambda i, d: ppo_args(i, d, "--output_dir", d / "out", "--resume"), ("PPO cannot continue from a checkpoint", "--overwrite"), cli=True),
-    Case("11", "ppo: --model_name_or_path is its input flag", "ppo", lambda i, d: ["--preset", "tiny", "--model_name_or_path", d / "no_sft", "--output_dir", d / "out"], ("no_sft does not exist",)),
     Case(
-        "11", "ppo: --model_name_or_path and its alias disagree", "ppo",
-        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "pretrain", "--sft_model_path", d / "other", "--output_dir", d / "out"],
+        "1",
+        "overwrite a user's folder (tokenizer)",
+        "tokenizer",
+        lambda i, d: tok(i, d, "--output_dir", d / "mine", "--overwrite"),
+        NOT_OURS,
+        users_folder(),
+        cli=True,
+    ),
+    Case(
+        "1",
+        "overwrite a user's folder (pretrain)",
+        "pretrain",
+        lambda i, d: pre(i, d, "--output_dir", d / "mine", "--overwrite"),
+        NOT_OURS,
+        users_folder(),
+    ),
+    Case(
+        "1",
+        "overwrite a user's folder (sft)",
+        "sft",
+        lambda i, d: model_stage(i, d, "--output_dir", d / "mine", "--overwrite"),
+        NOT_OURS,
+        users_folder(),
+    ),
+    Case(
+        "1",
+        "overwrite a user's folder (reward)",
+        "reward",
+        lambda i, d: model_stage(i, d, "--output_dir", d / "mine", "--overwrite"),
+        NOT_OURS,
+        users_folder(),
+    ),
+    Case(
+        "1",
+        "overwrite a user's folder (ppo)",
+        "ppo",
+        lambda i, d: ppo_args(i, d, "--output_dir", d / "mine", "--overwrite"),
+        NOT_OURS,
+        users_folder(),
+    ),
+    Case(
+        "1",
+        "write into a user's folder",
+        "pretrain",
+        lambda i, d: pre(i, d, "--output_dir", d / "mine"),
+        ("refusing to write into it",),
+        users_folder(),
+    ),
+    Case(
+        "1",
+        "output folder is a file",
+        "reward",
+        lambda i, d: model_stage(i, d, "--output_dir", d / "mine" / "notes.txt" / "x"),
+        ("notes.txt is a file",),
+        users_folder(),
+    ),
+    Case(
+        "1",
+        "overwrite an empty folder",
+        "tokenizer",
+        lambda i, d: tok(i, d, "--output_dir", d / "out", "--overwrite"),
+        (),
+        empty_folder(),
+        output="out",
+    ),
+    # 2. the finished stage stays as it was until its replacement has finished; inputs are loaded before anything is written
+    Case(
+        "2",
+        "overwrite with a broken input (reward)",
+        "reward",
+        lambda i, d: model_stage(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"),
+        ("broken.jsonl",),
+        finished_stage(),
+        cli=True,
+    ),
+    Case(
+        "2",
+        "overwrite with a broken input (ppo)",
+        "ppo",
+        lambda i, d: ppo_args(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"),
+        ("broken.jsonl",),
+        finished_stage(),
+        cli=True,
+    ),
+    Case(
+        "2",
+        "overwrite with a broken input (sft)",
+        "sft",
+        lambda i, d: model_stage(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"),
+        ("broken.jsonl",),
+        finished_stage(),
+    ),
+    Case(
+        "2",
+        "overwrite with a broken input (pretrain)",
+        "pretrain",
+        lambda i, d: pre(i, d, "--train_file", i.empty, "--output_dir", d / "out", "--overwrite"),
+        ("empty.txt: file is empty",),
+        finished_stage(),
+        cli=True,
+    ),
+    Case(
+        "2",
+        "overwrite with a missing input (tokenizer)",
+        "tokenizer",
+        lambda i, d: ["--train_file", d / "gone.txt", "--output_dir", d / "out", "--overwrite"],
+        ("gone.txt",),
+        finished_stage("out", "tokenizer"),
+    ),
+    Case(
+        "2",
+        "overwrite a finished tokenizer",
+        "tokenizer",
+        lambda i, d: tok(i, d, "--output_dir", d / "out", "--overwrite"),
+        (),
+        finished_stage("out", "tokenizer"),
+        output="out",
+    ),
+    # 3. a run name is one plain path component
+    Case(
+        "3",
+        "run name climbing out (tokenizer)",
+        "tokenizer",
+        lambda i, d: tok(i, d, "--run_name", "../../escaped"),
+        PLAIN_NAME,
+        cli=True,
+    ),
+    Case(
+        "3", "run name absolute (tokenizer)", "tokenizer", lambda i, d: tok(i, d, "--run_name", d / "abs"), PLAIN_NAME
+    ),
+    Case(
+        "3",
+        "run name climbing out (pretrain)",
+        "pretrain",
+        lambda i, d: pre(i, d, "--run_name", "../../escaped"),
+        PLAIN_NAME,
+        cli=True,
+    ),
+    Case(
+        "3", "run name with a slash (sft)", "sft", lambda i, d: ["--preset", "tiny", "--run_name", "a/b"], PLAIN_NAME
+    ),
+    Case("3", "run name '..' (reward)", "reward", lambda i, d: ["--preset", "tiny", "--run_name", ".."], PLAIN_NAME),
+    Case(
+        "3", "run name absolute (ppo)", "ppo", lambda i, d: ["--preset", "tiny", "--run_name", d / "abs"], PLAIN_NAME
+    ),
+    Case(
+        "3",
+        "run name climbing out (run_all)",
+        "run_all",
+        lambda i, d: ["--run_name", "../escaped", "--train_file", i.corpus],
+        PLAIN_NAME,
+        cli=True,
+    ),
+    # 4. --max_steps 0 would mark an untrained model finished
+    Case(
+        "4",
+        "max_steps 0 (pretrain)",
+        "pretrain",
+        lambda i, d: pre(i, d, "--output_dir", d / "out", "--max_steps", 0),
+        ("--max_steps 0 trains nothing",),
+        cli=True,
+    ),
+    Case(
+        "4",
+        "max_steps 0 (sft)",
+        "sft",
+        lambda i, d: model_stage(i, d, "--output_dir", d / "out", "--max_steps", 0),
+        ("--max_steps 0 trains nothing",),
+    ),
+    Case(
+        "4",
+        "max_steps 0 (reward)",
+        "reward",
+        lambda i, d: model_stage(i, d, "--output_dir", d / "out", "--max_steps", 0),
+        ("--max_steps 0 trains nothing",),
+    ),
+    Case(
+        "4",
+        "max_steps 0 (ppo)",
+        "ppo",
+        lambda i, d: ppo_args(i, d, "--output_dir", d / "out", "--max_steps", 0),
+        ("--max_steps 0 trains nothing",),
+    ),
+    # issue 11: flags that were silently ignored are refused with a pointer to what works
+    Case(
+        "11",
+        "--resume_from_checkpoint (pretrain)",
+        "pretrain",
+        lambda i, d: pre(i, d, "--output_dir", d / "out", "--resume_from_checkpoint", d / "out" / "checkpoint-40"),
+        ("--resume_from_checkpoint is not supported", "pass --resume"),
+    ),
+    Case(
+        "11",
+        "--resume_from_checkpoint (sft)",
+        "sft",
+        lambda i, d: model_stage(i, d, "--output_dir", d / "out", "--resume_from_checkpoint", "true"),
+        ("pass --resume",),
+    ),
+    Case(
+        "11",
+        "--resume for ppo",
+        "ppo",
+        lambda i, d: ppo_args(i, d, "--output_dir", d / "out", "--resume"),
+        ("PPO cannot continue from a checkpoint", "--overwrite"),
+        cli=True,
+    ),
+    Case(
+        "11",
+        "ppo: --model_name_or_path is its input flag",
+        "ppo",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", d / "no_sft", "--output_dir", d / "out"],
+        ("no_sft does not exist",),
+    ),
+    Case(
+        "11",
+        "ppo: --model_name_or_path and its alias disagree",
+        "ppo",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--sft_model_path",
+            d / "other",
+            "--output_dir",
+            d / "out",
+        ],
         ("--model_name_or_path and --sft_model_path",),
     ),
 ]
@@ -176,7 +380,9 @@ def test_output_folder_case(case, inputs, tmp_path, monkeypatch):
     before = fingerprint(tmp_path, inputs.shared)
     argv = [str(a) for a in case.argv(inputs, case_dir)]
     if case.cli:
-        result = run_script(PYTHON, ENTRY_POINTS[case.entry][0], *argv, env={"FLUXCHAT_RUNS_DIR": str(runs_dir)}, timeout=600)
+        result = run_script(
+            PYTHON, ENTRY_POINTS[case.entry][0], *argv, env={"FLUXCHAT_RUNS_DIR": str(runs_dir)}, timeout=600
+        )
         code, stderr = result.returncode, result.stderr
         lines = [line for line in stderr.splitlines() if line.strip()]
         error = lines[-1] if lines and code else ""
@@ -191,7 +397,9 @@ def test_output_folder_case(case, inputs, tmp_path, monkeypatch):
         assert code == 0, stderr[-3000:]
         output = case_dir / case.output
         assert runs.is_finished(output)
-        assert not [p for p in case_dir.iterdir() if p.name.startswith(".")], "a sibling of the output folder was left behind"
+        assert not [p for p in case_dir.iterdir() if p.name.startswith(".")], (
+            "a sibling of the output folder was left behind"
+        )
         outside = {p for p in changed(before, after) if not Path(p).is_relative_to(output) and p != str(output)}
         assert not outside, f"a successful command wrote outside its output folder: {sorted(outside)[:10]}"
         return
@@ -220,7 +428,12 @@ def test_a_successful_overwrite_replaces_the_old_stage_whole(inputs, tmp_path):
 def pretrain_overwrite_command(inputs, out: Path, steps: int) -> list[str]:
     # The shared tiny flags, later flags winning: a checkpoint every 5 steps, so a kill can land in a save too.
     flags = [*TINY_MODEL_FLAGS, *TINY_TRAIN_FLAGS, "--save_steps", 5, "--eval_strategy", "no"]
-    return [PYTHON, "pipeline/pretrain.py", *pre(inputs, None, "--output_dir", out, "--overwrite", "--max_steps", steps), *flags]
+    return [
+        PYTHON,
+        "pipeline/pretrain.py",
+        *pre(inputs, None, "--output_dir", out, "--overwrite", "--max_steps", steps),
+        *flags,
+    ]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -229,12 +442,16 @@ def test_kill_9_during_an_overwrite_leaves_the_finished_stage_as_it_was(inputs, 
     shutil.copytree(inputs.shared / "pretrain", out)
     before = fingerprint(out)
     command = [str(a) for a in pretrain_overwrite_command(inputs, out, 15)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     sibling = out.parent / f".{out.name}{runs.OVERWRITE_SUFFIX}"
     deadline = time.monotonic() + 300
     while not sibling.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sibling.exists(), process.stderr.read().decode()[-3000:] if process.poll() is not None else "no overwrite started"
+    assert sibling.exists(), (
+        process.stderr.read().decode()[-3000:] if process.poll() is not None else "no overwrite started"
+    )
     time.sleep(random.Random(seed).uniform(0.0, 4.0))  # somewhere in training, a checkpoint save or the final save
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -280,7 +497,11 @@ def full_disk_on_call(real, calls_before_failing: int):
         calls["n"] += 1
         if calls["n"] <= calls_before_failing:
             return real(self, *args, **kwargs)
-        target = Path(self._get_output_dir(trial=None)) if real.__name__ == "_save_checkpoint" else Path(args[0] if args else kwargs["output_dir"])
+        target = (
+            Path(self._get_output_dir(trial=None))
+            if real.__name__ == "_save_checkpoint"
+            else Path(args[0] if args else kwargs["output_dir"])
+        )
         target = target / f"checkpoint-{self.state.global_step}" if real.__name__ == "_save_checkpoint" else target
         target.mkdir(parents=True, exist_ok=True)
         (target / "model.safetensors").write_bytes(b"half a file")  # what a full disk leaves
@@ -300,11 +521,26 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_earlier_checkpoints(inp
     monkeypatch.setattr(transformers.Trainer, attribute, full_disk_on_call(real, 1 if what == "checkpoint" else 0))
     out = tmp_path / "out"
     before = fingerprint(tmp_path, inputs.shared)
-    argv = pre(inputs, None, "--output_dir", out, "--max_steps", 4, "--save_steps", 2, "--eval_strategy", "no", *TINY_MODEL_FLAGS)
+    argv = pre(
+        inputs,
+        None,
+        "--output_dir",
+        out,
+        "--max_steps",
+        4,
+        "--save_steps",
+        2,
+        "--eval_strategy",
+        "no",
+        *TINY_MODEL_FLAGS,
+    )
     code, message = run_main(pretrain.main, argv)
 
     assert code == 2, message
-    assert "\n" not in message and f"saving {'checkpoint-4' if what == 'checkpoint' else 'the final model'} failed" in message
+    assert (
+        "\n" not in message
+        and f"saving {'checkpoint-4' if what == 'checkpoint' else 'the final model'} failed" in message
+    )
     assert "is full" in message and "mounted at" in message and str(out) in message
     assert not (out / runs.STAGING).exists(), "the half-written save was left in staging"
     assert not runs.is_finished(out)
@@ -312,7 +548,11 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_earlier_checkpoints(inp
     assert checkpoint is not None and checkpoint.name == ("checkpoint-2" if what == "checkpoint" else "checkpoint-4")
     assert (checkpoint / "model.safetensors").stat().st_size > 1000  # the earlier checkpoint is whole
     cache = Path(os.environ["FLUXCHAT_CACHE"])  # the token cache: derived data, not the user's
-    outside = {p for p in changed(before, fingerprint(tmp_path, inputs.shared)) if not Path(p).is_relative_to(out) and not Path(p).is_relative_to(cache)}
+    outside = {
+        p
+        for p in changed(before, fingerprint(tmp_path, inputs.shared))
+        if not Path(p).is_relative_to(out) and not Path(p).is_relative_to(cache)
+    }
     assert not outside, sorted(outside)
 
 
@@ -344,7 +584,12 @@ def test_pretrain_prepares_its_folder_on_the_main_process_only(inputs, tmp_path,
 
     monkeypatch.setattr(training, "start_stage", start_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.main([str(a) for a in pre(inputs, None, "--output_dir", out, "--overwrite", "--max_steps", 2, *TINY_MODEL_FLAGS)])
+        pretrain.main(
+            [
+                str(a)
+                for a in pre(inputs, None, "--output_dir", out, "--overwrite", "--max_steps", 2, *TINY_MODEL_FLAGS)
+            ]
+        )
     assert started and started[0].output_dir == out
     assert fingerprint(out.parent) == before, "a non-main process wrote or deleted files"
 
@@ -365,7 +610,17 @@ def instruction_model(inputs, tmp_path) -> Path:
 def test_sft_inherits_the_tokenizers_chat_format_and_notes_an_override(inputs, instruction_model, tmp_path, capsys):
     from pipeline import sft
 
-    argv = ["--preset", "tiny", "--model_name_or_path", instruction_model, "--corpus_file", inputs.corpus, "--output_dir", tmp_path / "out", "--inspect"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--model_name_or_path",
+        instruction_model,
+        "--corpus_file",
+        inputs.corpus,
+        "--output_dir",
+        tmp_path / "out",
+        "--inspect",
+    ]
     sft.main([str(a) for a in argv])
     inherited = capsys.readouterr()
     assert "### Instruction:" in inherited.out and chat_format.USER not in inherited.out

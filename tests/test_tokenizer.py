@@ -25,7 +25,10 @@ def tokenizers_by_type(corpus, tmp_path_factory):
     out = {}
     for kind, vocab in (("bpe", 512), ("char", 400), ("word", 600)):
         folder = tmp_path_factory.mktemp(kind)
-        code, err = run_main(train.main, ["--train_file", corpus, "--tokenizer_type", kind, "--vocab_size", vocab, "--output_dir", folder])
+        code, err = run_main(
+            train.main,
+            ["--train_file", corpus, "--tokenizer_type", kind, "--vocab_size", vocab, "--output_dir", folder],
+        )
         assert code == 0, err
         out[kind] = folder
     return out
@@ -81,13 +84,17 @@ def test_render_matches_jinja_template_and_masks_assistant(tokenizers_by_type, f
         {"role": "assistant", "content": "Paris has approximately 2.1 million people."},
     ]
     ids, mask = chat_format.render_conversation(tok, messages)
-    via_template = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    via_template = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     assert ids == via_template["input_ids"]
     assert mask == via_template["assistant_masks"]
     trained = tok.decode([i for i, m in zip(ids, mask) if m])
     assert trained == "The capital of France is Paris.<|end|>Paris has approximately 2.1 million people.<|end|>"
     prompt = chat_format.render_prompt(tok, messages[:2])
-    assert prompt == tok.apply_chat_template(messages[:2], tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert prompt == tok.apply_chat_template(
+        messages[:2], tokenize=True, return_dict=False, add_generation_prompt=True
+    )
 
 
 def test_typed_control_tokens_cannot_forge_a_turn(tokenizers_by_type):
@@ -140,7 +147,9 @@ def test_finished_output_is_kept_unless_overwrite(tmp_path, corpus):
     before = (out / "tokenizer.json").read_bytes()
     assert "--overwrite" in _err(["--train_file", corpus, "--vocab_size", 400, "--output_dir", out])
     assert (out / "tokenizer.json").read_bytes() == before
-    assert run_main(train.main, ["--train_file", corpus, "--vocab_size", 400, "--output_dir", out, "--overwrite"])[0] == 0
+    assert (
+        run_main(train.main, ["--train_file", corpus, "--vocab_size", 400, "--output_dir", out, "--overwrite"])[0] == 0
+    )
     assert len(AutoTokenizer.from_pretrained(out)) == 400
 
 

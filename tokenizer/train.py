@@ -24,21 +24,37 @@ UNK = "<|unk|>"  # only the word tokenizer needs one: bpe and char fall back to 
 class TokenizerArguments:
     run_name: str = field(default="default", metadata={"help": "Run folder: runs/<run_name>/tokenizer."})
     output_dir: str | None = field(default=None, metadata={"help": "Write here instead of the run folder."})
-    train_file: list[str] | None = field(default=None, metadata={"help": "Text files or folders (.txt/.jsonl/.parquet); default: tinyshakespeare."})
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "Text files or folders (.txt/.jsonl/.parquet); default: tinyshakespeare."}
+    )
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id to train on instead of files."})
     text_column: str = field(default="text", metadata={"help": "Column holding text in jsonl/parquet/Hub data."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Held-out tail of each file, used for the compression report."})
-    tokenizer_type: str = field(default="bpe", metadata={"help": "bpe (byte-level, lossless), char (byte fallback, lossless) or word (lossy).", "choices": ["bpe", "char", "word"]})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Held-out tail of each file, used for the compression report."}
+    )
+    tokenizer_type: str = field(
+        default="bpe",
+        metadata={
+            "help": "bpe (byte-level, lossless), char (byte fallback, lossless) or word (lossy).",
+            "choices": ["bpe", "char", "word"],
+        },
+    )
     vocab_size: int = field(default=1024, metadata={"help": "Total vocabulary size, special tokens included."})
-    split_digits: bool = field(default=True, metadata={"help": "One token per digit (as LLaMA): arithmetic gets much easier to learn."})
-    chat_format: str = field(default=chat_format.DEFAULT_FORMAT, metadata={"help": "Chat template to bake in: fluxchat or instruction."})
+    split_digits: bool = field(
+        default=True, metadata={"help": "One token per digit (as LLaMA): arithmetic gets much easier to learn."}
+    )
+    chat_format: str = field(
+        default=chat_format.DEFAULT_FORMAT, metadata={"help": "Chat template to bake in: fluxchat or instruction."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished tokenizer in the output folder."})
 
     def __post_init__(self):
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.chat_format not in chat_format.FORMATS:
-            raise ValueError(f"--chat_format must be one of {', '.join(chat_format.FORMATS)}, got '{self.chat_format}'")
+            raise ValueError(
+                f"--chat_format must be one of {', '.join(chat_format.FORMATS)}, got '{self.chat_format}'"
+            )
 
 
 def minimum_vocab_size(tokenizer_type: str) -> int:
@@ -83,7 +99,9 @@ def build_backend(args: TokenizerArguments, texts: list[str]):
             ]
         )
         tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-        trainer = trainers.WordLevelTrainer(vocab_size=args.vocab_size, special_tokens=specials + [UNK], show_progress=False)
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=args.vocab_size, special_tokens=specials + [UNK], show_progress=False
+        )
         tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(specials)  # marks them special (never split, skippable on decode)
     return tok
@@ -108,7 +126,11 @@ def compression_stats(tokenizer, texts: list[str], tokenizer_type: str) -> dict:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     ids = [chat_format.encode_text(tokenizer, t) for t in texts]
     n_tokens = sum(len(i) for i in ids)
-    stats = {"heldout_bytes": n_bytes, "heldout_tokens": n_tokens, "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4)}
+    stats = {
+        "heldout_bytes": n_bytes,
+        "heldout_tokens": n_tokens,
+        "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4),
+    }
     if tokenizer_type != "word":
         stats["lossless_round_trip"] = all(tokenizer.decode(i) == t for i, t in zip(ids, texts))
     return stats
@@ -124,12 +146,16 @@ def main(argv: list[str] | None = None) -> Path:
     runs.check_run_name(args.run_name)
     output_dir = Path(args.output_dir) if args.output_dir else runs.stage_dir(args.run_name, "tokenizer")
     runs.check_output_dir(output_dir, overwrite=args.overwrite)
-    train_texts, heldout_texts = load_text(args.train_file, args.dataset_name, args.text_column, args.validation_fraction)
+    train_texts, heldout_texts = load_text(
+        args.train_file, args.dataset_name, args.text_column, args.validation_fraction
+    )
     tokenizer = wrap(build_backend(args, train_texts), args)
     stats = compression_stats(tokenizer, heldout_texts or train_texts[-1:], args.tokenizer_type)
     stats.update(tokenizer_type=args.tokenizer_type, vocab_size=len(tokenizer))
 
-    work = runs.begin(output_dir, "tokenizer", overwrite=args.overwrite)  # output_dir, or a sibling swapped in at the end
+    work = runs.begin(
+        output_dir, "tokenizer", overwrite=args.overwrite
+    )  # output_dir, or a sibling swapped in at the end
     staged = runs.staging_dir(work, "final")
     with runs.save_errors(staged, "the tokenizer"):
         tokenizer.save_pretrained(staged)
