@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> Path:
     )
     if eval_set is None:
         args.eval_strategy = "no"
+    # Only the loss is reported: without this the Trainer keeps every evaluated block's logits
+    # (blocks x context x vocab floats: 84 MB for 160 blocks at vocab 1024), growing with the held-out text.
+    args.prediction_loss_only = True
     bytes_per_token = corpus.validation_bytes / len(val_tokens) if eval_set else 1.0
 
     training.start_stage(run, args, model_args, data_args, args, config_file=config_file)
