@@ -279,5 +279,6 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
         PYTHON, REPO / "pipeline" / "grpo.py", *[str(a) for a in base], "--dataset", no_answers, timeout=120
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # notes may precede it
+    assert len(errors) == 1 and str(no_answers) in errors[0] and "Traceback" not in result.stderr
     assert not (isolated_runs / "bad").exists()
