@@ -142,6 +142,10 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
         cmd += ["--train_file", *corpus_files]
     else:
         cmd += task_flags
+    facts = runs.run_dir(args.run_name) / runs.DATA_DIR / "facts.txt"
+    if stage == "sft" and args.with_facts and facts.is_file():
+        # Mixed training: the facts prose beside the chat rows keeps SFT from overwriting what pretraining stored.
+        cmd += ["--mix_text_file", str(facts)]
     folder = runs.stage_dir(args.run_name, stage)
     if folder.exists() and not runs.is_finished(folder):  # interrupted earlier
         cmd += ["--resume"] if stage in RESUMABLE and runs.latest_checkpoint(folder) else ["--overwrite"]
