@@ -52,12 +52,28 @@ OFFLINE_TASKS = ("arithmetic", "copy", "upper", "capital", "followup")
 @dataclass
 class RunAllArguments:
     run_name: str = field(default="demo", metadata={"help": "Everything goes to runs/<run_name>/."})
-    train_file: list[str] | None = field(default=None, metadata={"help": "Pretraining text files/folders; default the shipped tinyshakespeare (data/)."})
-    corpus: str = field(default="tinyshakespeare", metadata={"help": "With no --train_file: 'tinyshakespeare' (shipped in data/) or 'embedded' (the generated task corpus, no quote/speaker tasks)."})
-    with_facts: bool = field(default=True, metadata={"help": "Add the built-in facts text to pretraining, so the fact tasks can be learned."})
-    stages: list[str] = field(default_factory=lambda: [*SCRIPTS, "evaluate", REPORT], metadata={"help": "Stages to run, in order."})
-    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config for the training stages (see configs/accelerate/)."})
-    stage_args: list[str] | None = field(default=None, metadata={"help": "Extra flags as 'stage:--flag=value' (e.g. pretrain:--max_steps=100)."})
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "Pretraining text files/folders; default the shipped tinyshakespeare (data/)."}
+    )
+    corpus: str = field(
+        default="tinyshakespeare",
+        metadata={
+            "help": "With no --train_file: 'tinyshakespeare' (shipped in data/) or 'embedded' (the generated task corpus, no quote/speaker tasks)."
+        },
+    )
+    with_facts: bool = field(
+        default=True,
+        metadata={"help": "Add the built-in facts text to pretraining, so the fact tasks can be learned."},
+    )
+    stages: list[str] = field(
+        default_factory=lambda: [*SCRIPTS, "evaluate", REPORT], metadata={"help": "Stages to run, in order."}
+    )
+    accelerate_config: str | None = field(
+        default=None, metadata={"help": "accelerate config for the training stages (see configs/accelerate/)."}
+    )
+    stage_args: list[str] | None = field(
+        default=None, metadata={"help": "Extra flags as 'stage:--flag=value' (e.g. pretrain:--max_steps=100)."}
+    )
 
 
 def launcher(args: RunAllArguments, stage: str) -> list[str]:
@@ -121,9 +137,15 @@ def corpus_task_flags(text_file: str | None) -> list[str]:
             print(f"note: the quote/speaker tasks cannot use {corpus or 'tinyshakespeare'}: {err}", flush=True)
             continue
         if corpus != text_file:
-            print("note: the quote/speaker tasks draw their lines from tinyshakespeare (your corpus is not a play script)", flush=True)
+            print(
+                "note: the quote/speaker tasks draw their lines from tinyshakespeare (your corpus is not a play script)",
+                flush=True,
+            )
         return ["--corpus_file", tasks.resolve_corpus(corpus)]
-    print(f"note: the quote/speaker tasks are left out: the stages train and evaluate on {', '.join(OFFLINE_TASKS)}", flush=True)
+    print(
+        f"note: the quote/speaker tasks are left out: the stages train and evaluate on {', '.join(OFFLINE_TASKS)}",
+        flush=True,
+    )
     return ["--tasks", *OFFLINE_TASKS]
 
 
@@ -136,7 +158,9 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
             cmd += ["--reward_model", str(run / "reward")]
         return cmd + task_flags + extra
     if stage == REPORT:
-        return [sys.executable, "pipeline/evaluate.py", str(runs.run_dir(args.run_name)), "--report"] + task_flags + extra
+        return (
+            [sys.executable, "pipeline/evaluate.py", str(runs.run_dir(args.run_name)), "--report"] + task_flags + extra
+        )
     cmd = launcher(args, stage) + [SCRIPTS[stage], "--preset", args.preset, "--run_name", args.run_name]
     if stage in ("tokenizer", "pretrain"):
         cmd += ["--train_file", *corpus_files]
@@ -206,12 +230,16 @@ def main(argv: list[str] | None = None) -> Path:
     args.preset = preset
     unknown = [s for s in args.stages if s not in (*SCRIPTS, "evaluate", REPORT)]
     if unknown:
-        fail(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate', REPORT])}")
+        fail(
+            f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate', REPORT])}"
+        )
     extra: dict[str, list[str]] = {}
     for item in args.stage_args or []:
         stage, _, flag = item.partition(":")
         if stage not in (*SCRIPTS, "evaluate", REPORT) or not flag.startswith("--"):
-            fail(f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(SCRIPTS)}, evaluate, {REPORT}")
+            fail(
+                f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(SCRIPTS)}, evaluate, {REPORT}"
+            )
         extra.setdefault(stage, []).append(flag)
 
     run = runs.run_dir(args.run_name)
@@ -235,7 +263,9 @@ def main(argv: list[str] | None = None) -> Path:
         code = subprocess.call(cmd, cwd=REPO_ROOT)
         seconds = round(time.perf_counter() - start, 1)
         if code != 0:
-            fail(f"stage {stage} failed (exit {code}) after {seconds}s: fix the error above and re-run the same command to continue")
+            fail(
+                f"stage {stage} failed (exit {code}) after {seconds}s: fix the error above and re-run the same command to continue"
+            )
         summary.append({"stage": stage, "status": "ran", "seconds": seconds, "metric": key_metric(stage, folder)})
 
     runs.write_json(run / runs.SUMMARY_FILE, {"preset": args.preset, "stages": summary})
