@@ -86,7 +86,8 @@ RULES: dict[str, Rule] = {
     "vf_coef": at_least(0),
     "gamma": fraction(closed=True),
     "lam": fraction(closed=True),
-    "max_kl": positive(),
+    # max_kl: any finite number (NaN/inf are refused for every field); a negative one flags every update, which
+    # is how the tests exercise --stop_on_collapse.
     "min_eos_rate": fraction(closed=True),
     "max_repetition": fraction(closed=True),
     "probe_prompts": at_least(0),

@@ -52,7 +52,10 @@ class PPOArguments(StageArguments):
         metadata={"help": "Value model initialisation; default the reward model (as TRL's example does)."},
     )
     max_kl: float = field(
-        default=10.0, metadata={"help": "Warn when the KL to the SFT reference (summed over a reply) exceeds this."}
+        default=10.0,
+        metadata={
+            "help": "Warn when the KL to the SFT reference (summed over a reply) exceeds this (negative: every update)."
+        },
     )
     min_eos_rate: float = field(
         default=0.1, metadata={"help": "Warn when fewer probe replies than this end with <|end|>."}
