@@ -101,3 +101,22 @@ def tiny_run(tmp_path_factory) -> Path:
         else:
             os.environ["FLUXCHAT_RUNS_DIR"] = old
     return root / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_chain(tiny_run, tmp_path_factory) -> Path:
+    """<root>/{sft,reward}: an SFT model of the tiny run and a reward model from it, trained once per session
+    into explicit folders (no run directory involved) and shared read-only by the PPO, GRPO and DPO tests."""
+    from pipeline import reward, sft
+
+    root = tmp_path_factory.mktemp("chat_chain")
+    quick = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
+    sft_argv = ["--preset", "tiny", "--model_name_or_path", tiny_run / "pretrain", "--output_dir", root / "sft"]
+    sft_argv += ["--max_steps", 40, "--max_train_samples", 600, "--per_device_train_batch_size", 8]
+    code, error = run_main(sft.main, [*sft_argv, "--learning_rate", 1e-2, "--eval_examples", 0, *quick])
+    assert code == 0, error
+    reward_argv = ["--preset", "tiny", "--model_name_or_path", root / "sft", "--output_dir", root / "reward"]
+    reward_argv += ["--max_steps", 20, "--max_train_samples", 400, "--eval_examples", 0, "--eval_baseline", "false"]
+    code, error = run_main(reward.main, [*reward_argv, *quick])
+    assert code == 0, error
+    return root

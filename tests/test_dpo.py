@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, loading, tasks
-from pipeline import dpo, sft
+from pipeline import dpo
 from tests.conftest import SHAKESPEARE, run_main
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
@@ -36,32 +36,8 @@ DPO_FAST = [
 
 
 @pytest.fixture(scope="module")
-def sft_model(tiny_run, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo_chain")
-    code, error = run_main(
-        sft.main,
-        [
-            "--preset",
-            "tiny",
-            "--model_name_or_path",
-            tiny_run / "pretrain",
-            "--output_dir",
-            root / "sft",
-            "--max_steps",
-            30,
-            "--max_train_samples",
-            400,
-            "--per_device_train_batch_size",
-            8,
-            "--learning_rate",
-            1e-2,
-            "--eval_examples",
-            0,
-            *QUICK,
-        ],
-    )
-    assert code == 0, error
-    return root / "sft"
+def sft_model(tiny_chat_chain):
+    return tiny_chat_chain / "sft"
 
 
 def _write_jsonl(path, rows):

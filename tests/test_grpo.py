@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, loading, rewards, tasks
-from pipeline import grpo, reward, sft
+from pipeline import grpo
 from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
@@ -33,54 +33,8 @@ GRPO_FAST = [
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_run, tmp_path_factory):
-    """An SFT model of the tiny run (and a reward model from it), written to explicit folders."""
-    root = tmp_path_factory.mktemp("grpo_chain")
-    code, error = run_main(
-        sft.main,
-        [
-            "--preset",
-            "tiny",
-            "--model_name_or_path",
-            tiny_run / "pretrain",
-            "--output_dir",
-            root / "sft",
-            "--max_steps",
-            30,
-            "--max_train_samples",
-            400,
-            "--per_device_train_batch_size",
-            8,
-            "--learning_rate",
-            1e-2,
-            "--eval_examples",
-            0,
-            *QUICK,
-        ],
-    )
-    assert code == 0, error
-    code, error = run_main(
-        reward.main,
-        [
-            "--preset",
-            "tiny",
-            "--model_name_or_path",
-            root / "sft",
-            "--output_dir",
-            root / "reward",
-            "--max_steps",
-            5,
-            "--max_train_samples",
-            100,
-            "--eval_examples",
-            0,
-            "--eval_baseline",
-            "false",
-            *QUICK,
-        ],
-    )
-    assert code == 0, error
-    return root
+def chain(tiny_chat_chain):
+    return tiny_chat_chain
 
 
 @pytest.fixture(scope="module")

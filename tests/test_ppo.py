@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format
-from pipeline import ppo, reward, sft
+from pipeline import ppo
 from tests.conftest import SHAKESPEARE, run_main
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
@@ -38,54 +38,8 @@ PPO_FAST = [
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_run, tmp_path_factory):
-    """SFT and reward stages of the tiny run, written to explicit folders (no run directory involved)."""
-    root = tmp_path_factory.mktemp("ppo_chain")
-    code, error = run_main(
-        sft.main,
-        [
-            "--preset",
-            "tiny",
-            "--model_name_or_path",
-            tiny_run / "pretrain",
-            "--output_dir",
-            root / "sft",
-            "--max_steps",
-            40,
-            "--max_train_samples",
-            600,
-            "--per_device_train_batch_size",
-            8,
-            "--learning_rate",
-            1e-2,
-            "--eval_examples",
-            0,
-            *QUICK,
-        ],
-    )
-    assert code == 0, error
-    code, error = run_main(
-        reward.main,
-        [
-            "--preset",
-            "tiny",
-            "--model_name_or_path",
-            root / "sft",
-            "--output_dir",
-            root / "reward",
-            "--max_steps",
-            20,
-            "--max_train_samples",
-            400,
-            "--eval_examples",
-            0,
-            "--eval_baseline",
-            "false",
-            *QUICK,
-        ],
-    )
-    assert code == 0, error
-    return root
+def chain(tiny_chat_chain):
+    return tiny_chat_chain
 
 
 def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs):
