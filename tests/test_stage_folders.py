@@ -453,9 +453,13 @@ def test_kill_9_during_an_overwrite_leaves_the_finished_stage_as_it_was(inputs, 
         process.stderr.read().decode()[-3000:] if process.poll() is not None else "no overwrite started"
     )
     time.sleep(random.Random(seed).uniform(0.0, 4.0))  # somewhere in training, a checkpoint save or the final save
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert fingerprint(out) == before, "the kill changed the finished stage being replaced"
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert fingerprint(out) == before, "the kill changed the finished stage being replaced"
+    else:  # a fast machine finished the overwrite before the kill: then it must have swapped in whole
+        assert process.returncode == 0, process.stderr.read().decode()[-3000:]
+        assert json.loads((out / runs.FINISHED_MARKER).read_text())["global_step"] == 15
 
     result = run_script(*command, timeout=600)  # the same command again: leftovers cleared, then the swap
     assert result.returncode == 0, result.stderr[-3000:]
