@@ -281,3 +281,12 @@ def logged_prompts(log_path: Path, since: int = 0) -> list[dict]:
         for line in log_lines(log_path, since)
         if APP_PROMPT_MARKER in line
     ]
+
+
+def pretrain_argv(preset: str, text: Path, tokenizer_dir: Path, out: Path, steps: int, settings: dict) -> list[str]:
+    """Flags for a timed `pipeline/pretrain.py` run: a fresh output folder, no evaluation or checkpoints while timed,
+    one short sample at the end, and `settings` (model shape, batch, optimizer) as flags."""
+    fixed = ["--preset", preset, "--train_file", text, "--tokenizer_name_or_path", tokenizer_dir, "--output_dir", out]
+    fixed += ["--overwrite", "--max_steps", steps, "--eval_strategy", "no", "--save_strategy", "no"]
+    fixed += ["--sample_prompts", "ROMEO:", "--sample_max_new_tokens", 8]
+    return [str(a) for a in fixed] + [f"--{key}={value}" for key, value in settings.items()]

@@ -67,36 +67,8 @@ def timed_pretrain(
     from pipeline import pretrain
 
     timer = common.step_timer()
-    flags = [f"--{key}={value}" for key, value in settings.items()]
-    argv = [
-        "--preset",
-        "gpt2-small",
-        "--train_file",
-        str(text),
-        "--tokenizer_name_or_path",
-        str(tokenizer_dir),
-        "--output_dir",
-        str(out),
-        "--overwrite",
-        "--max_steps",
-        str(steps),
-        "--eval_strategy",
-        "no",
-        "--save_strategy",
-        "no",
-        "--sample_prompts",
-        "ROMEO:",
-        "--sample_max_new_tokens",
-        "8",
-        "--bf16",
-        "true",
-        "--pad_vocab_to_multiple_of",
-        "64",
-        "--logging_steps",
-        "10",
-        *flags,
-        *extra,
-    ]
+    argv = common.pretrain_argv("gpt2-small", text, tokenizer_dir, out, steps, settings)
+    argv += ["--bf16", "true", "--pad_vocab_to_multiple_of", "64", "--logging_steps", "10", *extra]
     with common.trainer_callbacks(timer), contextlib.redirect_stdout(sys.stderr):
         pretrain.main(argv)
     return timer.step_ends

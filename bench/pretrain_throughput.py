@@ -63,50 +63,22 @@ def settings_for(shape: str, smoke: bool) -> tuple[dict, tuple]:
     return settings, (tok_type, vocab or tok_cfg.get("vocab_size", 1024))
 
 
+TIMED_KEYS = ("n_layer", "n_embd", "n_head", "block_size", "per_device_train_batch_size", "learning_rate")
+TIMED_KEYS += ("warmup_steps", "adam_beta2", "weight_decay", "dropout")
+
+
+def timed_settings(settings: dict) -> dict:
+    """The shape and optimizer settings both sides of the comparison share."""
+    return {key: settings[key] for key in TIMED_KEYS}
+
+
 def pipeline_run(
     text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, extra: tuple = ()
 ) -> list[float]:
     from pipeline import pretrain
 
     timer = common.step_timer()
-    flags = [
-        f"--{k}={settings[k]}"
-        for k in (
-            "n_layer",
-            "n_embd",
-            "n_head",
-            "block_size",
-            "per_device_train_batch_size",
-            "learning_rate",
-            "warmup_steps",
-            "adam_beta2",
-            "weight_decay",
-            "dropout",
-        )
-    ]
-    argv = [
-        "--preset",
-        "tiny",
-        "--train_file",
-        str(text),
-        "--tokenizer_name_or_path",
-        str(tokenizer_dir),
-        "--output_dir",
-        str(out),
-        "--overwrite",
-        "--max_steps",
-        str(total_steps),
-        "--eval_strategy",
-        "no",
-        "--save_strategy",
-        "no",
-        "--sample_prompts",
-        "ROMEO:",
-        "--sample_max_new_tokens",
-        "8",
-        *flags,
-        *extra,
-    ]
+    argv = [*common.pretrain_argv("tiny", text, tokenizer_dir, out, total_steps, timed_settings(settings)), *extra]
     with common.trainer_callbacks(timer), contextlib.redirect_stdout(sys.stderr):
         pretrain.main(argv)
     return timer.step_ends
@@ -128,58 +100,11 @@ def plain_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int)
 def accelerate_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, warmup: int) -> float:
     """`accelerate launch pipeline/pretrain.py ...` as a user types it (no --num_cpu_threads_per_process):
     the median of its logged tokens/s windows after the warm-up steps."""
-    flags = [
-        f"--{k}={settings[k]}"
-        for k in (
-            "n_layer",
-            "n_embd",
-            "n_head",
-            "block_size",
-            "per_device_train_batch_size",
-            "learning_rate",
-            "warmup_steps",
-            "adam_beta2",
-            "weight_decay",
-            "dropout",
-        )
-    ]
     logging_steps = max(1, (total_steps - warmup) // 5)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "pipeline/pretrain.py",
-        "--preset",
-        "tiny",
-        "--train_file",
-        str(text),
-        "--tokenizer_name_or_path",
-        str(tokenizer_dir),
-        "--output_dir",
-        str(out),
-        "--overwrite",
-        "--max_steps",
-        str(total_steps),
-        "--eval_strategy",
-        "no",
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        str(logging_steps),
-        "--sample_prompts",
-        "ROMEO:",
-        "--sample_max_new_tokens",
-        "8",
-        *flags,
-    ]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "pipeline/pretrain.py"]
+    cmd = [*launch, *common.pretrain_argv("tiny", text, tokenizer_dir, out, total_steps, timed_settings(settings))]
+    cmd += ["--logging_steps", str(logging_steps)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     result = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
