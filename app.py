@@ -1,13 +1,18 @@
-"""fluxchat's Gradio app: chat with a trained model, or compare two stages side by side (a Space's entry point).
+"""fluxchat's Gradio app: chat with a trained model, or compare any two stages side by side (a Space's entry point).
 
     python app.py --model runs/demo/ppo                                  # http://127.0.0.1:7860
     python app.py --model runs/demo                                      # a run folder: its ppo > grpo > dpo > sft > pretrain stage
+                                                                         # Compare tab: pick any two of its finished stages
     python app.py --model runs/demo/ppo --compare_model runs/demo/sft --reward_model runs/demo/reward
     python app.py --model runs/demo/ppo --host 0.0.0.0 --auth me:secret  # reachable from the network, behind a login
     python app.py --model runs/demo/ppo --compare_model runs/demo/sft --collect_feedback   # A/B/tie -> runs/demo/feedback.jsonl
     FLUXCHAT_MODEL=you/fluxchat-ppo FLUXCHAT_COMPARE_MODEL=you/fluxchat-sft python app.py   # a Space: models from the Hub
 
-Without --model (and FLUXCHAT_MODEL) it serves the newest finished run under runs/. Everything a public
+Without --model (and FLUXCHAT_MODEL) it serves the newest finished run under runs/. When the served model is a
+stage of a run folder (runs/<name>/<stage>), the Compare tab's "A" and "B" lists hold every finished chat stage
+of that run (plus --compare_model when it lies elsewhere): A starts as the served stage, B as --compare_model,
+else sft, else the next finished stage. A stage is loaded when first picked and then kept (one per listed
+choice, the served model shared with the Chat tab); a choice that is not listed is refused. Everything a public
 demo needs is enforced here on the server, whatever a client sends: message length, turns per
 conversation, the history the client sends (message count and length, checked before anything is
 tokenized), sampling values (clamped), no uploads, internal errors kept out of the browser, a queue that
@@ -21,15 +26,16 @@ import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
-from fluxchat import chat_format, feedback
+from fluxchat import chat_format, feedback, runs
 from fluxchat.config import UsageError, fail, parse_config, run_cli
-from fluxchat.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling
+from fluxchat.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling, resolve_model
 
 logger = logging.getLogger("fluxchat.app")
 # The app takes no files, but Gradio's upload route is open to any client: 0 is the smallest limit it accepts
@@ -138,6 +144,77 @@ def history_messages(history) -> list[dict]:
     return messages
 
 
+class ModelChoices:
+    """The models the Compare tab can pick, by name: loaded on first use and kept, at most one per listed name
+    (so memory is bounded by the list), the served model shared with the Chat tab. Nothing else can be loaded:
+    a name a client sends is looked up in the list, never used as a path."""
+
+    def __init__(self, sources: dict[str, str], loaded: dict[str, ChatModel], first: str, second: str):
+        self.sources = dict(sources)  # name -> folder or Hub id, in the order the lists show them
+        self.loaded = dict(loaded)
+        self.first, self.second = first, second  # the names A and B start with
+        self.lock = threading.Lock()  # two sessions picking the same new stage load it once
+
+    @classmethod
+    def fixed(cls, model: ChatModel, compare_model: ChatModel) -> "ModelChoices":
+        """Two given models (not from a run folder), named by their source."""
+        loaded = {model.source: model, compare_model.source: compare_model}
+        return cls({name: name for name in loaded}, loaded, model.source, compare_model.source)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def known(self, name) -> str | None:
+        """The listed name a client sent, or None: anything else (a path, a number, a list) is not a choice."""
+        return name if isinstance(name, str) and name in self.sources else None
+
+    def source(self, name: str) -> str:
+        return self.loaded[name].source if name in self.loaded else self.sources[name]
+
+    def model(self, name: str) -> ChatModel:
+        if name not in self.loaded:
+            with self.lock:
+                if name not in self.loaded:
+                    logger.info(f"loading {self.sources[name]} for the Compare tab ({name})")
+                    self.loaded[name] = ChatModel.load(self.sources[name])
+        return self.loaded[name]
+
+
+def run_stage_sources(source: str) -> tuple[dict[str, str], str]:
+    """The finished chat stages of the run folder that holds `source` (runs/<run>/<stage>), most aligned first,
+    as {stage: folder}, and the served model's name among them. A model outside a run: only itself, by source."""
+    folder = Path(source)
+    if folder.name not in runs.CHAT_STAGES or not folder.is_dir():
+        return {source: source}, source
+    stages = {
+        stage: str(folder.parent / stage) for stage in runs.CHAT_STAGES if runs.is_finished(folder.parent / stage)
+    }
+    stages[folder.name] = source  # the served folder itself, finished or a plain model folder
+    return {stage: stages[stage] for stage in runs.CHAT_STAGES if stage in stages}, folder.name
+
+
+def compare_choices(source: str, compare_source: str | None) -> tuple[dict[str, str], str, str | None]:
+    """What the Compare tab lists ({name: source}), the name A starts with (the served model) and the one B
+    starts with: --compare_model (a listed stage when it is one, else listed under its own source), else sft,
+    else the next finished stage after A's, else any other; None when there is nothing to compare with."""
+    sources, first = run_stage_sources(source)
+    second = None
+    if compare_source is not None:
+        same = [name for name, path in sources.items() if _same_folder(path, compare_source)]
+        second = same[0] if same else compare_source
+        sources.setdefault(second, compare_source)
+    others = [name for name in sources if name != first]
+    if second is None and others:
+        later = list(sources)[list(sources).index(first) + 1 :]
+        second = "sft" if "sft" in others else (later or others)[0]
+    return sources, first, second
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
+
+
 class ChatService:
     """The app's server side: every limit is checked here, never trusted to the browser."""
 
@@ -150,8 +227,14 @@ class ChatService:
         max_turns: int = 20,
         system: str | None = None,
         feedback_log: feedback.FeedbackLog | None = None,
+        choices: ModelChoices | None = None,
     ):
-        self.model, self.compare_model, self.scorer = model, compare_model, scorer
+        """`choices`: what the Compare tab picks from; without it, `compare_model` makes the fixed pair
+        (model, compare_model); with neither there is no Compare tab."""
+        self.model, self.scorer = model, scorer
+        if choices is None and compare_model is not None:
+            choices = ModelChoices.fixed(model, compare_model)
+        self.choices = choices
         self.feedback = feedback_log  # None: no feedback buttons
         self.max_message_chars, self.max_turns = max_message_chars, max_turns
         self.start = [{"role": "system", "content": system}] if system else []
@@ -225,39 +308,107 @@ class ChatService:
         messages = self.start + past + [{"role": "user", "content": text}]
         yield from self._stream(self.model, messages, sampling, session_of(request))
 
+    def check_choice(self, name, side: str) -> str:
+        """A client's pick for side A or B: None means the side's default; anything not listed is refused."""
+        if self.choices is None:
+            self.refuse("This app has no Compare tab: start it with --compare_model, or serve a run folder.")
+        if name is None:
+            return self.choices.first if side == "A" else self.choices.second
+        known = self.choices.known(name)
+        if known is None:
+            shown = str(name)[:40]  # what the client sent, cut short
+            self.refuse(f"Unknown model for {side}: {shown!r}. Choose one of: {', '.join(self.choices.names)}.")
+        return known
+
+    def choice_model(self, name: str) -> ChatModel:
+        """A listed model, loaded on first use; a load that fails reaches the user as one plain line."""
+        try:
+            return self.choices.model(name)
+        except UsageError as err:
+            self.refuse(f"{name} cannot be loaded: {err}")
+        except Exception:  # noqa: BLE001 - never sent to the browser: it may hold internals
+            logger.exception(f"loading {self.choices.sources[name]} failed")
+            self.refuse(INTERNAL_ERROR)
+
     def compare(
-        self, prompt, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None
+        self,
+        prompt,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        model_a=None,
+        model_b=None,
+        request: gr.Request = None,
     ) -> Iterator[tuple[str, str, str]]:
-        """One prompt, both models (one after the other: each gets the full CPU), then the reward scores."""
+        """One prompt, the models picked for A and B (by name, None: the defaults), one after the other (each
+        gets the full CPU), then the reward scores."""
+        yield from (
+            update[:3]
+            for update in self._compare(prompt, max_new_tokens, temperature, top_k, top_p, model_a, model_b, request)
+        )
+
+    def _compare(self, prompt, max_new_tokens, temperature, top_k, top_p, model_a, model_b, request):
+        """compare()'s updates, each with the two models that answer (for the feedback record)."""
+        names = self.check_choice(model_a, "A"), self.check_choice(model_b, "B")
         text = message_text(prompt)
         self.check_message(text)
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p).clamped()
+        models = [self.choice_model(name) for name in names]
         messages = self.start + [{"role": "user", "content": text}]
         session = session_of(request)
         first = second = ""
-        for first in self._stream(self.model, messages, sampling, session):
-            yield first, second, ""
-        for second in self._stream(self.compare_model, messages, sampling, session):
-            yield first, second, ""
-        yield first, second, self.score_table(messages, first, second)
+        for first in self._stream(models[0], messages, sampling, session):
+            yield first, second, "", models
+        for second in self._stream(models[1], messages, sampling, session):
+            yield first, second, "", models
+        yield first, second, self.score_table(messages, first, second), models
 
-    def compare_and_remember(self, prompt, max_new_tokens, temperature, top_k, top_p, request: gr.Request = None):
+    def compare_and_remember(
+        self,
+        prompt,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        model_a=None,
+        model_b=None,
+        request: gr.Request = None,
+    ):
         """compare(), then the finished comparison kept in the session's server-side state for a choice to rate:
-        what is recorded is what the models said, not what a client sends back."""
-        first = second = scores = ""
+        what is recorded is what the models said (and which models said it), not what a client sends back."""
         locked = [gr.update(interactive=False)] * len(FEEDBACK_BUTTONS)  # nothing to rate until both replies are in
-        for first, second, scores in self.compare(prompt, max_new_tokens, temperature, top_k, top_p, request):
-            yield first, second, scores, None, *locked
+        update = ()
+        for update in self._compare(prompt, max_new_tokens, temperature, top_k, top_p, model_a, model_b, request):
+            yield *update[:3], None, *locked
+        first, second, scores, models = update
         conversation = self.start + [{"role": "user", "content": message_text(prompt)}]
         unlocked = [gr.update(interactive=True)] * len(FEEDBACK_BUTTONS)
-        yield first, second, scores, {"conversation": conversation, "A": first, "B": second}, *unlocked
+        last = {"conversation": conversation, "A": first, "B": second}
+        last.update(model_a=models[0].source, model_b=models[1].source)
+        yield first, second, scores, last, *unlocked
+
+    def pick(self, name, side: str) -> tuple:
+        """A list's choice changed: its reply box is relabelled with the model's source and emptied (its reply
+        came from the previous model), so are the scores, and a finished comparison can no longer be rated."""
+        name = self.check_choice(name, side)
+        box = gr.update(label=f"{side}: {self.choices.source(name)}", value="")
+        if self.feedback is None:
+            return box, ""
+        return box, "", None, *[gr.update(interactive=False)] * len(FEEDBACK_BUTTONS)
+
+    def _pick_handler(self, side: str):
+        def handler(name):
+            return self.pick(name, side)
+
+        return handler
 
     def record_choice(self, choice: str, last: dict | None) -> tuple:
         """A feedback button: one line in the feedback file; the comparison can be rated once."""
         if not last:
             self.refuse("Nothing to rate: press Compare first (each comparison is rated once).")
         record = feedback.make_record(
-            last["conversation"], last["A"], last["B"], choice, self.model.source, self.compare_model.source
+            last["conversation"], last["A"], last["B"], choice, last["model_a"], last["model_b"]
         )
         try:
             self.feedback.append(record)
@@ -288,7 +439,7 @@ class ChatService:
     def build(
         self, defaults: Sampling, concurrency: int = 4, queue_size: int = 64, title: str = "fluxchat"
     ) -> gr.Blocks:
-        """The app: a Chat tab, a Compare tab when there is a second model, shared sampling controls."""
+        """The app: a Chat tab, a Compare tab when there are models to compare, shared sampling controls."""
         defaults = defaults.clamped()
         with gr.Blocks(title=title) as demo:
             gr.Markdown(f"# {title}\nServing `{self.model.source}` (context {self.model.context_length} tokens).")
@@ -319,21 +470,33 @@ class ChatService:
                     fill_height=False,
                     concurrency_limit=concurrency,
                 )
-            if self.compare_model is not None:
+            if self.choices is not None:
+                choices = self.choices
                 with gr.Tab("Compare"):
                     prompt = gr.Textbox(label="Prompt", placeholder="One prompt, answered by both models")
                     with gr.Row():
-                        first = gr.Textbox(label=f"A: {self.model.source}", lines=8, interactive=False)
-                        second = gr.Textbox(label=f"B: {self.compare_model.source}", lines=8, interactive=False)
+                        # allow_custom_value: Gradio's own check of a value would answer a client with a traceback
+                        # in the server log; check_choice refuses an unlisted name with the app's usual message.
+                        pickers = [
+                            gr.Dropdown(choices.names, value=default, label=side, allow_custom_value=True)
+                            for side, default in (("A", choices.first), ("B", choices.second))
+                        ]
+                    with gr.Row():
+                        first, second = [
+                            gr.Textbox(label=f"{side}: {choices.source(default)}", lines=8, interactive=False)
+                            for side, default in (("A", choices.first), ("B", choices.second))
+                        ]
                     scores = gr.Markdown()
                     button = gr.Button("Compare", variant="primary")
                     outputs, compare = [first, second, scores], self.compare
+                    locks = []  # what a new pick resets: the comparison to rate and its buttons
                     if self.feedback is not None:
                         last = gr.State(None)  # the comparison to rate, kept on the server per session
                         with gr.Row():
                             choice_buttons = [gr.Button(text, interactive=False) for text in FEEDBACK_BUTTONS.values()]
                         feedback_note = gr.Markdown()
                         outputs, compare = outputs + [last, *choice_buttons], self.compare_and_remember
+                        locks = [last, *choice_buttons]
                         for choice, choice_button in zip(FEEDBACK_BUTTONS, choice_buttons):
                             choice_button.click(
                                 self._choice_handler(choice),
@@ -342,10 +505,19 @@ class ChatService:
                                 api_name=f"feedback_{choice.lower()}",
                                 concurrency_limit=concurrency,
                             )
+                    for side, picker, box in zip("AB", pickers, (first, second)):
+                        picker.change(
+                            self._pick_handler(side),
+                            [picker],
+                            [box, scores, *locks],
+                            api_visibility="private",
+                            queue=False,
+                            show_progress="hidden",
+                        )
                     gr.on(
                         [button.click, prompt.submit],
                         compare,
-                        [prompt, *controls],
+                        [prompt, *controls, *pickers],
                         outputs,
                         api_name="compare",
                         concurrency_limit=concurrency,
@@ -390,10 +562,22 @@ def main(argv: list[str] | None = None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(args.log_level.upper())
 
-    if args.reward_model and not args.compare_model:
-        fail("--reward_model scores the Compare tab's replies: give --compare_model too")
-    if args.collect_feedback and not args.compare_model:
-        fail("--collect_feedback records which of the Compare tab's two replies is better: give --compare_model too")
+    # Folders only, nothing loaded yet: every flag is checked before the first (slow) load.
+    source = resolve_model(args.model)
+    compare_source = resolve_model(args.compare_model, "compare_model") if args.compare_model else None
+    sources, first, second = compare_choices(source, compare_source)
+    no_compare_tab = second is None
+    # Without --compare_model, a run folder with two finished chat stages has a Compare tab of its own.
+    if args.reward_model and no_compare_tab:
+        fail(
+            "--reward_model scores the Compare tab's replies: give --compare_model too "
+            "(or serve a run folder with two finished chat stages)"
+        )
+    if args.collect_feedback and no_compare_tab:
+        fail(
+            "--collect_feedback records which of the Compare tab's two replies is better: give --compare_model too "
+            "(or serve a run folder with two finished chat stages)"
+        )
     if args.feedback_file and not args.collect_feedback:
         fail("--feedback_file is where --collect_feedback appends choices: give --collect_feedback too")
     # A Space's container must listen on all interfaces (Spaces set GRADIO_SERVER_NAME and SPACE_ID); anywhere
@@ -402,8 +586,11 @@ def main(argv: list[str] | None = None):
         args.host or os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     )
     check_address(host, args.port)
-    model = ChatModel.load(args.model)
-    compare_model = ChatModel.load(args.compare_model) if args.compare_model else None
+    model = ChatModel.load(source)
+    loaded = {first: model}
+    if compare_source is not None and second not in loaded:  # loaded now, as before: a broken one fails at start
+        loaded[second] = ChatModel.load(compare_source)
+    choices = None if no_compare_tab else ModelChoices(sources, loaded, first, second)
     scorer = RewardScorer(args.reward_model) if args.reward_model else None
     feedback_log = None
     if args.collect_feedback:
@@ -411,7 +598,7 @@ def main(argv: list[str] | None = None):
         feedback_log = feedback.FeedbackLog(path, int(args.feedback_max_mb * 1024 * 1024))
         logger.info(f"collecting feedback in {path}")
     service = ChatService(
-        model, compare_model, scorer, args.max_message_chars, args.max_turns, args.system, feedback_log
+        model, None, scorer, args.max_message_chars, args.max_turns, args.system, feedback_log, choices
     )
     demo = service.build(defaults, args.concurrency, args.queue_size)
     logger.info(

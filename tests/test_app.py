@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import shutil
 
 import gradio as gr
 import pytest
@@ -203,3 +204,89 @@ def test_a_lone_surrogate_in_a_message_is_answered(model, caplog):
         {"role": "assistant", "content": "y"},
         {"role": "user", "content": "caf\ufffd \ufffd"},
     ]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tiny_run, tmp_path_factory):
+    """runs/demo/{pretrain,sft}: the tiny pretrained model, and as "sft" the same model with its final layer norm
+    pushed towards the word " king" (so the two stages answer a greedy prompt differently: a reply tells which
+    one wrote it)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fluxchat import runs
+
+    run = tmp_path_factory.mktemp("picker") / "demo"
+    for stage in ("pretrain", "sft"):
+        shutil.copytree(
+            tiny_run / "pretrain", run / stage, ignore=shutil.ignore_patterns("checkpoint-*", runs.STAGING)
+        )
+    pushed = AutoModelForCausalLM.from_pretrained(run / "sft")
+    word = pushed.get_input_embeddings().weight[AutoTokenizer.from_pretrained(run / "sft").encode(" king")[0]]
+    with torch.no_grad():
+        pushed.transformer.ln_f.bias += 30 * word / word.norm()  # every logit gains 30 x its token's likeness to it
+    pushed.save_pretrained(run / "sft")
+    return run
+
+
+def test_compare_lists_the_run_stages_with_their_defaults(two_stage_run, model, reward_dir):
+    pretrain, sft = str(two_stage_run / "pretrain"), str(two_stage_run / "sft")
+    both = {"sft": sft, "pretrain": pretrain}  # most aligned first
+    assert app.compare_choices(sft, None) == (both, "sft", "pretrain"), "A: the served stage, B: the next one"
+    assert app.compare_choices(pretrain, None) == (both, "pretrain", "sft"), "B: sft when A is another stage"
+    assert app.compare_choices(pretrain, sft + "/") == (both, "pretrain", "sft"), "--compare_model: a listed stage"
+    outside = str(reward_dir)
+    assert app.compare_choices(sft, outside) == ({**both, outside: outside}, "sft", outside)
+    assert app.compare_choices(outside, None) == ({outside: outside}, outside, None), "outside a run: no Compare tab"
+
+    # The labels follow the picks; a name that is not listed is refused, whatever a client sends.
+    choices = app.ModelChoices(both, {"sft": model}, "sft", "pretrain")
+    service = app.ChatService(model, choices=choices)
+    box, scores = service.pick("pretrain", "B")
+    assert box["label"] == f"B: {pretrain}" and box["value"] == "" and scores == ""
+    for junk in ("ppo", pretrain, "../../etc/passwd", 3, ["sft"]):
+        with pytest.raises(gr.Error, match="Unknown model for A"):
+            service.pick(junk, "A")
+        with pytest.raises(gr.Error, match=r"Unknown model for B: .*Choose one of: sft, pretrain\."):
+            next(service.compare("hello", **SAMPLING, model_b=junk))
+    assert list(choices.loaded) == ["sft"], "nothing was loaded for a refused pick"
+
+
+def test_the_app_compares_any_two_stages_of_a_run(two_stage_run, tmp_path):
+    """`python app.py --model runs/demo --collect_feedback`: the Compare tab picks among the run's finished stages;
+    each side is answered by the model picked for it, and a choice records the picked models."""
+    from gradio_client import Client
+
+    from bench.common import logged_prompts, running_app
+
+    prompt, greedy = "Good morrow, friend", [12, 0.0, 50, 0.95]  # temperature 0: each model's reply is known
+    import torch
+
+    stages = {stage: str(two_stage_run / stage) for stage in ("sft", "pretrain")}
+    threads = torch.get_num_threads()  # loading a tiny model goes single-threaded; later tests train
+    expected = {
+        stage: ChatModel.load(source).reply([{"role": "user", "content": prompt}], Sampling(*greedy))
+        for stage, source in stages.items()
+    }
+    torch.set_num_threads(threads)
+    assert expected["sft"].strip() and expected["sft"] != expected["pretrain"], "the stages must tell themselves apart"
+    log_path = tmp_path / "app.log"
+    with running_app(two_stage_run, log_path, "--collect_feedback") as (url, _):
+        client = Client(url, verbose=False)
+        by_default = client.predict(prompt, *greedy, api_name="/compare")  # A: the served sft, B: pretrain
+        picked = client.predict(prompt, *greedy, "pretrain", "sft", api_name="/compare")
+        client.predict(api_name="/feedback_a")  # "A is better": A was pretrain
+        for junk in ("ppo", stages["sft"]):
+            with pytest.raises(Exception, match=r"Unknown model for A: .*Choose one of: sft, pretrain"):
+                client.predict(prompt, *greedy, junk, "sft", api_name="/compare")
+    log = log_path.read_text()
+
+    assert tuple(by_default[:2]) == (expected["sft"], expected["pretrain"])
+    assert tuple(picked[:2]) == (expected["pretrain"], expected["sft"])
+    sides = [stages["sft"], stages["pretrain"], stages["pretrain"], stages["sft"]]
+    assert [p["model"] for p in logged_prompts(log_path)] == sides, "each side answered by the model picked for it"
+    assert log.count(f"loading {stages['pretrain']} for the Compare tab") == 1, "loaded on first use, then kept"
+    assert "Traceback" not in log, "a refused pick is one message, no traceback"
+    line = json.loads((two_stage_run / "feedback.jsonl").read_text())
+    assert (line["model_a"], line["model_b"], line["choice"]) == (stages["pretrain"], stages["sft"], "A")
+    assert line["chosen"][0]["content"] == expected["pretrain"] and line["rejected"][0]["content"] == expected["sft"]
