@@ -58,13 +58,15 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required:
     return Dataset.from_dict(columns), counts
 
 
-def mix_text_rows(train_set, tokenizer, path: str, fraction: float, max_length: int, seed: int):
-    """`train_set` plus language-modelling rows of a plain text, so that they make `fraction` of the rows.
+def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int, seed: int):
+    """`train_set` plus language-modelling rows of a plain text, so that they carry `fraction` of the loss tokens.
 
-    Each row is a random window of `max_length` tokens of the text, its mask all ones (loss on every
-    token, no chat tokens). Mixing the prose that states facts with the chat data during fine-tuning
-    ("mixed training", Allen-Zhu & Li, Physics of Language Models 3.1) keeps SFT from overwriting what
-    pretraining stored and lets questions about some entities teach extraction for the others.
+    Each row is a random window of `window` tokens of the text, its mask all ones (loss on every token, no
+    chat tokens). Mixing the prose that states facts with the chat data during fine-tuning ("mixed training",
+    Allen-Zhu & Li, Physics of Language Models 3.1) keeps SFT from overwriting what pretraining stored and lets
+    questions about some entities teach extraction for the others. The share counts loss tokens, not rows:
+    a chat row carries ~10 reply tokens, a text window all of its tokens, so 30% of the rows as full-context
+    windows made ~90% of the loss prose and the model lost the copy/upper tasks (issue 14).
     Returns (dataset, number of text rows)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -74,9 +76,10 @@ def mix_text_rows(train_set, tokenizer, path: str, fraction: float, max_length: 
     ids = chat_format.encode_text(tokenizer, text)
     if len(ids) < 2:
         fail(f"--mix_text_file {path}: no text to mix in")
-    n_rows = round(len(train_set) * fraction / (1 - fraction))
+    window = min(window, len(ids))
+    reply_tokens = sum(sum(mask) for mask in train_set["assistant_masks"])
+    n_rows = max(1, round(reply_tokens * fraction / (1 - fraction) / window))
     rng = random.Random(f"{seed}:mix_text")
-    window = min(max_length, len(ids))
     starts = [rng.randrange(len(ids) - window + 1) for _ in range(n_rows)]
     rows = {
         "input_ids": [ids[start : start + window] for start in starts],

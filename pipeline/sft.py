@@ -57,7 +57,13 @@ class SFTArguments(StageArguments):
     mix_text_fraction: float = field(
         default=0.3,
         metadata={
-            "help": "Share of the training rows that are --mix_text_file windows (of the model's context), in [0, 1)."
+            "help": "Share of the loss-bearing tokens that come from --mix_text_file windows (the rest: the replies), in [0, 1)."
+        },
+    )
+    mix_text_window: int = field(
+        default=64,
+        metadata={
+            "help": "Tokens per --mix_text_file window (capped at the context); about a conversation's length, so batches stay short."
         },
     )
 
@@ -71,6 +77,8 @@ class SFTArguments(StageArguments):
             raise ValueError(f"--mix_text_file {self.mix_text_file}: no such file")
         if not 0 <= self.mix_text_fraction < 1:
             raise ValueError(f"--mix_text_fraction must be in [0, 1), got {self.mix_text_fraction}")
+        if self.mix_text_window < 2:
+            raise ValueError(f"--mix_text_window must be at least 2, got {self.mix_text_window}")
 
 
 def inspect(tokenizer, train_set, counts) -> None:
@@ -111,7 +119,12 @@ def main(argv: list[str] | None = None) -> Path:
     train_set, counts = stage_data.sft_dataset(tokenizer, conversations, args.max_length)
     if script_args.mix_text_file and script_args.mix_text_fraction:
         train_set, counts["text_rows"] = stage_data.mix_text_rows(
-            train_set, tokenizer, script_args.mix_text_file, script_args.mix_text_fraction, args.max_length, args.seed
+            train_set,
+            tokenizer,
+            script_args.mix_text_file,
+            script_args.mix_text_fraction,
+            min(script_args.mix_text_window, args.max_length),
+            args.seed,
         )
     if script_args.inspect:
         inspect(tokenizer, train_set, counts)

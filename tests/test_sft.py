@@ -217,7 +217,9 @@ def test_missing_pretrained_model_is_one_line_naming_the_command(isolated_runs):
     assert not (isolated_runs / "nothing-here").exists()
 
 
-def test_mixed_text_rows_carry_loss_on_every_token(tiny_run, isolated_runs, tmp_path, monkeypatch):
+def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_tokens(
+    tiny_run, isolated_runs, tmp_path, monkeypatch
+):
     _copy_run(tiny_run, isolated_runs, "mix")
     data_file = tmp_path / "chat.jsonl"
     data_file.write_text("".join(json.dumps({"messages": CONVERSATIONS["fluxchat"]}) + "\n" for _ in range(4)))
@@ -251,20 +253,25 @@ def test_mixed_text_rows_carry_loss_on_every_token(tiny_run, isolated_runs, tmp_
             text_file,
             "--mix_text_fraction",
             0.5,
+            "--mix_text_window",
+            8,
         ],
     )
     assert code == 0, error
     trainer = seen["trainer"]
     tokenizer = trainer.processing_class
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    assert len(rows) == 8  # 4 conversations + 4 text rows: half of the rows
     text_rows = [row for row in rows if chat_format.END_OF_TURN not in tokenizer.decode(row["input_ids"])]
-    assert len(text_rows) == 4
+    chat_rows = [row for row in rows if row not in text_rows]
+    assert len(chat_rows) == 4
+    # Half of the loss tokens are text: as many text tokens as reply tokens, give or take one window.
+    reply_tokens = sum((trainer.data_collator([row])["labels"][0] != -100).sum().item() for row in chat_rows)
+    assert reply_tokens > 8 and abs(len(text_rows) * 8 - reply_tokens) <= 4
     for row in text_rows:
         batch = trainer.data_collator([row])
         input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
         assert labels == input_ids  # loss on every token, no chat tokens
-        assert len(input_ids) == trainer.args.max_length
+        assert len(input_ids) == 8
         assert " ".join(tokenizer.decode(input_ids).split()[1:-1]) in text
 
 
