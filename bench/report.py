@@ -126,7 +126,7 @@ def gpu(rows: list[dict], chain: dict | None = None) -> str:
 
 SUMMARIES = {  # README order
     "time_to_quality": ("time to quality, 5-minute budget", time_to_quality),
-    "pretrain_throughput": ("pipeline vs plain PyTorch loop", throughput),
+    "pretrain_throughput": ("pipeline vs a plain PyTorch GPT", throughput),
     "memory": ("peak memory while pretraining", memory),
     "data_scale": ("pretraining data at scale (token shards)", data_scale),
     "generation": ("generation", generation),
