@@ -30,6 +30,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# A model small enough that a benchmark's --smoke run checks the script in seconds (it measures nothing).
+SMOKE_MODEL_FLAGS = [
+    "--n_layer",
+    "2",
+    "--n_embd",
+    "64",
+    "--n_head",
+    "2",
+    "--block_size",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+]
 APP_PROMPT_MARKER = " fluxchat.app: prompt "  # app.py --log_level debug: this, then the prompt as JSON
 
 

@@ -41,21 +41,10 @@ STEPS_FLAGS = [
     "--sample_prompts",
     "ROMEO:",
 ]
-SMOKE_FLAGS = [
-    "--n_layer",
-    "2",
-    "--n_embd",
-    "64",
-    "--n_head",
-    "2",
-    "--block_size",
-    "32",
-    "--per_device_train_batch_size",
-    "4",
-]
-# A held-out slice that is small at both sizes: the final evaluation scores ~0.05% of the corpus, so the
-# large run's evaluation time does not dominate; memory does not depend on it (blocks are read from the map).
-VALIDATION_FRACTION = "0.0005"
+# The same held-out text (~0.5 MB, ~800 blocks of the tiny preset) at both sizes: a fixed fraction gave the 10 MB
+# corpus 8 blocks, fewer than one evaluation batch, and the 1 GB one ~800, so the final evaluation's full
+# batches of logits (~130 MB) showed up as a memory gap that has nothing to do with the corpus size.
+VALIDATION_MB = 0.5
 
 
 def make_corpus(path: Path, megabytes: float, seed: int) -> Path:
@@ -72,7 +61,7 @@ def make_corpus(path: Path, megabytes: float, seed: int) -> Path:
     return path
 
 
-def run_pretrain(corpus: Path, tokenizer_dir: Path, cache: Path, out: Path, smoke: bool) -> dict:
+def run_pretrain(corpus: Path, megabytes: float, tokenizer_dir: Path, cache: Path, out: Path, smoke: bool) -> dict:
     """One `python pipeline/pretrain.py` in a fresh process: peak RSS, seconds until the data was ready, wall time."""
     cmd = [
         sys.executable,
@@ -89,9 +78,9 @@ def run_pretrain(corpus: Path, tokenizer_dir: Path, cache: Path, out: Path, smok
         "--token_cache_dir",
         str(cache),
         "--validation_fraction",
-        VALIDATION_FRACTION,
+        str(min(0.05, VALIDATION_MB / megabytes)),
         *STEPS_FLAGS,
-        *(SMOKE_FLAGS if smoke else []),
+        *(common.SMOKE_MODEL_FLAGS if smoke else []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
@@ -140,10 +129,10 @@ def main() -> None:
             corpus = make_corpus(work / f"{label}.txt", megabytes, seed=1)
             cache = work / f"cache-{label}"
             shutil.rmtree(cache, ignore_errors=True)
-            first = run_pretrain(corpus, tokenizer_dir, cache, work / f"out-{label}", args.smoke)
+            first = run_pretrain(corpus, megabytes, tokenizer_dir, cache, work / f"out-{label}", args.smoke)
             (manifest_path,) = cache.glob("*/manifest.json")
             manifest = json.loads(manifest_path.read_text())
-            second = run_pretrain(corpus, tokenizer_dir, cache, work / f"out-{label}", args.smoke)
+            second = run_pretrain(corpus, megabytes, tokenizer_dir, cache, work / f"out-{label}", args.smoke)
             assert not any("tokenized" in line for line in second["log"]), second["log"]  # the cache was reused
             text_mb = manifest["text_bytes"] / 1e6
             rows.append(

@@ -26,18 +26,6 @@ MODELS = {
     "tiny preset": [],
     "0.5M params": ["--n_layer", "2", "--n_embd", "128", "--n_head", "4"],
 }
-SMOKE_FLAGS = [
-    "--n_layer",
-    "2",
-    "--n_embd",
-    "64",
-    "--n_head",
-    "2",
-    "--block_size",
-    "32",
-    "--per_device_train_batch_size",
-    "4",
-]
 
 
 def current_rss_mb() -> float:
@@ -105,7 +93,7 @@ def main() -> None:
             "--sample_max_new_tokens",
             "8",
             *model_flags,
-            *(SMOKE_FLAGS if args.smoke else []),
+            *(common.SMOKE_MODEL_FLAGS if args.smoke else []),
         ]
         threads = ["--threads", str(args.threads)] if args.threads else []
         proc = subprocess.run([sys.executable, __file__, *threads, "--child", *flags], capture_output=True, text=True)

@@ -21,16 +21,7 @@ from pathlib import Path
 import common
 
 SMOKE_FLAGS = [
-    "--n_layer",
-    "2",
-    "--n_embd",
-    "64",
-    "--n_head",
-    "2",
-    "--block_size",
-    "32",
-    "--per_device_train_batch_size",
-    "4",
+    *common.SMOKE_MODEL_FLAGS,
     "--max_steps",
     "12",
     "--warmup_steps",
