@@ -46,6 +46,26 @@ TINY_TRAIN_FLAGS = [
 ]
 
 
+# What every finished chat stage folder holds (PPO writes no model card of its own until the run's cards step).
+CHAT_STAGE_FILES = (
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "chat_template.jinja",
+    "metrics.json",
+    "eval.json",
+    "log_history.json",
+    "train.log",
+    "stage_complete.json",
+)
+
+
+def assert_chat_stage_files(stage: Path, *extra: str) -> None:
+    missing = [name for name in (*CHAT_STAGE_FILES, *extra) if not (stage / name).is_file()]
+    assert not missing, f"{stage} lacks {missing}"
+
+
 @pytest.fixture(autouse=True)
 def isolated_runs(tmp_path, monkeypatch):
     """Every test writes its runs under its own temporary folder."""

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, loading, tasks
 from pipeline import dpo
-from tests.conftest import SHAKESPEARE, run_main
+from tests.conftest import SHAKESPEARE, assert_chat_stage_files, run_main
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
 DPO_FAST = [
@@ -112,19 +112,7 @@ def test_dpo_learns_its_pairs_from_builtin_a_trl_file_and_app_feedback(sft_model
     assert code == 0, error
 
     stage = isolated_runs / "pref" / "dpo"
-    for name in (
-        "model.safetensors",
-        "generation_config.json",
-        "tokenizer.json",
-        "chat_template.jinja",
-        "metrics.json",
-        "eval.json",
-        "log_history.json",
-        "train.log",
-        "README.md",
-        "stage_complete.json",
-    ):
-        assert (stage / name).is_file(), name
+    assert_chat_stage_files(stage, "README.md")
     metrics = json.loads((stage / "metrics.json").read_text())
     builtin, heldout = metrics["eval"]["preferences"]["builtin"], metrics["eval"]["preferences"]["heldout"]
     assert (

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, loading, rewards, tasks
 from pipeline import grpo
-from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
+from tests.conftest import PYTHON, REPO, SHAKESPEARE, assert_chat_stage_files, run_main, run_script
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
 GRPO_FAST = [
@@ -131,20 +131,7 @@ def test_grpo_trains_on_tasks_and_a_prompt_file_and_saves_a_chat_policy(chain, i
     code, error = run_main(grpo.main, argv)
     assert code == 0, error
     stage = isolated_runs / "rl" / "grpo"
-    for name in (
-        "model.safetensors",
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "chat_template.jinja",
-        "metrics.json",
-        "eval.json",
-        "log_history.json",
-        "train.log",
-        "README.md",
-        "stage_complete.json",
-    ):
-        assert (stage / name).is_file(), name
+    assert_chat_stage_files(stage, "README.md")
 
     metrics = json.loads((stage / "metrics.json").read_text())
     for key in ("task_accuracy", "task_accuracy_before", "mean_reward", "mean_reward_before", "train_reward", "kl"):

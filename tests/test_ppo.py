@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format
 from pipeline import ppo
-from tests.conftest import SHAKESPEARE, run_main
+from tests.conftest import SHAKESPEARE, assert_chat_stage_files, run_main
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
 PPO_FAST = [
@@ -57,19 +57,7 @@ def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs):
     code, error = run_main(ppo.main, argv)
     assert code == 0, error
     stage = isolated_runs / "rl" / "ppo"
-    for name in (
-        "model.safetensors",
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "chat_template.jinja",
-        "metrics.json",
-        "eval.json",
-        "log_history.json",
-        "train.log",
-        "stage_complete.json",
-    ):
-        assert (stage / name).is_file(), name
+    assert_chat_stage_files(stage)
 
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["updates"] == 4 and metrics["episodes"] == 16  # 16 episodes / (2 x 2 prompts per update)
