@@ -9,16 +9,16 @@ causal SDPA, tied embeddings, fused AdamW) trained by nanoGPT's loop, so the rat
 pipeline adds or loses: transformers' GPT-2 forward/backward and loss, the Trainer's per-step work, the
 data path (memory-mapped token shards). Both sides use the same tokens (tinyshakespeare's first 90%),
 batch, context, torch threads, AdamW settings and warm-up + cosine schedule. Three sides per round, in
-rotating order so a drift in machine load favours none: the real `pretrain.main()` in this process, the
-plain GPT, and `accelerate launch pipeline/pretrain.py` in a subprocess (the README's command; its
-tokens/s from the run's own per-window log, after warm-up). Only steps after `--warmup` are timed;
-evaluation is off. Ratios are per round (pipeline / plain of the same round), then the median.
+rotating order so a drift in machine load favours none, each in a fresh process (bench/timed_side.py):
+`python pipeline/pretrain.py`'s main(), the plain GPT, and `accelerate launch pipeline/pretrain.py` (the
+README's command). Every side is timed the same way: the wall time from the end of step `--warmup` to the
+end of the last step (stalls included), from a per-step timer. Evaluation is off. Ratios are per round
+(pipeline / plain of the same round), then the median.
 MFU uses nanoGPT's estimate (6N + 12*L*d*T FLOPs per token) against the best fp32 matmul FLOP/s measured here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
@@ -29,8 +29,7 @@ from pathlib import Path
 
 import common
 import plain_gpt
-
-from fluxchat import pretraining
+from transformers import AutoTokenizer
 
 SHAPES = {
     # name: (tokenizer, model/batch overrides of configs/tiny/pretrain.yaml)
@@ -72,48 +71,48 @@ def timed_settings(settings: dict) -> dict:
     return {key: settings[key] for key in TIMED_KEYS}
 
 
-def pipeline_run(
-    text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, extra: tuple = ()
+def run_side(
+    side: str, out: Path, args: list[str], threads: int | None, launcher: list[str] | None = None
 ) -> list[float]:
-    from pipeline import pretrain
+    """One side in a fresh process (bench/timed_side.py): its step end times. `launcher` runs it the way a user
+    launches the stage (e.g. `accelerate launch`, which sets the child's environment its own way)."""
+    times = out.with_suffix(".steps.json")
+    cmd = [*(launcher or [sys.executable]), str(Path(__file__).with_name("timed_side.py")), str(times), side, *args]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user's shell has it
+    if threads:  # --threads: every side gets the same count (torch reads OMP_NUM_THREADS at start-up)
+        env["OMP_NUM_THREADS"] = str(threads)
+    result = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{side} side failed ({' '.join(cmd[:4])} ...):\n{result.stderr[-3000:]}")
+    return json.loads(times.read_text())
 
-    timer = common.step_timer()
-    argv = [*common.pretrain_argv("tiny", text, tokenizer_dir, out, total_steps, timed_settings(settings)), *extra]
-    with common.trainer_callbacks(timer), contextlib.redirect_stdout(sys.stderr):
-        pretrain.main(argv)
-    return timer.step_ends
 
-
-def plain_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int) -> tuple[list[float], int]:
-    from transformers import AutoTokenizer
-
-    from fluxchat.data import load_text
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    train_docs, _ = load_text([str(text)], None, "text", 0.1)
-    tokens = pretraining.tokenize_documents(tokenizer, train_docs)
-    return plain_gpt.train(tokens, settings, len(tokenizer), total_steps, seed=settings.get("seed", 1337)), len(
-        tokenizer
+def pipeline_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, threads) -> list[float]:
+    """`python pipeline/pretrain.py ...`'s main(), as the README runs it."""
+    return run_side(
+        "pipeline",
+        out,
+        common.pretrain_argv("tiny", text, tokenizer_dir, out, total_steps, timed_settings(settings)),
+        threads,
     )
 
 
-def accelerate_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, warmup: int) -> float:
-    """`accelerate launch pipeline/pretrain.py ...` as a user types it (no --num_cpu_threads_per_process):
-    the median of its logged tokens/s windows after the warm-up steps."""
-    logging_steps = max(1, (total_steps - warmup) // 5)
+def plain_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, threads) -> list[float]:
+    settings_file = out.with_suffix(".settings.json")
+    settings_file.write_text(json.dumps(settings))
+    return run_side("plain", out, [str(settings_file), str(text), str(tokenizer_dir), str(total_steps)], threads)
+
+
+def accelerate_run(
+    text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, threads
+) -> list[float]:
+    """`accelerate launch pipeline/pretrain.py ...` as a user types it (no --num_cpu_threads_per_process)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "pipeline/pretrain.py"]
-    cmd = [*launch, *common.pretrain_argv("tiny", text, tokenizer_dir, out, total_steps, timed_settings(settings))]
-    cmd += ["--logging_steps", str(logging_steps)]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    result = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"accelerate launch failed:\n{result.stderr[-3000:]}")
-    history = json.loads((out / "log_history.json").read_text())
-    windows = [
-        h["tokens_per_second"] for h in history if "tokens_per_second" in h and h["step"] - logging_steps >= warmup
-    ]
-    return statistics.median(windows or [h["tokens_per_second"] for h in history if "tokens_per_second" in h])
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    argv = common.pretrain_argv("tiny", text, tokenizer_dir, out, total_steps, timed_settings(settings))
+    if threads:  # accelerate pins its child to 1 thread unless told: give it the count the other sides get
+        launch += ["--num_cpu_threads_per_process", str(threads)]
+    return run_side("pipeline", out, argv, threads, launcher=launch)
 
 
 def tokens_per_second(step_ends: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -149,26 +148,20 @@ def main() -> None:
         total = args.warmup + args.steps
         measured = {"pipeline": [], "plain": [], "accelerate launch": []}
         sides = list(measured)
-        model_vocab = None
         for round_index in range(args.rounds):
             # rotate the order, so a drift in machine load does not favour one side
             for side in sides[round_index % 3 :] + sides[: round_index % 3]:
-                if side == "pipeline":
-                    tps = tokens_per_second(
-                        pipeline_run(text, tokenizer_dir, settings, total, work / f"run-{shape}"),
-                        args.warmup,
-                        tokens_per_step,
-                    )
-                elif side == "plain":
-                    ends, model_vocab = plain_run(text, tokenizer_dir, settings, total)
-                    tps = tokens_per_second(ends, args.warmup, tokens_per_step)
-                else:
-                    tps = accelerate_run(text, tokenizer_dir, settings, total, work / f"launch-{shape}", args.warmup)
+                run = {"pipeline": pipeline_run, "plain": plain_run, "accelerate launch": accelerate_run}[side]
+                out = work / f"{side.replace(' ', '-')}-{shape}"
+                tps = tokens_per_second(
+                    run(text, tokenizer_dir, settings, total, out, args.threads), args.warmup, tokens_per_step
+                )
                 measured[side].append(tps)
                 print(
                     f"{shape} round {round_index + 1} {side}: {tps:,.0f} tokens/s (load {os.getloadavg()[0]:.1f})",
                     file=sys.stderr,
                 )
+        model_vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
         model = plain_gpt.GPT(
             model_vocab, settings["block_size"], settings["n_layer"], settings["n_embd"], settings["n_head"]
         )
