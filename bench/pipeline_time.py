@@ -66,28 +66,7 @@ def launch(run_name: str, smoke: bool) -> Path:
             [sys.executable, str(orchestrator), "--preset", "tiny", "--run_name", run_name, "--train_file", text]
         ]
     else:  # the stages that exist today, as a user would type them
-        small = (
-            [
-                "--n_layer",
-                "2",
-                "--n_embd",
-                "64",
-                "--n_head",
-                "2",
-                "--block_size",
-                "32",
-                "--max_steps",
-                "6",
-                "--per_device_train_batch_size",
-                "4",
-                "--eval_steps",
-                "6",
-                "--sample_max_new_tokens",
-                "8",
-            ]
-            if smoke
-            else []
-        )
+        small = [*common.SMOKE_MODEL_FLAGS, "--max_steps", "6", "--eval_steps", "6", "--sample_max_new_tokens", "8"]
         commands = [
             [
                 sys.executable,
