@@ -132,8 +132,11 @@ def main() -> None:
     args.add_argument("--warmup", type=int, default=10, help="Steps run before timing starts.")
     args.add_argument("--steps", type=int, default=60, help="Timed steps per run.")
     args = args.parse_args()
-    if args.smoke:
+    if (
+        args.smoke
+    ):  # one shape: every side is a fresh process (~6 s of imports each), and the shapes differ only in settings
         args.rounds, args.warmup, args.steps = 1, 2, 3
+        args.shapes = args.shapes[-1:]
     threads = common.set_threads(args.threads)
     peak = common.measured_peak_flops(threads, size=512 if args.smoke else 2048)
     print(f"peak fp32 matmul here: {peak / 1e9:.1f} GFLOP/s with {threads} threads", file=sys.stderr)
