@@ -106,7 +106,8 @@ def plain_run(text: Path, tokenizer_dir: Path, settings: dict, total_steps: int,
 def accelerate_run(
     text: Path, tokenizer_dir: Path, settings: dict, total_steps: int, out: Path, threads
 ) -> list[float]:
-    """`accelerate launch pipeline/pretrain.py ...` as a user types it (no --num_cpu_threads_per_process)."""
+    """`accelerate launch pipeline/pretrain.py ...` as a user types it: no --num_cpu_threads_per_process
+    unless --threads asks every side for a thread count."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     argv = common.pretrain_argv("tiny", text, tokenizer_dir, out, total_steps, timed_settings(settings))
@@ -132,9 +133,8 @@ def main() -> None:
     args.add_argument("--warmup", type=int, default=10, help="Steps run before timing starts.")
     args.add_argument("--steps", type=int, default=60, help="Timed steps per run.")
     args = args.parse_args()
-    if (
-        args.smoke
-    ):  # one shape: every side is a fresh process (~6 s of imports each), and the shapes differ only in settings
+    if args.smoke:
+        # one shape: every side is a fresh process (~6 s of imports each), and the shapes differ only in settings
         args.rounds, args.warmup, args.steps = 1, 2, 3
         args.shapes = args.shapes[-1:]
     threads = common.set_threads(args.threads)
