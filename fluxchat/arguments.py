@@ -27,6 +27,12 @@ class StageArguments:
             "help": "Built-in tasks to train and evaluate on; default all (quote speaker arithmetic copy upper capital followup)."
         },
     )
+    builtin_examples: int = field(
+        default=6000,
+        metadata={
+            "help": "Training examples the 'builtin' source generates (balanced across tasks); more distinct items generalise better than repeats of few."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many training rows (a seeded sample); default all."}
     )
@@ -44,6 +50,8 @@ class StageArguments:
     def __post_init__(self):
         if not self.dataset:
             raise ValueError("--dataset needs at least one source (e.g. builtin)")
+        if self.builtin_examples < 1:
+            raise ValueError(f"--builtin_examples must be at least 1, got {self.builtin_examples}")
         if self.eval_examples < 0 or self.eval_max_new_tokens < 1:
             raise ValueError("--eval_examples must be >= 0 and --eval_max_new_tokens >= 1")
 

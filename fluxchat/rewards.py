@@ -13,11 +13,11 @@ Every function here has TRL's reward-function shape, `f(prompts, completions, co
 
 from __future__ import annotations
 
-import math
 import re
 
 from fluxchat import chat_format, evaluation, formats, tasks
 from fluxchat.config import UsageError, fail
+from fluxchat.report import wilson_interval
 
 MATCH_MODES = ("task", "exact", "contains")  # task: the built-in checker; exact/contains: a user's answer column
 PROMPT_COLUMNS = ("prompt", "messages")
@@ -164,16 +164,6 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
     if not out:
         fail(f"{name}: no rows")
     return out
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound at 0% and 100% and for small n, unlike p +- 2se)."""
-    if n <= 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def task_intervals(result: dict) -> dict[str, dict]:

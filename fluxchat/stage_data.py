@@ -174,7 +174,9 @@ def load_conversations(stage_args: StageArguments) -> list[dict]:
     out = []
     for source in stage_args.dataset:
         if source == formats.BUILTIN:
-            out += tasks.conversations("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+            out += tasks.conversations(
+                "train", n=stage_args.builtin_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks
+            )
         else:
             out += formats.load_conversations([source], corpus_file=stage_args.corpus_file)
     return out
@@ -185,7 +187,9 @@ def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
     out, dropped = [], 0
     for source in stage_args.dataset:
         if source == formats.BUILTIN:
-            pairs = tasks.preference_pairs("train", corpus_file=stage_args.corpus_file, tasks=stage_args.tasks)
+            pairs = tasks.preference_pairs(
+                "train", n=stage_args.builtin_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks
+            )
         else:
             pairs, n_identical = formats.load_preferences([source], corpus_file=stage_args.corpus_file)
             dropped += n_identical

@@ -40,6 +40,7 @@ from fluxchat import (
 )
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.report import wilson_interval
 
 # Raised inside TRL's trainers on every step; nothing we can change.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
@@ -146,7 +147,7 @@ def implicit_rewards(trainer, dataset, pairs: list[dict], batch_size: int = 32) 
         margins += (chosen - rejected).tolist()
     model.train(was_training)
     wins = [margin > 0 for margin in margins]
-    low, high = rewards.wilson_interval(sum(wins), len(wins))
+    low, high = wilson_interval(sum(wins), len(wins))
     result = {
         "accuracy": sum(wins) / len(wins),
         "low": low,

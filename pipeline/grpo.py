@@ -103,7 +103,10 @@ def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict
         if source == "builtin":
             rows += rewards.builtin_prompts(
                 tasks.conversations(
-                    "train", corpus_file=script_args.corpus_file, tasks=script_args.train_tasks or script_args.tasks
+                    "train",
+                    n=script_args.builtin_examples,
+                    corpus_file=script_args.corpus_file,
+                    tasks=script_args.train_tasks or script_args.tasks,
                 )
             )
         else:

@@ -324,6 +324,21 @@ CASES = [
         ("wrong_type.jsonl: line 1: messages[1].content must be a string, got int",),
     ),
     Case(
+        "no built-in examples",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--builtin_examples",
+            0,
+            "--output_dir",
+            d / "out",
+        ],
+        ("--builtin_examples must be at least 1, got 0",),
+    ),
+    Case(
         "non-UTF-8 JSONL",
         "sft",
         lambda i, d: [

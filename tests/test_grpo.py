@@ -94,12 +94,6 @@ def test_format_reward_wants_an_ended_turn_and_no_invented_next_turn(tokenizer):
     ]
 
 
-def test_wilson_interval_matches_known_values():
-    low, high = rewards.wilson_interval(8, 10)
-    assert abs(low - 0.4902) < 1e-3 and abs(high - 0.9433) < 1e-3
-    assert rewards.wilson_interval(0, 20)[0] == 0 and rewards.wilson_interval(20, 20)[1] == 1
-
-
 def test_grpo_trains_on_tasks_and_a_prompt_file_and_saves_a_chat_policy(chain, isolated_runs, tmp_path):
     prompts = _write_jsonl(
         tmp_path / "prompts.jsonl",

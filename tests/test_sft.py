@@ -59,6 +59,20 @@ def _copy_run(tiny_run, isolated_runs, name):
     shutil.copytree(tiny_run, isolated_runs / name)
 
 
+@pytest.fixture
+def recorded_trainer(monkeypatch):
+    """{"trainer": the SFTTrainer that sft.main built}, filled in when main() runs: the rows it trains on."""
+    seen = {}
+
+    class RecordingTrainer(sft.SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["trainer"] = self
+
+    monkeypatch.setattr(sft, "SFTTrainer", RecordingTrainer)
+    return seen
+
+
 def _labelled_spans(input_ids, labels):
     spans, current = [], []
     for token, label in zip(input_ids, labels):
@@ -73,20 +87,12 @@ def _labelled_spans(input_ids, labels):
 
 @pytest.mark.parametrize("format_name", ["fluxchat", "instruction"])
 def test_loss_is_exactly_the_assistant_replies_with_their_end_token(
-    tiny_run, isolated_runs, tmp_path, monkeypatch, format_name
+    tiny_run, isolated_runs, tmp_path, recorded_trainer, format_name
 ):
     _copy_run(tiny_run, isolated_runs, "mask")
     data_file = tmp_path / "chat.jsonl"
     conversation = CONVERSATIONS[format_name]
     data_file.write_text(json.dumps({"messages": conversation}) + "\n")
-    seen = {}
-
-    class RecordingTrainer(sft.SFTTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["trainer"] = self
-
-    monkeypatch.setattr(sft, "SFTTrainer", RecordingTrainer)
     code, error = run_main(
         sft.main,
         [
@@ -108,7 +114,7 @@ def test_loss_is_exactly_the_assistant_replies_with_their_end_token(
     )
     assert code == 0, error
 
-    trainer = seen["trainer"]
+    trainer = recorded_trainer["trainer"]
     tokenizer = trainer.processing_class
     batch = trainer.data_collator([trainer.train_dataset[0]])  # exactly what a training step receives
     input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
@@ -218,7 +224,7 @@ def test_missing_pretrained_model_is_one_line_naming_the_command(isolated_runs):
 
 
 def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_tokens(
-    tiny_run, isolated_runs, tmp_path, monkeypatch
+    tiny_run, isolated_runs, tmp_path, recorded_trainer
 ):
     _copy_run(tiny_run, isolated_runs, "mix")
     data_file = tmp_path / "chat.jsonl"
@@ -226,14 +232,6 @@ def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_t
     text_file = tmp_path / "facts.txt"
     text = " ".join(f"The capital of Land{i} is Town{i}." for i in range(200))
     text_file.write_text(text)
-    seen = {}
-
-    class RecordingTrainer(sft.SFTTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["trainer"] = self
-
-    monkeypatch.setattr(sft, "SFTTrainer", RecordingTrainer)
     code, error = run_main(
         sft.main,
         [
@@ -258,7 +256,7 @@ def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_t
         ],
     )
     assert code == 0, error
-    trainer = seen["trainer"]
+    trainer = recorded_trainer["trainer"]
     tokenizer = trainer.processing_class
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     text_rows = [row for row in rows if chat_format.END_OF_TURN not in tokenizer.decode(row["input_ids"])]
@@ -285,3 +283,14 @@ def test_missing_mix_text_file_is_one_line(isolated_runs, tmp_path):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "--mix_text_file" in error_lines[0] and "absent.txt" in error_lines[0]
     assert not (isolated_runs / "nomix").exists()
+
+
+def test_builtin_examples_sets_how_many_task_conversations_sft_trains_on(tiny_run, isolated_runs, recorded_trainer):
+    _copy_run(tiny_run, isolated_runs, "many")
+    argv = ["--preset", "tiny", "--run_name", "many", "--builtin_examples", 70, "--max_steps", 1]
+    code, error = run_main(sft.main, argv + ["--eval_fraction", 0, "--eval_examples", 0, "--corpus_file", SHAKESPEARE])
+    assert code == 0, error
+    trainer = recorded_trainer["trainer"]
+    prompts = [trainer.processing_class.decode(row["input_ids"]) for row in trainer.train_dataset]
+    assert len(prompts) == 70
+    assert sum("Repeat after me:" in text for text in prompts) == 10  # balanced: 10 of each of the 7 tasks
