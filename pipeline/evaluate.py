@@ -7,6 +7,7 @@ the mean reward of a policy's replies. Every stage calls these functions at its 
     python pipeline/evaluate.py runs/demo/sft --reward_model runs/demo/reward \
         --pairs_file ../shared/data/pref/hh-rlhf_helpful-base_test.jsonl.gz --max_pairs 500
     python pipeline/evaluate.py runs/demo --report               # every stage of the run: report.json, report.md
+    python pipeline/evaluate.py runs/demo/sft --split train --seed 999   # validation: compare recipes off the test items
 
 Task accuracy is exact match (whitespace normalised) of the greedy reply, stopped at the end-of-turn
 token, with the expected answer. Writes JSON (default: evaluation.json in the model folder).
@@ -24,6 +25,10 @@ import torch
 from fluxchat import cards, evaluation, formats, loading, runs, tasks
 from fluxchat import report as stage_reports
 from fluxchat.config import UsageError, fail, parse_config, run_cli
+
+SPLITS = ("eval", "train")
+# Its own default file for the train split: a validation run never replaces the test figures.
+OUTPUT_FILES = {"eval": runs.EVALUATION_FILE, "train": "evaluation-train.json"}
 
 
 @dataclass
@@ -77,6 +82,12 @@ class EvaluateArguments:
     output_file: str | None = field(
         default=None, metadata={"help": "Where to write the JSON; default evaluation.json in the model folder."}
     )
+    split: str = field(
+        default="eval",
+        metadata={
+            "help": "'eval': the held-out items, which every reported figure uses; 'train': fresh draws (by --seed) from the training items' pool, to choose between recipes without looking at the test items (items may repeat, and some were trained on). Default output then evaluation-train.json."
+        },
+    )
     report: bool = field(
         default=False,
         metadata={
@@ -89,6 +100,8 @@ class EvaluateArguments:
             raise ValueError("give the model to evaluate: python pipeline/evaluate.py <model or run folder>")
         if self.n_per_task < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.max_pairs < 1:
             raise ValueError("--n_per_task, --max_new_tokens, --batch_size and --max_pairs must be at least 1")
+        if self.split not in SPLITS:
+            raise ValueError(f"--split {self.split}: choose {' or '.join(SPLITS)}")
         if self.pairs_heldout_fraction is not None and not 0 < self.pairs_heldout_fraction < 1:
             raise ValueError(f"--pairs_heldout_fraction must be between 0 and 1, got {self.pairs_heldout_fraction}")
 
@@ -108,7 +121,7 @@ def _examples(args) -> list[dict]:
             if not chosen:
                 fail("no task left to evaluate: pass --corpus_file for the quote/speaker tasks")
     return tasks.conversations(
-        "eval", n=args.n_per_task * len(chosen), seed=args.seed, corpus_file=args.corpus_file, tasks=chosen
+        args.split, n=args.n_per_task * len(chosen), seed=args.seed, corpus_file=args.corpus_file, tasks=chosen
     )
 
 
@@ -140,9 +153,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.output_file:
         output_file = Path(args.output_file)
     elif Path(model_path).is_dir():
-        output_file = Path(model_path) / runs.EVALUATION_FILE
+        output_file = Path(model_path) / OUTPUT_FILES[args.split]
     else:
-        output_file = Path(runs.EVALUATION_FILE)
+        output_file = Path(OUTPUT_FILES[args.split])
     # Checked before the work: a folder (or a path under a file) would fail only after the whole evaluation ran.
     if output_file.is_dir():
         fail(f"--output_file {output_file} is a folder: name a file, e.g. {output_file / 'evaluation.json'}")
@@ -156,12 +169,13 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     report = {
         "model": model_path,
+        "split": args.split,
         "tasks": evaluation.evaluate_tasks(model, tokenizer, examples, args.max_new_tokens, args.batch_size),
     }
     if reward_path:
         reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
         builtin_pairs = tasks.preference_pairs(
-            "eval",
+            args.split,
             n=len(examples),
             seed=args.seed,
             corpus_file=args.corpus_file,
@@ -192,6 +206,8 @@ def stage_report(args) -> Path:
         fail(
             "--report writes report.json and report.md into the run folder and scores no pairs: drop --output_file/--pairs_file"
         )
+    if args.split != "eval":
+        fail("--report compares the stages on the held-out items: drop --split train")
     if not run.is_dir() or any((run / name).is_file() for name in ("config.json", "adapter_config.json")):
         fail(f"--report: {run} is not a run folder (give runs/<name>, whose stages are compared)")
     stages = stage_reports.report_stages(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -136,6 +137,27 @@ def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
         PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", tiny_run / "pretrain", "--output_file", output
     )
     assert refused.returncode == 2 and "is not a reward model" in refused.stderr
+
+
+def test_train_split_scores_training_pool_items_into_its_own_file(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "pretrain", run / "pretrain")
+    argv = [run / "pretrain", "--split", "train", "--seed", 999, "--tasks", "copy", "arithmetic", "--n_per_task", 3]
+    code, error = run_main(evaluate.main, argv + ["--max_new_tokens", 4])
+    assert code == 0, error
+    report = json.loads((run / "pretrain" / "evaluation-train.json").read_text())
+    assert report["split"] == "train" and report["tasks"]["n"] == 6
+    assert not (run / "pretrain" / "evaluation.json").exists()  # the test figures' file is left alone
+    prompts = {task: [sample["prompt"] for sample in samples] for task, samples in report["tasks"]["samples"].items()}
+    phrases = [prompt.removeprefix("Repeat after me: ") for prompt in prompts["copy"]]
+    sums = [prompt.removeprefix("What is ").removesuffix("?") for prompt in prompts["arithmetic"]]
+    assert phrases and sums  # every one drawn from the training pool, none held out
+    assert all(tasks._in_split("phrase", p, "train") for p in phrases)
+    assert all(tasks._in_split("sum", s, "train") for s in sums)
+    code, error = run_main(evaluate.main, [run, "--report", "--split", "train"])
+    assert code == 2 and "drop --split train" in error
+    code, error = run_main(evaluate.main, [run / "pretrain", "--split", "test"])
+    assert code == 2 and "--split test: choose eval or train" in error
 
 
 def test_bad_inputs_are_usage_errors(tiny_run, tmp_path):
