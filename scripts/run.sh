@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up .venv, then the whole tiny chain (tokenizer -> pretrain -> SFT -> reward -> PPO ->
-# evaluation) with pipeline/run_all.py, then a Shakespeare sample. Re-running continues where it stopped.
+# The main job: set up .venv, then the whole tiny chain (tokenizer -> pretrain -> SFT -> reward -> PPO -> GRPO
+# -> DPO -> evaluation -> stage report) with pipeline/run_all.py, then a Shakespeare sample. Re-running
+# continues where it stopped.
 # Extra flags go to the orchestrator, e.g. --train_file my.txt --run_name mine
 set -euo pipefail
 cd "$(dirname "$0")/.."
