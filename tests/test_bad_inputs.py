@@ -326,16 +326,7 @@ CASES = [
     Case(
         "no built-in examples",
         "sft",
-        lambda i, d: [
-            "--preset",
-            "tiny",
-            "--model_name_or_path",
-            i.shared / "pretrain",
-            "--builtin_examples",
-            0,
-            "--output_dir",
-            d / "out",
-        ],
+        lambda i, d: ["--preset", "tiny", "--builtin_examples", 0, "--output_dir", d / "out"],  # refused as parsed
         ("--builtin_examples must be at least 1, got 0",),
     ),
     Case(

@@ -182,6 +182,10 @@ def test_wilson_interval_known_values():
     assert math.isclose(wilson_interval(50, 50)[1], 1.0) and math.isclose(
         wilson_interval(50, 50)[0], 0.9287, abs_tol=1e-3
     )
+    # The values the copy in rewards.py was tested with (it was folded into this one).
+    low, high = wilson_interval(8, 10)
+    assert abs(low - 0.4902) < 1e-3 and abs(high - 0.9433) < 1e-3
+    assert wilson_interval(0, 20)[0] == 0 and wilson_interval(20, 20)[1] == 1
 
 
 def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
