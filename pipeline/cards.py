@@ -11,11 +11,16 @@ from pathlib import Path
 from fluxchat.cards import stage_of, write_model_card
 from fluxchat.config import fail, run_cli
 
+USAGE = "python pipeline/cards.py <stage folder>, e.g. runs/demo/sft"
+
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["--help"], ["-h"]):
+        print(f"usage: {USAGE}\n\n{__doc__.splitlines()[0]}")
+        sys.exit(0)
     if len(argv) != 1 or argv[0].startswith("-"):
-        fail("usage: python pipeline/cards.py <stage folder>, e.g. runs/demo/sft")
+        fail(f"usage: {USAGE}")
     stage_dir = Path(argv[0])
     if not stage_dir.is_dir():
         fail(f"{stage_dir} is not a folder: give a stage folder such as runs/demo/sft")

@@ -72,7 +72,7 @@ class DataArguments:
     validation_fraction: float = field(
         default=0.1,
         metadata={
-            "help": "Held-out tail of each text file (nanoGPT: last 10%); streamed: every 1/fraction-th document."
+            "help": "Held-out tail of each text file (nanoGPT: the last tenth); streamed: every 1/fraction-th document."
         },
     )
     token_cache_dir: str | None = field(

@@ -4,6 +4,7 @@ imports inside functions only with a reason, and lint plus formatting as configu
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,15 @@ def test_ruff_passes_over_the_repo(command):
         pytest.fail(f"{RUFF} is missing: install requirements-dev.txt (ruff is pinned there)")
     result = subprocess.run([str(RUFF), *command, "."], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_command_prints_its_help(command, capsys):
+    """`--help` prints the usage and exits 0 (a `%` in one help string once turned it into an error)."""
+    module = ".".join(command.relative_to(REPO).with_suffix("").parts)
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:"), out[:300]
