@@ -25,6 +25,7 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 from fluxchat.config import fail
@@ -286,6 +287,22 @@ def _hash_value(kind: str, key: str) -> float:
 def heldout_countries() -> frozenset:
     pool = sorted((c for c, _, _ in FACTS if c not in PINNED_TO_TRAIN), key=lambda c: _hash_value("country", c))
     return frozenset(pool[: math.ceil(HELDOUT_FRACTION["country"] * len(pool))])
+
+
+def validation_countries(n: int = 50) -> list[str]:
+    """`n` training countries to measure fact storage on without looking at the held-out test countries
+    (never pinned ones, nor a name inside another's, e.g. Niger in Nigeria, so a text search finds only it, nor
+    one that contains its capital's name, e.g. Sao Tome and Principe: copying the question would answer it)."""
+    names = [c for c, _, _ in FACTS]
+    pool = [
+        c
+        for c, capital, _ in FACTS
+        if c not in heldout_countries()
+        and c not in PINNED_TO_TRAIN
+        and capital.lower() not in c.lower()
+        and not any(c != other and re.search(rf"\b{re.escape(c)}\b", other) for other in names)
+    ]
+    return sorted(pool, key=lambda c: _hash_value("validation", c))[:n]
 
 
 def _in_split(kind: str, key: str, split: str) -> bool:
@@ -628,18 +645,35 @@ def _fact_paragraphs(rng: random.Random, fact_repeats: int) -> list[str]:
     return documents
 
 
-def facts_corpus(seed: int = 0, fact_repeats: int = 24, n_questions: int = 3000) -> str:
+# How often the facts prose states each fact. A fact the tiny model saw too rarely is simply not stored, and
+# no SFT recipe can recall it. `python bench/fact_recall.py` (tiny preset, 1250 pretraining steps, 50 *training*
+# countries kept out of the dialogues so they are in prose only, like the held-out ones): greedy "The capital
+# of X is" recalled 28% of them at 24 repeats, 44% at 48, 96% at 96 (populations 10% / 42% / 92%), at 2.365 /
+# 2.396 / 2.455 bits per byte on tinyshakespeare's held-out tail: more facts cost the Shakespeare model a little.
+FACT_REPEATS = 96
+
+
+def facts_corpus(
+    seed: int = 0, fact_repeats: int = FACT_REPEATS, n_questions: int = 3000, prose_only: Collection[str] = ()
+) -> str:
     """The facts text the chain adds to any pretraining corpus: every fact in prose (held-out countries
     included: facts can only be recalled, never inferred), mixed with question-answer dialogues about
     the *training* countries (capital and followup tasks, every phrasing). Pretraining on both teaches how
-    a question reaches a stored fact, so SFT on the training countries transfers to the held-out ones."""
+    a question reaches a stored fact, so SFT on the training countries transfers to the held-out ones.
+
+    `prose_only`: countries whose dialogues are left out too, so that, like the held-out countries, they
+    appear in prose only (`bench/fact_recall.py` measures on them what prose alone stores)."""
     rng = random.Random(f"{seed}:facts")
     documents = _fact_paragraphs(rng, fact_repeats)
     if n_questions:
-        documents += [
+        dialogues = [
             _dialogue(e["messages"])
             for e in conversations("train", n=n_questions, seed=seed, tasks=("capital", "followup"))
         ]
+        if prose_only:
+            named = re.compile("|".join(rf"\b{re.escape(c)}\b" for c in prose_only), re.IGNORECASE)
+            dialogues = [d for d in dialogues if not named.search(d)]
+        documents += dialogues
     rng.shuffle(documents)
     return "\n\n".join(documents) + "\n"
 

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "pipeline_time": "wall_s",
     "gpu": "device",
     "app_load": "p95_ms",
+    "fact_recall": "capital_recall",
 }
 
 

@@ -229,6 +229,23 @@ def test_facts_corpus_states_every_fact_in_several_forms_and_asks_only_about_tra
     assert "User: What's the population?" in dialogues
 
 
+def test_validation_countries_are_training_countries_the_facts_text_states_in_prose_only():
+    chosen = tasks.validation_countries()
+    assert len(chosen) == len(set(chosen)) == 50 and chosen == tasks.validation_countries()
+    assert not set(chosen) & (tasks.heldout_countries() | tasks.PINNED_TO_TRAIN)
+    corpus = tasks.facts_corpus(seed=0, fact_repeats=5, n_questions=2000, prose_only=chosen)
+    prose = "\n".join(line for line in corpus.splitlines() if not line.startswith(("User: ", "Assistant: ")))
+    dialogues = _dialogue_lines(corpus)
+    for country, capital, population in tasks.FACTS:
+        if country in chosen:
+            stated = [s for s in tasks._fact_sentences(country, capital, population) if country in s and s in prose]
+            assert stated, country
+            assert country not in dialogues and capital not in dialogues, country
+    # only their dialogues go: the other training countries are still asked about
+    kept = _dialogue_lines(tasks.facts_corpus(seed=0, fact_repeats=5, n_questions=2000))
+    assert 0 < len(dialogues) < len(kept) and "User: What's the population?" in dialogues
+
+
 def test_bad_arguments_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="unknown task"):
         tasks.conversations(tasks=("quote", "poetry"), corpus_file=SHAKESPEARE)
