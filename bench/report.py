@@ -89,6 +89,17 @@ def pipeline_time(rows: list[dict]) -> str:
     )
 
 
+def fact_recall(rows: list[dict]) -> str:
+    def pct(key: str) -> str:
+        return " / ".join(f"{100 * r[key]:.0f}%" for r in rows)
+
+    return (
+        f"facts prose {' / '.join(str(r['fact_repeats']) for r in rows)} times: capital recall **{pct('capital_recall')}**, "
+        f"population {pct('population_recall')} (n={rows[0]['n']} prose-only training countries); "
+        f"tinyshakespeare {' / '.join(str(r['shakespeare_bits_per_byte']) for r in rows)} bits/byte"
+    )
+
+
 def app_load(rows: list[dict]) -> str:
     (r,) = rows
     return (
@@ -131,6 +142,7 @@ SUMMARIES = {  # README order
     "data_scale": ("pretraining data at scale (token shards)", data_scale),
     "generation": ("generation", generation),
     "pipeline_time": ("tiny chain, wall time per stage", pipeline_time),
+    "fact_recall": ("facts the tiny pretrained model stores", fact_recall),
     "app_load": ("app under load", app_load),
     "crash_safety": ("kill -9 and resume", crash_safety),
     "gpu": ("GPU: gpt2-small-shaped pretraining and the small chain", gpu),
