@@ -289,6 +289,11 @@ def heldout_countries() -> frozenset:
     return frozenset(pool[: math.ceil(HELDOUT_FRACTION["country"] * len(pool))])
 
 
+def _naming(names) -> re.Pattern:
+    """Matches any of `names` as whole words, any case ("Niger" not inside "Nigeria")."""
+    return re.compile("|".join(rf"\b{re.escape(name)}\b" for name in names), re.IGNORECASE)
+
+
 def validation_countries(n: int = 50) -> list[str]:
     """`n` training countries to measure fact storage on without looking at the held-out test countries
     (never pinned ones, nor a name inside another's, e.g. Niger in Nigeria, so a text search finds only it, nor
@@ -300,7 +305,7 @@ def validation_countries(n: int = 50) -> list[str]:
         if c not in heldout_countries()
         and c not in PINNED_TO_TRAIN
         and capital.lower() not in c.lower()
-        and not any(c != other and re.search(rf"\b{re.escape(c)}\b", other) for other in names)
+        and not any(c != other and _naming([c]).search(other) for other in names)
     ]
     return sorted(pool, key=lambda c: _hash_value("validation", c))[:n]
 
@@ -671,7 +676,7 @@ def facts_corpus(
             for e in conversations("train", n=n_questions, seed=seed, tasks=("capital", "followup"))
         ]
         if prose_only:
-            named = re.compile("|".join(rf"\b{re.escape(c)}\b" for c in prose_only), re.IGNORECASE)
+            named = _naming(prose_only)
             dialogues = [d for d in dialogues if not named.search(d)]
         documents += dialogues
     rng.shuffle(documents)
