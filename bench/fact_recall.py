@@ -2,6 +2,7 @@
 and populations by the tiny pretrained model.
 
     python bench/fact_recall.py                               # --fact_repeats 24 48 96: ~6 min each on 2 cores
+    python bench/fact_recall.py --fact_repeats 96 --table_repeats 192   # the worked sums' steps table 192 times
     python bench/fact_recall.py --model runs/demo/pretrain    # one saved model, test countries included
 
 The chat can only recall what pretraining stored; SFT only teaches the way to it. Each sweep point writes the
@@ -57,7 +58,7 @@ def recall(model_dir: Path, countries: list[str]) -> dict:
     return row
 
 
-def sweep_point(repeats: int, work: Path, smoke: bool) -> dict:
+def sweep_point(repeats: int, work: Path, smoke: bool, table_repeats: int = tasks.TABLE_REPEATS) -> dict:
     """Facts text at `repeats`, tokenizer, tiny pretraining, then recall on the prose-only countries."""
     from pipeline import pretrain
     from tokenizer import train
@@ -65,7 +66,9 @@ def sweep_point(repeats: int, work: Path, smoke: bool) -> dict:
     shakespeare = common.corpus(smoke)
     work.mkdir(parents=True, exist_ok=True)
     facts = work / "facts.txt"
-    facts.write_text(tasks.facts_corpus(fact_repeats=repeats, prose_only=tasks.validation_countries()))
+    facts.write_text(
+        tasks.facts_corpus(fact_repeats=repeats, prose_only=tasks.validation_countries(), table_repeats=table_repeats)
+    )
     files = ["--train_file", str(shakespeare), str(facts)]
     # smoke: the smallest model, with room for the longest prompt (~30 tokens) and its 12-token completion
     short = [*common.SMOKE_MODEL_FLAGS, "--block_size", "64", "--max_steps", "4"] if smoke else []
@@ -76,13 +79,17 @@ def sweep_point(repeats: int, work: Path, smoke: bool) -> dict:
             + ["--output_dir", str(work / "pretrain"), "--overwrite", "--save_strategy", "no", *short]
         )
     bpc = heldout_bits_per_char(str(model), shakespeare, 0.1)["bits_per_byte"]
-    row = {"fact_repeats": repeats, "countries": "validation (prose only)", "facts_chars": facts.stat().st_size}
+    row = {"fact_repeats": repeats, "table_repeats": table_repeats, "countries": "validation (prose only)"}
+    row["facts_chars"] = facts.stat().st_size
     return {**row, **recall(model, tasks.validation_countries()), "shakespeare_bits_per_byte": bpc}
 
 
 def main() -> None:
     args = common.parser("fact_recall", __doc__)
     args.add_argument("--fact_repeats", type=int, nargs="+", default=[24, 48, 96])
+    args.add_argument(
+        "--table_repeats", type=int, default=tasks.TABLE_REPEATS, help="Repeats of the worked sums' steps table."
+    )
     args.add_argument("--model", type=Path, help="Score this pretrained model instead of training the sweep.")
     args.add_argument(
         "--work_dir", type=Path, default=None, help="Default runs/bench-fact-recall (smoke: a temp folder)."
@@ -100,7 +107,10 @@ def main() -> None:
         repeats = [1] if args.smoke else args.fact_repeats
         runs_root = Path(os.environ.get("FLUXCHAT_RUNS_DIR", common.REPO / "runs"))
         work = args.work_dir or (Path(tempfile.mkdtemp()) if args.smoke else runs_root / "bench-fact-recall")
-        rows = [sweep_point(r, work / f"repeats-{r}", args.smoke) for r in repeats]
+        rows = [
+            sweep_point(r, work / f"repeats-{r}-tables-{args.table_repeats}", args.smoke, args.table_repeats)
+            for r in repeats
+        ]
     common.print_table("Fact recall of the pretrained model (greedy completion)", rows)
     common.write_results(args.output, "fact_recall", rows, args.smoke)
 

@@ -97,6 +97,7 @@ def fact_recall(rows: list[dict]) -> str:
         f"facts prose {' / '.join(str(r['fact_repeats']) for r in rows)} times: capital recall **{pct('capital_recall')}**, "
         f"population {pct('population_recall')} (n={rows[0]['n']} prose-only training countries); "
         f"tinyshakespeare {' / '.join(str(r['shakespeare_bits_per_byte']) for r in rows)} bits/byte"
+        + (f"; steps table {rows[0]['table_repeats']} times" if "table_repeats" in rows[0] else "")
     )
 
 

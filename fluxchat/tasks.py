@@ -6,7 +6,7 @@ training data, whatever seeds two calls use. The seed only picks which items and
 
     quote       Complete this Shakespeare quote: Before we proceed -> any further, hear me speak.
     speaker     Who says this line: "..." -> First Citizen says it.
-    arithmetic  What is 12+30? -> 12+30 equals 42.
+    arithmetic  What is 47+38? -> 7+8=15. 4+3+1=8. 47+38 equals 85.
     copy        Repeat after me: quiet river -> quiet river
     upper       Say "quiet river" in capital letters. -> QUIET RIVER
     capital     What's the capital of France? -> The capital of France is Paris.
@@ -428,8 +428,39 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def _arith_answer(a: int, op: str, b: int, result: int) -> str:
-    return f"{a}{op}{b} equals {result}."
+def _arith_answer(a: int, op: str, b: int, mistake: str = "", slip: int = 0) -> str:
+    """The answer worked digit by digit, units first, then the sum: "7+8=15. 4+3+1=8. 47+38 equals 85.".
+    Written at once, the first digit of a sum depends on every digit of both numbers (the carry), which a small
+    model does not learn from a few thousand examples; each step here needs one single-digit fact and a carry.
+
+    A `mistake` makes the plausible wrong answer a reward model must rank below the right one, every later step
+    consistent with it: "units" or "tens" (that step off by `slip`), "carry" (the carry or borrow forgotten)."""
+    (tens_a, units_a), (tens_b, units_b) = divmod(a, 10), divmod(b, 10)
+    if op == "+":
+        top = units_a
+        units = units_a + units_b + (slip if mistake == "units" else 0)
+        carry = units >= 10 and mistake != "carry"
+        tens = tens_a + tens_b + carry
+    else:
+        borrow = units_a < units_b
+        top = units_a + 10 * borrow
+        units = top - units_b + (slip if mistake == "units" else 0)
+        carry = borrow and mistake != "carry"
+        tens = tens_a - tens_b - carry
+    tens += slip if mistake == "tens" else 0
+    result = 10 * tens + units % 10 if op == "+" else 10 * tens + units
+    step_tens = f"{tens_a}{op}{tens_b}{op}1={tens}." if carry else f"{tens_a}{op}{tens_b}={tens}."
+    return f"{top}{op}{units_b}={units}. {step_tens} {a}{op}{b} equals {result}."
+
+
+def _arith_mistakes(a: int, op: str, b: int) -> list[tuple[str, int]]:
+    """The (mistake, slip) pairs that give a different, non-negative wrong answer."""
+    right = _arith_answer(a, op, b)
+    options = [(m, s) for m in ("units", "tens") for s in (-1, 1)]
+    if (a % 10 + b % 10 >= 10) if op == "+" else (a % 10 < b % 10):
+        options.append(("carry", 0))
+    wrong = {option: _arith_answer(a, op, b, *option) for option in options}
+    return [option for option, text in wrong.items() if text != right and "=-" not in text and "equals -" not in text]
 
 
 class _Generator:
@@ -479,9 +510,8 @@ class _Generator:
             return [_user(f'Who says this line: "{line}"')], f"{speaker} says it.", f"{wrong} says it."
         if task == "arithmetic":
             a, op, b = item
-            result = a + b if op == "+" else a - b
-            wrong = result + rng.choice([-10, -2, -1, 1, 2, 10])
-            return [_user(f"What is {a}{op}{b}?")], _arith_answer(a, op, b, result), _arith_answer(a, op, b, wrong)
+            wrong = _arith_answer(a, op, b, *rng.choice(_arith_mistakes(a, op, b)))
+            return [_user(f"What is {a}{op}{b}?")], _arith_answer(a, op, b), wrong
         if task in ("copy", "upper"):
             words = item.split()
             swapped = words.copy()
@@ -650,26 +680,62 @@ def _fact_paragraphs(rng: random.Random, fact_repeats: int) -> list[str]:
     return documents
 
 
+@functools.cache
+def _arith_steps() -> tuple[str, ...]:
+    """Every single-digit step a worked sum uses ("7+8=15.", "4+3+1=8.", "13-7=6.", "8-4-1=3."): facts shared
+    by training and held-out sums, like a times table, never a held-out sum itself."""
+    steps = {
+        step + "."
+        for split in ("train", "eval")
+        for a, op, b in _sum_items(split)
+        for step in _arith_answer(a, op, b).split(". ")[:2]
+    }
+    return tuple(sorted(steps))
+
+
+def _arith_tables(rng: random.Random, repeats: int) -> list[str]:
+    """The steps' table, `repeats` times, each time shuffled into lines of 12. SFT alone (2000 steps of the tiny
+    preset) learns the worked form but slips on the single-digit steps (three quarters of its wrong sums): stored
+    in pretraining, the steps only have to be reached by SFT, as the capitals are."""
+    documents = []
+    for _ in range(repeats):
+        steps = list(_arith_steps())
+        rng.shuffle(steps)
+        documents += [" ".join(steps[i : i + 12]) for i in range(0, len(steps), 12)]
+    return documents
+
+
 # How often the facts prose states each fact. A fact the tiny model saw too rarely is simply not stored, and
 # no SFT recipe can recall it. `python bench/fact_recall.py` (tiny preset, 1250 pretraining steps, 50 *training*
 # countries kept out of the dialogues so they are in prose only, like the held-out ones): greedy "The capital
 # of X is" recalled 28% of them at 24 repeats, 44% at 48, 96% at 96 (populations 10% / 42% / 92%), at 2.365 /
 # 2.396 / 2.455 bits per byte on tinyshakespeare's held-out tail: more facts cost the Shakespeare model a little.
 FACT_REPEATS = 96
+# How often the facts text lists the single-digit steps of worked sums. The table takes pretraining tokens from the
+# facts (the pretraining budget is fixed), so it was chosen on validation items only (tiny chain). SFT's share of 50 *training* sums right
+# (`evaluate.py --split train --seed 999`) at 0 / 96 / 192 repeats: 32% / 66% / 68%; `bench/fact_recall.py
+# --table_repeats N` on the prose-only validation countries: capital recall 96% / 86% / 78%, population 92% / 22% /
+# 14%; tinyshakespeare 2.455 / 2.474 / 2.528 bits per byte. 96 keeps most of both.
+TABLE_REPEATS = 96
 
 
 def facts_corpus(
-    seed: int = 0, fact_repeats: int = FACT_REPEATS, n_questions: int = 3000, prose_only: Collection[str] = ()
+    seed: int = 0,
+    fact_repeats: int = FACT_REPEATS,
+    n_questions: int = 3000,
+    prose_only: Collection[str] = (),
+    table_repeats: int = TABLE_REPEATS,
 ) -> str:
     """The facts text the chain adds to any pretraining corpus: every fact in prose (held-out countries
     included: facts can only be recalled, never inferred), mixed with question-answer dialogues about
     the *training* countries (capital and followup tasks, every phrasing). Pretraining on both teaches how
-    a question reaches a stored fact, so SFT on the training countries transfers to the held-out ones.
+    a question reaches a stored fact, so SFT on the training countries transfers to the held-out ones. With
+    them, the single-digit steps of worked sums (`table_repeats` times), never a whole sum.
 
     `prose_only`: countries whose dialogues are left out too, so that, like the held-out countries, they
     appear in prose only (`bench/fact_recall.py` measures on them what prose alone stores)."""
     rng = random.Random(f"{seed}:facts")
-    documents = _fact_paragraphs(rng, fact_repeats)
+    documents = _fact_paragraphs(rng, fact_repeats) + _arith_tables(rng, table_repeats)
     if n_questions:
         dialogues = [
             _dialogue(e["messages"])

@@ -15,7 +15,8 @@ same held-out items (runs/R/report.md, also in the final stage's model card).
 Data: with no --train_file the chain pretrains on tinyshakespeare as shipped in data/ (no network needed).
 The built-in fact tasks (capitals, populations) can only be recalled, so the chain adds a facts text
 rendered by our task generators (`--with_facts false` to skip): every fact in several sentence forms, mixed
-with question-answer dialogues about the training countries only. `--corpus embedded` pretrains on the
+with question-answer dialogues about the training countries only, and the single-digit steps of worked sums
+(never a whole sum). `--corpus embedded` pretrains on the
 generated task corpus instead (no Shakespeare, so the quote/speaker tasks are left out).
 """
 
@@ -46,6 +47,8 @@ SCRIPTS = {
 RESUMABLE = ("pretrain", "sft", "grpo", "dpo")
 REPORT = "report"  # after evaluate: every chat stage on the same held-out items (pipeline/evaluate.py --report)
 CORPORA = ("tinyshakespeare", "embedded")
+FACTS_FILE = "facts.txt"  # pretraining: the facts text, steps table included
+SFT_MIX_FILE = "facts_mix.txt"  # SFT's mixed windows: the same facts prose and dialogues, no steps table
 OFFLINE_TASKS = ("arithmetic", "copy", "upper", "capital", "followup")
 
 
@@ -112,9 +115,11 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
             print(f"note: {err}; pretraining on the embedded task corpus instead", flush=True)
             return embedded_corpus(data_dir)
     if args.with_facts:
-        path = data_dir / "facts.txt"
+        path = data_dir / FACTS_FILE
         if not path.is_file():
             runs.atomic_write_text(path, tasks.facts_corpus())
+        if not (data_dir / SFT_MIX_FILE).is_file():
+            runs.atomic_write_text(data_dir / SFT_MIX_FILE, tasks.facts_corpus(table_repeats=0))
         files.append(str(path))
     return files, task_flags
 
@@ -166,10 +171,12 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
         cmd += ["--train_file", *corpus_files]
     else:
         cmd += task_flags
-    facts = runs.run_dir(args.run_name) / runs.DATA_DIR / "facts.txt"
-    if stage == "sft" and args.with_facts and facts.is_file():
+    mix = runs.run_dir(args.run_name) / runs.DATA_DIR / SFT_MIX_FILE
+    if stage == "sft" and args.with_facts and mix.is_file():
         # Mixed training: the facts prose beside the chat rows keeps SFT from overwriting what pretraining stored.
-        cmd += ["--mix_text_file", str(facts)]
+        # Not the sums' steps table: in SFT's windows it took capital transfer (validation countries 34% -> 24%)
+        # and gave the sums nothing (64% -> 60% of validation sums); pretraining alone stores it.
+        cmd += ["--mix_text_file", str(mix)]
     folder = runs.stage_dir(args.run_name, stage)
     if folder.exists() and not runs.is_finished(folder):  # interrupted earlier
         cmd += ["--resume"] if stage in RESUMABLE and runs.latest_checkpoint(folder) else ["--overwrite"]

@@ -50,7 +50,7 @@ def _write_jsonl(path, rows):
 def test_answer_reward_uses_the_task_checker_and_the_users_answers():
     example = next(e for e in tasks.conversations("train", n=20, tasks=["arithmetic"]))
     (row,) = rewards.builtin_prompts([example])
-    right = row["answer"]  # "12+30 equals 42."
+    right = row["answer"]  # "2+0=2. 1+3=4. 12+30 equals 42."
     stem, result = right.rstrip(".").rsplit(" ", 1)
     wrong = f"{stem} {int(result) + 1}."
     replies = [

@@ -77,6 +77,11 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
     out = result.stdout
     assert "== tokenizer: already finished, skipped" in out
     assert "pipeline/pretrain.py" in out and "--resume" in out.split("== pretrain:")[1].splitlines()[0]
+    # SFT mixes the facts prose without the steps table that pretraining read
+    sft_line = out.split("== sft:")[1].splitlines()[0]
+    assert sft_line.split("--mix_text_file ")[1].split()[0].endswith("data/facts_mix.txt")
+    data_dir = runs.run_dir("chain") / runs.DATA_DIR
+    assert "7+8=15." in (data_dir / "facts.txt").read_text() and "=" not in (data_dir / "facts_mix.txt").read_text()
     summary = json.loads((runs.run_dir("chain") / "summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == [
         "tokenizer",

@@ -126,7 +126,11 @@ def test_answers_are_correct(eval_examples, train_examples):
         if example["task"] == "arithmetic":
             a, op, b = re.fullmatch(r"What is (\d\d)([+-])(\d\d)\?", question).groups()
             result = int(a) + int(b) if op == "+" else int(a) - int(b)
-            assert answer == f"{a}{op}{b} equals {result}." and result >= 0
+            units, tens, final = answer.split(". ")
+            assert final == f"{a}{op}{b} equals {result}." and result >= 0
+            assert _step_is_right(units) and _step_is_right(tens)
+            assert units.startswith(f"{int(a[1]) + 10 * (op == '-' and a[1] < b[1])}{op}{b[1]}=")
+            assert tens.startswith(f"{a[0]}{op}{b[0]}")
         elif example["task"] == "copy":
             assert answer == item_key(example)
         elif example["task"] == "upper":
@@ -171,6 +175,30 @@ def test_preference_pairs_are_wrong_in_plausible_ways():
     assert not eval_prompts & {p["prompt"][0]["content"] for p in pairs if p["task"] != "followup"}
 
 
+def _step_is_right(step: str) -> bool:
+    """ "4+3+1=8" or "13-7=6": the left side evaluates to the right side."""
+    left, right = step.rstrip(".").split("=")
+    return eval(left) == int(right)  # only digits and +/- (the regex above matched the question)
+
+
+def test_arithmetic_pairs_reject_a_worked_sum_with_one_plausible_slip():
+    pairs = [p for p in tasks.preference_pairs("train", n=700, seed=3) if p["task"] == "arithmetic"]
+    worked = re.compile(r"(\d+)[+-]\d(?:[+-]1)?=(\d+)\. \d([+-])\d(?:[+-]1)?=(\d+)\. \d\d[+-]\d\d equals (\d+)\.")
+    slipped = [p for p in pairs if worked.fullmatch(p["rejected"][0]["content"])]  # not truncated or repeated
+    assert len(slipped) > 30
+    for pair in slipped:
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        # one slipped single-digit fact, or none (the carry/borrow left out)
+        assert sum(not _step_is_right(step) for step in rejected.split(". ")[:2]) <= 1
+        _, units, op, tens, result = worked.fullmatch(rejected).groups()
+        # and the rest follows from it, as a person's mistake would
+        assert (
+            int(result)
+            == 10 * int(tens) + (int(units) % 10 if op == "+" else int(units))
+            != int(chosen.rsplit(" ", 1)[1].rstrip("."))
+        )
+
+
 def test_check_is_exact_up_to_whitespace():
     example = {
         "task": "arithmetic",
@@ -208,6 +236,15 @@ def test_embedded_corpus_teaches_facts_but_holds_out_arithmetic():
         assert capital in corpus and f" {country}" not in dialogues and f"{capital} " not in dialogues
     for a, op, b in tasks._sum_items("eval")[:200]:
         assert f"What is {a}{op}{b}?" not in corpus
+
+
+def test_facts_corpus_lists_single_digit_steps_never_a_whole_sum():
+    corpus = tasks.facts_corpus(seed=0, fact_repeats=1, n_questions=0, table_repeats=3)
+    steps = re.findall(r"(?<![\d.])\d+[+-]\d(?:[+-]1)?=\d+\.", corpus)
+    assert set(steps) == set(tasks._arith_steps()) and len(steps) == 3 * len(tasks._arith_steps())
+    assert {"7+8=15.", "4+3+1=8.", "13-7=6.", "8-4-1=3."} <= set(steps) and all(map(_step_is_right, steps))
+    assert not re.search(r"\d\d[+-]\d\d", corpus)  # no two-digit sum, trained or held out
+    assert "=" not in tasks.facts_corpus(seed=0, fact_repeats=1, n_questions=0, table_repeats=0)
 
 
 def test_facts_corpus_states_every_fact_in_several_forms_and_asks_only_about_training_countries():
