@@ -695,8 +695,9 @@ def _arith_steps() -> tuple[str, ...]:
 
 def _arith_tables(rng: random.Random, repeats: int) -> list[str]:
     """The steps' table, `repeats` times, each time shuffled into lines of 12. SFT alone (2000 steps of the tiny
-    preset) learns the worked form but slips on the single-digit steps (three quarters of its wrong sums): stored
-    in pretraining, the steps only have to be reached by SFT, as the capitals are."""
+    preset) learns the worked form but slips on the single-digit steps (every one of its wrong sums goes wrong in a
+    step, none in putting the result together): stored in pretraining, the steps only have to be reached by SFT, as
+    the capitals are."""
     documents = []
     for _ in range(repeats):
         steps = list(_arith_steps())
