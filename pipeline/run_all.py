@@ -16,7 +16,7 @@ Data: with no --train_file the chain pretrains on tinyshakespeare as shipped in 
 The built-in fact tasks (capitals, populations) can only be recalled, so the chain adds a facts text
 rendered by our task generators (`--with_facts false` to skip): every fact in several sentence forms, mixed
 with question-answer dialogues about the training countries only, and the single-digit steps of worked sums
-(never a whole sum). `--corpus embedded` pretrains on the
+(never a whole sum); SFT mixes in the same text without those steps. `--corpus embedded` pretrains on the
 generated task corpus instead (no Shakespeare, so the quote/speaker tasks are left out).
 """
 
