@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fluxchat.tasks import parse_task_weights
+
 
 @dataclass
 class StageArguments:
@@ -33,6 +35,12 @@ class StageArguments:
             "help": "Training examples the 'builtin' source generates (balanced across tasks); more distinct items generalise better than repeats of few."
         },
     )
+    task_weights: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Shares of the 'builtin' source's examples as task=weight (e.g. capital=0.5); unnamed tasks weigh 1."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many training rows (a seeded sample); default all."}
     )
@@ -52,6 +60,7 @@ class StageArguments:
             raise ValueError("--dataset needs at least one source (e.g. builtin)")
         if self.builtin_examples < 1:
             raise ValueError(f"--builtin_examples must be at least 1, got {self.builtin_examples}")
+        parse_task_weights(self.task_weights)  # a malformed entry fails here, before any folder is made
         if self.eval_examples < 0 or self.eval_max_new_tokens < 1:
             raise ValueError("--eval_examples must be >= 0 and --eval_max_new_tokens >= 1")
 

@@ -175,7 +175,11 @@ def load_conversations(stage_args: StageArguments) -> list[dict]:
     for source in stage_args.dataset:
         if source == formats.BUILTIN:
             out += tasks.conversations(
-                "train", n=stage_args.builtin_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks
+                "train",
+                n=stage_args.builtin_examples,
+                corpus_file=stage_args.corpus_file,
+                tasks=stage_args.tasks,
+                task_weights=tasks.parse_task_weights(stage_args.task_weights),
             )
         else:
             out += formats.load_conversations([source], corpus_file=stage_args.corpus_file)
@@ -188,7 +192,11 @@ def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
     for source in stage_args.dataset:
         if source == formats.BUILTIN:
             pairs = tasks.preference_pairs(
-                "train", n=stage_args.builtin_examples, corpus_file=stage_args.corpus_file, tasks=stage_args.tasks
+                "train",
+                n=stage_args.builtin_examples,
+                corpus_file=stage_args.corpus_file,
+                tasks=stage_args.tasks,
+                task_weights=tasks.parse_task_weights(stage_args.task_weights),
             )
         else:
             pairs, n_identical = formats.load_preferences([source], corpus_file=stage_args.corpus_file)

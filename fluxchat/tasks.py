@@ -544,25 +544,53 @@ class _Generator:
         return prompt, template.format(capital=capital, population=population), wrong
 
 
-def _per_task_counts(n: int, tasks) -> dict[str, int]:
-    base, extra = divmod(n, len(tasks))
-    return {task: base + (i < extra) for i, task in enumerate(tasks)}
+def parse_task_weights(entries) -> dict[str, float]:
+    """{"capital": 0.5} from ["capital=0.5"] (--task_weights); a task not named weighs 1."""
+    weights = {}
+    for entry in entries or ():
+        name, _, value = str(entry).partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name not in TASKS or not 0 < weight < math.inf:
+            raise ValueError(
+                f"--task_weights {entry!r}: expected task=weight with a weight > 0 and a task among {', '.join(TASKS)}"
+            )
+        weights[name] = weight
+    return weights
 
 
-def _examples(split, n, seed, corpus_file, tasks):
+def _per_task_counts(n: int, tasks, weights: dict[str, float] | None = None) -> dict[str, int]:
+    """n split across tasks in proportion to their weights (1 unless given); the rounding's leftovers go to the
+    largest remainders, ties to the earlier task, so equal weights split exactly as evenly as n allows."""
+    weights = {task: (weights or {}).get(task, 1.0) for task in tasks}
+    total = sum(weights.values())
+    shares = {task: n * weight / total for task, weight in weights.items()}
+    counts = {task: math.floor(share) for task, share in shares.items()}
+    by_remainder = sorted(tasks, key=lambda t: (-(shares[t] - counts[t]), tasks.index(t)))
+    for task in by_remainder[: n - sum(counts.values())]:
+        counts[task] += 1
+    return counts
+
+
+def _examples(split, n, seed, corpus_file, tasks, task_weights=None):
     """Yield (task, prompt messages, answer, wrong answer, rng) in a deterministic shuffled order."""
     _check_split(split)
     tasks = select_tasks(tasks)
+    unused = sorted(set(task_weights or ()) - set(tasks))
+    if unused:
+        fail(f"--task_weights names {', '.join(unused)}, not among the tasks trained on ({', '.join(tasks)})")
     if n is None:
         counts = (
-            _per_task_counts(DEFAULT_TRAIN_SIZE, tasks)
+            _per_task_counts(DEFAULT_TRAIN_SIZE, tasks, task_weights)
             if split == "train"
             else {t: DEFAULT_EVAL_PER_TASK for t in tasks}
         )
     else:
         if n < 1:
             fail(f"n must be at least 1, got {n}")
-        counts = _per_task_counts(n, tasks)
+        counts = _per_task_counts(n, tasks, task_weights)
     out = []
     for task in tasks:
         # Seeded by task name too, so adding a task does not change the others' examples.
@@ -576,16 +604,17 @@ def _examples(split, n, seed, corpus_file, tasks):
 
 
 def conversations(
-    split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None
+    split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None, task_weights=None
 ) -> list[dict]:
-    """[{"task", "messages"}] ending with the assistant answer; n examples in all, balanced across tasks.
+    """[{"task", "messages"}] ending with the assistant answer; n examples in all, balanced across tasks
+    (or shared by `task_weights`, e.g. {"capital": 0.5}: half as many capital examples as each unnamed task).
 
     n=None: 6000 for train, 50 per task for eval. Eval examples are distinct items, so a task with
     fewer held-out items (capital, followup: one per held-out country) gets fewer examples.
     """
     return [
         {"task": task, "messages": prompt + [_assistant(answer)]}
-        for task, prompt, answer, _, _ in _examples(split, n, seed, corpus_file, tasks)
+        for task, prompt, answer, _, _ in _examples(split, n, seed, corpus_file, tasks, task_weights)
     ]
 
 
@@ -603,7 +632,7 @@ def _repetitive(answer: str) -> str:
 
 
 def preference_pairs(
-    split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None
+    split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None, task_weights=None
 ) -> list[dict]:
     """[{"task", "prompt", "chosen", "rejected"}] in TRL's explicit-prompt conversational format.
 
@@ -611,7 +640,7 @@ def preference_pairs(
     (half of the pairs), the reply cut short, or the reply degenerating into repetition.
     """
     pairs = []
-    for task, prompt, answer, wrong, rng in _examples(split, n, seed, corpus_file, tasks):
+    for task, prompt, answer, wrong, rng in _examples(split, n, seed, corpus_file, tasks, task_weights):
         kind = rng.choices(("wrong", "truncated", "repetitive"), weights=(2, 1, 1))[0]
         rejected = {"wrong": wrong, "truncated": _truncated(answer), "repetitive": _repetitive(answer)}[kind]
         for fallback in (wrong, _repetitive(answer), answer + " " + answer):

@@ -330,6 +330,30 @@ CASES = [
         ("--builtin_examples must be at least 1, got 0",),
     ),
     Case(
+        "task weight of zero",
+        "sft",
+        lambda i, d: ["--preset", "tiny", "--task_weights", "capital=0", "--output_dir", d / "out"],  # as parsed
+        ("--task_weights 'capital=0'", "weight > 0"),
+    ),
+    Case(
+        "task weight for a task not trained on",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--tasks",
+            "copy",
+            "upper",
+            "--task_weights",
+            "capital=0.5",
+            "--output_dir",
+            d / "out",
+        ],
+        ("--task_weights names capital, not among the tasks trained on (copy, upper)",),
+    ),
+    Case(
         "non-UTF-8 JSONL",
         "sft",
         lambda i, d: [

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 from conftest import SHAKESPEARE
 
-from fluxchat import tasks
+from fluxchat import stage_data, tasks
+from fluxchat.arguments import StageArguments
 from fluxchat.config import UsageError
 
 
@@ -281,6 +282,32 @@ def test_validation_countries_are_training_countries_the_facts_text_states_in_pr
     # only their dialogues go: the other training countries are still asked about
     kept = _dialogue_lines(tasks.facts_corpus(seed=0, fact_repeats=5, n_questions=2000))
     assert 0 < len(dialogues) < len(kept) and "User: What's the population?" in dialogues
+
+
+def test_task_weights_share_the_builtin_examples_in_every_source():
+    weights = tasks.parse_task_weights(["capital=0.5", "followup=0.5"])
+    assert weights == {"capital": 0.5, "followup": 0.5}
+    counts = Counter(
+        e["task"] for e in tasks.conversations("train", n=60, tasks=tasks.CORPUS_FREE_TASKS, task_weights=weights)
+    )
+    assert counts == {"arithmetic": 15, "copy": 15, "upper": 15, "capital": 8, "followup": 7}  # 60 / 4 units each
+    pair_counts = Counter(
+        p["task"] for p in tasks.preference_pairs("train", n=60, tasks=tasks.CORPUS_FREE_TASKS, task_weights=weights)
+    )
+    assert pair_counts == counts
+    # Equal weights change nothing: the same examples, in the same order, as no weights at all.
+    assert tasks.conversations(
+        "train", n=30, tasks=tasks.CORPUS_FREE_TASKS, task_weights={"copy": 1.0}
+    ) == tasks.conversations("train", n=30, tasks=tasks.CORPUS_FREE_TASKS)
+    # What a stage's --task_weights reaches: the built-in source of load_conversations / load_preferences.
+    args = StageArguments(tasks=["copy", "capital"], task_weights=["capital=3"], builtin_examples=40)
+    assert Counter(e["task"] for e in stage_data.load_conversations(args)) == {"copy": 10, "capital": 30}
+    assert Counter(p["task"] for p in stage_data.load_preferences(args)[0]) == {"copy": 10, "capital": 30}
+    for bad in (["capital"], ["capital=0"], ["capital=-1"], ["capital=nan"], ["poetry=2"], ["capital=inf"]):
+        with pytest.raises(ValueError, match="--task_weights"):
+            StageArguments(task_weights=bad)
+    with pytest.raises(UsageError, match="--task_weights names capital, not among the tasks trained on"):
+        tasks.conversations("train", n=10, tasks=("copy",), task_weights={"capital": 2.0})
 
 
 def test_bad_arguments_are_usage_errors(tmp_path):
