@@ -24,6 +24,9 @@ DPO_FAST = [
     200,
     "--learning_rate",
     1e-3,
+    "--loss_weights",  # the recipe's SFT-heavy 1/5 needs hundreds of steps; a dozen show the preference term at work
+    1.0,
+    1.0,
     "--warmup_steps",
     0,
     "--logging_steps",
@@ -107,6 +110,12 @@ def test_dpo_learns_its_pairs_from_builtin_a_trl_file_and_app_feedback(sft_model
         *sources,
         "--eval_examples",
         14,
+        "--max_steps",  # twice DPO_FAST's, at 3x its rate: from the half-share SFT fixture 12 steps at 1e-3 left the
+        24,  # 10 held-out pairs' margin at -0.03 (2026-12-05)
+        "--eval_steps",
+        12,
+        "--learning_rate",
+        3e-3,
     ]
     code, error = run_main(dpo.main, argv)
     assert code == 0, error
