@@ -55,6 +55,11 @@ class StageArguments:
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in the output folder."})
 
+    @property
+    def builtin_weights(self) -> dict[str, float]:
+        """--task_weights as {task: weight}, for the 'builtin' source's generators."""
+        return parse_task_weights(self.task_weights)
+
     def __post_init__(self):
         if not self.dataset:
             raise ValueError("--dataset needs at least one source (e.g. builtin)")

@@ -179,7 +179,7 @@ def load_conversations(stage_args: StageArguments) -> list[dict]:
                 n=stage_args.builtin_examples,
                 corpus_file=stage_args.corpus_file,
                 tasks=stage_args.tasks,
-                task_weights=tasks.parse_task_weights(stage_args.task_weights),
+                task_weights=stage_args.builtin_weights,
             )
         else:
             out += formats.load_conversations([source], corpus_file=stage_args.corpus_file)
@@ -196,7 +196,7 @@ def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
                 n=stage_args.builtin_examples,
                 corpus_file=stage_args.corpus_file,
                 tasks=stage_args.tasks,
-                task_weights=tasks.parse_task_weights(stage_args.task_weights),
+                task_weights=stage_args.builtin_weights,
             )
         else:
             pairs, n_identical = formats.load_preferences([source], corpus_file=stage_args.corpus_file)

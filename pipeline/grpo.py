@@ -107,7 +107,7 @@ def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict
                     n=script_args.builtin_examples,
                     corpus_file=script_args.corpus_file,
                     tasks=script_args.train_tasks or script_args.tasks,
-                    task_weights=tasks.parse_task_weights(script_args.task_weights),
+                    task_weights=script_args.builtin_weights,
                 )
             )
         else:
