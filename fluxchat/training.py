@@ -159,6 +159,44 @@ def use_dense_progress(trainer, tokens_per_step: int | None = None) -> DenseProg
     return progress
 
 
+def positions_from_attention_mask(*models) -> None:
+    """Score left-padded rows at their own positions: position ids from the attention mask when a forward
+    pass gets none.
+
+    GPT-2 has learned absolute positions, and transformers' forward falls back to `arange` when it gets no
+    `position_ids` (only `generate()` derives them from the mask). GRPOTrainer left-pads its prompts and
+    scores the replies without them, so every shorter prompt was scored at positions shifted by its pad
+    count: one pad token moves a sum's reply from log-prob -104 to -207 on the tiny SFT model. GRPO then
+    trained on log-probs of a model it never samples from, and its KL to the reference spiked to 200+.
+    TRL's PPO passes them itself (trl#6800 is the same gap in online DPO). Rotary models are unaffected
+    either way (a shift keeps relative offsets), so the hook is harmless there; with a cache or explicit
+    ids it does nothing.
+    """
+
+    def fill(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        past = kwargs.get("past_key_values")
+        if (
+            kwargs.get("position_ids") is not None
+            or mask is None
+            or ids is None
+            or mask.dim() != 2
+            or mask.shape[1] != ids.shape[1]
+            or (past is not None and past.get_seq_length() > 0)
+        ):
+            return None
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return args, kwargs
+
+    for model in models:
+        if model is None:
+            continue
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+        inner = getattr(inner, "module", inner)  # under DDP
+        inner.base_model.register_forward_pre_hook(fill, with_kwargs=True)  # the backbone: GPT2Model for GPT-2
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
 

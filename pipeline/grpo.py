@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> Path:
         processing_class=tokenizer,
         peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
     )
+    training.positions_from_attention_mask(trainer.model, trainer.ref_model)  # it scores left-padded prompts
     training.use_dense_progress(trainer)
     start = time.perf_counter()
     result = training.train(trainer, run.resume_from)

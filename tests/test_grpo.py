@@ -2,12 +2,15 @@
 replies, and its bad inputs (one line, exit 2, nothing written)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOTrainer
 
-from fluxchat import chat_format, loading, rewards, tasks
+from fluxchat import chat_format, loading, rewards, tasks, training
 from pipeline import grpo
 from tests.conftest import PYTHON, REPO, SHAKESPEARE, assert_chat_stage_files, run_main, run_script
 
@@ -161,6 +164,50 @@ def test_grpo_trains_on_tasks_and_a_prompt_file_and_saves_a_chat_policy(chain, i
 
     code, error = run_main(grpo.main, argv)
     assert code == 2 and "--overwrite" in error  # a finished stage is not replaced silently
+
+
+def test_grpo_scores_left_padded_replies_at_their_own_positions(chain, tokenizer):
+    """GRPOTrainer left-pads prompts and scores replies without position ids; GPT-2's absolute positions then
+    shift by the pad count. With our hook on, TRL's own log-prob forward gives a padded row the log-probs of
+    the same row unpadded; without it, it does not (the bug this guards)."""
+    conversation = tasks.conversations("train", n=1, seed=1, tasks=["arithmetic"])[0]["messages"]
+    ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    reply_length = len(ids) - len(chat_format.render_prompt(tokenizer, conversation[:1]))
+    pads = 3
+    padded = torch.tensor([[tokenizer.pad_token_id] * pads + ids])
+    mask = torch.tensor([[0] * pads + [1] * len(ids)])
+    trainer_self = SimpleNamespace(model_kwarg_keys={"input_ids", "attention_mask"}, temperature=1.0)
+
+    def reply_logps(model, input_ids, attention_mask):
+        with torch.no_grad():
+            return GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer_self, model, input_ids, attention_mask, reply_length
+            )[0]
+
+    plain = AutoModelForCausalLM.from_pretrained(chain / "sft", use_safetensors=True).eval()
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(chain / "sft", use_safetensors=True),
+        LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"),
+    ).eval()
+    for model in (plain, lora):
+        unpadded = reply_logps(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        left_padded = reply_logps(model, padded, mask)[0]
+        assert (left_padded - unpadded).abs().max() > 0.1  # the shift TRL leaves in
+
+        training.positions_from_attention_mask(model)
+        torch.testing.assert_close(reply_logps(model, padded, mask)[0], unpadded, atol=1e-4, rtol=0)
+        again = reply_logps(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        torch.testing.assert_close(again, unpadded, atol=1e-4, rtol=0)  # an unpadded row is untouched
+
+    # generate() passes its own position ids (and a cache): a left-padded batch decodes as it did unhooked.
+    fresh = AutoModelForCausalLM.from_pretrained(chain / "sft", use_safetensors=True).eval()
+    prompts = [
+        chat_format.render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi", "What is 12+30?")
+    ]
+    longest = max(len(prompt) for prompt in prompts)
+    batch = torch.tensor([[tokenizer.pad_token_id] * (longest - len(p)) + p for p in prompts])
+    settings = {"attention_mask": (batch != tokenizer.pad_token_id).long(), "max_new_tokens": 12, "do_sample": False}
+    assert torch.equal(plain.generate(batch, **settings), fresh.generate(batch, **settings))
 
 
 def test_grpo_with_lora_saves_the_merged_policy(chain, tmp_path):
