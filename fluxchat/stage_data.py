@@ -205,6 +205,19 @@ def load_preferences(stage_args: StageArguments) -> tuple[list[dict], int]:
     return out, dropped
 
 
+def split_preferences(stage_args: StageArguments, eval_fraction: float, seed: int) -> tuple[list, list, int]:
+    """(training pairs, held-out pairs, pairs dropped for chosen == rejected): the --dataset pairs, sampled down to
+    --max_train_samples, then `eval_fraction` of them held out. The reward model and DPO read pairs the same way."""
+    pairs, n_identical = load_preferences(stage_args)
+    pairs = sample_rows(pairs, stage_args.max_train_samples, seed)
+    if len(pairs) < 2:
+        fail(
+            f"only {len(pairs)} usable preference pair(s) in {', '.join(stage_args.dataset)}: need at least 2 (one to hold out)"
+        )
+    train_pairs, heldout_pairs = formats.split_heldout(pairs, eval_fraction, seed)
+    return train_pairs, heldout_pairs, n_identical
+
+
 def evaluable_tasks(stage_args: StageArguments) -> tuple[str, ...]:
     """The built-in tasks the end-of-stage evaluation can run. quote/speaker need a play-script corpus: without
     one (none cached offline, or a corpus with no `NAME:` blocks) they are skipped with a note saying why, so a

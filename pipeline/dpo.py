@@ -29,7 +29,6 @@ from fluxchat import (
     arguments,
     chat_format,
     evaluation,
-    formats,
     hub,
     loading,
     rewards,
@@ -179,13 +178,9 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = loading.load_chat_tokenizer(sft_path)
     context = loading.context_length(loading.load_config(sft_path))
     args.max_length = min(args.max_length or context, context)
-    pairs, n_identical = stage_data.load_preferences(script_args)
-    pairs = stage_data.sample_rows(pairs, script_args.max_train_samples, args.seed)
-    if len(pairs) < 2:
-        fail(
-            f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)"
-        )
-    train_pairs, heldout_pairs = formats.split_heldout(pairs, script_args.eval_fraction, args.seed)
+    train_pairs, heldout_pairs, n_identical = stage_data.split_preferences(
+        script_args, script_args.eval_fraction, args.seed
+    )
     train_set, counts, _ = pair_dataset(tokenizer, train_pairs, args.max_length)
     heldout_set, heldout_counts, heldout_pairs = pair_dataset(tokenizer, heldout_pairs, args.max_length)
     builtin_pairs = (

@@ -20,9 +20,9 @@ from pathlib import Path
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from fluxchat import arguments, evaluation, formats, hub, loading, runs, stage_data, training
+from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.config import parse_config, run_cli
 
 
 @dataclass
@@ -68,13 +68,9 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = loading.load_chat_tokenizer(model_path)
     context = loading.context_length(loading.load_config(model_path))
     args.max_length = min(args.max_length or context, context)
-    pairs, n_identical = stage_data.load_preferences(script_args)
-    pairs = stage_data.sample_rows(pairs, script_args.max_train_samples, args.seed)
-    if len(pairs) < 2:
-        fail(
-            f"only {len(pairs)} usable preference pair(s) in {', '.join(script_args.dataset)}: need at least 2 (one to hold out)"
-        )
-    train_pairs, heldout_pairs = formats.split_heldout(pairs, script_args.eval_fraction, args.seed)
+    train_pairs, heldout_pairs, n_identical = stage_data.split_preferences(
+        script_args, script_args.eval_fraction, args.seed
+    )
     train_set, counts = stage_data.preference_dataset(tokenizer, train_pairs, args.max_length)
     eval_set, eval_counts = stage_data.preference_dataset(tokenizer, heldout_pairs, args.max_length)
     builtin_pairs = stage_data.task_pairs(script_args)  # the tasks that can run here (see evaluable_tasks)
