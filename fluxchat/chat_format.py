@@ -1,6 +1,6 @@
 """The chat format, owned here: special tokens, chat templates, rendering, trimming.
 
-Two formats share one definition each, from which we derive *both* the Jinja chat template baked
+Each format has one definition, from which we derive *both* the Jinja chat template baked
 into the tokenizer (so `tokenizer.apply_chat_template` works anywhere, with `{% generation %}`
 markers for TRL's assistant-only loss) and `render_conversation`, which builds token ids directly.
 
@@ -41,6 +41,10 @@ class ChatFormat:
     # Plain-text headers a user could type: each spelling in message content is replaced (spelling, escaped),
     # so typed text never renders like a real turn header (control tokens need no escape: see encode_text).
     escapes: tuple[tuple[str, str], ...] = ()
+    # Text put before every message's content (inside the reply's loss span, so the model generates it): with a
+    # space there, a reply's first word is the same token as that word inside a sentence ("<|assistant|> Jakarta"
+    # gives " J", the token pretraining's prose stored the city under; "<|assistant|>\nJakarta" gives "J").
+    lead: str = ""
 
     def escape(self, content: str) -> str:
         for spelling, escaped in self.escapes:
@@ -54,6 +58,8 @@ class ChatFormat:
             return "".join("{{ " + json.dumps(p) + " }}" for p in pieces)
 
         content = "message['content']"
+        if self.lead:
+            content = json.dumps(self.lead) + " + " + content
         for spelling, escaped in self.escapes if escape else ():
             content += f" | replace({json.dumps(spelling)}, {json.dumps(escaped)})"
         out = ["{%- for message in messages -%}"]
@@ -71,9 +77,22 @@ class ChatFormat:
 
 
 FORMATS = {
-    # Our default: control tokens that user text can never produce.
+    # Our default: control tokens that user text can never produce, and each message's text begins with a space,
+    # so a reply's first word gets the token it has mid-sentence, where pretraining stored the facts. With a
+    # newline there instead (the format before 2026-12-05, kept below) the tiny SFT model answered a held-out
+    # city's population 0-8% of the time when the reply opens with the city, 84-94% when it opens "The population
+    # of <city>". Validation countries unseen in SFT, two seeds (bench/results/issue14-2026-12-05e/): followup
+    # 37.6% -> 88.4% (n=250 each), capital 53.0% -> 67.5% (n=400), upper 92.5% -> 82% (n=100).
     "fluxchat": ChatFormat(
         name="fluxchat",
+        prefix={"system": (SYSTEM,), "user": (USER,), "assistant": (ASSISTANT,)},
+        end={role: (END_OF_TURN,) for role in ROLES},
+        separator="\n",
+        lead=" ",
+    ),
+    # The default before 2026-12-05: tokenizers trained then carry its template and keep rendering with it.
+    "fluxchat-newline": ChatFormat(
+        name="fluxchat-newline",
         prefix={"system": (SYSTEM, "\n"), "user": (USER, "\n"), "assistant": (ASSISTANT, "\n")},
         end={role: (END_OF_TURN,) for role in ROLES},
         separator="\n",
@@ -108,6 +127,11 @@ def set_chat_format(tokenizer, name: str = DEFAULT_FORMAT, chat_model: bool = Fa
     if chat_model:
         tokenizer.eos_token = END_OF_TURN
     return tokenizer
+
+
+def reply_text(tokenizer, generated: str) -> str:
+    """A generated reply as its message content: without the lead its format puts before every message."""
+    return generated.removeprefix(format_of(tokenizer).lead)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -149,7 +173,7 @@ def _message_ids(tokenizer, fmt: ChatFormat, message: dict) -> tuple[list[int], 
     role = message["role"]
     trainable = int(role == "assistant")
     prefix = _pieces_to_ids(tokenizer, fmt.prefix[role])
-    body = encode_text(tokenizer, fmt.escape(message["content"])) + _pieces_to_ids(tokenizer, fmt.end[role])
+    body = encode_text(tokenizer, fmt.lead + fmt.escape(message["content"])) + _pieces_to_ids(tokenizer, fmt.end[role])
     separator = encode_text(tokenizer, fmt.separator)
     return prefix + body + separator, [0] * len(prefix) + [trainable] * len(body) + [0] * len(separator)
 

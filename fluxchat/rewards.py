@@ -101,7 +101,8 @@ class ScoreReward:
 
     def __call__(self, prompts, completions, **_) -> list[float]:
         conversations = [
-            list(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
+            list(prompt)
+            + [{"role": "assistant", "content": chat_format.reply_text(self.tokenizer, completion_text(completion))}]
             for prompt, completion in zip(prompts, completions)
         ]
         return evaluation.score_conversations(self.reward_model, self.tokenizer, conversations, self.batch_size)

@@ -228,8 +228,11 @@ class ChatModel:
 
         worker = threading.Thread(target=generate, name="fluxchat-generate", daemon=True)
         worker.start()
+        lead = chat_format.format_of(self.tokenizer).lead  # generated before the reply's text: not part of it
         try:
             for piece in streamer:
+                if lead and piece:
+                    piece, lead = piece.removeprefix(lead), ""
                 if piece:
                     yield piece
         finally:

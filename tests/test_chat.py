@@ -197,3 +197,21 @@ def test_lone_surrogates_and_invalid_utf8_are_replaced(tokenizer, tiny_run):
     )
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode()[-2000:]
     assert result.stdout.decode("utf-8").startswith("ROMEO: caf\ufffd")
+
+
+def test_replies_come_back_without_the_lead_the_model_generates(tiny_chat_chain):
+    import torch
+
+    from fluxchat import generation, serving
+
+    model, tokenizer = serving.load_model_and_tokenizer(str(tiny_chat_chain / "sft"))
+    chat = serving.ChatModel(model, tokenizer)
+    greedy = serving.Sampling(max_new_tokens=12, temperature=0)
+    conversations = [[{"role": "user", "content": q}] for q in ("What is 12+30?", "Repeat after me: quiet river")]
+    replies = generation.generate_replies(model, tokenizer, conversations, max_new_tokens=12)
+    for messages, result in zip(conversations, replies):
+        prompt = torch.tensor([chat_format.render_prompt(tokenizer, messages)])
+        first = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
+        assert tokenizer.decode(first[0, -1:]).startswith(" ")  # the SFT model opens its reply with the lead
+        assert result["reply"] and not result["reply"].startswith(" ")
+        assert "".join(chat.stream(messages, greedy)) == result["reply"]  # the chat and the app show the same text

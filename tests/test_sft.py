@@ -121,14 +121,15 @@ def test_loss_is_exactly_the_assistant_replies_with_their_end_token(
     end = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
     replies = [m["content"] for m in conversation if m["role"] == "assistant"]
     spans = _labelled_spans(input_ids, labels)
-    assert spans == [chat_format.encode_text(tokenizer, reply) + [end] for reply in replies]
-    assert [tokenizer.decode(span) for span in spans] == [reply + chat_format.END_OF_TURN for reply in replies]
+    lead = chat_format.FORMATS[format_name].lead
+    assert spans == [chat_format.encode_text(tokenizer, lead + reply) + [end] for reply in replies]
+    assert [tokenizer.decode(span) for span in spans] == [lead + reply + chat_format.END_OF_TURN for reply in replies]
     assert input_ids.count(end) == (5 if format_name == "fluxchat" else 2)  # typed "<|end|>" is not the control token
     assert input_ids.count(tokenizer.convert_tokens_to_ids(chat_format.ASSISTANT)) == (
         2 if format_name == "fluxchat" else 0
     )
     expected_start = (
-        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi <|assistant|> you"
+        "<|system|> Be brief.<|end|>\n<|user|> Hi <|assistant|> you"
         if format_name == "fluxchat"
         else "### Instruction:\nHi\n\n### Response:\n"
     )

@@ -90,11 +90,35 @@ def test_render_matches_jinja_template_and_masks_assistant(tokenizers_by_type, f
     assert ids == via_template["input_ids"]
     assert mask == via_template["assistant_masks"]
     trained = tok.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == "The capital of France is Paris.<|end|>Paris has approximately 2.1 million people.<|end|>"
+    lead = chat_format.FORMATS[fmt].lead
+    assert (
+        trained
+        == f"{lead}The capital of France is Paris.<|end|>{lead}Paris has approximately 2.1 million people.<|end|>"
+    )
     prompt = chat_format.render_prompt(tok, messages[:2])
     assert prompt == tok.apply_chat_template(
         messages[:2], tokenize=True, return_dict=False, add_generation_prompt=True
     )
+
+
+def test_a_reply_opens_with_the_tokens_its_first_word_has_mid_sentence(tokenizers_by_type):
+    # Why the default format leads every message with a space: pretraining's prose stored "Paris" after a space.
+    tok = AutoTokenizer.from_pretrained(tokenizers_by_type["bpe"])
+    conversation = [{"role": "user", "content": "And its population?"}, {"role": "assistant", "content": "Paris has"}]
+    mid_sentence = chat_format.encode_text(tok, "and Paris has")[len(chat_format.encode_text(tok, "and")) :]
+    replies = {}
+    for name in ("fluxchat", "fluxchat-newline"):
+        ids, mask = chat_format.render_conversation(chat_format.set_chat_format(tok, name), conversation)
+        replies[name] = [i for i, m in zip(ids, mask) if m][:-1]  # without <|end|>
+    assert replies["fluxchat"] == mid_sentence != replies["fluxchat-newline"]
+
+
+def test_a_tokenizer_keeps_the_format_it_was_trained_with(tokenizers_by_type):
+    tok = AutoTokenizer.from_pretrained(tokenizers_by_type["bpe"])
+    for fmt in chat_format.FORMATS.values():
+        tok.chat_template = fmt.jinja()
+        assert chat_format.format_of(tok) is fmt
+        assert chat_format.reply_text(tok, fmt.lead + "Paris.") == "Paris."
 
 
 def test_typed_control_tokens_cannot_forge_a_turn(tokenizers_by_type):
