@@ -199,19 +199,29 @@ def test_lone_surrogates_and_invalid_utf8_are_replaced(tokenizer, tiny_run):
     assert result.stdout.decode("utf-8").startswith("ROMEO: caf\ufffd")
 
 
-def test_replies_come_back_without_the_lead_the_model_generates(tiny_chat_chain):
+def test_replies_come_back_without_the_lead_the_model_generates(tiny_chat_chain, tmp_path):
+    import json
+
     import torch
 
     from fluxchat import generation, serving
+    from pipeline import sft
 
-    model, tokenizer = serving.load_model_and_tokenizer(str(tiny_chat_chain / "sft"))
-    chat = serving.ChatModel(model, tokenizer)
-    greedy = serving.Sampling(max_new_tokens=12, temperature=0)
-    conversations = [[{"role": "user", "content": q}] for q in ("What is 12+30?", "Repeat after me: quiet river")]
-    replies = generation.generate_replies(model, tokenizer, conversations, max_new_tokens=12)
-    for messages, result in zip(conversations, replies):
-        prompt = torch.tensor([chat_format.render_prompt(tokenizer, messages)])
-        first = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
-        assert tokenizer.decode(first[0, -1:]).startswith(" ")  # the SFT model opens its reply with the lead
-        assert result["reply"] and not result["reply"].startswith(" ")
-        assert "".join(chat.stream(messages, greedy)) == result["reply"]  # the chat and the app show the same text
+    # The shared SFT model is too weak to say anything reliably: teach it one reply first.
+    conversation = [{"role": "user", "content": "Repeat after me: quiet river"}]
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"messages": [*conversation, {"role": "assistant", "content": "quiet river"}]}) + "\n")
+    argv = ["--preset", "tiny", "--model_name_or_path", tiny_chat_chain / "sft", "--output_dir", tmp_path / "sft"]
+    argv += ["--dataset", data, "--max_steps", 150, "--learning_rate", 3e-3, "--warmup_steps", 0]
+    argv += ["--eval_fraction", 0, "--eval_examples", 0, "--eval_strategy", "no", "--save_strategy", "no"]
+    code, error = run_main(sft.main, [*argv, "--per_device_train_batch_size", 1])
+    assert code == 0, error
+
+    model, tokenizer = serving.load_model_and_tokenizer(str(tmp_path / "sft"))
+    prompt = torch.tensor([chat_format.render_prompt(tokenizer, conversation)])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(out[0, prompt.shape[1] :]) == " quiet river<|end|>"  # the model generates the lead
+    (reply,) = generation.generate_replies(model, tokenizer, [conversation], max_new_tokens=6)
+    greedy = serving.Sampling(max_new_tokens=6, temperature=0)
+    streamed = "".join(serving.ChatModel(model, tokenizer).stream(conversation, greedy))
+    assert reply["reply"] == streamed == "quiet river"  # what evaluation, the chat and the app see
