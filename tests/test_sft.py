@@ -296,7 +296,6 @@ def test_builtin_examples_sets_how_many_task_conversations_sft_trains_on(tiny_ru
     trainer = recorded_trainer["trainer"]
     prompts = [trainer.processing_class.decode(row["input_ids"]) for row in trainer.train_dataset]
     assert len(prompts) == 70
-    # The tiny recipe gives capital and followup half shares: 70 = 6 units of 11.67, so 11 copy examples (of the
-    # five full-share tasks, the first three take the rounding's leftovers after the two half-share ones).
-    assert sum("Repeat after me:" in text for text in prompts) == 11
-    assert sum('Say "' in text and "in capital letters" in text for text in prompts) == 11
+    # The tiny recipe gives capital and followup half shares and upper a double one: 70 = 7 units of 10.
+    assert sum("Repeat after me:" in text for text in prompts) == 10
+    assert sum('Say "' in text and "in capital letters" in text for text in prompts) == 20
