@@ -110,12 +110,17 @@ FORMATS = {
 DEFAULT_FORMAT = "fluxchat"
 
 
+# Every format's template (and its pre-escaping form), built once: format_of runs for each rendered conversation
+# and each generated reply.
+_BY_TEMPLATE = {template: fmt for fmt in FORMATS.values() for template in (fmt.jinja(escape=False), fmt.jinja())}
+
+
 def format_of(tokenizer) -> ChatFormat:
     """The ChatFormat whose template the tokenizer carries (fluxchat when it has none of ours)."""
-    for fmt in FORMATS.values():
-        if tokenizer.chat_template in (fmt.jinja(), fmt.jinja(escape=False)):
-            return fmt
-    return FORMATS[DEFAULT_FORMAT]
+    template = tokenizer.chat_template
+    return (
+        _BY_TEMPLATE.get(template, FORMATS[DEFAULT_FORMAT]) if isinstance(template, str) else FORMATS[DEFAULT_FORMAT]
+    )
 
 
 def set_chat_format(tokenizer, name: str = DEFAULT_FORMAT, chat_model: bool = False):

@@ -71,7 +71,6 @@ def generate_replies(
     model.eval()
     device, context, pad = loading.device_of(model), loading.context_length(model), pad_id(tokenizer)
     stops = chat_format.stop_token_ids(tokenizer)
-    lead = chat_format.format_of(tokenizer).lead  # generated before the reply's text: not part of it
     prompts = [chat_format.render_prompt(tokenizer, messages)[-(context - 1) :] for messages in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[dict] = [{}] * len(prompts)
@@ -95,7 +94,7 @@ def generate_replies(
             end = next((k for k, token in enumerate(new_tokens) if token in stops), None)
             reply_tokens = new_tokens if end is None else new_tokens[:end]
             results[i] = {
-                "reply": tokenizer.decode(reply_tokens, skip_special_tokens=True).removeprefix(lead),
+                "reply": chat_format.reply_text(tokenizer, tokenizer.decode(reply_tokens, skip_special_tokens=True)),
                 "response_tokens": len(reply_tokens),
                 "stopped": end is not None,
             }
