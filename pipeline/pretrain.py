@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> Path:
     training.logger.info(
         f"pretrain: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, context {block_size}, "
         f"{len(train_tokens):,} train / {0 if val_tokens is None else len(val_tokens):,} val tokens, "
-        f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es) x {torch.get_num_threads()} thread(s)"
+        f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es) x {torch.get_num_threads()} thread(s), "
+        f"{'bf16 autocast' if args.bf16 else 'fp16 autocast' if args.fp16 else 'fp32'}"
     )
 
     trainer = pretraining.BitsPerByteTrainer(

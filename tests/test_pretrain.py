@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import runs
@@ -159,6 +160,27 @@ def test_accelerate_launch_trains_on_every_core(isolated_runs):
     assert result.returncode == 0, result.stderr[-2000:]
     log = (runs.stage_dir("launch", "pretrain") / "train.log").read_text()
     assert f"1 process(es) x {os.cpu_count()} thread(s)" in log, log
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
+def test_bf16_on_a_cpu_autocasts_only_where_the_cpu_multiplies_bf16(isolated_runs, monkeypatch, capsys, native):
+    """A recipe's `bf16: true` runs in bf16 autocast on a CPU with AVX512-BF16/AMX (faster there) and in fp32,
+    with a note saying why, on one without (emulated bf16 is slower): one recipe for every machine."""
+    from fluxchat import config
+
+    monkeypatch.setattr(config, "on_cpu_only", lambda: True)
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    train_tiny_tokenizer("bf16")
+    code, err = run_main(pretrain.main, _pretrain_cmd("bf16", 3, "--bf16", "true", "--eval_strategy", "no")[2:])
+    assert code == 0, err
+    stage = runs.stage_dir("bf16", "pretrain")
+    log = (stage / "train.log").read_text()
+    assert ("thread(s), bf16 autocast" in log) is native and ("thread(s), fp32" in log) is not native, log
+    note = "note: --bf16 ignored: this CPU has no native bf16 (AVX512-BF16 or AMX), training in fp32"
+    assert (note in capsys.readouterr().err) is not native
+    assert json.loads((stage / "metrics.json").read_text())["global_step"] == 3
+    model = AutoModelForCausalLM.from_pretrained(stage, use_safetensors=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast computes in bf16, keeps fp32 weights
 
 
 def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
