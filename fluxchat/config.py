@@ -268,7 +268,7 @@ def on_cpu_only() -> bool:
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 dot products at twice fp32's rate, so autocast pays (tiny pretraining on 2 Zen 4
     cores: 1.2x the tokens/s at the same loss). Without them bf16 is emulated on a CPU and slower than fp32."""
-    import torch
+    import torch  # torch only when asked, as in on_cpu_only
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private, so guarded)
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
