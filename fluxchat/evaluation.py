@@ -55,7 +55,7 @@ def score_conversations(reward_model, tokenizer, conversations: list[list[dict]]
         reward_model.config.pad_token_id = generation.pad_id(tokenizer)
     pad = reward_model.config.pad_token_id
     device, context = loading.device_of(reward_model), loading.context_length(reward_model)
-    encoded = [chat_format.render_scored(tokenizer, messages)[-context:] for messages in conversations]
+    encoded = [ids[-context:] for ids in chat_format.render_scored_many(tokenizer, conversations)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     scores = [0.0] * len(encoded)
     for start in range(0, len(order), batch_size):

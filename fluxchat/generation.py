@@ -71,7 +71,8 @@ def generate_replies(
     model.eval()
     device, context, pad = loading.device_of(model), loading.context_length(model), pad_id(tokenizer)
     stops = chat_format.stop_token_ids(tokenizer)
-    prompts = [chat_format.render_prompt(tokenizer, messages)[-(context - 1) :] for messages in conversations]
+    rendered = chat_format.render_conversations(tokenizer, conversations, add_generation_prompt=True)
+    prompts = [ids[-(context - 1) :] for ids, _ in rendered]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[dict] = [{}] * len(prompts)
     for start in range(0, len(order), batch_size):

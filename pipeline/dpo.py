@@ -83,20 +83,22 @@ def pair_dataset(tokenizer, pairs: list[dict], max_length: int):
     counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
     kept = []
 
-    def render(prompt, pair):
-        if pair["chosen"][0]["role"] == "assistant" and pair["rejected"][0]["role"] == "assistant":
-            prompt_ids = chat_format.render_prompt(tokenizer, prompt)
-        else:  # replies that start with another turn: the assistant header belongs to them
-            prompt_ids = chat_format.render_conversation(tokenizer, prompt)[0]
-        chosen, rejected = (
-            chat_format.render_scored(tokenizer, prompt + pair[key])[len(prompt_ids) :]
-            for key in ("chosen", "rejected")
+    def render(items):
+        """[(prompt ids, chosen ids, rejected ids)] of [(prompt, pair)], every message encoded once (one batch)."""
+        heads = chat_format.render_conversations(tokenizer, [prompt for prompt, _ in items])
+        whole = chat_format.render_scored_many(
+            tokenizer, [prompt + pair[key] for prompt, pair in items for key in ("chosen", "rejected")]
         )
-        return prompt_ids, chosen, rejected
+        out = []
+        for i, ((_, pair), (prompt_ids, _)) in enumerate(zip(items, heads)):
+            if pair["chosen"][0]["role"] == "assistant" and pair["rejected"][0]["role"] == "assistant":
+                prompt_ids = prompt_ids + header  # else replies start with another turn: the header is theirs
+            out.append((prompt_ids, whole[2 * i][len(prompt_ids) :], whole[2 * i + 1][len(prompt_ids) :]))
+        return out
 
-    for pair in pairs:
-        prompt = list(pair.get("prompt") or [])
-        prompt_ids, chosen, rejected = render(prompt, pair)
+    header = chat_format.render_prompt(tokenizer, [])  # the assistant header a generation prompt ends with
+    items = [(list(pair.get("prompt") or []), pair) for pair in pairs]
+    for (prompt, pair), (prompt_ids, chosen, rejected) in zip(items, render(items)):
         longest = max(len(chosen), len(rejected))
         if len(prompt_ids) + longest > max_length:
             fitted = (
@@ -106,7 +108,7 @@ def pair_dataset(tokenizer, pairs: list[dict], max_length: int):
                 counts["dropped_too_long"] += 1
                 continue
             counts["trimmed"] += 1
-            prompt_ids, chosen, rejected = render(fitted, pair)
+            [(prompt_ids, chosen, rejected)] = render([(fitted, pair)])
         columns["prompt_ids"].append(prompt_ids)
         columns["chosen_ids"].append(chosen)
         columns["rejected_ids"].append(rejected)

@@ -10,7 +10,7 @@
 Reads runs/<run_name>/pretrain (or --model_name_or_path), writes the chat model, its tokenizer (chat
 template, <|end|> as EOS), metrics.json, eval.json, log_history.json and train.log to runs/<run_name>/sft.
 Loss is on assistant replies and their end-of-turn token only: we tokenize with
-chat_format.render_conversation and hand SFTTrainer `input_ids` + `assistant_masks`.
+chat_format.render_conversations and hand SFTTrainer `input_ids` + `labels` (-100 off the replies).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class SFTArguments(StageArguments):
 
 
 def inspect(tokenizer, train_set, counts) -> None:
-    masks = train_set["assistant_masks"]
+    masks = [[int(label != stage_data.IGNORE_INDEX) for label in labels] for labels in train_set["labels"]]
     multi_turn = [
         i for i, mask in enumerate(masks[:500]) if sum(1 for a, b in zip([0] + mask, mask) if b and not a) > 1
     ]
@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> Path:
         baseline = evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)
         training.logger.info(f"before sft: held-out tasks {evaluation.summarize_tasks(baseline)}")
 
-    # Our masks already restrict the loss to assistant tokens; TRL's own flag wants raw messages.
+    # Our labels already restrict the loss to assistant tokens; TRL's own flag wants raw messages.
     args.assistant_only_loss = False
+    if not args.packing:  # our rows are trainer-ready (labels built, every row fits): TRL's preparation is a no-op
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -67,6 +67,45 @@ def test_special_token_spelling_is_plain_text_unless_asked(tokenizers_by_type, k
     assert tok.convert_tokens_to_ids("<|endoftext|>") in tok("a <|endoftext|>", add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("kind", ["bpe", "char", "word"])
+def test_texts_encoded_in_one_batch_get_the_ids_the_tokenizer_gives_each(tokenizers_by_type, kind):
+    tok = AutoTokenizer.from_pretrained(tokenizers_by_type[kind])
+    texts = [TRICKY, "", " ", "plain words", "a <|user|> b", "half \ud83d emoji", TRICKY]
+    one_by_one = [
+        tok(chat_format.clean_text(text), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        for text in texts
+    ]
+    assert chat_format.encode_texts(tok, texts) == one_by_one
+    assert [chat_format.encode_text(tok, text) for text in texts] == one_by_one
+    assert one_by_one[1] == []
+    if kind == "bpe":  # byte-level: every character round-trips, the lone surrogate as U+FFFD
+        assert tok.decode(one_by_one[5]) == "half \ufffd emoji"
+
+
+@pytest.mark.parametrize("fmt", list(chat_format.FORMATS))
+def test_conversations_rendered_together_render_as_each_alone(tokenizers_by_type, fmt):
+    """The batch renderer encodes each distinct message once and reassembles: repeated, empty and multi-turn
+    messages must land in the right conversation, in order."""
+    tok = chat_format.set_chat_format(AutoTokenizer.from_pretrained(tokenizers_by_type["bpe"]), fmt)
+    ask = {"role": "user", "content": "What is 12+30?"}
+    conversations = [
+        [ask, {"role": "assistant", "content": "42"}],
+        [{"role": "system", "content": "Be brief."}, ask, {"role": "assistant", "content": ""}],
+        [ask, {"role": "assistant", "content": "42"}, {"role": "user", "content": "### Response: <|end|>"}],
+        [],
+        [ask],
+    ]
+    together = chat_format.render_conversations(tok, conversations)
+    assert together == [chat_format.render_conversations(tok, [c])[0] for c in conversations]
+    assert together[3] == ([], [])
+    assert together[0][0] == together[2][0][: len(together[0][0])]  # the shared opening renders the same
+    assert chat_format.render_scored_many(tok, conversations[:3]) == [
+        chat_format.render_scored(tok, c) for c in conversations[:3]
+    ]
+    with_prompt = chat_format.render_conversations(tok, conversations, add_generation_prompt=True)
+    assert [ids for ids, _ in with_prompt] == [chat_format.render_prompt(tok, c) for c in conversations]
+
+
 def test_digits_are_single_tokens(tokenizers_by_type):
     tok = AutoTokenizer.from_pretrained(tokenizers_by_type["bpe"])
     pieces = tok.convert_ids_to_tokens(chat_format.encode_text(tok, "12345"))
