@@ -165,6 +165,12 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     # = split_special_tokens=True: typed control-token spellings stay text. transformers sets this flag on every
     # call of its own, so leaving it set changes nothing for them.
     backend.encode_special_tokens = True
+    # A tokenizer.json may switch on truncation or padding; a transformers call without them switches them off
+    # (and leaves them off), and so do we.
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 

@@ -77,6 +77,10 @@ def test_texts_encoded_in_one_batch_get_the_ids_the_tokenizer_gives_each(tokeniz
     ]
     assert chat_format.encode_texts(tok, texts) == one_by_one
     assert [chat_format.encode_text(tok, text) for text in texts] == one_by_one
+    # A tokenizer.json may come with truncation and padding switched on: plain text encoding ignores both.
+    tok.backend_tokenizer.enable_truncation(3)
+    tok.backend_tokenizer.enable_padding(length=300)
+    assert chat_format.encode_texts(tok, texts) == one_by_one
     assert one_by_one[1] == []
     if kind == "bpe":  # byte-level: every character round-trips, the lone surrogate as U+FFFD
         assert tok.decode(one_by_one[5]) == "half \ufffd emoji"
