@@ -4,8 +4,12 @@
 
 Each stage (pretrain, sft, ppo, grpo, dpo, as present) answers the same held-out built-in examples
 greedily; per task the table gives the accuracy with its 95% Wilson interval and n, then per stage the
-mean reward-model score of the replies (when the run has a reward model) and the mean reply length. Two
-stages whose intervals overlap are not told apart by this many items.
+mean reward-model score of the replies (when the run has a reward model) and the mean reply length.
+
+Every stage answers the same items, so a later stage is compared with SFT item by item (paired): per task the
+change in points, the items it gained and lost, and the 95% interval of the change (Newcombe's hybrid score
+method for paired proportions, 1998), which is much narrower than two overlapping intervals suggest when most
+items keep their answer; the mean reward's change gets the paired normal interval.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fluxchat import runs, tasks
 REPORT_STAGES = ("pretrain", "sft", "ppo", "grpo", "dpo")  # stages whose model chats, in chain order
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+BASELINE = "sft"  # the stage every later one is compared with, item by item
 Z_95 = 1.959964  # two-sided 95% normal quantile
 
 
@@ -30,6 +35,41 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference_interval(before: list[bool], after: list[bool], z: float = Z_95) -> tuple[float, float, float]:
+    """(after - before accuracy, low, high) over the same items: Newcombe's method 10 (Stat Med 17:2635, 1998),
+    Wilson intervals of both proportions combined with their correlation, continuity-corrected as there. Unlike
+    the Wald interval it is not zero-width when no item changed, nor outside [-1, 1]."""
+    if len(before) != len(after) or not before:
+        raise ValueError("paired_difference_interval needs two equally long, non-empty outcome lists")
+    n = len(before)
+    both = sum(1 for b, a in zip(before, after) if b and a)
+    lost = sum(1 for b, a in zip(before, after) if b and not a)
+    gained = sum(1 for b, a in zip(before, after) if a and not b)
+    neither = n - both - lost - gained
+    p1, p2 = (both + lost) / n, (both + gained) / n
+    l1, u1 = wilson_interval(both + lost, n, z)
+    l2, u2 = wilson_interval(both + gained, n, z)
+    margins = (both + lost) * (gained + neither) * (both + gained) * (lost + neither)
+    phi = 0.0
+    if margins:
+        cross = both * neither - lost * gained
+        phi = (cross - n / 2 if cross > n / 2 else min(cross, 0)) / math.sqrt(margins)
+    # Newcombe writes it for p1 - p2; the change is p2 - p1, so his bounds swap and change sign.
+    low = (p1 - p2) - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    high = (p1 - p2) + math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2)
+    return p2 - p1, max(-1.0, -high), min(1.0, -low)
+
+
+def paired_mean_interval(before: list[float], after: list[float], z: float = Z_95) -> tuple[float, float, float]:
+    """(mean of after - before, low, high): the normal interval of a paired mean change (the report has n >= 50)."""
+    diffs = [a - b for b, a in zip(before, after, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, mean, mean
+    half = z * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return mean, mean - half, mean + half
 
 
 def report_stages(run: Path) -> list[str]:
@@ -57,11 +97,12 @@ def score_stage(
     per_task: dict[str, dict] = {}
     for i, (example, reply) in enumerate(zip(examples, replies)):
         row = per_task.setdefault(
-            example.get("task", "custom"), {"correct": 0, "n": 0, "reply_tokens": 0, "samples": []}
+            example.get("task", "custom"), {"correct": 0, "n": 0, "reply_tokens": 0, "outcomes": [], "samples": []}
         )
         correct = tasks.check(example, reply["reply"])
         row["correct"] += correct
         row["n"] += 1
+        row["outcomes"].append(bool(correct))  # item by item, in the examples' order: stages compare paired
         row["reply_tokens"] += reply["response_tokens"]
         if len(row["samples"]) < 2:
             row["samples"].append(
@@ -87,6 +128,7 @@ def score_stage(
     }
     if rewards is not None:
         result["mean_reward"] = sum(rewards) / len(rewards)
+        result["rewards"] = [round(float(r), 5) for r in rewards]
     return result
 
 
@@ -132,6 +174,62 @@ def to_markdown(report: dict) -> str:
     lines.append(
         "| replies ending their turn | | " + " | ".join(f"{100 * results[s]['eos_rate']:.0f}%" for s in stages) + " |"
     )
+    lines += comparison_lines(report)
     if report.get("reward_model"):
         lines += ["", f"Reward model: `{report['reward_model']}`."]
     return "\n".join(lines) + "\n"
+
+
+def comparison_lines(report: dict) -> list[str]:
+    """The stages after SFT against SFT, item by item: what the alignment stages changed, told apart from noise."""
+    stages, results = report["stages"], report["results"]
+    if BASELINE not in stages or stages[-1] == BASELINE:
+        return []
+    later = stages[stages.index(BASELINE) + 1 :]
+    base = results[BASELINE]
+    if any("outcomes" not in row for row in base["per_task"].values()):  # a report.json written before they were kept
+        return []
+    lines = [
+        "",
+        f"Change against {BASELINE} on the same items (paired): points, items gained/lost, 95% interval of the change.",
+        "",
+        "| task | n | " + " | ".join(later) + " |",
+        "|---|---:|" + "---:|" * len(later),
+    ]
+    for task in report["tasks"]:
+        before = base["per_task"][task]["outcomes"]
+        cells = []
+        for stage in later:
+            after = results[stage]["per_task"].get(task, {}).get("outcomes")
+            if after is None or len(after) != len(before):
+                cells.append("-")
+                continue
+            change, low, high = paired_difference_interval(before, after)
+            gained = sum(1 for b, a in zip(before, after) if a and not b)
+            lost = sum(1 for b, a in zip(before, after) if b and not a)
+            cells.append(f"{100 * change:+.0f} (+{gained}/-{lost}; {100 * low:+.0f} to {100 * high:+.0f})")
+        lines.append(f"| {task} | {len(before)} | " + " | ".join(cells) + " |")
+    lines.append("| mean over tasks | | " + " | ".join(_mean_change(base, results[s]) for s in later) + " |")
+    if "rewards" in base and all("rewards" in results[s] for s in later):
+        cells = []
+        for stage in later:
+            change, low, high = paired_mean_interval(base["rewards"], results[stage]["rewards"])
+            cells.append(f"{change:+.3f} ({low:+.3f} to {high:+.3f})")
+        lines.append("| mean reward | | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mean_change(base: dict, other: dict) -> str:
+    """Change of the mean over tasks, with a normal interval: each task's paired variance, equally weighted."""
+    changes, variance = [], 0.0
+    for task, row in base["per_task"].items():
+        after = other["per_task"].get(task, {}).get("outcomes")
+        if after is None or len(after) != len(row["outcomes"]):
+            return "-"
+        diffs = [int(a) - int(b) for b, a in zip(row["outcomes"], after)]
+        mean = sum(diffs) / len(diffs)
+        changes.append(mean)
+        if len(diffs) > 1:
+            variance += sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)
+    change, half = sum(changes) / len(changes), Z_95 * math.sqrt(variance) / len(changes)
+    return f"{100 * change:+.1f} ({100 * (change - half):+.1f} to {100 * (change + half):+.1f})"

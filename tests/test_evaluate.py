@@ -188,6 +188,69 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 20)[0] == 0 and wilson_interval(20, 20)[1] == 1
 
 
+def test_paired_change_interval_covers_the_true_change():
+    """Newcombe's paired interval: 95% coverage on simulated stage pairs (50 items, as the report has), including
+    a stage that keeps almost every answer, where two unpaired intervals would overlap whatever happened."""
+    import random
+
+    from fluxchat.report import paired_difference_interval, paired_mean_interval
+
+    rng = random.Random(0)
+    for before_rate, redraw_rate, keep in [(0.8, 0.95, 0.9), (0.5, 0.5, 0.8), (0.3, 0.7, 0.5), (0.9, 0.4, 0.7)]:
+        true_change = (1 - keep) * (redraw_rate - before_rate)
+        covered = 0
+        for _ in range(1000):
+            before = [rng.random() < before_rate for _ in range(50)]
+            after = [b if rng.random() < keep else rng.random() < redraw_rate for b in before]
+            change, low, high = paired_difference_interval(before, after)
+            assert -1 <= low <= change <= high <= 1
+            covered += low <= true_change <= high
+        assert covered >= 940, (before_rate, redraw_rate, keep, covered)
+    change, low, high = paired_difference_interval([True] * 48 + [False] * 2, [True] * 48 + [False] * 2)
+    assert change == 0 and -0.1 < low < 0 < high < 0.1  # nothing changed: an interval, not a point
+    assert paired_difference_interval([True] * 50, [False] * 50)[:2] == (-1.0, -1.0)
+    change, low, high = paired_difference_interval([True, True, False, False], [True, False, True, True])
+    assert change == 0.25 and low < 0 < high  # 2 gained, 1 lost of 4: not told apart from no change
+    with pytest.raises(ValueError):
+        paired_difference_interval([True], [True, False])
+    change, low, high = paired_mean_interval([0.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0])
+    assert change == low == high == 1.0  # every item up by exactly 1
+
+
+def test_report_markdown_compares_later_stages_with_sft_item_by_item():
+    from fluxchat.report import to_markdown
+
+    def stage(outcomes: list[bool], rewards: list[float]) -> dict:
+        row = {"correct": sum(outcomes), "n": len(outcomes), "outcomes": outcomes, "mean_reply_tokens": 3.0}
+        row["accuracy"], row["low"], row["high"] = sum(outcomes) / len(outcomes), 0.0, 1.0
+        return {
+            "per_task": {"copy": row},
+            "overall": row["accuracy"],
+            "mean_reward": sum(rewards) / len(rewards),
+            "rewards": rewards,
+            "mean_reply_tokens": 3.0,
+            "eos_rate": 1.0,
+        }
+
+    report = {
+        "stages": ["pretrain", "sft", "grpo"],
+        "tasks": ["copy"],
+        "seed": 0,
+        "reward_model": "r",
+        "results": {
+            "pretrain": stage([False] * 4, [0.0] * 4),
+            "sft": stage([True, True, False, False], [0.5, 0.5, 0.0, 0.0]),
+            "grpo": stage([True, False, True, True], [0.6, 0.4, 0.2, 0.2]),
+        },
+    }
+    markdown = to_markdown(report)
+    assert "| task | n | grpo |" in markdown  # against sft: pretrain is not an alignment stage
+    assert "| copy | 4 | +25 (+2/-1; " in markdown and "| mean over tasks | | +25.0 (" in markdown
+    assert "| mean reward | | +0.100 (" in markdown
+    del report["results"]["sft"]["per_task"]["copy"]["outcomes"]  # a report.json from before outcomes were kept
+    assert "Change against" not in to_markdown(report)
+
+
 def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
     import shutil
 
@@ -196,6 +259,7 @@ def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
     run = tmp_path / "run"  # the shared run is read-only: a copy, with its pretrained model also standing in as "sft"
     shutil.copytree(tiny_run, run)
     shutil.copytree(run / "pretrain", run / "sft")
+    shutil.copytree(run / "pretrain", run / "ppo")
     reward_dir = tmp_path / "reward"
     AutoModelForSequenceClassification.from_pretrained(run / "pretrain", num_labels=1).save_pretrained(reward_dir)
     AutoTokenizer.from_pretrained(run / "pretrain").save_pretrained(reward_dir)
@@ -216,27 +280,32 @@ def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((run / "report.json").read_text())
     assert (
-        report["stages"] == ["pretrain", "sft"]
-        and report["final_stage"] == "sft"
+        report["stages"] == ["pretrain", "sft", "ppo"]
+        and report["final_stage"] == "ppo"
         and report["tasks"] == list(tasks.TASKS)
     )
-    first, second = (report["results"][s] for s in report["stages"])
+    first, second = (report["results"][s] for s in report["stages"][:2])
     for task in tasks.TASKS:
         row = first["per_task"][task]
         assert row["n"] == 3 and row["low"] <= row["accuracy"] <= row["high"]
-        assert row["correct"] == second["per_task"][task]["correct"]  # same weights, same items: same score
+        assert row["outcomes"] == second["per_task"][task]["outcomes"]  # same weights, same items: same answers
+        assert sum(row["outcomes"]) == row["correct"]
     assert math.isfinite(first["mean_reward"]) and first["mean_reward"] == pytest.approx(
         second["mean_reward"], abs=1e-5
     )
     assert 0 < first["mean_reply_tokens"] <= 6
     markdown = (run / "report.md").read_text()
     assert (
-        "| task | n | pretrain | sft |" in markdown and "| arithmetic | 3 |" in markdown and "mean reward" in markdown
+        "| task | n | pretrain | sft | ppo |" in markdown
+        and "| arithmetic | 3 |" in markdown
+        and "mean reward" in markdown
     )
+    # ppo against sft item by item: the same weights change nothing
+    assert "| arithmetic | 3 | +0 (+0/-0; " in markdown and "| mean reward | | +0.000 (" in markdown
     assert markdown in result.stdout
-    card = (run / "sft" / "README.md").read_text()
+    card = (run / "ppo" / "README.md").read_text()
     assert "Stage report" in card and "| arithmetic | 3 |" in card  # the final stage's card shows it
-    assert "Stage report" not in (run / "pretrain" / "README.md").read_text()
+    assert "Stage report" not in (run / "sft" / "README.md").read_text()
 
     code, error = run_main(evaluate.main, [run / "sft", "--report"])
     assert code == 2 and "not a run folder" in error

@@ -111,6 +111,7 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
     assert all(report["results"][s]["per_task"]["capital"]["n"] == 2 for s in report["stages"])
     markdown = (runs.run_dir("chain") / "report.md").read_text()
     assert "| task | n | pretrain | sft | ppo | grpo | dpo |" in markdown and markdown in out
+    assert "| task | n | ppo | grpo | dpo |" in markdown  # the alignment stages against SFT, item by item
     assert "Stage report" in (runs.stage_dir("chain", "dpo") / "README.md").read_text()
 
     # The final model is a plain causal LM with the chat template that answers a prompt.
