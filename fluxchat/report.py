@@ -207,7 +207,10 @@ def comparison_lines(report: dict) -> list[str]:
             change, low, high = paired_difference_interval(before, after)
             gained = sum(1 for b, a in zip(before, after) if a and not b)
             lost = sum(1 for b, a in zip(before, after) if b and not a)
-            cells.append(f"{100 * change:+.0f} (+{gained}/-{lost}; {100 * low:+.0f} to {100 * high:+.0f})")
+            digits = 0 if 100 % len(before) == 0 else 1  # 50 items move in whole points, 200 or 51 do not
+            cells.append(
+                f"{100 * change:+.{digits}f} (+{gained}/-{lost}; {100 * low:+.{digits}f} to {100 * high:+.{digits}f})"
+            )
         lines.append(f"| {task} | {len(before)} | " + " | ".join(cells) + " |")
     lines.append("| mean over tasks | | " + " | ".join(_mean_change(base, results[s]) for s in later) + " |")
     if "rewards" in base and all("rewards" in results[s] for s in later):

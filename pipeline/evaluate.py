@@ -29,6 +29,10 @@ from fluxchat.config import UsageError, fail, parse_config, run_cli
 SPLITS = ("eval", "train")
 # Its own default file for the train split: a validation run never replaces the test figures.
 OUTPUT_FILES = {"eval": runs.EVALUATION_FILE, "train": "evaluation-train.json"}
+N_PER_TASK = 50
+# The report compares stages that mostly keep their answers: at 50 items even GRPO's +6 points of sums (3 items)
+# had an interval from -2 to +15; at 200, +6 (16 gained, 3 lost) is +2 to +11 (bench/results/issue14-2026-12-06).
+REPORT_N_PER_TASK = 200
 
 
 @dataclass
@@ -61,9 +65,11 @@ class EvaluateArguments:
         default=1000,
         metadata={"help": "Score at most this many pairs per --pairs_file (the first ones after splitting)."},
     )
-    n_per_task: int = field(
-        default=50,
-        metadata={"help": "Held-out examples per built-in task (capital/followup have fewer distinct items)."},
+    n_per_task: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Held-out examples per built-in task; default {N_PER_TASK}, and {REPORT_N_PER_TASK} with --report (capital/followup have 51 distinct items)."
+        },
     )
     tasks: list[str] | None = field(
         default=None, metadata={"help": f"Built-in tasks to evaluate; default all: {' '.join(tasks.TASKS)}."}
@@ -98,6 +104,8 @@ class EvaluateArguments:
     def __post_init__(self):
         if not self.model:
             raise ValueError("give the model to evaluate: python pipeline/evaluate.py <model or run folder>")
+        if self.n_per_task is None:
+            self.n_per_task = REPORT_N_PER_TASK if self.report else N_PER_TASK
         if self.n_per_task < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.max_pairs < 1:
             raise ValueError("--n_per_task, --max_new_tokens, --batch_size and --max_pairs must be at least 1")
         if self.split not in SPLITS:

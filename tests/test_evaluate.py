@@ -217,6 +217,12 @@ def test_paired_change_interval_covers_the_true_change():
     assert change == low == high == 1.0  # every item up by exactly 1
 
 
+def test_the_report_defaults_to_200_items_per_task_and_one_model_to_50():
+    assert evaluate.EvaluateArguments(model="runs/x", report=True).n_per_task == evaluate.REPORT_N_PER_TASK == 200
+    assert evaluate.EvaluateArguments(model="runs/x/sft").n_per_task == evaluate.N_PER_TASK == 50
+    assert evaluate.EvaluateArguments(model="runs/x", report=True, n_per_task=7).n_per_task == 7
+
+
 def test_report_markdown_compares_later_stages_with_sft_item_by_item():
     from fluxchat.report import to_markdown
 
@@ -301,7 +307,7 @@ def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
         and "mean reward" in markdown
     )
     # ppo against sft item by item: the same weights change nothing
-    assert "| arithmetic | 3 | +0 (+0/-0; " in markdown and "| mean reward | | +0.000 (" in markdown
+    assert "| arithmetic | 3 | +0.0 (+0/-0; " in markdown and "| mean reward | | +0.000 (" in markdown
     assert markdown in result.stdout
     card = (run / "ppo" / "README.md").read_text()
     assert "Stage report" in card and "| arithmetic | 3 |" in card  # the final stage's card shows it
