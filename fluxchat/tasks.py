@@ -524,6 +524,12 @@ class _Generator:
             )
         country, capital, population = item
         other = rng.choice([f for f in FACTS if f[1] != capital])
+        if self.split == "train" and other not in self.items:
+            # A training pair never names a held-out country's city or population, not even as the wrong answer:
+            # 148 of 6000 DPO pairs taught "not Warsaw" for 50 of the 51 held-out capitals. Remapped without
+            # the rng, so every later draw, and SFT's data, stays as it was.
+            pool = [f for f in self.items if f[1] != capital]
+            other = pool[FACTS.index(other) % len(pool)]
         # Training varies the phrasing; evaluation asks the first (canonical) one.
         question, template = CAPITAL_QUESTIONS[0] if self.split == "eval" else rng.choice(CAPITAL_QUESTIONS)
         fill = {"country": country, "Country": _title(country), "population": population}

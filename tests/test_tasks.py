@@ -176,6 +176,20 @@ def test_preference_pairs_are_wrong_in_plausible_ways():
     assert not eval_prompts & {p["prompt"][0]["content"] for p in pairs if p["task"] != "followup"}
 
 
+def test_training_pairs_never_name_a_held_out_city_or_population_even_as_the_wrong_answer():
+    held_out = [fact for fact in tasks.FACTS if fact[0] in tasks.heldout_countries()]
+    pairs = [p for p in tasks.preference_pairs("train", n=6000) if p["task"] in ("capital", "followup")]
+    rejected = "\n".join(p["rejected"][0]["content"] for p in pairs)
+    assert len(pairs) > 1500 and len(held_out) == 51
+    training_populations = {fact[2] for fact in tasks.FACTS if fact not in held_out}  # some figures are shared
+    for _, capital, population in held_out:
+        assert f" {capital}" not in rejected, capital
+        assert population in training_populations or f" {population} " not in rejected, population
+    # ... while evaluation's pairs, scored but never trained on, may name any country's city as the wrong one.
+    eval_rejected = "\n".join(p["rejected"][0]["content"] for p in tasks.preference_pairs("eval"))
+    assert any(f" {capital}" in eval_rejected for _, capital, _ in held_out)
+
+
 def _step_is_right(step: str) -> bool:
     """ "4+3+1=8" or "13-7=6": the left side evaluates to the right side."""
     left, right = step.rstrip(".").split("=")
