@@ -203,7 +203,8 @@ def key_metric(stage: str, folder: Path) -> str:
         "dpo": [("task accuracy", "task_accuracy"), ("pair accuracy", "eval_rewards/accuracies")],
     }.get(stage, [])
     if stage == REPORT:
-        return ", ".join(f"{s} {100 * r['overall']:.1f}%" for s, r in m.get("results", {}).items())
+        results = m.get("results", {})  # in chain order: the JSON's keys come back sorted
+        return ", ".join(f"{s} {100 * results[s]['overall']:.1f}%" for s in m.get("stages", []) if s in results)
     flat = _flatten(m)
     found = [f"{label} {flat[key]:.3f}" for label, key in picks if isinstance(flat.get(key), (int, float))]
     return ", ".join(dict.fromkeys(found))

@@ -95,6 +95,7 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
         "report",
     ]
     assert [s["status"] for s in summary["stages"]] == ["skipped"] + ["ran"] * 8
+    assert summary["stages"][-1]["metric"].startswith("pretrain ") and ", dpo " in summary["stages"][-1]["metric"]
     for stage in runs.STAGES:
         assert runs.is_finished(runs.stage_dir("chain", stage)), stage
         assert (runs.stage_dir("chain", stage) / "README.md").is_file(), stage  # model card per stage
