@@ -44,9 +44,8 @@ def paired_difference_interval(before: list[bool], after: list[bool], z: float =
     if len(before) != len(after) or not before:
         raise ValueError("paired_difference_interval needs two equally long, non-empty outcome lists")
     n = len(before)
+    gained, lost = flips(before, after)
     both = sum(1 for b, a in zip(before, after) if b and a)
-    lost = sum(1 for b, a in zip(before, after) if b and not a)
-    gained = sum(1 for b, a in zip(before, after) if a and not b)
     neither = n - both - lost - gained
     p1, p2 = (both + lost) / n, (both + gained) / n
     l1, u1 = wilson_interval(both + lost, n, z)
@@ -62,13 +61,27 @@ def paired_difference_interval(before: list[bool], after: list[bool], z: float =
     return p2 - p1, max(-1.0, -high), min(1.0, -low)
 
 
-def paired_mean_interval(before: list[float], after: list[float], z: float = Z_95) -> tuple[float, float, float]:
-    """(mean of after - before, low, high): the normal interval of a paired mean change (the report has n >= 50)."""
-    diffs = [a - b for b, a in zip(before, after, strict=True)]
+def flips(before: list[bool], after: list[bool]) -> tuple[int, int]:
+    """(items gained, items lost) from before to after, the same items in the same order."""
+    return (
+        sum(1 for b, a in zip(before, after) if a and not b),
+        sum(1 for b, a in zip(before, after) if b and not a),
+    )
+
+
+def _mean_change(before: list[float], after: list[float]) -> tuple[float, float]:
+    """(mean of after - before, the variance of that mean): paired, item by item."""
+    diffs = [float(a) - float(b) for b, a in zip(before, after, strict=True)]
     mean = sum(diffs) / len(diffs)
     if len(diffs) < 2:
-        return mean, mean, mean
-    half = z * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        return mean, 0.0
+    return mean, sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)
+
+
+def paired_mean_interval(before: list[float], after: list[float], z: float = Z_95) -> tuple[float, float, float]:
+    """(mean of after - before, low, high): the normal interval of a paired mean change (the report has n >= 50)."""
+    mean, variance = _mean_change(before, after)
+    half = z * math.sqrt(variance)
     return mean, mean - half, mean + half
 
 
@@ -205,14 +218,13 @@ def comparison_lines(report: dict) -> list[str]:
                 cells.append("-")
                 continue
             change, low, high = paired_difference_interval(before, after)
-            gained = sum(1 for b, a in zip(before, after) if a and not b)
-            lost = sum(1 for b, a in zip(before, after) if b and not a)
+            gained, lost = flips(before, after)
             digits = 0 if 100 % len(before) == 0 else 1  # 50 items move in whole points, 200 or 51 do not
             cells.append(
                 f"{100 * change:+.{digits}f} (+{gained}/-{lost}; {100 * low:+.{digits}f} to {100 * high:+.{digits}f})"
             )
         lines.append(f"| {task} | {len(before)} | " + " | ".join(cells) + " |")
-    lines.append("| mean over tasks | | " + " | ".join(_mean_change(base, results[s]) for s in later) + " |")
+    lines.append("| mean over tasks | | " + " | ".join(_task_mean_change(base, results[s]) for s in later) + " |")
     if "rewards" in base and all("rewards" in results[s] for s in later):
         cells = []
         for stage in later:
@@ -222,17 +234,15 @@ def comparison_lines(report: dict) -> list[str]:
     return lines
 
 
-def _mean_change(base: dict, other: dict) -> str:
+def _task_mean_change(base: dict, other: dict) -> str:
     """Change of the mean over tasks, with a normal interval: each task's paired variance, equally weighted."""
     changes, variance = [], 0.0
     for task, row in base["per_task"].items():
         after = other["per_task"].get(task, {}).get("outcomes")
         if after is None or len(after) != len(row["outcomes"]):
             return "-"
-        diffs = [int(a) - int(b) for b, a in zip(row["outcomes"], after)]
-        mean = sum(diffs) / len(diffs)
-        changes.append(mean)
-        if len(diffs) > 1:
-            variance += sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)
+        change, task_variance = _mean_change(row["outcomes"], after)
+        changes.append(change)
+        variance += task_variance
     change, half = sum(changes) / len(changes), Z_95 * math.sqrt(variance) / len(changes)
     return f"{100 * change:+.1f} ({100 * (change - half):+.1f} to {100 * (change + half):+.1f})"

@@ -477,6 +477,7 @@ class _Generator:
             self.items = list(_sum_items(split))
         elif task in ("capital", "followup"):
             self.items = _fact_items(split)
+            self.split_facts = frozenset(self.items)  # a wrong answer must come from these in training
         else:
             self.items = None  # phrases are drawn on the fly from a space too large to list
         if self.items is not None and not self.items:
@@ -524,7 +525,7 @@ class _Generator:
             )
         country, capital, population = item
         other = rng.choice([f for f in FACTS if f[1] != capital])
-        if self.split == "train" and other not in self.items:
+        if self.split == "train" and other not in self.split_facts:
             # A training pair never names a held-out country's city or population, not even as the wrong answer:
             # 148 of 6000 DPO pairs taught "not Warsaw" for 50 of the 51 held-out capitals. Remapped without
             # the rng, so every later draw, and SFT's data, stays as it was.
