@@ -87,11 +87,20 @@ def evaluate_reward_model(reward_model, tokenizer, pairs: list[dict], batch_size
         "mean_rejected": sum(rejected) / len(pairs),
         "n": len(pairs),
     }
-    if all("task" in p for p in pairs):
-        per_task: dict[str, list[bool]] = {}
-        for pair, win in zip(pairs, wins):
-            per_task.setdefault(pair["task"], []).append(win)
-        result["per_task"] = {task: sum(w) / len(w) for task, w in per_task.items()}
+    return {**result, **pair_groups(pairs, wins)}
+
+
+def pair_groups(pairs: list[dict], wins: list[bool]) -> dict:
+    """Accuracy per task and per flaw of the rejected reply ("per_task", "per_flaw", with their n), for pairs
+    that name them (the built-in ones do)."""
+    result = {}
+    for key, name in (("task", "per_task"), ("flaw", "per_flaw")):
+        if all(key in p for p in pairs):
+            groups: dict[str, list[bool]] = {}
+            for pair, win in zip(pairs, wins):
+                groups.setdefault(pair[key], []).append(win)
+            result[name] = {value: sum(w) / len(w) for value, w in groups.items()}
+            result[f"n_{name}"] = {value: len(w) for value, w in groups.items()}
     return result
 
 

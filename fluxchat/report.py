@@ -145,6 +145,17 @@ def score_stage(
     return result
 
 
+def describe_flaws(result: dict) -> str:
+    """'wrong 60% (n=70), truncated 100% (n=35), ...': a reward model that only judges a reply's shape scores
+    near 100% on the form flaws and near 50% on the wrong ones."""
+    if not result.get("per_flaw"):
+        return ""
+    return ", ".join(
+        f"{flaw} {result['per_flaw'][flaw]:.0%} (n={result['n_per_flaw'][flaw]})"
+        for flaw in sorted(result["per_flaw"], key=lambda f: (tasks.FLAWS.index(f) if f in tasks.FLAWS else 9, f))
+    )
+
+
 def build_report(
     run: Path, stage_results: dict[str, dict], n_per_task: int, seed: int, reward_model: str | None
 ) -> dict:
@@ -190,6 +201,13 @@ def to_markdown(report: dict) -> str:
     lines += comparison_lines(report)
     if report.get("reward_model"):
         lines += ["", f"Reward model: `{report['reward_model']}`."]
+    pairs = report.get("reward_pairs")
+    if pairs:
+        lines[-1] += (
+            f" It ranks {100 * pairs['accuracy']:.1f}% of {pairs['n']} built-in held-out preference pairs right; by "
+            f"what the rejected reply gets wrong: {describe_flaws(pairs)}. Near 50% on wrong replies, it "
+            "rewards a reply's form (ending its turn, not looping), not whether the answer is right."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -625,6 +625,12 @@ def conversations(
     ]
 
 
+# What is wrong with a built-in pair's rejected reply. "wrong" needs the facts or the check (a slipped digit,
+# another city, a swapped word); the other two only the reply's form: a reward model's accuracy on each tells
+# whether it judges content or just shape.
+FLAWS = ("wrong", "truncated", "repetitive")
+
+
 def _truncated(answer: str) -> str:
     words = answer.split()
     if len(words) > 1:
@@ -641,21 +647,29 @@ def _repetitive(answer: str) -> str:
 def preference_pairs(
     split: str = "train", n: int | None = None, seed: int = 0, corpus_file=None, tasks=None, task_weights=None
 ) -> list[dict]:
-    """[{"task", "prompt", "chosen", "rejected"}] in TRL's explicit-prompt conversational format.
+    """[{"task", "flaw", "prompt", "chosen", "rejected"}] in TRL's explicit-prompt conversational format.
 
-    chosen is the correct reply; rejected is a plausible wrong one: a wrong number/city/speaker/word
-    (half of the pairs), the reply cut short, or the reply degenerating into repetition.
+    chosen is the correct reply; rejected is a plausible wrong one, its `flaw` one of FLAWS: a wrong
+    number/city/speaker/word (half of the pairs), the reply cut short, or the reply degenerating into repetition.
     """
     pairs = []
     for task, prompt, answer, wrong, rng in _examples(split, n, seed, corpus_file, tasks, task_weights):
-        kind = rng.choices(("wrong", "truncated", "repetitive"), weights=(2, 1, 1))[0]
-        rejected = {"wrong": wrong, "truncated": _truncated(answer), "repetitive": _repetitive(answer)}[kind]
-        for fallback in (wrong, _repetitive(answer), answer + " " + answer):
+        flaw = rng.choices(FLAWS, weights=(2, 1, 1))[0]
+        rejected = {"wrong": wrong, "truncated": _truncated(answer), "repetitive": _repetitive(answer)}[flaw]
+        for fallback, fallback_flaw in ((wrong, "wrong"), (_repetitive(answer), "repetitive")):
             if _normalise(rejected) and _normalise(rejected) != _normalise(answer):
                 break
-            rejected = fallback
+            rejected, flaw = fallback, fallback_flaw
+        if not _normalise(rejected) or _normalise(rejected) == _normalise(answer):
+            rejected, flaw = answer + " " + answer, "repetitive"
         pairs.append(
-            {"task": task, "prompt": prompt, "chosen": [_assistant(answer)], "rejected": [_assistant(rejected)]}
+            {
+                "task": task,
+                "flaw": flaw,
+                "prompt": prompt,
+                "chosen": [_assistant(answer)],
+                "rejected": [_assistant(rejected)],
+            }
         )
     return pairs
 

@@ -39,7 +39,7 @@ from fluxchat import (
 )
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
-from fluxchat.report import wilson_interval
+from fluxchat.report import describe_flaws, wilson_interval
 
 # Raised inside TRL's trainers on every step; nothing we can change.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
@@ -156,18 +156,17 @@ def implicit_rewards(trainer, dataset, pairs: list[dict], batch_size: int = 32) 
         "margin": sum(margins) / len(margins),
         "n": len(wins),
     }
-    if all("task" in pair for pair in pairs):
-        per_task: dict[str, list[bool]] = {}
-        for pair, win in zip(pairs, wins):
-            per_task.setdefault(pair["task"], []).append(win)
-        result["per_task"] = {task: sum(w) / len(w) for task, w in per_task.items()}
-    return result
+    return {**result, **evaluation.pair_groups(pairs, wins)}
 
 
 def describe(result: dict) -> str:
     if not result:
         return "not evaluated"
-    return f"{result['accuracy']:.1%} [{result['low']:.1%}, {result['high']:.1%}], margin {result['margin']:.2f} (n={result['n']})"
+    flaws = describe_flaws(result)
+    return (
+        f"{result['accuracy']:.1%} [{result['low']:.1%}, {result['high']:.1%}], margin {result['margin']:.2f} "
+        f"(n={result['n']}{'; by flaw of the rejected reply: ' + flaws if flaws else ''})"
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -249,6 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
         **training.train_metrics(result, seconds),
         "reward_accuracy": preferences["builtin"].get("accuracy"),
         "reward_margin": preferences["builtin"].get("margin"),
+        "reward_accuracy_by_flaw": preferences["builtin"].get("per_flaw"),
         "heldout_accuracy": preferences["heldout"].get("accuracy"),
         "task_accuracy": after.get("tasks", {}).get("overall"),
         "task_accuracy_before": before.get("tasks", {}).get("overall"),

@@ -182,17 +182,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     if reward_path:
         reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
-        builtin_pairs = tasks.preference_pairs(
-            args.split,
-            n=len(examples),
-            seed=args.seed,
-            corpus_file=args.corpus_file,
-            tasks=tuple(report["tasks"]["per_task"]),
-        )
         report["reward_model"] = reward_path
-        report["reward_pairs"] = {
-            "builtin": evaluation.evaluate_reward_model(reward_model, tokenizer, builtin_pairs, args.batch_size)
-        }
+        report["reward_pairs"] = {"builtin": _score_builtin_pairs(args, reward_model, tokenizer, examples)}
         for source, pairs in file_pairs.items():
             report["reward_pairs"][source] = evaluation.evaluate_reward_model(
                 reward_model, tokenizer, pairs, args.batch_size
@@ -205,6 +196,18 @@ def main(argv: list[str] | None = None) -> Path:
     print(format_report(report))
     print(f"wrote {output_file}")
     return output_file
+
+
+def _score_builtin_pairs(args, reward_model, tokenizer, examples: list[dict]) -> dict:
+    """The reward model on built-in preference pairs of the evaluated split and tasks, as many as examples."""
+    pairs = tasks.preference_pairs(
+        args.split,
+        n=len(examples),
+        seed=args.seed,
+        corpus_file=args.corpus_file,
+        tasks=tuple(dict.fromkeys(example["task"] for example in examples)),
+    )
+    return evaluation.evaluate_reward_model(reward_model, tokenizer, pairs, args.batch_size)
 
 
 def stage_report(args) -> Path:
@@ -241,6 +244,8 @@ def stage_report(args) -> Path:
         print(f"{stage}: overall {results[stage]['overall']:.3f} on {results[stage]['n']} examples", flush=True)
         del model
     data = stage_reports.build_report(run, results, args.n_per_task, args.seed, reward_path)
+    if reward_model is not None:  # what its mean-reward row can be trusted to tell: content or only form
+        data["reward_pairs"] = _score_builtin_pairs(args, reward_model, tokenizer, examples)
     data["seconds"] = round(time.perf_counter() - start, 1)
     runs.write_json(run / stage_reports.REPORT_JSON, data)
     markdown = stage_reports.to_markdown(data)
@@ -266,6 +271,8 @@ def format_report(report: dict) -> str:
         lines.append(
             f"reward accuracy {scored['accuracy']:.3f}, margin {scored['margin']:.3f} on {scored['n']} pairs ({source})"
         )
+        if scored.get("per_flaw"):
+            lines.append(f"  by flaw of the rejected reply: {stage_reports.describe_flaws(scored)}")
     if "mean_reward" in report:
         lines.append(
             f"mean reward of the model's replies {report['mean_reward']['mean_reward']:.3f} (n {report['mean_reward']['n']})"

@@ -23,6 +23,7 @@ from trl import RewardConfig, RewardTrainer
 from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import parse_config, run_cli
+from fluxchat.report import describe_flaws
 
 
 @dataclass
@@ -50,10 +51,12 @@ def score_pairs(model, tokenizer, pairs) -> dict:
 
 
 def describe(result: dict) -> str:
+    if not result:
+        return "not evaluated"
+    flaws = describe_flaws(result)
     return (
-        f"accuracy {result['accuracy']:.1%}, margin {result['margin']:.2f} (n={result['n']})"
-        if result
-        else "not evaluated"
+        f"accuracy {result['accuracy']:.1%}, margin {result['margin']:.2f} "
+        f"(n={result['n']}{'; by flaw of the rejected reply: ' + flaws if flaws else ''})"
     )
 
 
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
         **training.train_metrics(result, seconds),
         "reward_accuracy": report["builtin"].get("accuracy"),
         "reward_margin": report["builtin"].get("margin"),
+        "reward_accuracy_by_flaw": report["builtin"].get("per_flaw"),  # "wrong" near 50%: it judges form only
         "heldout_accuracy": report["heldout"].get("accuracy"),
         "data": data_counts,
         "model": model_path,

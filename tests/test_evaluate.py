@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections import Counter
 
 import pytest
 import torch
 from conftest import DATA, PYTHON, SHAKESPEARE, run_main, run_script
 
 from fluxchat import chat_format, evaluation, generation, tasks
+from fluxchat import report as stage_reports
 from pipeline import evaluate
 
 HH_RLHF = DATA / "pref" / "hh-rlhf_helpful-base_test.jsonl.gz"
@@ -70,6 +72,14 @@ def test_reward_model_accuracy_and_margin(pretrained):
     pairs = tasks.preference_pairs("eval", n=28, corpus_file=SHAKESPEARE)
     result = evaluation.evaluate_reward_model(reward_model, tokenizer, pairs, batch_size=8)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 28 and set(result["per_task"]) == set(tasks.TASKS)
+    flaws, counts = (
+        result["per_flaw"],
+        result["n_per_flaw"],
+    )  # the same wins, grouped by what the rejected reply got wrong
+    assert set(flaws) <= set(tasks.FLAWS) and sum(counts.values()) == 28
+    assert counts == dict(Counter(p["flaw"] for p in pairs))
+    assert math.isclose(sum(flaws[f] * counts[f] for f in flaws) / 28, result["accuracy"])
+    assert stage_reports.describe_flaws(result).startswith(f"wrong {flaws['wrong']:.0%} (n={counts['wrong']})")
     assert math.isclose(result["margin"], result["mean_chosen"] - result["mean_rejected"], abs_tol=1e-5)
     swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
     flipped = evaluation.evaluate_reward_model(reward_model, tokenizer, swapped, batch_size=3)
@@ -300,7 +310,11 @@ def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
         second["mean_reward"], abs=1e-5
     )
     assert 0 < first["mean_reply_tokens"] <= 6
+    pairs = report["reward_pairs"]  # the reward model on the same split's built-in pairs, one per item
+    assert pairs["n"] == 3 * len(tasks.TASKS) and sum(pairs["n_per_flaw"].values()) == pairs["n"]
     markdown = (run / "report.md").read_text()
+    assert f"It ranks {100 * pairs['accuracy']:.1f}% of 21 built-in held-out preference pairs right" in markdown
+    assert stage_reports.describe_flaws(pairs) in markdown
     assert (
         "| task | n | pretrain | sft | ppo |" in markdown
         and "| arithmetic | 3 |" in markdown

@@ -99,6 +99,7 @@ def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_acc
     metrics = json.loads((stage / "metrics.json").read_text())
     builtin, heldout = metrics["eval"]["builtin"], metrics["eval"]["heldout"]
     assert builtin["n"] == 14 and 0 <= builtin["accuracy"] <= 1 and metrics["reward_accuracy"] == builtin["accuracy"]
+    assert metrics["reward_accuracy_by_flaw"] == builtin["per_flaw"] and sum(builtin["n_per_flaw"].values()) == 14
     assert heldout["n"] == 5  # 5% of the 98 usable pairs
     by_source = metrics["eval"]["heldout_by_source"]
     assert set(by_source) == {str(path) for path in sources} and sum(r.get("n", 0) for r in by_source.values()) == 5

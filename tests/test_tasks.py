@@ -164,13 +164,15 @@ def test_preference_pairs_are_wrong_in_plausible_ways():
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
         assert not tasks.check(pair, rejected) and tasks.check(pair, chosen)
         words, rejected_words = chosen.split(), rejected.split()
-        if len(rejected_words) >= 4 and len(set(rejected_words[-4:])) == 1:
-            kinds["repetitive"] += 1
+        if len(rejected_words) >= 4 and len(set(rejected_words[-4:])) == 1 or rejected == f"{chosen} {chosen}":
+            kind = "repetitive"
         elif chosen.startswith(rejected):
-            kinds["truncated"] += 1
+            kind = "truncated"
         else:  # a wrong city/number/speaker/word/line: the answer's shape, not a cut or a loop
             assert abs(len(rejected_words) - len(words)) <= 3 or pair["task"] == "quote", (chosen, rejected)
-            kinds["wrong"] += 1
+            kind = "wrong"
+        assert pair["flaw"] == kind, (pair, kind)  # what the reward model's per-flaw accuracy is grouped by
+        kinds[kind] += 1
     assert min(kinds.values()) > 300 and kinds["wrong"] > 800, kinds
     eval_prompts = {p["prompt"][0]["content"] for p in tasks.preference_pairs("eval", corpus_file=SHAKESPEARE)}
     assert not eval_prompts & {p["prompt"][0]["content"] for p in pairs if p["task"] != "followup"}
