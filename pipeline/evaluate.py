@@ -205,7 +205,7 @@ def _score_builtin_pairs(args, reward_model, tokenizer, examples: list[dict]) ->
         n=len(examples),
         seed=args.seed,
         corpus_file=args.corpus_file,
-        tasks=tuple(dict.fromkeys(example["task"] for example in examples)),
+        tasks=tuple(task for task in tasks.TASKS if any(example["task"] == task for example in examples)),
     )
     return evaluation.evaluate_reward_model(reward_model, tokenizer, pairs, args.batch_size)
 
