@@ -656,12 +656,11 @@ def preference_pairs(
     for task, prompt, answer, wrong, rng in _examples(split, n, seed, corpus_file, tasks, task_weights):
         flaw = rng.choices(FLAWS, weights=(2, 1, 1))[0]
         rejected = {"wrong": wrong, "truncated": _truncated(answer), "repetitive": _repetitive(answer)}[flaw]
-        for fallback, fallback_flaw in ((wrong, "wrong"), (_repetitive(answer), "repetitive")):
+        fallbacks = ((wrong, "wrong"), (_repetitive(answer), "repetitive"), (answer + " " + answer, "repetitive"))
+        for fallback, fallback_flaw in fallbacks:
             if _normalise(rejected) and _normalise(rejected) != _normalise(answer):
                 break
             rejected, flaw = fallback, fallback_flaw
-        if not _normalise(rejected) or _normalise(rejected) == _normalise(answer):
-            rejected, flaw = answer + " " + answer, "repetitive"
         pairs.append(
             {
                 "task": task,

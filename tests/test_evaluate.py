@@ -72,10 +72,8 @@ def test_reward_model_accuracy_and_margin(pretrained):
     pairs = tasks.preference_pairs("eval", n=28, corpus_file=SHAKESPEARE)
     result = evaluation.evaluate_reward_model(reward_model, tokenizer, pairs, batch_size=8)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 28 and set(result["per_task"]) == set(tasks.TASKS)
-    flaws, counts = (
-        result["per_flaw"],
-        result["n_per_flaw"],
-    )  # the same wins, grouped by what the rejected reply got wrong
+    # The same wins, grouped by what the rejected reply got wrong.
+    flaws, counts = result["per_flaw"], result["n_per_flaw"]
     assert set(flaws) <= set(tasks.FLAWS) and sum(counts.values()) == 28
     assert counts == dict(Counter(p["flaw"] for p in pairs))
     assert math.isclose(sum(flaws[f] * counts[f] for f in flaws) / 28, result["accuracy"])
