@@ -7,6 +7,7 @@ embed) is one clear line, not a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -86,10 +87,31 @@ def refuse_pickle_only(source: str, flag: str = "model") -> None:
         )
 
 
-def load_model(source: str, tokenizer=None, reward: bool = False):
+def _architectures(source: str) -> list[str]:
+    try:
+        return json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):  # a Hub id, or a broken config the loader will name
+        return []
+
+
+def refuse_score_model(source: str, architectures, hint: str = "") -> None:
+    """A reward model (a one-score sequence classifier) is no language model: its body under an LM head
+    would chat, generate or train as if it were one. Refuse it."""
+    classifiers = [name for name in architectures or [] if name.endswith("ForSequenceClassification")]
+    if classifiers:
+        fail(
+            f"{source} is a reward model ({classifiers[0]}: one score per conversation), not a language model: give "
+            f"a pretrain, sft, ppo, grpo or dpo stage's folder, such as runs/<name>/sft{f' {hint}' if hint else ''}"
+        )
+
+
+def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""):
     """A causal LM (or, `reward=True`, a one-logit sequence classifier). LoRA adapter folders are merged
-    into their base model. With `tokenizer`, checks that every token id has an embedding."""
+    into their base model. With `tokenizer`, checks that every token id has an embedding. `hint` ends the
+    error line that refuses a reward model where a language model is wanted."""
     refuse_pickle_only(source)
+    if not reward:
+        refuse_score_model(source, _architectures(source), hint)  # before loading: no "unused weights" warnings
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise
     try:
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
@@ -105,6 +127,8 @@ def load_model(source: str, tokenizer=None, reward: bool = False):
         weights = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
         where = weights[0] if len(weights) == 1 else source
         fail(f"cannot load a model from {where} (only safetensors weights are loaded): {_one_line(err)}")
+    if not reward:
+        refuse_score_model(source, model.config.architectures, hint)  # a Hub id: known only once its config is here
     if reward and model.config.num_labels != 1:  # e.g. a language model's folder: a fresh, random 2-label head
         fail(
             f"{source} is not a reward model: it has {model.config.num_labels} labels, expected 1 (train one with pipeline/reward.py)"
@@ -117,7 +141,7 @@ def load_model(source: str, tokenizer=None, reward: bool = False):
     return model.eval()
 
 
-def load_model_and_tokenizer(source: str, reward: bool = False, chat: bool = False):
+def load_model_and_tokenizer(source: str, reward: bool = False, chat: bool = False, hint: str = ""):
     """Tokenizer and model from `source`; `chat` also requires the chat tokens a conversation needs."""
     tokenizer = load_tokenizer(source)
     missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
@@ -125,7 +149,7 @@ def load_model_and_tokenizer(source: str, reward: bool = False, chat: bool = Fal
         fail(
             f"{source}: its tokenizer lacks the chat tokens {missing}; use a model trained with this project's tokenizer"
         )
-    return load_model(source, tokenizer, reward=reward), tokenizer
+    return load_model(source, tokenizer, reward=reward, hint=hint), tokenizer
 
 
 def load_config(source: str):
@@ -193,12 +217,24 @@ def load_causal_lm(path: str, tokenizer):
     return model
 
 
-def load_score_model(path: str, tokenizer):
-    """A model with one scalar output per sequence (reward or value), read at the last non-pad token."""
+def load_score_model(path: str, tokenizer, trained_as: str | None = None):
+    """A model with one scalar output per sequence (reward or value), read at the last non-pad token.
+
+    The reward stage starts one from a language model, whose score head is new. With `trained_as` (the flag
+    that named `path`) the head must come from the folder: a language model's folder would otherwise load
+    with a random head, and PPO or GRPO would train against noise without a word.
+    """
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, use_safetensors=True, output_loading_info=True
+        )
     except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
         fail(f"could not load a reward model from {path}: {str(err).splitlines()[0][:200]}")
+    if trained_as and info["missing_keys"]:
+        fail(
+            f"{trained_as} {path} is not a reward model: its score head ({', '.join(sorted(info['missing_keys']))}) "
+            "would start random; train one with pipeline/reward.py"
+        )
     _align_config(model, tokenizer)
     return model
 

@@ -147,6 +147,14 @@ def is_stage_folder(folder: str | Path) -> bool:
     )
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse now, not once the inputs have loaded (or the work is done), a folder we could not create or write:
+    its nearest existing ancestor must be writable. `what` starts the error line (the flag and its value)."""
+    existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{what}: {existing} is not writable")
+
+
 def check_output_dir(folder: str | Path, *, overwrite: bool, resume: bool = False) -> Path | None:
     """Every check on a stage's output folder, run before any input is read and anything written.
     Returns the checkpoint to resume from (`resume`), else None."""
@@ -155,6 +163,7 @@ def check_output_dir(folder: str | Path, *, overwrite: bool, resume: bool = Fals
     blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         fail(f"--output_dir {folder}: {blocking} is a file, not a folder")
+    check_writable(folder, f"--output_dir {folder}")
     if resume and overwrite:
         fail(f"--resume continues the run in {folder} and --overwrite replaces it: give one of them")
     if not is_stage_folder(folder):
@@ -198,7 +207,10 @@ def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = Fal
         shutil.rmtree(work, ignore_errors=True)  # what an earlier, killed overwrite left
     if resume:
         discard_incomplete_checkpoints(work)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # what os.access cannot foresee: a read-only or virtual file system (/proc), a full disk
+        fail(f"--output_dir {folder}: cannot create {work} ({err.strerror or err})")
     shutil.rmtree(work / STAGING, ignore_errors=True)
     write_json(work / STARTED_MARKER, {"stage": stage})
     return work

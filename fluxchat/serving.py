@@ -13,7 +13,6 @@ nobody reads.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from fluxchat import chat_format, generation, loading, runs
-from fluxchat.config import fail
 
 # Sane bounds for a public demo: values outside are clamped, never passed to generate().
 SAMPLING_BOUNDS = {
@@ -107,31 +105,12 @@ class Prompt(NamedTuple):
     budget: int
 
 
-def _architectures(source: str) -> list[str]:
-    try:
-        return json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):  # a Hub id, or a broken config the loader will name
-        return []
-
-
-def refuse_score_model(source: str, architectures) -> None:
-    """A reward model (a one-score sequence classifier) loads as a causal LM with a random head: refuse it."""
-    classifiers = [name for name in architectures or [] if name.endswith("ForSequenceClassification")]
-    if classifiers:
-        fail(
-            f"{source} is a reward model ({classifiers[0]}: one score per conversation), not a chat model: give a "
-            "language model such as runs/<name>/sft or runs/<name>/ppo (the app takes a reward model as --reward_model)"
-        )
+CHAT_HINT = "(the app takes a reward model as --reward_model)"
 
 
 def load_model_and_tokenizer(source: str, reward: bool = False):
     """Tokenizer and model from `source` (see fluxchat/loading.py), plus the chat tokens a chat needs."""
-    if not reward:
-        refuse_score_model(source, _architectures(source))  # before loading: no "unused weights" warnings first
-    model, tokenizer = loading.load_model_and_tokenizer(source, reward=reward, chat=True)
-    if not reward:
-        refuse_score_model(source, model.config.architectures)  # a Hub id: known only once its config is here
-    return model, tokenizer
+    return loading.load_model_and_tokenizer(source, reward=reward, chat=True, hint=CHAT_HINT)
 
 
 class _StopWhenAsked:

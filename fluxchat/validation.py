@@ -76,6 +76,9 @@ RULES: dict[str, Rule] = {
     "temperature": at_least(0),
     "top_k": at_least(0),
     "top_p": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
+    # GRPO and DPO
+    "max_completion_length": at_least(1),
+    "beta": at_least(0),  # GRPO's KL weight (0: none); DPO's, which must be above 0, is checked by its stage
     # PPO and its monitor
     "response_length": at_least(1),
     "num_ppo_epochs": at_least(1),

@@ -67,6 +67,25 @@ class DPOArguments(StageArguments):
             raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
 
+# TRL 1.12's DPO losses; it names a wrong one only at the first training step, in a traceback.
+DPO_LOSSES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
+@dataclass
+class StageDPOConfig(DPOConfig):
+    def __post_init__(self):
+        losses = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        unknown = [loss for loss in losses if loss not in DPO_LOSSES]
+        if unknown:
+            raise ValueError(f"--loss_type {' '.join(unknown)}: choose from {', '.join(DPO_LOSSES)}")
+        if self.beta <= 0:  # TRL trains at 0 or below: every pair then ties, or the preference is reversed
+            raise ValueError(f"--beta must be > 0 (it scales the implicit reward), got {self.beta:g}")
+        super().__post_init__()
+
+
 class RenderedDPOTrainer(DPOTrainer):
     """DPOTrainer on pairs already tokenized by `pair_dataset`: TRL would render them with the Jinja template,
     which turns typed control-token spellings into control tokens and ends each reply with the separator."""
@@ -170,7 +189,9 @@ def describe(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config("dpo", (DPOArguments, PeftArguments, DPOConfig), argv)
+    script_args, peft_args, args, config_file = parse_config(
+        "dpo", (DPOArguments, PeftArguments, StageDPOConfig), argv
+    )
     run = training.plan_stage(args, "dpo", overwrite=script_args.overwrite, resume=script_args.resume)
     run_name = training.run_name(args)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint

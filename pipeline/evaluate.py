@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"--output_file {output_file} is a folder: name a file, e.g. {output_file / 'evaluation.json'}")
     if blocking := next((p for p in output_file.parents if p.exists() and not p.is_dir()), None):
         fail(f"--output_file {output_file}: {blocking} is a file, so nothing can be written under it")
+    runs.check_writable(output_file.parent, f"--output_file {output_file}")
 
     tokenizer = loading.load_tokenizer(model_path)
     model = loading.load_model(model_path, tokenizer)
@@ -192,8 +193,11 @@ def main(argv: list[str] | None = None) -> Path:
             model, reward_model, tokenizer, examples, args.max_new_tokens, args.batch_size
         )
     report["seconds"] = round(time.perf_counter() - start, 1)
-    runs.write_json(output_file, report)
-    print(format_report(report))
+    print(format_report(report))  # first: a file that cannot be written keeps the figures on screen
+    try:
+        runs.write_json(output_file, report)
+    except OSError as err:  # what check_writable cannot foresee: a read-only or virtual file system, a full disk
+        fail(f"--output_file {output_file}: cannot write it ({err.strerror or err})")
     print(f"wrote {output_file}")
     return output_file
 

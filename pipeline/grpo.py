@@ -93,6 +93,10 @@ class StageGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"--num_generations {self.num_generations}: GRPO compares replies within a group, so it needs at least 2"
             )
+        if self.temperature <= 0:  # transformers would refuse it at the first step, in a traceback
+            raise ValueError(
+                f"--temperature must be > 0, got {self.temperature:g}: GRPO samples each group (at 0 its replies would all be one)"
+            )
         super().__post_init__()
 
 
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> Path:
     examples = stage_data.task_examples(script_args)
 
     policy = loading.load_causal_lm(sft_path, tokenizer)  # before writing anything: a broken input leaves no trace
-    reward_model = loading.load_score_model(reward_path, tokenizer) if reward_path else None
+    reward_model = loading.load_score_model(reward_path, tokenizer, "--reward_model_path") if reward_path else None
     reward_funcs, weights = [], []
     for func, weight in (
         (rewards.answer_reward, script_args.answer_weight),

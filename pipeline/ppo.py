@@ -84,6 +84,11 @@ class StagePPOConfig(PPOConfig):
         default=None, metadata={"help": "Reward model; default runs/<run_name>/reward."}
     )
 
+    def __post_init__(self):
+        if self.temperature <= 0:  # TRL divides by it (+1e-7): at 0 the policy's log-probs are meaningless
+            raise ValueError(f"--temperature must be > 0, got {self.temperature:g}: PPO learns from sampled replies")
+        super().__post_init__()
+
 
 def main(argv: list[str] | None = None) -> Path:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> Path:
     probe = [stage_data.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
     policy = loading.load_causal_lm(sft_path, tokenizer)
     reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)  # must be a separate copy
-    reward_model = loading.load_score_model(reward_path, tokenizer)
+    reward_model = loading.load_score_model(reward_path, tokenizer, "--reward_model_path")
     value_model = loading.load_score_model(value_path, tokenizer)
 
     training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)

@@ -73,6 +73,10 @@ def resolve_run_folder(value: str) -> Path:
         folder = runs.run_dir(value)  # a bare run name
     if not folder.is_dir():
         fail(f"run folder {value} does not exist: give runs/<run_name> (or the run name) of a trained run")
+    if runs.is_finished(folder) and folder.name in runs.STAGES:  # runs/<name>/sft for runs/<name>
+        fail(
+            f"{value} is one stage of a run: give the run folder {folder.parent} (--stages {folder.name} pushes that stage alone)"
+        )
     return folder
 
 

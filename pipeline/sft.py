@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from fluxchat import arguments, chat_format, evaluation, formats, hub, loading, runs, stage_data, training
+from fluxchat import arguments, chat_format, data, evaluation, formats, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import parse_config, run_cli
 
@@ -75,10 +75,24 @@ class SFTArguments(StageArguments):
             raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.mix_text_file and not Path(self.mix_text_file).is_file():  # refuse before any folder is made
             raise ValueError(f"--mix_text_file {self.mix_text_file}: no such file")
+        if self.mix_text_file:
+            data.check_utf8(Path(self.mix_text_file), "--mix_text_file")
         if not 0 <= self.mix_text_fraction < 1:
             raise ValueError(f"--mix_text_fraction must be in [0, 1), got {self.mix_text_fraction}")
         if self.mix_text_window < 2:
             raise ValueError(f"--mix_text_window must be at least 2, got {self.mix_text_window}")
+
+
+# TRL 1.12's SFT losses; it names a wrong one only once the trainer is built, in a traceback.
+SFT_LOSSES = ("nll", "chunked_nll", "dft")
+
+
+@dataclass
+class StageSFTConfig(SFTConfig):
+    def __post_init__(self):
+        if self.loss_type is not None and self.loss_type not in SFT_LOSSES:
+            raise ValueError(f"--loss_type {self.loss_type}: choose from {', '.join(SFT_LOSSES)}")
+        super().__post_init__()
 
 
 def inspect(tokenizer, train_set, counts) -> None:
@@ -97,7 +111,9 @@ def inspect(tokenizer, train_set, counts) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config("sft", (SFTArguments, PeftArguments, SFTConfig), argv)
+    script_args, peft_args, args, config_file = parse_config(
+        "sft", (SFTArguments, PeftArguments, StageSFTConfig), argv
+    )
     if script_args.inspect:  # writes nothing: no output folder to check
         run = training.StageRun(
             "sft", training.resolve_output_dir(args, "sft"), training.resolve_output_dir(args, "sft")

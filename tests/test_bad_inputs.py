@@ -534,6 +534,12 @@ CASES = [
         ("no finished stage to push",),
         prepare=lambda i, d: unfinished_pretrain(i, d, with_tokenizer=False),
     ),
+    Case(
+        "push given one stage's folder instead of its run",
+        "push",
+        lambda i, d: [i.shared / "pretrain", "--hub_user", "alice"],
+        ("pretrain is one stage of a run", "--stages pretrain pushes that stage alone"),
+    ),
     # ---- defects found by this table (see DEFECTS): strict, so a fix turns them into failures that ask to move them up
     Case(
         "chat model smaller than its tokenizer", "chat", lambda i, d: [i.mismatched_model], ("vocab",), stdin="hello\n"
@@ -804,6 +810,75 @@ CASES = [
         cli=True,
         succeeds=lambda d: d / "runs" / "story" / "tokenizer",
         notes=("cannot use", "no `NAME:` speaker blocks", "draw their lines from tinyshakespeare"),
+    ),
+    # ---- found trying odd flags as a new user would (2026-12-06)
+    Case(
+        "ppo --reward_model_path naming a language model (its score head would be random)",
+        "ppo",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--sft_model_path",
+            i.shared / "pretrain",
+            "--reward_model_path",
+            i.shared / "pretrain",
+            "--output_dir",
+            d / "out",
+        ],
+        ("--reward_model_path", "is not a reward model", "score head (score.weight) would start random"),
+        cli=True,
+    ),
+    Case(
+        "ppo at temperature 0",
+        "ppo",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--temperature", 0],
+        ("--temperature must be > 0, got 0",),
+    ),
+    Case(
+        "sft from a reward model",
+        "sft",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.reward_model, "--output_dir", d / "out"],
+        ("is a reward model (GPT2ForSequenceClassification", "not a language model"),
+    ),
+    Case(
+        "generate from a reward model",
+        "generate",
+        lambda i, d: [i.reward_model, "--prompt", "ROMEO:"],
+        ("is a reward model", "not a language model"),
+    ),
+    Case(
+        "sft --loss_type that TRL does not know",
+        "sft",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--loss_type", "mse"],
+        ("--loss_type mse: choose from nll, chunked_nll, dft",),
+    ),
+    Case(
+        "sft --mix_text_file that is binary",
+        "sft",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--mix_text_file", i.binary],
+        ("--mix_text_file", "looks binary"),
+    ),
+    Case(
+        "sft --output_dir where no folder can be made",
+        "sft",
+        lambda i, d: [
+            "--preset",
+            "tiny",
+            "--model_name_or_path",
+            i.shared / "pretrain",
+            "--output_dir",
+            "/proc/fluxchat-test/sft",
+            "--max_steps",
+            1,
+        ],
+        ("--output_dir /proc/fluxchat-test/sft: cannot create",),
+        cli=True,
+    ),
+    Case(
+        "evaluate --output_file where no file can be written",
+        "evaluate",
+        lambda i, d: [i.shared / "pretrain", "--tasks", "copy", "--n_per_task", 1, "--output_file", "/proc/x.json"],
+        ("--output_file /proc/x.json: cannot write it",),
     ),
 ]
 DEFECTS = {  # case -> what goes wrong today (none known: add a case here as a strict xfail when you find one)

@@ -181,6 +181,11 @@ def test_bad_inputs_are_one_line_and_write_nothing(sft_model, isolated_runs, tmp
         dpo.main, [*DPO_FAST, "--run_name", "bad", "--model_name_or_path", sft_model, "--dataset", same]
     )
     assert code == 2 and str(same) in error and "chosen == rejected" in error
+    base = [*DPO_FAST, "--run_name", "bad", "--model_name_or_path", sft_model]
+    code, error = run_main(dpo.main, [*base, "--beta", 0])  # TRL trains on: every pair ties
+    assert code == 2 and "--beta must be > 0" in error
+    code, error = run_main(dpo.main, [*base, "--loss_type", "sigmoid", "hingee", "--loss_weights", 1, 1])
+    assert code == 2 and "--loss_type hingee: choose from sigmoid, hinge" in error  # TRL: at the first step
     code, error = run_main(dpo.main, ["--preset", "tiny", "--run_name", "nosft"])
     assert code == 2 and "pipeline/sft.py" in error and "nosft" in error
     assert not (isolated_runs / "bad").exists() and not (isolated_runs / "nosft" / "dpo").exists()

@@ -252,6 +252,13 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
     assert code == 2 and "--num_generations 1" in error and "at least 2" in error
     code, error = run_main(grpo.main, [*base, "--max_completion_length", 500])
     assert code == 2 and "--max_completion_length" in error
+    code, error = run_main(grpo.main, [*base, "--max_completion_length", 0])
+    assert code == 2 and "--max_completion_length must be >= 1, got 0" in error
+    code, error = run_main(grpo.main, [*base, "--temperature", 0])  # transformers refused it mid-step, in a traceback
+    assert code == 2 and "--temperature must be > 0, got 0" in error
+    # A language model's folder as the reward model: its score head would be random, GRPO would chase noise.
+    code, error = run_main(grpo.main, [*base, "--reward_model_path", chain / "sft", "--reward_model_weight", 1])
+    assert code == 2 and f"--reward_model_path {chain / 'sft'} is not a reward model" in error
     code, error = run_main(grpo.main, ["--preset", "tiny", "--run_name", "nosft"])
     assert code == 2 and "pipeline/sft.py" in error and "nosft" in error
     assert not (isolated_runs / "bad").exists() and not (isolated_runs / "nosft" / "grpo").exists()
