@@ -77,6 +77,20 @@ def tiny_pretrain(inputs, case_dir) -> list:
     ]
 
 
+def sft_of_shared(inputs) -> list:
+    return ["--preset", "tiny", "--model_name_or_path", inputs.shared / "pretrain"]
+
+
+def ppo_rewarded_by(reward_model: Callable[[SimpleNamespace], Path]):
+    """PPO of the shared pretrained model against `reward_model(inputs)`."""
+
+    def argv(inputs, case_dir) -> list:
+        policy = ["--preset", "tiny", "--sft_model_path", inputs.shared / "pretrain"]
+        return [*policy, "--reward_model_path", reward_model(inputs), "--output_dir", case_dir / "out"]
+
+    return argv
+
+
 def copy_stage(stage: str, to: str):
     def prepare(inputs, case_dir):
         shutil.copytree(inputs.shared / stage, case_dir / to)
@@ -432,17 +446,15 @@ CASES = [
     Case(
         "reward model with another tokenizer",
         "ppo",
-        lambda i, d: [
-            "--preset",
-            "tiny",
-            "--sft_model_path",
-            i.shared / "pretrain",
-            "--reward_model_path",
-            i.small_vocab_model,
-            "--output_dir",
-            d / "out",
-        ],
+        ppo_rewarded_by(lambda i: i.small_vocab_model),
         ("--reward_model_path", "different tokenizer"),
+    ),
+    Case(
+        "ppo --reward_model_path naming a language model (its score head would be random)",
+        "ppo",
+        ppo_rewarded_by(lambda i: i.shared / "pretrain"),
+        ("--reward_model_path", "is not a reward model", "score head (score.weight) would start random"),
+        cli=True,
     ),
     # ---- pipeline/evaluate.py
     Case(
@@ -813,22 +825,6 @@ CASES = [
     ),
     # ---- found trying odd flags as a new user would (2026-12-06)
     Case(
-        "ppo --reward_model_path naming a language model (its score head would be random)",
-        "ppo",
-        lambda i, d: [
-            "--preset",
-            "tiny",
-            "--sft_model_path",
-            i.shared / "pretrain",
-            "--reward_model_path",
-            i.shared / "pretrain",
-            "--output_dir",
-            d / "out",
-        ],
-        ("--reward_model_path", "is not a reward model", "score head (score.weight) would start random"),
-        cli=True,
-    ),
-    Case(
         "ppo at temperature 0",
         "ppo",
         lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--temperature", 0],
@@ -861,16 +857,7 @@ CASES = [
     Case(
         "sft --output_dir where no folder can be made",
         "sft",
-        lambda i, d: [
-            "--preset",
-            "tiny",
-            "--model_name_or_path",
-            i.shared / "pretrain",
-            "--output_dir",
-            "/proc/fluxchat-test/sft",
-            "--max_steps",
-            1,
-        ],
+        lambda i, d: [*sft_of_shared(i), "--output_dir", "/proc/fluxchat-test/sft", "--max_steps", 1],
         ("--output_dir /proc/fluxchat-test/sft: cannot create",),
         cli=True,
     ),
