@@ -87,7 +87,7 @@ def refuse_pickle_only(source: str, flag: str = "model") -> None:
         )
 
 
-def _architectures(source: str) -> list[str]:
+def architectures_of(source: str) -> list[str]:
     try:
         return json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError, AttributeError):  # a Hub id, or a broken config the loader will name
@@ -111,7 +111,7 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
     error line that refuses a reward model where a language model is wanted."""
     refuse_pickle_only(source)
     if not reward:
-        refuse_score_model(source, _architectures(source), hint)  # before loading: no "unused weights" warnings
+        refuse_score_model(source, architectures_of(source), hint)  # before loading: no "unused weights" warnings
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise
     try:
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():

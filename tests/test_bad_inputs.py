@@ -837,6 +837,12 @@ CASES = [
         ("is a reward model (GPT2ForSequenceClassification", "not a language model"),
     ),
     Case(
+        "pretrain continuing from a reward model",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--model_name_or_path", i.reward_model],
+        ("is a reward model (GPT2ForSequenceClassification", "not a language model"),
+    ),
+    Case(
         "generate from a reward model",
         "generate",
         lambda i, d: [i.reward_model, "--prompt", "ROMEO:"],
