@@ -454,7 +454,6 @@ CASES = [
         "ppo",
         ppo_rewarded_by(lambda i: i.shared / "pretrain"),
         ("--reward_model_path", "is not a reward model", "score head (score.weight) would start random"),
-        cli=True,
     ),
     # ---- pipeline/evaluate.py
     Case(
@@ -865,7 +864,6 @@ CASES = [
         "sft",
         lambda i, d: [*sft_of_shared(i), "--output_dir", "/proc/fluxchat-test/sft", "--max_steps", 1],
         ("--output_dir /proc/fluxchat-test/sft: cannot create",),
-        cli=True,
     ),
     Case(
         "evaluate --output_file where no file can be written",
