@@ -87,17 +87,20 @@ def refuse_pickle_only(source: str, flag: str = "model") -> None:
         )
 
 
-def architectures_of(source: str) -> list[str]:
+def _architectures(source: str) -> list[str]:
     try:
         return json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError, AttributeError):  # a Hub id, or a broken config the loader will name
         return []
 
 
-def refuse_score_model(source: str, architectures, hint: str = "") -> None:
+def refuse_score_model(source: str, architectures: list[str] | None = None, hint: str = "") -> None:
     """A reward model (a one-score sequence classifier) is no language model: its body under an LM head
-    would chat, generate or train as if it were one. Refuse it."""
-    classifiers = [name for name in architectures or [] if name.endswith("ForSequenceClassification")]
+    would chat, generate or train as if it were one. Refuse it. `architectures` None: read from its config.json
+    (a Hub id, whose config is not here yet, passes; check the loaded model's config then)."""
+    if architectures is None:
+        architectures = _architectures(source)
+    classifiers = [name for name in architectures if name.endswith("ForSequenceClassification")]
     if classifiers:
         fail(
             f"{source} is a reward model ({classifiers[0]}: one score per conversation), not a language model: give "
@@ -111,7 +114,7 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
     error line that refuses a reward model where a language model is wanted."""
     refuse_pickle_only(source)
     if not reward:
-        refuse_score_model(source, architectures_of(source), hint)  # before loading: no "unused weights" warnings
+        refuse_score_model(source, hint=hint)  # before loading: no "unused weights" warnings
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise
     try:
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
@@ -128,7 +131,9 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
         where = weights[0] if len(weights) == 1 else source
         fail(f"cannot load a model from {where} (only safetensors weights are loaded): {_one_line(err)}")
     if not reward:
-        refuse_score_model(source, model.config.architectures, hint)  # a Hub id: known only once its config is here
+        refuse_score_model(
+            source, model.config.architectures or [], hint
+        )  # a Hub id: known only once its config is here
     if reward and model.config.num_labels != 1:  # e.g. a language model's folder: a fresh, random 2-label head
         fail(
             f"{source} is not a reward model: it has {model.config.num_labels} labels, expected 1 (train one with pipeline/reward.py)"

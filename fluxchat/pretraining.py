@@ -162,9 +162,7 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
     )
     if model_args.model_name_or_path:
         loading.refuse_pickle_only(model_args.model_name_or_path, "model_name_or_path")
-        loading.refuse_score_model(
-            model_args.model_name_or_path, loading.architectures_of(model_args.model_name_or_path)
-        )
+        loading.refuse_score_model(model_args.model_name_or_path)
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
         if model.config.vocab_size < len(tokenizer):
             fail(
