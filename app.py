@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None):
     loaded = {first: model}
     if compare_source is not None and second not in loaded:  # loaded now, as before: a broken one fails at start
         loaded[second] = ChatModel.load(compare_source)
+    for chat_model in loaded.values():  # else every message would fail, blaming the message
+        chat_model.check_system(args.system, defaults.max_new_tokens)
     choices = None if no_compare_tab else ModelChoices(sources, loaded, first, second)
     scorer = RewardScorer(args.reward_model) if args.reward_model else None
     feedback_log = None

@@ -16,8 +16,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from fluxchat import pretraining
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
@@ -161,6 +159,7 @@ def train_tokenizer(
 def trainer_callbacks(*callbacks):
     """Run pipeline/pretrain.py's real main() with extra TrainerCallbacks (timers, a wall-clock stop),
     by wrapping the Trainer class main() builds."""
+    from fluxchat import pretraining  # here, not at the top: bench/report.py needs no torch
 
     original = pretraining.BitsPerByteTrainer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fluxchat.config import fail
 from fluxchat.tasks import parse_task_weights
 
 
@@ -92,12 +93,19 @@ class PeftArguments:
             raise ValueError("--lora_r and --lora_alpha must be >= 1 and --lora_dropout in [0, 1)")
 
 
-def lora_config(peft_args: PeftArguments, task_type: str):
-    """A peft LoraConfig, or None without --use_peft. task_type SEQ_CLS keeps the new score head trainable."""
+# What peft's LoRA can wrap (by class name: GPT-2's projections are transformers' Conv1D).
+LORA_ADAPTABLE = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d")
+
+
+def lora_config(peft_args: PeftArguments, task_type: str, model):
+    """A peft LoraConfig for `model`, or None without --use_peft. task_type SEQ_CLS keeps the new score head
+    trainable. Call it before the stage writes anything: it checks --lora_target_modules against the model."""
     if not peft_args.use_peft:
         return None
     from peft import LoraConfig  # peft only with --use_peft: an optional dependency
 
+    if peft_args.lora_target_modules:
+        check_lora_targets(model, peft_args.lora_target_modules)
     return LoraConfig(
         r=peft_args.lora_r,
         lora_alpha=peft_args.lora_alpha,
@@ -105,3 +113,21 @@ def lora_config(peft_args: PeftArguments, task_type: str):
         target_modules=peft_args.lora_target_modules or "all-linear",
         task_type=task_type,
     )
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Each target must name (as peft matches it: the whole name or its last parts) a module LoRA can adapt;
+    peft says so only when the trainer is built, in a traceback, and not at all for one of several."""
+    kinds: dict[str, set[str]] = {target: set() for target in targets}
+    adaptable = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in LORA_ADAPTABLE:
+            adaptable.add(name.rsplit(".", 1)[-1])
+        for target in targets:
+            if name == target or name.endswith("." + target):
+                kinds[target].add(kind)
+    for target, found in kinds.items():
+        if not found & set(LORA_ADAPTABLE):
+            what = f"a {'/'.join(sorted(found))}, which LoRA cannot adapt" if found else "no module of the model"
+            fail(f"--lora_target_modules {target}: {what}; choose from {' '.join(sorted(adaptable))}")

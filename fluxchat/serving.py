@@ -24,6 +24,7 @@ import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from fluxchat import chat_format, generation, loading, runs
+from fluxchat.config import fail
 
 # Sane bounds for a public demo: values outside are clamped, never passed to generate().
 SAMPLING_BOUNDS = {
@@ -163,6 +164,20 @@ class ChatModel:
 
     def reply_budget(self, max_new_tokens: int) -> int:
         return max(1, min(int(max_new_tokens), int(self.context_length * MAX_REPLY_SHARE)))
+
+    def check_system(self, system: str | None, max_new_tokens: int) -> None:
+        """Refuse, at start, a --system message that leaves no room for a user message and a reply: otherwise
+        every message would fail with an error that blames the message."""
+        if not system:
+            return
+        budget = self.reply_budget(max_new_tokens)
+        start = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+        if chat_format.trim_to_context(self.tokenizer, start, self.context_length, budget, required=False) is None:
+            size = len(chat_format.render_prompt(self.tokenizer, start[:1]))
+            fail(
+                f"--system is {size} tokens: with a {budget}-token reply it leaves no room for a message in the "
+                f"model's context of {self.context_length}; shorten it or lower --max_new_tokens"
+            )
 
     def prepare(self, messages: list[dict], max_new_tokens: int) -> Prompt:
         """Trim to the context and render, once: pass the result to `stream`. UsageError if the newest turn cannot fit."""

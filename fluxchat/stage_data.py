@@ -55,7 +55,7 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required:
         return None, counts
     if not counts["examples"]:
         fail(
-            f"no conversation fits the model's context of {max_length} tokens ({counts}): use shorter data or a model with a longer context"
+            f"no conversation fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts}): use shorter data or a model with a longer context"
         )
     return Dataset.from_dict(columns), counts
 
@@ -117,7 +117,9 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
         columns["rejected_ids"].append(rejected)
         counts["pairs"] += 1
     if not counts["pairs"]:
-        fail(f"no preference pair fits the model's context of {max_length} tokens ({counts})")
+        fail(
+            f"no preference pair fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts})"
+        )
     return Dataset.from_dict(columns), counts
 
 

@@ -82,6 +82,7 @@ RULES: dict[str, Rule] = {
     # PPO and its monitor
     "response_length": at_least(1),
     "num_ppo_epochs": at_least(1),
+    "total_episodes": at_least(1),  # 0: TRL makes no update and saves the SFT model as PPO's
     "num_mini_batches": at_least(1),
     "kl_coef": at_least(0),
     "cliprange": positive(),

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> Path:
     argv = split_model_argument([str(a) for a in (sys.argv[1:] if argv is None else argv)])
     args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv)
     model = ChatModel.load(args.model)
+    system = chat_format.clean_text(args.system) if args.system else None
+    model.check_system(system, sampling.max_new_tokens)  # else every message would fail, blaming the message
     torch.manual_seed(args.seed)
     # Invalid UTF-8 on stdin (a pipe from anything) becomes U+FFFD rather than ending the conversation.
     if isinstance(sys.stdin, io.TextIOWrapper):  # not a test's StringIO
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Piped use: stdout carries only the replies, so it can be read by another program.
     info = sys.stdout if interactive else sys.stderr
     print(f"fluxchat: {model.source} (context {model.context_length} tokens). Commands: {COMMANDS}", file=info)
-    start = [{"role": "system", "content": chat_format.clean_text(args.system)}] if args.system else []
+    start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
 
     while True:

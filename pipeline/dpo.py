@@ -134,7 +134,9 @@ def pair_dataset(tokenizer, pairs: list[dict], max_length: int):
         counts["pairs"] += 1
         kept.append(pair)
     if not counts["pairs"]:
-        fail(f"no preference pair fits the model's context of {max_length} tokens ({counts})")
+        fail(
+            f"no preference pair fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts})"
+        )
     return Dataset.from_dict(columns), counts, kept
 
 
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> Path:
     policy = loading.load_causal_lm(sft_path, tokenizer)  # before writing anything: a broken input leaves no trace
     # The reference is the SFT model reloaded from its folder: a separate object (TRL refuses the policy itself).
     reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)
+    peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", policy)
     training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"dpo: policy and reference {sft_path} (context {context}), beta {args.beta}, loss {'+'.join(args.loss_type)}; "
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=train_set,
         eval_dataset=heldout_set if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
+        peft_config=peft_config,
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()

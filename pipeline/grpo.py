@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
         fail("every reward has weight 0: give --answer_weight, --format_weight or --reward_model_weight above 0")
     args.reward_weights = weights
 
+    peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", policy)
     training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     names = [rewards.training_name(func) for func in reward_funcs]
     training.logger.info(
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
         args=args,
         train_dataset=train_set,
         processing_class=tokenizer,
-        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
+        peft_config=peft_config,
     )
     training.positions_from_attention_mask(trainer.model, trainer.ref_model)  # it scores left-padded prompts
     training.use_dense_progress(trainer)

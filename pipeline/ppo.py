@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> Path:
     reward_model = loading.load_score_model(reward_path, tokenizer, "--reward_model_path")
     value_model = loading.load_score_model(value_path, tokenizer)
 
+    peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", policy)
     training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"ppo: policy {sft_path}, reward {reward_path}, value {value_path}; {counts['prompts']} prompts "
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
         value_model=value_model,
         eval_dataset=eval_set,
         callbacks=[monitor.callback()],
-        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
+        peft_config=peft_config,
     )
     monitor.trainer = trainer
     trainer.remove_callback(ProgressCallback)

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)  # the new score head's initialisation
     model = loading.load_score_model(model_path, tokenizer)
 
+    peft_config = arguments.lora_config(peft_args, "SEQ_CLS", model)
     training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"reward: {model_path} (context {context}), {counts['pairs']} train pairs ({counts['trimmed']} trimmed, "
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=arguments.lora_config(peft_args, "SEQ_CLS"),
+        peft_config=peft_config,
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()

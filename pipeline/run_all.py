@@ -33,7 +33,17 @@ from pathlib import Path
 
 from fluxchat import data, runs, tasks
 from fluxchat import report as stage_reports
-from fluxchat.config import REPO_ROOT, UsageError, fail, on_cpu_only, parse_config, pop_flag, presets, run_cli
+from fluxchat.config import (
+    REPO_ROOT,
+    UsageError,
+    fail,
+    load_yaml,
+    on_cpu_only,
+    parse_config,
+    pop_flag,
+    presets,
+    run_cli,
+)
 
 SCRIPTS = {
     "tokenizer": "tokenizer/train.py",
@@ -91,6 +101,21 @@ def launcher(args: RunAllArguments, stage: str) -> list[str]:
     if on_cpu_only():  # accelerate otherwise sets OMP_NUM_THREADS=1: one core of the machine, half the speed on 2
         cmd += ["--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
     return cmd
+
+
+def check_accelerate_config(path: str) -> None:
+    """accelerate reads its config only when it launches the first training stage, and a wrong one ends there in
+    a traceback, after the tokenizer ran: read it as accelerate does, before any stage."""
+    from accelerate.commands.config.config_args import load_config_from_file  # only with the flag: 2 s of imports
+
+    if not Path(path).is_file():
+        fail(f"--accelerate_config {path}: no such file (configs/accelerate/ has one per setup)")
+    if not load_yaml(Path(path)):  # one line for a file that is not a YAML (or JSON) mapping
+        fail(f"--accelerate_config {path} is empty: accelerate needs at least its distributed_type")
+    try:
+        load_config_from_file(path)
+    except (ValueError, TypeError, KeyError) as err:  # no or an unknown distributed_type, unknown keys
+        fail(f"--accelerate_config {path}: {str(err).strip().splitlines()[0]}")
 
 
 def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], list[str]]:
@@ -250,6 +275,8 @@ def main(argv: list[str] | None = None) -> Path:
             )
         extra.setdefault(stage, []).append(flag)
 
+    if args.accelerate_config:
+        check_accelerate_config(args.accelerate_config)
     run = runs.run_dir(args.run_name)
     corpus_files, task_flags = prepare_corpus(args, run / runs.DATA_DIR)
     summary = []

@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
     examples = stage_data.task_examples(script_args)
     model = loading.load_causal_lm(model_path, tokenizer)
 
+    peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", model)
     training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"sft: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, context {context}), "
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=arguments.lora_config(peft_args, "CAUSAL_LM"),
+        peft_config=peft_config,
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()

@@ -395,7 +395,7 @@ CASES = [
             "--output_dir",
             d / "out",
         ],
-        ("no conversation fits the model's context of 64 tokens",),
+        ("no conversation fits in 64 tokens (the model's context",),
     ),
     Case(
         "sft without pretraining",
@@ -870,6 +870,56 @@ CASES = [
         "evaluate",
         lambda i, d: [i.shared / "pretrain", "--tasks", "copy", "--n_per_task", 1, "--output_file", "/proc/x.json"],
         ("--output_file /proc/x.json: cannot write it",),
+    ),
+    # ---- a system message with no room for a message, an accelerate config accelerate cannot read (2026-12-06)
+    Case(
+        "chat --system longer than the context",
+        "chat",
+        lambda i, d: [i.shared, "--system", "word " * 200],
+        ("--system is", "leaves no room for a message"),
+        stdin="hello\n",
+    ),
+    Case(
+        "app --system longer than the context",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain", "--system", "word " * 200],
+        ("--system is", "leaves no room for a message"),
+    ),
+    Case(
+        "run_all --accelerate_config without a distributed_type",
+        "run_all",
+        lambda i, d: ["--run_name", "x", "--accelerate_config", d / "accelerate.yaml", "--train_file", i.corpus],
+        ("--accelerate_config", "`distributed_type` must be specified"),
+        prepare=lambda i, d: (d / "accelerate.yaml").write_text("num_processes: 2\n"),
+    ),
+    Case(
+        "sft --lora_target_modules naming no module",
+        "sft",
+        lambda i, d: [
+            *sft_of_shared(i),
+            "--use_peft",
+            "--lora_target_modules",
+            "c_attn",
+            "attn_proj",
+            "--max_steps",
+            1,
+        ],
+        ("--lora_target_modules attn_proj: no module of the model", "c_attn c_fc c_proj"),
+    ),
+    Case(
+        "reward --lora_target_modules naming a layer norm",
+        "reward",
+        lambda i, d: [
+            *sft_of_shared(i),
+            *("--output_dir", d / "out", "--use_peft", "--lora_target_modules", "ln_1", "--max_steps", 1),
+        ],
+        ("--lora_target_modules ln_1: a LayerNorm, which LoRA cannot adapt",),
+    ),
+    Case(
+        "ppo --total_episodes 0",
+        "ppo",
+        lambda i, d: [*ppo_rewarded_by(lambda i: i.reward_model)(i, d), "--total_episodes", 0],
+        ("--total_episodes must be >= 1, got 0",),
     ),
 ]
 DEFECTS = {  # case -> what goes wrong today (none known: add a case here as a strict xfail when you find one)
