@@ -141,10 +141,8 @@ def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
     assert "overall" in result.stdout and "dropped 2 pairs" in result.stderr
     assert not (tiny_run / "pretrain" / "evaluation.json").exists()
     # A language model's folder is not a reward model: refused, not scored with a random head.
-    refused = run_script(
-        PYTHON, "pipeline/evaluate.py", tiny_run, "--reward_model", tiny_run / "pretrain", "--output_file", output
-    )
-    assert refused.returncode == 2 and "is not a reward model" in refused.stderr
+    code, error = run_main(evaluate.main, [tiny_run, "--reward_model", tiny_run / "pretrain", "--output_file", output])
+    assert code == 2 and "is not a reward model" in error
 
 
 def test_train_split_scores_training_pool_items_into_its_own_file(tiny_run, tmp_path):

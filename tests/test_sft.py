@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format
 from pipeline import sft
-from tests.conftest import PYTHON, SHAKESPEARE, run_main, run_script
+from tests.conftest import SHAKESPEARE, run_main
 
 # A high learning rate: the test model learns to end its replies with <|end|> within 40 steps.
 FAST = [
@@ -218,11 +218,10 @@ def test_sft_from_an_explicit_path_with_lora_saves_a_merged_plain_model(tiny_run
 
 
 def test_missing_pretrained_model_is_one_line_naming_the_command(isolated_runs):
-    result = run_script(PYTHON, "pipeline/sft.py", "--preset", "tiny", "--run_name", "nothing-here")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "pipeline/pretrain.py" in error_lines[0] and "nothing-here" in error_lines[0]
+    # In-process (tests/test_bad_inputs.py runs sft's command line in a subprocess): the same main(), the same line.
+    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "nothing-here"])
+    assert code == 2 and "\n" not in error
+    assert "pipeline/pretrain.py" in error and "nothing-here" in error
     assert not (isolated_runs / "nothing-here").exists()
 
 
@@ -278,13 +277,9 @@ def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_t
 
 def test_missing_mix_text_file_is_one_line(isolated_runs, tmp_path):
     missing = tmp_path / "absent.txt"
-    result = run_script(
-        PYTHON, "pipeline/sft.py", "--preset", "tiny", "--run_name", "nomix", "--mix_text_file", str(missing)
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "--mix_text_file" in error_lines[0] and "absent.txt" in error_lines[0]
+    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "nomix", "--mix_text_file", missing])
+    assert code == 2 and "\n" not in error
+    assert "--mix_text_file" in error and "absent.txt" in error
     assert not (isolated_runs / "nomix").exists()
 
 
