@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
 
     def continue_text(prompt: str) -> list[str]:
+        seen = context - args.max_new_tokens  # generation.sample keeps the prompt's end: a sliding window
+        if (n_tokens := len(chat_format.encode_text(tokenizer, prompt))) > seen:
+            print(f"note: the prompt is {n_tokens} tokens; the model sees its last {seen}", file=sys.stderr)
         texts = []
         for i in range(args.num_samples):
             text = generation.sample(model, tokenizer, prompt, args.max_new_tokens, seed=args.seed + i, **sampling)

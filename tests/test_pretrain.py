@@ -84,6 +84,18 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
     assert bad.returncode == 2 and "whitespace" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context_and_says_so(tiny_run, capsys):
+    from pipeline import generate
+
+    prompt = "ROMEO: " + "word " * 300  # far past the tiny model's 64-token context
+    argv = [tiny_run / "pretrain", "--prompt", prompt, "--max_new_tokens", 8, "--temperature", 0]
+    texts = generate.main([str(a) for a in argv])
+    assert len(texts) == 1
+    out = capsys.readouterr()
+    assert out.out.startswith(prompt)  # the whole prompt is printed, then the continuation of its end
+    assert "note: the prompt is" in out.err and "the model sees its last 56" in out.err  # 64 - 8 new tokens
+
+
 def _pretrain_cmd(run_name, steps, *extra):
     return [
         PYTHON,
