@@ -225,9 +225,6 @@ def test_grpo_with_lora_saves_the_merged_policy(chain, tmp_path):
         "--use_peft",
         "--lora_r",
         4,
-        "--lora_target_modules",
-        "attn.c_attn",  # as peft matches it: the last parts of a module's name
-        "c_fc",
         "--beta",
         0.04,
         "--learning_rate",
@@ -238,10 +235,6 @@ def test_grpo_with_lora_saves_the_merged_policy(chain, tmp_path):
     assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(output, use_safetensors=True)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    # Only the named modules were adapted: their merged weights moved, the others are SFT's to the bit.
-    sft = dict(AutoModelForCausalLM.from_pretrained(chain / "sft", use_safetensors=True).named_parameters())
-    moved = {name for name, weight in merged.named_parameters() if not torch.equal(weight, sft[name])}
-    assert moved and all(".attn.c_attn." in name or ".mlp.c_fc." in name for name in moved), sorted(moved)
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_path):

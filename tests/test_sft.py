@@ -201,6 +201,9 @@ def test_sft_from_an_explicit_path_with_lora_saves_a_merged_plain_model(tiny_run
         4,
         "--lora_alpha",
         8,
+        "--lora_target_modules",
+        "attn.c_attn",  # as peft matches it: the last parts of a module's name
+        "c_fc",
         "--eval_baseline",
         "false",
         *FAST,
@@ -213,7 +216,10 @@ def test_sft_from_an_explicit_path_with_lora_saves_a_merged_plain_model(tiny_run
     assert not any("lora" in name for name, _ in merged.named_parameters())
     layer = "transformer.h.0.attn.c_attn.weight"
     assert not torch.equal(merged.state_dict()[layer], original.state_dict()[layer])  # the adapter was merged in
-    assert torch.equal(merged.state_dict()["transformer.wte.weight"], original.state_dict()["transformer.wte.weight"])
+    # Only the modules --lora_target_modules names were adapted: every other weight is the pretrained one to the bit.
+    before = dict(original.named_parameters())
+    moved = {name for name, weight in merged.named_parameters() if not torch.equal(weight, before[name])}
+    assert moved and all(".attn.c_attn." in name or ".mlp.c_fc." in name for name in moved), sorted(moved)
     assert AutoTokenizer.from_pretrained(output).chat_template == chat_format.FORMATS["instruction"].jinja()
 
 
