@@ -129,7 +129,9 @@ def load_text(
         sources = []
         for path in files:
             if path.suffix == ".txt":
-                rows = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
+                rows = datasets.load_dataset(  # utf-8-sig: as _read_text_chunks, a leading byte-order mark goes
+                    "text", data_files=str(path), sample_by="document", split="train", encoding="utf-8-sig"
+                )
                 sources.append((str(path), rows, True))
             else:
                 builder = "parquet" if path.suffix == ".parquet" else "json"
@@ -256,8 +258,8 @@ def iter_text(
 
 
 def _read_text_chunks(path: Path) -> Iterator[str]:
-    # Text mode, as datasets' "text" builder reads it: "\r\n" and "\r" become "\n".
-    with open(path, encoding="utf-8") as handle:
+    # Text mode, as datasets' "text" builder reads it: "\r\n" and "\r" become "\n"; a leading byte-order mark goes.
+    with open(path, encoding="utf-8-sig") as handle:
         while chunk := handle.read(READ_CHUNK):
             yield chunk
 

@@ -78,9 +78,10 @@ def looks_like_hub_dataset(value: str) -> bool:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a leading byte-order mark (Windows editors write one) is dropped, not read as JSON.
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _jsonl_rows(path: Path):

@@ -155,8 +155,10 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
         if answer is not None and not isinstance(answer, (str, int, float)):
             fail(f"{name}: {label}: field '{answer_column}' must be text or a number, got {type(answer).__name__}")
         if answer is None and need_answers:
+            given = next((c for c in ANSWER_COLUMNS if c in row), None)  # present but null
+            what = f"field '{given}' is null" if given else "no 'answer' column"
             fail(
-                f"{name}: {label}: no 'answer' column and no --reward_model_path: GRPO needs an answer to check "
+                f"{name}: {label}: {what} and no --reward_model_path: GRPO needs an answer to check "
                 "each reply against, or a reward model to score it"
             )
         out.append(

@@ -71,7 +71,7 @@ def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int,
     windows made ~90% of the loss prose and the model lost the copy/upper tasks (issue 14).
     Returns (dataset, number of text rows)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
             text = handle.read()
     except OSError as err:
         fail(f"--mix_text_file {path}: cannot read it ({err.strerror or err})")

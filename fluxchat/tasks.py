@@ -336,7 +336,7 @@ def select_tasks(tasks) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4)
 def _corpus_items(corpus_path: str):
     """(quote items, speaker items, frequent speakers) from a corpus of `NAME:` blocks."""
-    text = Path(corpus_path).read_text(encoding="utf-8")
+    text = Path(corpus_path).read_text(encoding="utf-8-sig")
     speakers_of: dict[str, set[str]] = {}
     turns = Counter()
     for block in re.split(r"\n\s*\n", text):

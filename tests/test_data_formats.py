@@ -250,3 +250,31 @@ def test_bad_preference_rows(tmp_path, row, expected):
     )
     with pytest.raises(UsageError, match=expected):
         load_preferences([str(path)])
+
+
+def test_a_byte_order_mark_is_dropped_not_read_as_data(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: chat rows (JSON lines, JSON, gzip) and pretraining
+    text load as they would without it (JSON lines once failed on line 1; text kept a stray U+FEFF)."""
+    from fluxchat import data
+
+    bom = b"\xef\xbb\xbf"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    line = (json.dumps(row) + "\n").encode()
+    files = {
+        "bom.jsonl": bom + line * 2,
+        "bom.json": bom + json.dumps([row]).encode(),
+        "bom.jsonl.gz": gzip.compress(bom + line),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        loaded = load_conversations([str(tmp_path / name)])
+        assert loaded and all(conversation["messages"] == row["messages"] for conversation in loaded), name
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(bom + b"ROMEO: hello\n" * 50)
+    # Both readers (tokenizer training's lists, pretraining's stream) agree, the held-out cut included.
+    train, validation = data.load_text([str(text)], None)
+    streamed = {"train": "", "validation": ""}
+    for split, chunk, _ in data.iter_text(data.text_sources([str(text)], None), "text", 0.1):
+        streamed[split] += chunk
+    assert streamed == {"train": "".join(train), "validation": "".join(validation)}
+    assert streamed["train"].startswith("ROMEO") and "\ufeff" not in streamed["train"] + streamed["validation"]

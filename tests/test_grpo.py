@@ -248,6 +248,11 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
         and "answer" in error
         and "--reward_model_path" in error
     )
+    null_answer = _write_jsonl(
+        tmp_path / "null.jsonl", [{"prompt": "Say yes.", "answer": "yes"}, {"prompt": "Hi", "answer": None}]
+    )
+    code, error = run_main(grpo.main, [*base, "--dataset", null_answer])
+    assert code == 2 and "line 2: field 'answer' is null and no --reward_model_path" in error
     code, error = run_main(grpo.main, [*base, "--num_generations", 1])
     assert code == 2 and "--num_generations 1" in error and "at least 2" in error
     code, error = run_main(grpo.main, [*base, "--max_completion_length", 500])
