@@ -123,6 +123,52 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
     return Dataset.from_dict(columns), counts
 
 
+def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int):
+    """Dataset of `prompt_ids` (the prompt and the assistant header) and `chosen_ids` / `rejected_ids` (each
+    reply through its <|end|>, as chat_format.render_scored cuts it). Over-long prompts lose their oldest
+    turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept)."""
+    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
+    kept = []
+
+    def render(items):
+        """[(prompt ids, chosen ids, rejected ids)] of [(prompt, pair)], every message encoded once (one batch)."""
+        heads = chat_format.render_conversations(tokenizer, [prompt for prompt, _ in items])
+        whole = chat_format.render_scored_many(
+            tokenizer, [prompt + pair[key] for prompt, pair in items for key in ("chosen", "rejected")]
+        )
+        out = []
+        for i, ((_, pair), (prompt_ids, _)) in enumerate(zip(items, heads)):
+            if pair["chosen"][0]["role"] == "assistant" and pair["rejected"][0]["role"] == "assistant":
+                prompt_ids = prompt_ids + header  # else replies start with another turn: the header is theirs
+            out.append((prompt_ids, whole[2 * i][len(prompt_ids) :], whole[2 * i + 1][len(prompt_ids) :]))
+        return out
+
+    header = chat_format.render_prompt(tokenizer, [])  # the assistant header a generation prompt ends with
+    items = [(list(pair.get("prompt") or []), pair) for pair in pairs]
+    for (prompt, pair), (prompt_ids, chosen, rejected) in zip(items, render(items)):
+        longest = max(len(chosen), len(rejected))
+        if len(prompt_ids) + longest > max_length:
+            fitted = (
+                chat_format.trim_to_context(tokenizer, prompt, max_length, longest, required=False) if prompt else None
+            )
+            if fitted is None:
+                counts["dropped_too_long"] += 1
+                continue
+            counts["trimmed"] += 1
+            [(prompt_ids, chosen, rejected)] = render([(fitted, pair)])
+        columns["prompt_ids"].append(prompt_ids)
+        columns["chosen_ids"].append(chosen)
+        columns["rejected_ids"].append(rejected)
+        counts["pairs"] += 1
+        kept.append(pair)
+    if not counts["pairs"]:
+        fail(
+            f"no preference pair fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts})"
+        )
+    return Dataset.from_dict(columns), counts, kept
+
+
 def prompt_of(messages) -> list[dict]:
     """The messages before the final assistant reply: what a policy is asked to continue."""
     messages = list(messages)
@@ -151,6 +197,27 @@ def prompt_dataset(tokenizer, conversations: list[dict], max_prompt_tokens: int)
     if not prompts:
         fail(f"no prompt fits in {max_prompt_tokens} tokens (context minus --response_length) ({counts})")
     return Dataset.from_dict({"input_ids": prompts}), counts
+
+
+def grpo_prompt_rows(tokenizer, rows: list[dict], max_prompt_tokens: int) -> tuple[list[dict], dict]:
+    """GRPO's prompt rows whose prompt fits `max_prompt_tokens` (oldest turns dropped if needed). GRPOTrainer
+    renders prompts with the Jinja template, which turns a typed `<|user|>` into the control token; our renderer
+    keeps it text, so such prompts are left out rather than trained on in a layout chat never shows."""
+    kept, counts = [], {"prompts": 0, "trimmed": 0, "dropped_too_long": 0, "dropped_control_text": 0}
+    for row in rows:
+        if any(token in message["content"] for message in row["prompt"] for token in chat_format.SPECIAL_TOKENS):
+            counts["dropped_control_text"] += 1
+            continue
+        fitted = chat_format.trim_to_context(tokenizer, row["prompt"], max_prompt_tokens, 0, required=False)
+        if fitted is None:
+            counts["dropped_too_long"] += 1
+            continue
+        counts["trimmed"] += fitted != row["prompt"]
+        kept.append({**row, "prompt": fitted})
+        counts["prompts"] += 1
+    if not kept:
+        fail(f"no prompt fits in {max_prompt_tokens} tokens (context minus --max_completion_length) ({counts})")
+    return kept, counts
 
 
 def sample_rows(rows: list, limit: int | None, seed: int) -> list:

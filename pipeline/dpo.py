@@ -22,23 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from fluxchat import (
-    arguments,
-    chat_format,
-    evaluation,
-    hub,
-    loading,
-    rewards,
-    runs,
-    stage_data,
-    tasks,
-    training,
-)
+from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.config import parse_config, run_cli
 from fluxchat.report import describe_flaws, wilson_interval
 
 # Raised inside TRL's trainers on every step; nothing we can change.
@@ -87,57 +75,11 @@ class StageDPOConfig(DPOConfig):
 
 
 class RenderedDPOTrainer(DPOTrainer):
-    """DPOTrainer on pairs already tokenized by `pair_dataset`: TRL would render them with the Jinja template,
-    which turns typed control-token spellings into control tokens and ends each reply with the separator."""
+    """DPOTrainer on pairs already tokenized by `stage_data.dpo_pair_dataset`: TRL would render them with the Jinja
+    template, which turns typed control-token spellings into control tokens and ends each reply with the separator."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
-
-
-def pair_dataset(tokenizer, pairs: list[dict], max_length: int):
-    """Dataset of `prompt_ids` (the prompt and the assistant header) and `chosen_ids` / `rejected_ids` (each
-    reply through its <|end|>, as chat_format.render_scored cuts it). Over-long prompts lose their oldest
-    turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept)."""
-    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
-    kept = []
-
-    def render(items):
-        """[(prompt ids, chosen ids, rejected ids)] of [(prompt, pair)], every message encoded once (one batch)."""
-        heads = chat_format.render_conversations(tokenizer, [prompt for prompt, _ in items])
-        whole = chat_format.render_scored_many(
-            tokenizer, [prompt + pair[key] for prompt, pair in items for key in ("chosen", "rejected")]
-        )
-        out = []
-        for i, ((_, pair), (prompt_ids, _)) in enumerate(zip(items, heads)):
-            if pair["chosen"][0]["role"] == "assistant" and pair["rejected"][0]["role"] == "assistant":
-                prompt_ids = prompt_ids + header  # else replies start with another turn: the header is theirs
-            out.append((prompt_ids, whole[2 * i][len(prompt_ids) :], whole[2 * i + 1][len(prompt_ids) :]))
-        return out
-
-    header = chat_format.render_prompt(tokenizer, [])  # the assistant header a generation prompt ends with
-    items = [(list(pair.get("prompt") or []), pair) for pair in pairs]
-    for (prompt, pair), (prompt_ids, chosen, rejected) in zip(items, render(items)):
-        longest = max(len(chosen), len(rejected))
-        if len(prompt_ids) + longest > max_length:
-            fitted = (
-                chat_format.trim_to_context(tokenizer, prompt, max_length, longest, required=False) if prompt else None
-            )
-            if fitted is None:
-                counts["dropped_too_long"] += 1
-                continue
-            counts["trimmed"] += 1
-            [(prompt_ids, chosen, rejected)] = render([(fitted, pair)])
-        columns["prompt_ids"].append(prompt_ids)
-        columns["chosen_ids"].append(chosen)
-        columns["rejected_ids"].append(rejected)
-        counts["pairs"] += 1
-        kept.append(pair)
-    if not counts["pairs"]:
-        fail(
-            f"no preference pair fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts})"
-        )
-    return Dataset.from_dict(columns), counts, kept
 
 
 def _sequence_logps(model, inputs) -> torch.Tensor:
@@ -205,8 +147,8 @@ def main(argv: list[str] | None = None) -> Path:
     train_pairs, heldout_pairs, n_identical = stage_data.split_preferences(
         script_args, script_args.eval_fraction, args.seed
     )
-    train_set, counts, _ = pair_dataset(tokenizer, train_pairs, args.max_length)
-    heldout_set, heldout_counts, heldout_pairs = pair_dataset(tokenizer, heldout_pairs, args.max_length)
+    train_set, counts, _ = stage_data.dpo_pair_dataset(tokenizer, train_pairs, args.max_length)
+    heldout_set, heldout_counts, heldout_pairs = stage_data.dpo_pair_dataset(tokenizer, heldout_pairs, args.max_length)
     builtin_pairs = (
         []
         if not script_args.eval_examples
@@ -215,7 +157,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     )
     builtin_set, _, builtin_pairs = (
-        pair_dataset(tokenizer, builtin_pairs, args.max_length) if builtin_pairs else (None, {}, [])
+        stage_data.dpo_pair_dataset(tokenizer, builtin_pairs, args.max_length) if builtin_pairs else (None, {}, [])
     )
     examples = stage_data.task_examples(script_args)
 

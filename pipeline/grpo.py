@@ -26,7 +26,7 @@ from pathlib import Path
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from fluxchat import arguments, chat_format, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
+from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
 
@@ -119,27 +119,6 @@ def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict
     return rows
 
 
-def fit_prompts(tokenizer, rows: list[dict], max_prompt_tokens: int) -> tuple[list[dict], dict]:
-    """Rows whose prompt fits `max_prompt_tokens` (oldest turns dropped if needed). GRPOTrainer renders
-    prompts with the Jinja template, which turns a typed `<|user|>` into the control token; our renderer
-    keeps it text, so such prompts are left out rather than trained on in a layout chat never shows."""
-    kept, counts = [], {"prompts": 0, "trimmed": 0, "dropped_too_long": 0, "dropped_control_text": 0}
-    for row in rows:
-        if any(token in message["content"] for message in row["prompt"] for token in chat_format.SPECIAL_TOKENS):
-            counts["dropped_control_text"] += 1
-            continue
-        fitted = chat_format.trim_to_context(tokenizer, row["prompt"], max_prompt_tokens, 0, required=False)
-        if fitted is None:
-            counts["dropped_too_long"] += 1
-            continue
-        counts["trimmed"] += fitted != row["prompt"]
-        kept.append({**row, "prompt": fitted})
-        counts["prompts"] += 1
-    if not kept:
-        fail(f"no prompt fits in {max_prompt_tokens} tokens (context minus --max_completion_length) ({counts})")
-    return kept, counts
-
-
 def main(argv: list[str] | None = None) -> Path:
     script_args, peft_args, args, config_file = parse_config(
         "grpo", (GRPOArguments, PeftArguments, StageGRPOConfig), argv
@@ -172,7 +151,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = stage_data.sample_rows(
         prompt_rows(script_args, reward_path is not None), script_args.max_train_samples, args.seed
     )
-    rows, counts = fit_prompts(tokenizer, rows, context - args.max_completion_length)
+    rows, counts = stage_data.grpo_prompt_rows(tokenizer, rows, context - args.max_completion_length)
     train_set = Dataset.from_list(rows)
     examples = stage_data.task_examples(script_args)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fluxchat import chat_format, loading, tasks
+from fluxchat import chat_format, loading, stage_data, tasks
 from pipeline import dpo
 from tests.conftest import SHAKESPEARE, assert_chat_stage_files, run_main
 
@@ -55,7 +55,7 @@ def test_pairs_are_rendered_like_chat_and_cut_at_the_end_of_turn(sft_model):
         "chosen": [{"role": "assistant", "content": "<|user|>"}],
         "rejected": [{"role": "assistant", "content": "no"}],
     }
-    dataset, counts, kept = dpo.pair_dataset(tokenizer, [pair], 64)
+    dataset, counts, kept = stage_data.dpo_pair_dataset(tokenizer, [pair], 64)
     row = dataset[0]
     end = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
     assert row["prompt_ids"] == chat_format.render_prompt(tokenizer, pair["prompt"])  # typed control text stays text
