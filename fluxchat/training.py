@@ -12,17 +12,19 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
+import yaml
 from accelerate import PartialState
 from transformers import ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluxchat import cards, generation, hub, runs
-from fluxchat.config import fail, main_process
+from fluxchat.config import fail, main_process, resolved_config
 
 logger = logging.getLogger("fluxchat")
 
@@ -81,8 +83,34 @@ def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | 
             runs.begin(run.output_dir, run.stage, overwrite=run.overwrite, resume=run.resume_from is not None)
     log_to_file(run.work_dir)
     if state.is_main_process:  # the config records where the stage ends up, not where it is built
+        if run.resume_from is not None:
+            note_changed_settings(
+                run.work_dir / runs.CONFIG_FILE, resolved_config(*config_objs, config_file=config_file)
+            )
         runs.save_resolved_config(run.work_dir / runs.CONFIG_FILE, *config_objs, config_file=config_file)
     training_args.output_dir = str(run.work_dir)  # the Trainer's checkpoints go where the stage is built
+
+
+# Settings that say how this command runs, not what it trains: a resume changes them without a note.
+RESUME_FREE = {"resume", "overwrite", "output_dir", "logging_dir", "config_file", "report_to", "push_to_hub"}
+
+
+def note_changed_settings(previous_config: Path, current: dict) -> None:
+    """--resume with other settings than the interrupted run's (a longer --max_steps, another batch size): allowed,
+    as the Trainer allows it, but said in one note, since config.yaml will record only the new ones."""
+    try:
+        previous = yaml.safe_load(previous_config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    if not isinstance(previous, dict):
+        return
+    current = yaml.safe_load(yaml.safe_dump(current))  # the types config.yaml holds
+    changed = [k for k in sorted(current) if k in previous and k not in RESUME_FREE and previous[k] != current[k]]
+    if changed:
+        shown = ", ".join(f"{key} {previous[key]} -> {current[key]}" for key in changed)
+        note = f"note: resuming with settings that differ from the interrupted run's: {shown} (config.yaml records the new ones)"
+        print(note, file=sys.stderr, flush=True)
+        logger.info(note)  # and in train.log, beside the steps it explains
 
 
 def log_to_file(output_dir: Path) -> None:

@@ -8,7 +8,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import PYTHON, REPO, run_script
+from conftest import PYTHON, REPO, run_main, run_script
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -70,3 +70,22 @@ def test_resuming_a_run_killed_after_its_last_checkpoint_adds_no_step(crash_benc
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((stage / "stage_complete.json").read_text())["global_step"] == 24
     assert max(int(ckpt.name.split("-")[1]) for ckpt in stage.glob("checkpoint-*")) == 24
+    assert "note: resuming" not in result.stderr  # the same settings: nothing to say
+
+
+def test_a_resume_with_other_settings_says_which(crash_bench, tmp_path, capsys):
+    """Allowed, as the Trainer allows it (a longer run is the usual reason), but said once: config.yaml will
+    record only the new settings, and the first steps ran with the old ones."""
+    import crash_safety
+
+    from pipeline import pretrain
+
+    _, work = crash_bench
+    stage = tmp_path / "pretrain"
+    shutil.copytree(work / "pretrain_killed", stage, ignore=shutil.ignore_patterns("stage_complete.json"))
+    argv = crash_safety.stage_command("pretrain", work, stage, smoke=True)[2:]
+    code, error = run_main(pretrain.main, [*argv, "--resume", "--max_steps", 26])
+    assert code == 0, error
+    note = "note: resuming with settings that differ from the interrupted run's: max_steps 24 -> 26"
+    assert note in capsys.readouterr().err and note in (stage / "train.log").read_text()
+    assert json.loads((stage / "stage_complete.json").read_text())["global_step"] == 26

@@ -138,6 +138,7 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(isolated_runs):
 
     result = run_script(*_pretrain_cmd("killed", 60, "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: resuming" not in result.stderr  # the same command: no setting changed
     ref = json.loads((runs.stage_dir("ref", "pretrain") / "metrics.json").read_text())
     got = json.loads((stage / "metrics.json").read_text())
     assert got["global_step"] == ref["global_step"] == 60
