@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,6 +27,9 @@ import yaml
 from fluxchat import validation  # a leaf module (imports nothing of ours): no cycle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# TRL's configs default gradient_checkpointing to True and transformers 5 calls that name deprecated whenever one is
+# built, whatever the user set (a recipe's `activation_checkpointing: false` included): nothing anyone can act on.
+warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
@@ -157,6 +161,10 @@ def parse_config(
                 fail(f"unknown flag --{key}{_did_you_mean(key, known)}")
 
     parser = StrictParser(dataclass_types, allow_abbrev=False)
+    for key, value in yaml_values.items():  # else the extra values surface as "not used by the HfArgumentParser"
+        action = parser._option_string_actions.get(f"--{key}")
+        if isinstance(value, (list, tuple)) and len(value) > 1 and action is not None and action.nargs in (None, "?"):
+            fail(f"{config_file}: {key} takes one value, got a list of {len(value)}")
     full_argv = _yaml_to_argv(yaml_values) + argv
     if "use_cpu" in known and on_cpu_only():
         full_argv += _cpu_only_flags(full_argv)
@@ -171,6 +179,10 @@ def parse_config(
         from_yaml = [k for k in yaml_values if f"--{k}" in message and k not in cli_keys]
         raise UsageError(f"{config_file}: {message}" if from_yaml else message) from None
     except (ValueError, TypeError) as err:  # raised by a dataclass __post_init__ validation
+        unused = "Some specified arguments are not used by the HfArgumentParser: "
+        if str(err).startswith(unused):  # `--learning_rate 1 2`: a flag given more values than it takes
+            extra = str(err)[len(unused) :].strip("[]")
+            fail(f"unexpected value(s) {extra}: a flag was given more values than it takes")
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(first_line) from None
     return (*parsed, config_file)

@@ -918,6 +918,19 @@ CASES = [
         lambda i, d: [*ppo_rewarded_by(lambda i: i.reward_model)(i, d), "--total_episodes", 0],
         ("--total_episodes must be >= 1, got 0",),
     ),
+    Case(
+        "a YAML list for a one-value key",
+        "sft",
+        lambda i, d: ["--config", d / "list.yaml", "--run_name", "x"],
+        ("list.yaml: learning_rate takes one value, got a list of 2",),
+        prepare=lambda i, d: (d / "list.yaml").write_text("learning_rate: [0.001, 0.002]\n"),
+    ),
+    Case(
+        "a flag given two values",
+        "sft",
+        lambda i, d: [*sft_of_shared(i), "--learning_rate", 0.001, 0.002],
+        ("unexpected value(s) '0.002': a flag was given more values than it takes",),
+    ),
 ]
 DEFECTS = {  # case -> what goes wrong today (none known: add a case here as a strict xfail when you find one)
 }
