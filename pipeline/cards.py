@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fluxchat import runs
 from fluxchat.cards import stage_of, write_model_card
 from fluxchat.config import fail, run_cli
 
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> Path:
     stage_dir = Path(argv[0])
     if not stage_dir.is_dir():
         fail(f"{stage_dir} is not a folder: give a stage folder such as runs/demo/sft")
+    if not runs.is_finished(stage_dir):  # a run folder, its data/ or runs/ itself would get a model card
+        stages = [stage for stage in runs.STAGES if runs.is_finished(stage_dir / stage)]
+        if stages:
+            fail(f"{stage_dir} is a run folder: give one of its stages, e.g. {stage_dir / stages[-1]}")
+        fail(f"{stage_dir} is not a finished stage folder (no {runs.FINISHED_MARKER}): give one such as runs/demo/sft")
     card = write_model_card(stage_dir, stage_of(stage_dir))
     print(f"wrote {card}")
     return card

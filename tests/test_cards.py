@@ -173,3 +173,10 @@ def test_cards_cli_rewrites_a_card(tiny_run, tmp_path):
     assert "No training log found" in body  # no checkpoints, no log_history.json: no curve, still a card
     code, error = run_main(cards_command.main, [tmp_path / "missing"])
     assert code == 2 and "is not a folder" in error
+    # Only a finished stage gets a card: not a run folder (it names a stage), nor any other folder.
+    code, error = run_main(cards_command.main, [tiny_run])
+    assert code == 2 and f"{tiny_run} is a run folder: give one of its stages, e.g. {tiny_run}/" in error
+    (tmp_path / "notes").mkdir()
+    code, error = run_main(cards_command.main, [tmp_path / "notes"])
+    assert code == 2 and "is not a finished stage folder (no stage_complete.json)" in error
+    assert not (tiny_run / "README.md").exists() and not (tmp_path / "notes" / "README.md").exists()
