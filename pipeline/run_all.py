@@ -55,6 +55,7 @@ SCRIPTS = {
     "dpo": "pipeline/dpo.py",
 }
 RESUMABLE = ("pretrain", "sft", "grpo", "dpo")
+TEXT_READERS = ("tokenizer", "pretrain", "sft")  # the stages that read the generated texts in runs/<name>/data/
 REPORT = "report"  # after evaluate: every chat stage on the same held-out items (pipeline/evaluate.py --report)
 CORPORA = ("tinyshakespeare", "embedded")
 FACTS_FILE = "facts.txt"  # pretraining: the facts text, steps table included
@@ -118,15 +119,16 @@ def check_accelerate_config(path: str) -> None:
         fail(f"--accelerate_config {path}: {str(err).strip().splitlines()[0]}")
 
 
-def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], list[str]]:
-    """(pretraining files, extra flags for the alignment stages)."""
+def prepare_corpus(args: RunAllArguments, data_dir: Path, write: bool = True) -> tuple[list[str], list[str]]:
+    """(pretraining files, extra flags for the alignment stages). The generated texts are written to `data_dir`
+    only if `write` (a stage that reads them is asked for): `--stages ppo` on a run without SFT leaves no trace."""
     task_flags: list[str] = []
     if args.corpus not in CORPORA:
         fail(f"--corpus {args.corpus}: choose from {', '.join(CORPORA)}")
     if args.train_file and args.corpus != CORPORA[0]:
         fail(f"--corpus {args.corpus} and --train_file both name the pretraining text: give one")
     if args.corpus == "embedded":
-        return embedded_corpus(data_dir)
+        return embedded_corpus(data_dir, write)
     if args.train_file:
         files = [str(f) for f in data.expand_files(args.train_file)]  # check them before any stage runs
         text_files = [f for f in files if f.endswith(".txt")]
@@ -138,20 +140,20 @@ def prepare_corpus(args: RunAllArguments, data_dir: Path) -> tuple[list[str], li
             task_flags = ["--corpus_file", str(corpus)]
         except UsageError as err:  # a copy of the package without data/, offline
             print(f"note: {err}; pretraining on the embedded task corpus instead", flush=True)
-            return embedded_corpus(data_dir)
+            return embedded_corpus(data_dir, write)
     if args.with_facts:
         path = data_dir / FACTS_FILE
-        if not path.is_file():
+        if write and not path.is_file():
             runs.atomic_write_text(path, tasks.facts_corpus())
-        if not (data_dir / SFT_MIX_FILE).is_file():
+        if write and not (data_dir / SFT_MIX_FILE).is_file():
             runs.atomic_write_text(data_dir / SFT_MIX_FILE, tasks.facts_corpus(table_repeats=0))
         files.append(str(path))
     return files, task_flags
 
 
-def embedded_corpus(data_dir: Path) -> tuple[list[str], list[str]]:
+def embedded_corpus(data_dir: Path, write: bool = True) -> tuple[list[str], list[str]]:
     path = data_dir / "embedded_corpus.txt"
-    if not path.is_file():
+    if write and not path.is_file():
         runs.atomic_write_text(path, tasks.embedded_corpus())
     print(f"note: pretraining on the embedded task corpus ({path}); the quote/speaker tasks are left out", flush=True)
     return [str(path)], ["--tasks", *OFFLINE_TASKS]
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.accelerate_config:
         check_accelerate_config(args.accelerate_config)
     run = runs.run_dir(args.run_name)
-    corpus_files, task_flags = prepare_corpus(args, run / runs.DATA_DIR)
+    reads_text = any(stage in TEXT_READERS for stage in args.stages)
+    corpus_files, task_flags = prepare_corpus(args, run / runs.DATA_DIR, write=reads_text)
     summary = []
     for stage in args.stages:
         folder = run if stage in ("evaluate", REPORT) else runs.stage_dir(args.run_name, stage)

@@ -918,6 +918,12 @@ CASES = [
         lambda i, d: [*ppo_rewarded_by(lambda i: i.reward_model)(i, d), "--total_episodes", 0],
         ("--total_episodes must be >= 1, got 0",),
     ),
+    Case(  # its own one-line error is the stage's (a subprocess); run_all's last line names the stage
+        "run_all --stages ppo on a run without SFT",
+        "run_all",
+        lambda i, d: ["--run_name", "x", "--stages", "ppo"],
+        ("stage ppo failed",),  # and, as for every case, nothing written: not even the run's data/ texts
+    ),
     Case(
         "a YAML list for a one-value key",
         "sft",
