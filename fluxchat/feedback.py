@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,12 +68,27 @@ def feedback_path(feedback_file: str | None, model_source: str) -> Path:
             fail(f"--feedback_file {path} is a folder: give a file path, e.g. {path / FEEDBACK_FILE}")
         if not path.parent.is_dir():
             fail(f"--feedback_file {path}: folder {path.parent} does not exist")
-        return path
+        return _writable(path, "--feedback_file")
     if not Path(model_source).is_dir():
         fail(
             f"--collect_feedback: the served model {model_source} is no local folder, so it has no run folder: give --feedback_file"
         )
-    return Path(model_source).resolve().parent / FEEDBACK_FILE
+    return _writable(Path(model_source).resolve().parent / FEEDBACK_FILE, "--collect_feedback")
+
+
+def _writable(path: Path, flag: str) -> Path:
+    """Tried at start, not at the first click (where the user would learn it from an error in the page): the file
+    opened for appending, or a temporary file made and removed beside it. Permissions alone cannot tell (root, a
+    virtual or read-only file system)."""
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        else:
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+    except OSError as err:
+        fail(f"{flag}: cannot write the feedback file {path} ({err.strerror or err})")
+    return path
 
 
 class FeedbackLog:

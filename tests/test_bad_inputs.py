@@ -918,6 +918,15 @@ CASES = [
         lambda i, d: [*ppo_rewarded_by(lambda i: i.reward_model)(i, d), "--total_episodes", 0],
         ("--total_episodes must be >= 1, got 0",),
     ),
+    Case(
+        "app --feedback_file that cannot be written",
+        "app",
+        lambda i, d: [
+            *("--model", i.shared / "pretrain", "--compare_model", i.shared / "pretrain", "--collect_feedback"),
+            *("--feedback_file", "/proc/fluxchat-feedback.jsonl"),
+        ],
+        ("--feedback_file: cannot write the feedback file /proc/fluxchat-feedback.jsonl",),
+    ),
     Case(  # its own one-line error is the stage's (a subprocess); run_all's last line names the stage
         "run_all --stages ppo on a run without SFT",
         "run_all",
