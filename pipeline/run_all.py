@@ -205,9 +205,14 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
         # and gave the sums nothing (64% -> 60% of validation sums); pretraining alone stores it.
         cmd += ["--mix_text_file", str(mix)]
     folder = runs.stage_dir(args.run_name, stage)
-    if folder.exists() and not runs.is_finished(folder):  # interrupted earlier
+    if folder.exists() and not runs.is_finished(folder) and not redo(extra):  # interrupted earlier
         cmd += ["--resume"] if stage in RESUMABLE and runs.latest_checkpoint(folder) else ["--overwrite"]
     return cmd + extra
+
+
+def redo(stage_flags: list[str]) -> bool:
+    """`--stage_args sft:--overwrite`: the user asks for the stage again, finished or not."""
+    return any(flag in ("--overwrite", "--overwrite=true", "--overwrite=True") for flag in stage_flags)
 
 
 def key_metric(stage: str, folder: Path) -> str:
@@ -235,6 +240,17 @@ def key_metric(stage: str, folder: Path) -> str:
     flat = _flatten(m)
     found = [f"{label} {flat[key]:.3f}" for label, key in picks if isinstance(flat.get(key), (int, float))]
     return ", ".join(dict.fromkeys(found))
+
+
+def note_stale_later_stages(args: RunAllArguments, stage: str, extra: dict[str, list[str]]) -> None:
+    later = list(SCRIPTS)[list(SCRIPTS).index(stage) + 1 :]
+    kept = [s for s in later if runs.is_finished(runs.stage_dir(args.run_name, s)) and not redo(extra.get(s, []))]
+    if kept:
+        print(
+            f"note: {stage} is redone (--overwrite); {', '.join(kept)} came after it, perhaps from it, and stay as they "
+            f"are unless redone too (--stage_args {kept[0]}:--overwrite ...)",
+            flush=True,
+        )
 
 
 def report_is_current(run: Path) -> bool:
@@ -283,14 +299,17 @@ def main(argv: list[str] | None = None) -> Path:
     reads_text = any(stage in TEXT_READERS for stage in args.stages)
     corpus_files, task_flags = prepare_corpus(args, run / runs.DATA_DIR, write=reads_text)
     summary = []
+    ran = []  # the stages this command trains: an evaluation or report from before describes other models
     for stage in args.stages:
         folder = run if stage in ("evaluate", REPORT) else runs.stage_dir(args.run_name, stage)
         if stage == "evaluate":
-            done = (run / runs.EVALUATION_FILE).is_file()
+            done = (run / runs.EVALUATION_FILE).is_file() and not ran
         elif stage == REPORT:
-            done = report_is_current(run)
+            done = report_is_current(run) and not ran
         else:
-            done = runs.is_finished(folder)
+            done = runs.is_finished(folder) and not redo(extra.get(stage, []))
+            if runs.is_finished(folder) and not done:
+                note_stale_later_stages(args, stage, extra)
         if done:
             print(f"== {stage}: already finished, skipped", flush=True)
             summary.append({"stage": stage, "status": "skipped", "seconds": None, "metric": key_metric(stage, folder)})
@@ -305,6 +324,8 @@ def main(argv: list[str] | None = None) -> Path:
                 f"stage {stage} failed (exit {code}) after {seconds}s: fix the error above and re-run the same command to continue"
             )
         summary.append({"stage": stage, "status": "ran", "seconds": seconds, "metric": key_metric(stage, folder)})
+        if stage in SCRIPTS:
+            ran.append(stage)
 
     runs.write_json(run / runs.SUMMARY_FILE, {"preset": args.preset, "stages": summary})
     total = sum(s["seconds"] or 0 for s in summary)

@@ -150,3 +150,26 @@ def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
     code, error = run_main(run_all.main, ["--corpus", "embedded", "--train_file", tmp_path / "x.txt"])
     assert code == 2 and "give one" in error
     assert not (isolated_runs / "demo").exists()  # nothing written before the error
+
+
+def test_a_finished_stage_is_redone_with_its_overwrite_flag(tiny_run, isolated_runs, capsys):
+    """`--stage_args tokenizer:--overwrite` redoes a finished stage (before, it was skipped without a word) and says
+    which later stages stay as they were."""
+    import shutil
+
+    from pipeline import run_all
+    from tests.conftest import run_main
+
+    shutil.copytree(tiny_run, isolated_runs / "redo")
+    before = (isolated_runs / "redo" / "tokenizer" / "stage_complete.json").read_text()
+    assert run_main(run_all.main, ["--run_name", "redo", "--stages", "tokenizer"]) == (0, "")
+    assert "== tokenizer: already finished, skipped" in capsys.readouterr().out
+    argv = ["--run_name", "redo", "--stages", "tokenizer", "--stage_args", "tokenizer:--overwrite"]
+    assert run_main(run_all.main, argv) == (0, "")
+    out = capsys.readouterr().out
+    tokenizer_line = out.split("== tokenizer: ")[1].splitlines()[0]
+    assert tokenizer_line.endswith("--overwrite") and "tokenizer/train.py" in tokenizer_line
+    assert "note: tokenizer is redone (--overwrite); pretrain came after it" in out
+    summary = json.loads((isolated_runs / "redo" / "summary.json").read_text())
+    assert summary["stages"] == [{**summary["stages"][0], "stage": "tokenizer", "status": "ran"}]
+    assert (isolated_runs / "redo" / "tokenizer" / "stage_complete.json").read_text() != before  # a new marker
