@@ -97,7 +97,15 @@ class StageGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"--temperature must be > 0, got {self.temperature:g}: GRPO samples each group (at 0 its replies would all be one)"
             )
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as err:  # TRL's line names its derived generation_batch_size, not a flag a user typed
+            if "must be divisible by num_generations" not in str(err):
+                raise
+            raise ValueError(
+                f"--per_device_train_batch_size {self.per_device_train_batch_size} (x processes x --steps_per_generation) "
+                f"must hold whole groups of --num_generations {self.num_generations}: {err}"
+            ) from None
 
 
 def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict]:

@@ -253,6 +253,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
     )
     code, error = run_main(grpo.main, [*base, "--dataset", null_answer])
     assert code == 2 and "line 2: field 'answer' is null and no --reward_model_path" in error
+    code, error = run_main(grpo.main, [*base, "--per_device_train_batch_size", 12, "--num_generations", 8])
+    assert code == 2 and "--per_device_train_batch_size 12" in error and "--num_generations 8" in error
     code, error = run_main(grpo.main, [*base, "--num_generations", 1])
     assert code == 2 and "--num_generations 1" in error and "at least 2" in error
     code, error = run_main(grpo.main, [*base, "--max_completion_length", 500])
