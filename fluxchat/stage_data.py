@@ -16,6 +16,7 @@ from fluxchat import chat_format, formats, tasks
 from fluxchat.arguments import StageArguments
 from fluxchat.config import UsageError, fail
 
+FIT_LIMIT = "the model's context, or --max_length if lower"  # what "fits in N tokens" measures, in the errors
 IGNORE_INDEX = -100  # a label the loss skips (torch's cross-entropy default, what TRL and transformers use)
 
 
@@ -55,7 +56,7 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required:
         return None, counts
     if not counts["examples"]:
         fail(
-            f"no conversation fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts}): use shorter data or a model with a longer context"
+            f"no conversation fits in {max_length} tokens ({FIT_LIMIT}) ({counts}): use shorter data or a model with a longer context"
         )
     return Dataset.from_dict(columns), counts
 
@@ -117,9 +118,7 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
         columns["rejected_ids"].append(rejected)
         counts["pairs"] += 1
     if not counts["pairs"]:
-        fail(
-            f"no preference pair fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts})"
-        )
+        fail(f"no preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts})")
     return Dataset.from_dict(columns), counts
 
 
@@ -163,9 +162,7 @@ def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int):
         counts["pairs"] += 1
         kept.append(pair)
     if not counts["pairs"]:
-        fail(
-            f"no preference pair fits in {max_length} tokens (the model's context, or --max_length if lower) ({counts})"
-        )
+        fail(f"no preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts})")
     return Dataset.from_dict(columns), counts, kept
 
 
