@@ -37,6 +37,10 @@ class UsageError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what to run next (continue from a checkpoint, or start again): printed by `run_cli`."""
+
+
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
@@ -48,8 +52,11 @@ def run_cli(main: Callable[..., Any]) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # On a line of its own: Ctrl-C usually lands in the middle of a progress bar's line.
+        print(
+            f"\ninterrupted: {interrupt}" if isinstance(interrupt, Interrupted) else "\ninterrupted", file=sys.stderr
+        )
         sys.exit(130)
 
 
@@ -114,6 +121,33 @@ def _yaml_to_argv(values: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _merge_repeated_lists(argv: list[str], parser) -> list[str]:
+    """`--stage_args a:--x=1 --stage_args b:--y=2` means both: argparse would keep only the last list given,
+    silently. Each list flag's values are gathered where the flag first appears (a scalar's last value still
+    wins, as everywhere)."""
+    merged: list[str] = []
+    lists: dict[str, list[str]] = {}  # flag -> the list its occurrences share
+    i = 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        action = parser._option_string_actions.get(flag) if argv[i].startswith("--") else None
+        if action is None or action.nargs not in ("+", "*"):
+            merged.append(argv[i])
+            i += 1
+            continue
+        end = i + 1
+        while end < len(argv) and not argv[end].startswith("--"):
+            end += 1
+        values = ([inline] if "=" in argv[i] else []) + argv[i + 1 : end]
+        if flag in lists:
+            lists[flag] += values
+        else:
+            lists[flag] = values
+            merged += [flag, lists[flag]]  # filled in below: later occurrences still add to it
+        i = end
+    return [arg for item in merged for arg in (item if isinstance(item, list) else [item])]
+
+
 def _field_names(dataclass_types) -> set[str]:
     return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
@@ -165,7 +199,7 @@ def parse_config(
         action = parser._option_string_actions.get(f"--{key}")
         if isinstance(value, (list, tuple)) and len(value) > 1 and action is not None and action.nargs in (None, "?"):
             fail(f"{config_file}: {key} takes one value, got a list of {len(value)}")
-    full_argv = _yaml_to_argv(yaml_values) + argv
+    full_argv = _yaml_to_argv(yaml_values) + _merge_repeated_lists(argv, parser)
     if "use_cpu" in known and on_cpu_only():
         full_argv += _cpu_only_flags(full_argv)
     try:

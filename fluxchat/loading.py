@@ -108,13 +108,26 @@ def refuse_score_model(source: str, architectures: list[str] | None = None, hint
         )
 
 
+def refuse_language_model(source: str) -> None:
+    """The other way round: a language model's folder where a reward model is wanted would load with a fresh,
+    random score head (transformers makes one) and score noise. Its config.json says which it is."""
+    language_models = [name for name in _architectures(source) if name.endswith(("LMHeadModel", "ForCausalLM"))]
+    if language_models:
+        fail(
+            f"{source} is a language model ({language_models[0]}), not a reward model: give a reward stage's folder, "
+            "such as runs/<name>/reward (train one with pipeline/reward.py)"
+        )
+
+
 def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""):
     """A causal LM (or, `reward=True`, a one-logit sequence classifier). LoRA adapter folders are merged
     into their base model. With `tokenizer`, checks that every token id has an embedding. `hint` ends the
     error line that refuses a reward model where a language model is wanted."""
     refuse_pickle_only(source)
-    if not reward:
-        refuse_score_model(source, hint=hint)  # before loading: no "unused weights" warnings
+    if reward:  # both before loading: no "unused weights" warnings
+        refuse_language_model(source)
+    else:
+        refuse_score_model(source, hint=hint)
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise
     try:
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
@@ -134,7 +147,9 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
         refuse_score_model(
             source, model.config.architectures or [], hint
         )  # a Hub id: known only once its config is here
-    if reward and model.config.num_labels != 1:  # e.g. a language model's folder: a fresh, random 2-label head
+    if (
+        reward and model.config.num_labels != 1
+    ):  # a classifier with other labels, or a LoRA adapter of a language model
         fail(
             f"{source} is not a reward model: it has {model.config.num_labels} labels, expected 1 (train one with pipeline/reward.py)"
         )

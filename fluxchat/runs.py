@@ -32,6 +32,9 @@ import yaml
 from fluxchat.config import UsageError, fail, main_process, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
+# The stages with --resume: continue from their newest whole checkpoint (TRL's PPOTrainer saves the policy only;
+# the reward stage is a minute, and its recipes save no checkpoint).
+RESUMABLE = ("pretrain", "sft", "grpo", "dpo")
 CHAT_STAGES = (
     "ppo",
     "grpo",
@@ -155,9 +158,11 @@ def check_writable(folder: Path, what: str) -> None:
         fail(f"{what}: {existing} is not writable")
 
 
-def check_output_dir(folder: str | Path, *, overwrite: bool, resume: bool = False) -> Path | None:
+def check_output_dir(
+    folder: str | Path, *, overwrite: bool, resume: bool = False, resumable: bool = True
+) -> Path | None:
     """Every check on a stage's output folder, run before any input is read and anything written.
-    Returns the checkpoint to resume from (`resume`), else None."""
+    Returns the checkpoint to resume from (`resume`), else None. `resumable`: the stage has a --resume."""
     folder = Path(folder)
     recover_interrupted_swap(folder)
     blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
@@ -185,6 +190,8 @@ def check_output_dir(folder: str | Path, *, overwrite: bool, resume: bool = Fals
     if not overwrite and latest_checkpoint(folder) is not None:
         fail(
             f"{folder} holds checkpoints of an unfinished run: pass --resume to continue it, or --overwrite to start afresh"
+            if resumable
+            else f"{folder} holds checkpoints of an unfinished run, which this stage cannot continue: pass --overwrite to start afresh"
         )
     return None
 

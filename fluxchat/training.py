@@ -11,6 +11,7 @@ import ctypes
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from transformers import ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluxchat import cards, generation, hub, runs
-from fluxchat.config import fail, main_process, resolved_config
+from fluxchat.config import Interrupted, fail, main_process, resolved_config
 
 logger = logging.getLogger("fluxchat")
 
@@ -69,7 +70,9 @@ def plan_stage(training_args, stage: str, *, overwrite: bool, resume: bool = Fal
             f"--num_train_epochs {training_args.num_train_epochs} trains nothing: give a positive number (or --max_steps)"
         )
     output_dir = resolve_output_dir(training_args, stage)
-    resume_from = runs.check_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    resume_from = runs.check_output_dir(
+        output_dir, overwrite=overwrite, resume=resume, resumable=stage in runs.RESUMABLE
+    )
     return StageRun(stage, output_dir, runs.work_dir(output_dir, overwrite), overwrite, resume_from)
 
 
@@ -105,12 +108,24 @@ def note_changed_settings(previous_config: Path, current: dict) -> None:
     if not isinstance(previous, dict):
         return
     current = yaml.safe_load(yaml.safe_dump(current))  # the types config.yaml holds
-    changed = [k for k in sorted(current) if k in previous and k not in RESUME_FREE and previous[k] != current[k]]
+    changed = [
+        k
+        for k in sorted(current)
+        if k in previous and k not in RESUME_FREE and _as_paths(previous[k]) != _as_paths(current[k])
+    ]
     if changed:
         shown = ", ".join(f"{key} {previous[key]} -> {current[key]}" for key in changed)
         note = f"note: resuming with settings that differ from the interrupted run's: {shown} (config.yaml records the new ones)"
         print(note, file=sys.stderr, flush=True)
         logger.info(note)  # and in train.log, beside the steps it explains
+
+
+def _as_paths(value):
+    """Files named relative to one folder and absolutely by run_all.py are the same setting."""
+    items = value if isinstance(value, list) else [value]
+    if items and all(isinstance(v, str) and v and Path(v).exists() for v in items):
+        return [Path(v).resolve() for v in items]
+    return value
 
 
 def log_to_file(output_dir: Path) -> None:
@@ -295,15 +310,57 @@ def save_final(trainer, output_dir: Path, save) -> None:
             runs.publish(staged, output_dir)
 
 
-def train(trainer, resume_from: Path | None = None):
-    """`trainer.train()` with staged checkpoints and glibc's memory kept, resuming from `resume_from` if given.
+def train(trainer, run: StageRun):
+    """`trainer.train()` with staged checkpoints and glibc's memory kept, resuming from `run.resume_from` if given.
+    Ctrl-C ends in one line saying what to run next.
 
     A run killed after its *last* checkpoint but before it was marked finished has nothing left to
     train; the Trainer would still take one more step (step 61 of 60). We load that checkpoint instead.
     """
     keep_freed_memory()
     stage_checkpoints(trainer)
+    try:
+        return _train(trainer, run.resume_from)
+    except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks:  # else the bar redraws itself below our last line
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()
+                callback.training_bar = None
+        raise Interrupted(next_step_after_interrupt(run)) from None
+
+
+def next_step_after_interrupt(run: StageRun) -> str:
+    if run.work_dir != run.output_dir:  # an --overwrite: its replacement is dropped by the next start
+        return f"{run.output_dir} is kept as it was; run the same command to start the replacement again"
+    checkpoint = runs.latest_checkpoint(run.work_dir)
+    if checkpoint is None:
+        return f"no checkpoint was saved in {run.work_dir}; run the same command to start the stage again"
+    if run.stage in runs.RESUMABLE:
+        return f"run the same command with --resume to continue from {checkpoint}"
+    return f"{checkpoint} is a snapshot this stage cannot continue from; run the same command with --overwrite to start again"
+
+
+class _TiedKeysAreNotMissing(logging.Filter):
+    """transformers 5's Trainer warns on every resume that a GPT-2 checkpoint lacks `lm_head.weight`: tied to the
+    token embeddings, it is never saved, and loading the embeddings restores it. Only that warning is dropped."""
+
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def __init__(self, model):
+        super().__init__()
+        self.tied = set(getattr(model, "_tied_weights_keys", None) or ())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        missing = re.findall(r"'([^']+)'", message[len(self.PREFIX) :])
+        return not (missing and all(any(k == t or k.endswith(f".{t}") for t in self.tied) for k in missing))
+
+
+def _train(trainer, resume_from: Path | None):
     if resume_from is not None:
+        logging.getLogger("transformers.trainer").addFilter(_TiedKeysAreNotMissing(trainer.model))
         state = json.loads((Path(resume_from) / runs.TRAINER_STATE_FILE).read_text())
         if 0 < trainer.args.max_steps <= state["global_step"]:
             trainer._load_from_checkpoint(str(resume_from))  # weights only; optimizer state is not needed any more

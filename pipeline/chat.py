@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> Path:
     interactive = sys.stdin.isatty()
     # Piped use: stdout carries only the replies, so it can be read by another program.
     info = sys.stdout if interactive else sys.stderr
-    print(f"fluxchat: {model.source} (context {model.context_length} tokens). Commands: {COMMANDS}", file=info)
+    # The reply's cap said up front: --max_new_tokens beyond half the context is lowered to leave room for the talk.
+    budget = model.reply_budget(sampling.max_new_tokens)
+    print(
+        f"fluxchat: {model.source} (context {model.context_length} tokens, replies up to {budget}). Commands: {COMMANDS}",
+        file=info,
+    )
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
 

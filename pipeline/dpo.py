@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
-    result = training.train(trainer, run.resume_from)
+    result = training.train(trainer, run)
     seconds = time.perf_counter() - start
 
     # Before saving: a LoRA policy is merged on save, and its reference is the adapter switched off.

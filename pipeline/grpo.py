@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> Path:
     training.positions_from_attention_mask(trainer.model, trainer.ref_model)  # it scores left-padded prompts
     training.use_dense_progress(trainer)
     start = time.perf_counter()
-    result = training.train(trainer, run.resume_from)
+    result = training.train(trainer, run)
     seconds = time.perf_counter() - start
     tokenizer.padding_side = "right"
 

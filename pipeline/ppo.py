@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.add_callback(rl_monitor.ppo_progress())
     start = time.perf_counter()
     try:
-        training.train(trainer)
+        training.train(trainer, run)
     except rl_monitor.TrainingCollapsed as err:
         training.finish_stage(trainer, run, {"stopped_early": str(err)}, {}, finished=False)
         fail(f"PPO stopped at {err}; nothing marked finished (see {run.work_dir / runs.LOG_FILE})")

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
 
     start = time.perf_counter()
-    result = training.train(trainer, run.resume_from)
+    result = training.train(trainer, run)
     train_seconds = time.perf_counter() - start
     evals = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == result.global_step]
     final_eval = evals[-1] if evals else (trainer.evaluate() if eval_set is not None else {})

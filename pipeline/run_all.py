@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from fluxchat import data, runs, tasks
 from fluxchat import report as stage_reports
 from fluxchat.config import (
     REPO_ROOT,
+    Interrupted,
     UsageError,
     fail,
     load_yaml,
@@ -54,7 +56,6 @@ SCRIPTS = {
     "grpo": "pipeline/grpo.py",
     "dpo": "pipeline/dpo.py",
 }
-RESUMABLE = ("pretrain", "sft", "grpo", "dpo")
 TEXT_READERS = ("tokenizer", "pretrain", "sft")  # the stages that read the generated texts in runs/<name>/data/
 REPORT = "report"  # after evaluate: every chat stage on the same held-out items (pipeline/evaluate.py --report)
 CORPORA = ("tinyshakespeare", "embedded")
@@ -206,8 +207,27 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
         cmd += ["--mix_text_file", str(mix)]
     folder = runs.stage_dir(args.run_name, stage)
     if folder.exists() and not runs.is_finished(folder) and not redo(extra):  # interrupted earlier
-        cmd += ["--resume"] if stage in RESUMABLE and runs.latest_checkpoint(folder) else ["--overwrite"]
+        cmd += ["--resume"] if stage in runs.RESUMABLE and runs.latest_checkpoint(folder) else ["--overwrite"]
     return cmd + extra
+
+
+def run_stage(cmd: list[str]) -> int:
+    """The stage's exit code. Ctrl-C reaches the stage too (one process group): wait while it stops and says where
+    it stopped, where subprocess.call would kill it 0.25 s later, perhaps mid-save. Then stop the chain."""
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT)
+    interrupted = False
+    while True:
+        try:
+            code = process.wait()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted or code in (130, -signal.SIGINT):  # our stages exit 130; a plain Python killed by SIGINT, -2
+        raise Interrupted(
+            "run the same run_all command again to continue: finished stages are skipped, and "
+            f"{', '.join(runs.RESUMABLE)} continue from their newest checkpoint"
+        )
+    return code
 
 
 def redo(stage_flags: list[str]) -> bool:
@@ -317,7 +337,7 @@ def main(argv: list[str] | None = None) -> Path:
         cmd = stage_command(args, stage, corpus_files, task_flags, extra.get(stage, []))
         print(f"== {stage}: {shlex.join(cmd)}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call(cmd, cwd=REPO_ROOT)
+        code = run_stage(cmd)
         seconds = round(time.perf_counter() - start, 1)
         if code != 0:
             fail(

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
-    result = training.train(trainer, run.resume_from)
+    result = training.train(trainer, run)
     seconds = time.perf_counter() - start
 
     model = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)

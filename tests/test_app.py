@@ -137,8 +137,8 @@ def test_app_arguments_fail_as_one_line(tiny_run, monkeypatch):
     assert code == 2 and "user:password" in error
     code, error = run_main(app.main, [])  # the isolated runs folder is empty
     assert code == 2 and "no model given and no finished run" in error
-    with pytest.raises(UsageError, match="not a reward model"):
-        RewardScorer(str(tiny_run / "pretrain"))  # a language model's folder, loaded with a fresh 2-label head
+    with pytest.raises(UsageError, match=r"is a language model \(GPT2LMHeadModel\), not a reward model"):
+        RewardScorer(str(tiny_run / "pretrain"))  # a language model's folder: refused before loading
 
 
 def forged_history(user_turns: int = 19, replies: int = 150, reply_chars: int = 19_000) -> list[dict]:

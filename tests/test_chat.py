@@ -86,6 +86,7 @@ def test_cli_chat_through_piped_stdin(tiny_run):
     assert 1 <= int(stats[0][1]) <= 8
     assert "(conversation cleared)" in result.stderr
     assert str(tiny_run / "pretrain") in result.stderr, "a run folder serves its latest finished stage"
+    assert "(context 64 tokens, replies up to 8)" in result.stderr
 
 
 def test_cli_bad_model_is_one_line_error(tmp_path):

@@ -142,7 +142,7 @@ def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
     assert not (tiny_run / "pretrain" / "evaluation.json").exists()
     # A language model's folder is not a reward model: refused, not scored with a random head.
     code, error = run_main(evaluate.main, [tiny_run, "--reward_model", tiny_run / "pretrain", "--output_file", output])
-    assert code == 2 and "is not a reward model" in error
+    assert code == 2 and "is a language model (GPT2LMHeadModel), not a reward model" in error
 
 
 def test_train_split_scores_training_pool_items_into_its_own_file(tiny_run, tmp_path):

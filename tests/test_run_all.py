@@ -164,12 +164,30 @@ def test_a_finished_stage_is_redone_with_its_overwrite_flag(tiny_run, isolated_r
     before = (isolated_runs / "redo" / "tokenizer" / "stage_complete.json").read_text()
     assert run_main(run_all.main, ["--run_name", "redo", "--stages", "tokenizer"]) == (0, "")
     assert "== tokenizer: already finished, skipped" in capsys.readouterr().out
-    argv = ["--run_name", "redo", "--stages", "tokenizer", "--stage_args", "tokenizer:--overwrite"]
-    assert run_main(run_all.main, argv) == (0, "")
+    # --stage_args given twice: both lists reach the stage (argparse alone keeps only the last one).
+    argv = ["--run_name", "redo", "--stage_args", "tokenizer:--vocab_size=600", "--stages", "tokenizer"]
+    assert run_main(run_all.main, [*argv, "--stage_args", "tokenizer:--overwrite"]) == (0, "")
     out = capsys.readouterr().out
     tokenizer_line = out.split("== tokenizer: ")[1].splitlines()[0]
-    assert tokenizer_line.endswith("--overwrite") and "tokenizer/train.py" in tokenizer_line
+    assert tokenizer_line.endswith("--vocab_size=600 --overwrite") and "tokenizer/train.py" in tokenizer_line
     assert "note: tokenizer is redone (--overwrite); pretrain came after it" in out
     summary = json.loads((isolated_runs / "redo" / "summary.json").read_text())
     assert summary["stages"] == [{**summary["stages"][0], "stage": "tokenizer", "status": "ran"}]
     assert (isolated_runs / "redo" / "tokenizer" / "stage_complete.json").read_text() != before  # a new marker
+
+
+def test_ctrl_c_in_a_stage_stops_the_chain_with_what_to_run_next(tmp_path):
+    """The stage gets Ctrl-C too and stops with 130; run_all waits for it (subprocess.call would kill it 0.25 s
+    later, perhaps mid-save) and ends in one line naming the command that continues."""
+    import pytest
+
+    from fluxchat.config import Interrupted
+    from pipeline import run_all
+
+    with pytest.raises(Interrupted, match="run the same run_all command again to continue"):
+        run_all.run_stage([PYTHON, "-c", "import sys; sys.exit(130)"])
+    with pytest.raises(Interrupted):  # a plain Python ended by SIGINT
+        run_all.run_stage(
+            [PYTHON, "-c", "import os, signal; signal.signal(2, signal.SIG_DFL); os.kill(os.getpid(), 2)"]
+        )
+    assert run_all.run_stage([PYTHON, "-c", "import sys; sys.exit(3)"]) == 3

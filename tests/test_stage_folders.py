@@ -647,3 +647,31 @@ def test_offline_without_a_corpus_the_error_names_the_commands_own_flag(entry, i
     argv = argv[: argv.index("--corpus_file")] + argv[argv.index("--corpus_file") + 2 :]
     code, message = run_main(importlib.import_module(ENTRY_POINTS[entry][1]).main, argv)
     assert code == 2 and "--corpus_file" in message and "--train_file" not in message, message
+
+
+def test_ctrl_c_names_what_to_run_next_and_an_unresumable_stage_is_not_told_to_resume(tmp_path):
+    from fluxchat.config import UsageError
+    from fluxchat.training import StageRun, next_step_after_interrupt
+
+    def checkpoint(folder, step):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / runs.TRAINER_STATE_FILE).write_text(json.dumps({"global_step": step}))
+
+    sft, reward = tmp_path / "sft", tmp_path / "reward"
+    sft.mkdir()
+    assert "no checkpoint was saved" in next_step_after_interrupt(StageRun("sft", sft, sft, False))
+    checkpoint(sft, 5)
+    assert next_step_after_interrupt(StageRun("sft", sft, sft, False)) == (
+        f"run the same command with --resume to continue from {sft / 'checkpoint-5'}"
+    )
+    overwrite = runs.work_dir(sft, overwrite=True)
+    assert "is kept as it was" in next_step_after_interrupt(StageRun("sft", sft, overwrite, True))
+    checkpoint(reward, 4)
+    assert "cannot continue from; run the same command with --overwrite" in next_step_after_interrupt(
+        StageRun("reward", reward, reward, False)
+    )
+    # The next start says the same: no --resume for a stage that has none.
+    with pytest.raises(UsageError, match="which this stage cannot continue: pass --overwrite"):
+        runs.check_output_dir(reward, overwrite=False, resumable=False)
+    with pytest.raises(UsageError, match="pass --resume to continue it"):
+        runs.check_output_dir(sft, overwrite=False)
