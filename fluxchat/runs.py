@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -158,12 +159,50 @@ def check_writable(folder: Path, what: str) -> None:
         fail(f"{what}: {existing} is not writable")
 
 
+_HELD_LOCKS: dict[tuple[int, int], int] = {}  # (device, inode) of a stage folder -> the open fd that locks it
+
+
+def lock_stage(folder: str | Path, hold: bool = True) -> None:
+    """Two commands writing one stage folder at once (the same command started twice) would interleave their
+    checkpoints and markers. From `begin` on, the main process holds an exclusive lock on the folder itself until
+    the stage is committed or the process ends (the kernel drops it then, even after kill -9), so a second command
+    is refused before it touches anything. `hold=False` only checks that nobody holds it (`check_output_dir`: a
+    command refused for its inputs keeps nothing). No lock file: nothing is left behind."""
+    folder = Path(folder)
+    if not main_process() or not folder.is_dir():
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # unreadable: the checks that follow name it
+    key = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    if key in _HELD_LOCKS:  # this process holds it already (a test calling main() twice)
+        os.close(fd)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        fail(f"{folder} is being written by another command right now: wait for it to end, or stop it first")
+    if hold:
+        _HELD_LOCKS[key] = fd
+    else:
+        os.close(fd)
+
+
+def release_stage_locks() -> None:
+    """The stage is committed: another command may take the folder (to --overwrite it, say) from now on."""
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.popitem()[1])  # closing the last fd of a lock releases it
+
+
 def check_output_dir(
     folder: str | Path, *, overwrite: bool, resume: bool = False, resumable: bool = True
 ) -> Path | None:
     """Every check on a stage's output folder, run before any input is read and anything written.
     Returns the checkpoint to resume from (`resume`), else None. `resumable`: the stage has a --resume."""
     folder = Path(folder)
+    lock_stage(folder, hold=False)  # first: what follows may repair or remove what another command is writing
     recover_interrupted_swap(folder)
     blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -209,6 +248,7 @@ def work_dir(folder: str | Path, overwrite: bool) -> Path:
 def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = False) -> Path:
     """Create the folder a stage writes into (main process only; call after `check_output_dir`) and return it."""
     folder = Path(folder)
+    lock_stage(folder)  # before anything is removed: another command may have started since the check
     work = work_dir(folder, overwrite)
     if work != folder:
         shutil.rmtree(work, ignore_errors=True)  # what an earlier, killed overwrite left
@@ -218,6 +258,8 @@ def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = Fal
         work.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # what os.access cannot foresee: a read-only or virtual file system (/proc), a full disk
         fail(f"--output_dir {folder}: cannot create {work} ({err.strerror or err})")
+    lock_stage(folder)  # a folder this command has just made (two starts racing: the second stops here)
+    lock_stage(work)  # an --overwrite's replacement: the folder once `commit` swaps it in
     shutil.rmtree(work / STAGING, ignore_errors=True)
     write_json(work / STARTED_MARKER, {"stage": stage})
     return work
@@ -227,20 +269,14 @@ def commit(work: str | Path, folder: str | Path) -> None:
     """Put a finished replacement in place: the old folder renamed away, the new one renamed in, the old one
     deleted. A crash between the two renames is repaired by the next `check_output_dir`."""
     work, folder = Path(work), Path(folder)
-    if work == folder:
-        return
-    replaced = _sibling(folder, REPLACED_SUFFIX)
-    shutil.rmtree(replaced, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, replaced)
-    os.replace(work, folder)
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
-def abandon(work: str | Path, folder: str | Path) -> None:
-    """A replacement that failed: removed, the previous stage untouched."""
-    if Path(work) != Path(folder):
-        shutil.rmtree(work, ignore_errors=True)
+    if work != folder:
+        replaced = _sibling(folder, REPLACED_SUFFIX)
+        shutil.rmtree(replaced, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, replaced)
+        os.replace(work, folder)
+        shutil.rmtree(replaced, ignore_errors=True)
+    release_stage_locks()
 
 
 def recover_interrupted_swap(folder: str | Path) -> None:

@@ -136,8 +136,13 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_pat
         stage = runs.stage_dir("killed", "pretrain")
         deadline = time.time() + 120
         while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)  # frozen mid-training (its lock held) while the same command starts again
+        code, error = run_main(pretrain.main, _pretrain_cmd("killed", 60)[2:])
+        expected = f"{stage} is being written by another command right now: wait for it to end, or stop it first"
+        assert (code, error) == (2, expected), "two runs in one folder would interleave their checkpoints"
+        proc.send_signal(signal.SIGINT)  # delivered as it continues
+        proc.send_signal(signal.SIGCONT)
         assert proc.wait(timeout=60) == 130
     assert not runs.is_finished(stage)
     resumed_from = runs.latest_checkpoint(stage)

@@ -675,3 +675,19 @@ def test_ctrl_c_names_what_to_run_next_and_an_unresumable_stage_is_not_told_to_r
         runs.check_output_dir(reward, overwrite=False, resumable=False)
     with pytest.raises(UsageError, match="pass --resume to continue it"):
         runs.check_output_dir(sft, overwrite=False)
+
+
+def test_a_stage_holds_its_folder_from_begin_to_commit_and_a_checked_command_holds_nothing(tmp_path):
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    probe = f"import fcntl, os; fcntl.flock(os.open({str(folder)!r}, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+
+    def free() -> bool:  # can another process take the folder's lock?
+        return run_script(PYTHON, "-c", probe).returncode == 0
+
+    runs.check_output_dir(folder, overwrite=False)
+    assert free(), "checking a folder (a command refused for its inputs next) holds nothing"
+    work = runs.begin(folder, "sft", overwrite=False)
+    assert not free(), "a started stage holds its folder"
+    runs.commit(work, folder)
+    assert free(), "a committed stage lets go"
