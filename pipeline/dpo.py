@@ -132,10 +132,12 @@ def describe(result: dict) -> str:
     )
 
 
+# What --preset's dpo.yaml and the flags fill (tests parse every preset's recipe with it).
+ARGUMENTS = (DPOArguments, PeftArguments, StageDPOConfig)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config(
-        "dpo", (DPOArguments, PeftArguments, StageDPOConfig), argv
-    )
+    script_args, peft_args, args, config_file = parse_config("dpo", ARGUMENTS, argv)
     run = training.plan_stage(args, "dpo", overwrite=script_args.overwrite, resume=script_args.resume)
     run_name = training.run_name(args)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint

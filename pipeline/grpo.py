@@ -127,10 +127,12 @@ def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict
     return rows
 
 
+# What --preset's grpo.yaml and the flags fill (tests parse every preset's recipe with it).
+ARGUMENTS = (GRPOArguments, PeftArguments, StageGRPOConfig)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config(
-        "grpo", (GRPOArguments, PeftArguments, StageGRPOConfig), argv
-    )
+    script_args, peft_args, args, config_file = parse_config("grpo", ARGUMENTS, argv)
     run = training.plan_stage(args, "grpo", overwrite=script_args.overwrite, resume=script_args.resume)
     run_name = training.run_name(args)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint

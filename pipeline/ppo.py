@@ -90,15 +90,17 @@ class StagePPOConfig(PPOConfig):
         super().__post_init__()
 
 
+# What --preset's ppo.yaml and the flags fill (tests parse every preset's recipe with it).
+ARGUMENTS = (PPOArguments, PeftArguments, StagePPOConfig)
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if any(a == "--resume" or a.startswith("--resume=") for a in argv):
         fail(
             "--resume: PPO cannot continue from a checkpoint (TRL's PPOTrainer saves the policy only); rerun the stage with --overwrite"
         )
-    script_args, peft_args, args, config_file = parse_config(
-        "ppo", (PPOArguments, PeftArguments, StagePPOConfig), argv
-    )
+    script_args, peft_args, args, config_file = parse_config("ppo", ARGUMENTS, argv)
     if (
         script_args.model_name_or_path
         and args.sft_model_path

@@ -90,10 +90,12 @@ class DataArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in the output folder."})
 
 
+# What --preset's pretrain.yaml and the flags fill (tests parse every preset's recipe with it).
+ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    model_args, data_args, args, config_file = parse_config(
-        "pretrain", (ModelArguments, DataArguments, TrainingArguments), argv
-    )
+    model_args, data_args, args, config_file = parse_config("pretrain", ARGUMENTS, argv)
     run = training.plan_stage(args, "pretrain", overwrite=data_args.overwrite, resume=data_args.resume)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 

@@ -60,10 +60,12 @@ def describe(result: dict) -> str:
     )
 
 
+# What --preset's reward.yaml and the flags fill (tests parse every preset's recipe with it).
+ARGUMENTS = (RewardArguments, PeftArguments, RewardConfig)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config(
-        "reward", (RewardArguments, PeftArguments, RewardConfig), argv
-    )
+    script_args, peft_args, args, config_file = parse_config("reward", ARGUMENTS, argv)
     run = training.plan_stage(args, "reward", overwrite=script_args.overwrite)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 

@@ -110,10 +110,12 @@ def inspect(tokenizer, train_set, counts) -> None:
     print(stage_data.marked_example(tokenizer, train_set[index]["input_ids"], masks[index]))
 
 
+# What --preset's sft.yaml and the flags fill (tests parse every preset's recipe with it).
+ARGUMENTS = (SFTArguments, PeftArguments, StageSFTConfig)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config(
-        "sft", (SFTArguments, PeftArguments, StageSFTConfig), argv
-    )
+    script_args, peft_args, args, config_file = parse_config("sft", ARGUMENTS, argv)
     if script_args.inspect:  # writes nothing: no output folder to check
         run = training.StageRun(
             "sft", training.resolve_output_dir(args, "sft"), training.resolve_output_dir(args, "sft")

@@ -136,8 +136,12 @@ def compression_stats(tokenizer, texts: list[str], tokenizer_type: str) -> dict:
     return stats
 
 
+# What --preset's tokenizer.yaml and the flags fill (tests parse every preset's recipe with it).
+ARGUMENTS = (TokenizerArguments,)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    args, config_file = parse_config("tokenizer", (TokenizerArguments,), argv)
+    args, config_file = parse_config("tokenizer", ARGUMENTS, argv)
     if args.vocab_size < minimum_vocab_size(args.tokenizer_type):
         fail(
             f"--vocab_size {args.vocab_size} is too small for a {args.tokenizer_type} tokenizer: it needs at least "
