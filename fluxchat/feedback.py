@@ -88,7 +88,26 @@ def _writable(path: Path, flag: str) -> Path:
                 pass
     except OSError as err:
         fail(f"{flag}: cannot write the feedback file {path} ({err.strerror or err})")
+    _refuse_other_files(path, flag)
     return path
+
+
+def _refuse_other_files(path: Path, flag: str) -> None:
+    """Choices are appended to the file: one of the user's own (notes.txt, a dataset) would gain JSON lines at its
+    end. An existing, non-empty file must be a feedback file already: its first line one of our records."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        first = f.readline(1 << 20)
+    try:
+        row = json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        row = None
+    if not is_feedback_row(row):
+        fail(
+            f"{flag}: {path} exists and is not a feedback file (its line 1 is no feedback record), so choices would "
+            f"be appended to it: give a new file name, or an earlier {FEEDBACK_FILE}"
+        )
 
 
 class FeedbackLog:

@@ -184,6 +184,9 @@ def lock_stage(folder: str | Path, hold: bool = True) -> None:
     except BlockingIOError:
         os.close(fd)
         fail(f"{folder} is being written by another command right now: wait for it to end, or stop it first")
+    except OSError:  # a file system without locks (some network mounts): the stage runs unguarded, as before
+        os.close(fd)
+        return
     if hold:
         _HELD_LOCKS[key] = fd
     else:

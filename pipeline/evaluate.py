@@ -15,6 +15,7 @@ token, with the expected answer. Writes JSON (default: evaluation.json in the mo
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> Path:
     if blocking := next((p for p in output_file.parents if p.exists() and not p.is_dir()), None):
         fail(f"--output_file {output_file}: {blocking} is a file, so nothing can be written under it")
     runs.check_writable(output_file.parent, f"--output_file {output_file}")
+    refuse_other_files(output_file)
 
     tokenizer = loading.load_tokenizer(model_path)
     model = loading.load_model(model_path, tokenizer)
@@ -200,6 +202,21 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"--output_file {output_file}: cannot write it ({err.strerror or err})")
     print(f"wrote {output_file}")
     return output_file
+
+
+def refuse_other_files(output_file: Path) -> None:
+    """An evaluation replaces its own earlier report, never a file of the user's (a --pairs_file, notes, a config)."""
+    if not output_file.is_file():
+        return
+    try:
+        earlier = json.loads(output_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and {"model", "tasks"} <= earlier.keys()):
+        fail(
+            f"--output_file {output_file} exists and is not an evaluation report: name a new file (only an earlier "
+            "report is replaced)"
+        )
 
 
 def _score_builtin_pairs(args, reward_model, tokenizer, examples: list[dict]) -> dict:

@@ -176,6 +176,12 @@ def test_bad_inputs_are_usage_errors(tiny_run, tmp_path):
     code, error = run_main(evaluate.main, [tiny_run, "--pairs_file", HH_RLHF, "--output_file", tmp_path / "x.json"])
     assert code == 2 and "--pairs_file needs --reward_model" in error
     assert not (tmp_path / "x.json").exists()
+    # A file of the user's is not replaced by the report (an earlier report is: the test above reuses its file).
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    code, error = run_main(evaluate.main, [tiny_run, "--output_file", notes])
+    assert code == 2 and f"--output_file {notes} exists and is not an evaluation report" in error
+    assert notes.read_text() == '{"mine": 1}\n'
 
 
 def test_wilson_interval_known_values():

@@ -118,6 +118,15 @@ def test_app_feedback_flags_are_checked(tiny_run, tmp_path):
         feedback.feedback_path(None, "someone/some-model")
     assert feedback.feedback_path(None, str(tiny_run / "pretrain")) == (tiny_run / "feedback.jsonl").resolve()
     assert not (tiny_run / "feedback.jsonl").exists() and not (tmp_path / "f.jsonl").exists()
+    # A file of the user's would have choices appended to its end: refused, left as it was.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(UsageError, match=f"--feedback_file: {notes} exists and is not a feedback file"):
+        feedback.feedback_path(str(notes), str(tiny_run / "pretrain"))
+    assert notes.read_text() == "my notes\n"
+    earlier = tmp_path / "earlier.jsonl"  # a feedback file from before: choices go on at its end
+    feedback.FeedbackLog(earlier).append(feedback.make_record(CONVERSATION, "Paris.", "Rome.", "A", "a", "b"))
+    assert feedback.feedback_path(str(earlier), str(tiny_run / "pretrain")) == earlier
 
 
 def test_browser_choice_is_appended_and_a_reward_run_reads_it(tiny_run, isolated_runs, tmp_path):
