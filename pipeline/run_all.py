@@ -81,7 +81,8 @@ class RunAllArguments:
         metadata={"help": "Add the built-in facts text to pretraining, so the fact tasks can be learned."},
     )
     stages: list[str] = field(
-        default_factory=lambda: [*SCRIPTS, "evaluate", REPORT], metadata={"help": "Stages to run, in order."}
+        default_factory=lambda: [*SCRIPTS, "evaluate", REPORT],
+        metadata={"help": "Stages to run (always in chain order: each reads what the one before it made)."},
     )
     accelerate_config: str | None = field(
         default=None, metadata={"help": "accelerate config for the training stages (see configs/accelerate/)."}
@@ -304,6 +305,10 @@ def main(argv: list[str] | None = None) -> Path:
         fail(
             f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate', REPORT])}"
         )
+    chain_order = [stage for stage in (*SCRIPTS, "evaluate", REPORT) if stage in args.stages]
+    if chain_order != args.stages:  # `--stages sft pretrain`: SFT would fail for want of the model pretrain makes
+        print(f"note: --stages run in chain order, once each: {' '.join(chain_order)}", flush=True)
+        args.stages = chain_order
     extra: dict[str, list[str]] = {}
     for item in args.stage_args or []:
         stage, _, flag = item.partition(":")

@@ -162,8 +162,10 @@ def test_a_finished_stage_is_redone_with_its_overwrite_flag(tiny_run, isolated_r
 
     shutil.copytree(tiny_run, isolated_runs / "redo")
     before = (isolated_runs / "redo" / "tokenizer" / "stage_complete.json").read_text()
-    assert run_main(run_all.main, ["--run_name", "redo", "--stages", "tokenizer"]) == (0, "")
-    assert "== tokenizer: already finished, skipped" in capsys.readouterr().out
+    assert run_main(run_all.main, ["--run_name", "redo", "--stages", "tokenizer", "tokenizer"]) == (0, "")
+    out = capsys.readouterr().out
+    assert "note: --stages run in chain order, once each: tokenizer" in out
+    assert out.count("== tokenizer: already finished, skipped") == 1
     # --stage_args given twice: both lists reach the stage (argparse alone keeps only the last one).
     argv = ["--run_name", "redo", "--stage_args", "tokenizer:--vocab_size=600", "--stages", "tokenizer"]
     assert run_main(run_all.main, [*argv, "--stage_args", "tokenizer:--overwrite"]) == (0, "")
