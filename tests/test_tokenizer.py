@@ -230,3 +230,17 @@ def test_pretraining_text_encoded_in_pieces_gives_the_ids_of_the_whole(tokenizer
     assert pretraining._splits_after_newline(tok)
     assert list(pretraining._pieces(text))[1:] and "".join(pretraining._pieces(text)) == text
     assert pretraining.tokenize_documents(tok, [text]).tolist() == whole
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_said(tmp_path, corpus, capsys):
+    """Shakespeare has ~65 distinct characters: a char vocabulary of 2000 ends far smaller, and the model's
+    embedding follows the tokenizer, so the user is told the size it got."""
+    out = tmp_path / "char"
+    argv = ["--train_file", corpus, "--tokenizer_type", "char", "--vocab_size", 2000, "--output_dir", out]
+    assert run_main(train.main, argv) == (0, "")
+    size = len(AutoTokenizer.from_pretrained(out))
+    assert size < 400
+    assert (
+        f"note: --vocab_size 2,000 asked, but the corpus has too few distinct characters for it: the vocabulary has {size:,} tokens"
+        in capsys.readouterr().err
+    )

@@ -9,6 +9,7 @@ and the chat template baked in, plus tokenizer_stats.json (bytes per token on he
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,13 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = wrap(build_backend(args, train_texts), args)
     stats = compression_stats(tokenizer, heldout_texts or train_texts[-1:], args.tokenizer_type)
     stats.update(tokenizer_type=args.tokenizer_type, vocab_size=len(tokenizer))
+    if len(tokenizer) < args.vocab_size:  # the model's embedding follows the tokenizer, so say which size it gets
+        unit = {"bpe": "merges", "char": "distinct characters", "word": "distinct words"}[args.tokenizer_type]
+        print(
+            f"note: --vocab_size {args.vocab_size:,} asked, but the corpus has too few {unit} for it: the vocabulary "
+            f"has {len(tokenizer):,} tokens",
+            file=sys.stderr,
+        )
 
     work = runs.begin(
         output_dir, "tokenizer", overwrite=args.overwrite
