@@ -156,6 +156,19 @@ def describe_flaws(result: dict) -> str:
     )
 
 
+def describe_pairs(result: dict) -> str:
+    """'88.9% [85.1%, 91.7%], margin 1.23 (n=350; by flaw of the rejected reply: ...)': how often the chosen reply
+    wins, with its 95% Wilson interval. The reward and DPO stages end with it."""
+    if not result:
+        return "not evaluated"
+    low, high = wilson_interval(round(result["accuracy"] * result["n"]), result["n"])
+    flaws = describe_flaws(result)
+    return (
+        f"{result['accuracy']:.1%} [{low:.1%}, {high:.1%}], margin {result['margin']:.2f} "
+        f"(n={result['n']}{'; by flaw of the rejected reply: ' + flaws if flaws else ''})"
+    )
+
+
 def build_report(
     run: Path, stage_results: dict[str, dict], n_per_task: int, seed: int, reward_model: str | None
 ) -> dict:

@@ -27,7 +27,7 @@ from trl import DPOConfig, DPOTrainer
 from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import parse_config, run_cli
-from fluxchat.report import describe_flaws, wilson_interval
+from fluxchat.report import describe_pairs, wilson_interval
 
 # Raised inside TRL's trainers on every step; nothing we can change.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
@@ -120,16 +120,6 @@ def implicit_rewards(trainer, dataset, pairs: list[dict], batch_size: int = 32) 
         "n": len(wins),
     }
     return {**result, **evaluation.pair_groups(pairs, wins)}
-
-
-def describe(result: dict) -> str:
-    if not result:
-        return "not evaluated"
-    flaws = describe_flaws(result)
-    return (
-        f"{result['accuracy']:.1%} [{result['low']:.1%}, {result['high']:.1%}], margin {result['margin']:.2f} "
-        f"(n={result['n']}{'; by flaw of the rejected reply: ' + flaws if flaws else ''})"
-    )
 
 
 # What --preset's dpo.yaml and the flags fill (tests parse every preset's recipe with it).
@@ -230,8 +220,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     training.finish_stage(trainer, run, metrics, report, push_request=push_request)
     summary = (
-        f"implicit-reward accuracy: built-in held-out pairs {describe(preferences['builtin'])}; held-out given pairs "
-        f"{describe(preferences['heldout'])}; held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}"
+        f"implicit-reward accuracy: built-in held-out pairs {describe_pairs(preferences['builtin'])}; held-out given pairs "
+        f"{describe_pairs(preferences['heldout'])}; held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}"
     )
     training.logger.info(f"after dpo: {summary}")
     if trainer.is_world_process_zero():

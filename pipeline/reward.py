@@ -23,7 +23,7 @@ from trl import RewardConfig, RewardTrainer
 from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import parse_config, run_cli
-from fluxchat.report import describe_flaws
+from fluxchat.report import describe_pairs
 
 
 @dataclass
@@ -48,16 +48,6 @@ def score_pairs(model, tokenizer, pairs) -> dict:
 
     evaluation.on_device(model).eval()
     return evaluation.evaluate_reward_model(model, tokenizer, pairs)
-
-
-def describe(result: dict) -> str:
-    if not result:
-        return "not evaluated"
-    flaws = describe_flaws(result)
-    return (
-        f"accuracy {result['accuracy']:.1%}, margin {result['margin']:.2f} "
-        f"(n={result['n']}{'; by flaw of the rejected reply: ' + flaws if flaws else ''})"
-    )
 
 
 # What --preset's reward.yaml and the flags fill (tests parse every preset's recipe with it).
@@ -141,7 +131,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     training.finish_stage(trainer, run, metrics, report, push_request=push_request)
     summary = (
-        f"built-in held-out pairs {describe(report['builtin'])}; held-out given pairs {describe(report['heldout'])}"
+        f"pair accuracy: built-in held-out pairs {describe_pairs(report['builtin'])}; "
+        f"held-out given pairs {describe_pairs(report['heldout'])}"
     )
     training.logger.info(f"after reward training: {summary}")
     if trainer.is_world_process_zero():

@@ -184,6 +184,13 @@ def test_bad_inputs_are_usage_errors(tiny_run, tmp_path):
     assert notes.read_text() == '{"mine": 1}\n'
 
 
+def test_pair_accuracy_is_told_with_its_interval():
+    from fluxchat.report import describe_pairs
+
+    assert describe_pairs({"accuracy": 0.5, "n": 50, "margin": 0.1}) == "50.0% [36.6%, 63.4%], margin 0.10 (n=50)"
+    assert describe_pairs({}) == "not evaluated"
+
+
 def test_wilson_interval_known_values():
     from fluxchat.report import wilson_interval
 
