@@ -361,8 +361,9 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"{'total':<10} {'':<8} {total:>7.0f}s\n")
     if REPORT in args.stages and (run / stage_reports.REPORT_MD).is_file():
         print(f"stage report ({run / stage_reports.REPORT_MD}):\n{(run / stage_reports.REPORT_MD).read_text()}")
-    print(f"chat:  python pipeline/chat.py {run}")
-    print(f"app:   python app.py --model {run}")
+    if runs.latest_stage(run) is not None:  # a model to talk to (`--stages tokenizer` alone makes none)
+        print(f"chat:  python pipeline/chat.py {run}")
+        print(f"app:   python app.py --model {run}")
     return run
 
 

@@ -9,6 +9,15 @@ bash scripts/setup.sh
 export HF_HUB_DISABLE_TELEMETRY=1
 RUN=demo
 args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do [ "${args[$i]}" = "--run_name" ] && RUN=${args[$((i + 1))]}; done
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --run_name) RUN=${args[$((i + 1))]:-$RUN} ;;
+    --run_name=*) RUN=${args[$i]#--run_name=} ;;
+  esac
+done
 .venv/bin/python pipeline/run_all.py --preset tiny --run_name "$RUN" "$@"
-.venv/bin/python pipeline/generate.py "runs/$RUN/pretrain" --prompt "ROMEO:" --max_new_tokens 60
+# The sample needs a finished pretraining (`--stages tokenizer` alone makes none).
+PRETRAIN="${FLUXCHAT_RUNS_DIR:-runs}/$RUN/pretrain"
+if [ -f "$PRETRAIN/stage_complete.json" ]; then
+  .venv/bin/python pipeline/generate.py "$PRETRAIN" --prompt "ROMEO:" --max_new_tokens 60
+fi

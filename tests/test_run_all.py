@@ -166,6 +166,10 @@ def test_a_finished_stage_is_redone_with_its_overwrite_flag(tiny_run, isolated_r
     out = capsys.readouterr().out
     assert "note: --stages run in chain order, once each: tokenizer" in out
     assert out.count("== tokenizer: already finished, skipped") == 1
+    assert f"chat:  python pipeline/chat.py {isolated_runs / 'redo'}" in out  # it has a pretrained model
+    shutil.copytree(tiny_run / "tokenizer", isolated_runs / "words" / "tokenizer")
+    assert run_main(run_all.main, ["--run_name", "words", "--stages", "tokenizer"]) == (0, "")
+    assert "chat:" not in capsys.readouterr().out  # no model to talk to
     # --stage_args given twice: both lists reach the stage (argparse alone keeps only the last one).
     argv = ["--run_name", "redo", "--stage_args", "tokenizer:--vocab_size=600", "--stages", "tokenizer"]
     assert run_main(run_all.main, [*argv, "--stage_args", "tokenizer:--overwrite"]) == (0, "")
