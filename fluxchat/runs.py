@@ -12,7 +12,8 @@ that looks complete. The next stage refuses an unfinished input and names the co
 Nothing is written in place: checkpoints are saved under `.staging/checkpoint-N` and renamed into
 place when complete; the final model is saved under `.staging/final` and its files renamed into the
 stage folder; JSON files go through a temporary file. A crash leaves at most a `.staging` folder,
-which the next start of the stage removes.
+which the next start of the stage removes. One command at a time writes a stage folder: from `begin` to `commit`
+its main process holds an exclusive lock on it (`lock_stage`).
 """
 
 from __future__ import annotations

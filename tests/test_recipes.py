@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fluxchat import runs
 from fluxchat.config import CONFIGS_DIR, parse_config, presets
 from pipeline import dpo, grpo, ppo, pretrain, reward, run_all, sft
 from tokenizer import train as tokenizer_train
@@ -21,6 +22,7 @@ STAGES = {
 
 
 def test_every_preset_has_a_recipe_for_every_stage():
+    assert tuple(STAGES) == runs.STAGES  # a new stage is parsed here too
     assert {"tiny", "small", "gpt2-small"} <= set(presets())
     for preset in presets():
         assert sorted(p.stem for p in (CONFIGS_DIR / preset).glob("*.yaml")) == sorted(STAGES), preset
