@@ -16,6 +16,7 @@ import difflib
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -45,8 +46,14 @@ def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
+# Set by fluxchat/launch.py, which ignores Ctrl-C itself: the command it starts takes Python's handling back.
+RESTORE_SIGINT = "FLUXCHAT_RESTORE_SIGINT"
+
+
 def run_cli(main: Callable[..., Any]) -> None:
     """Run a stage's `main()` as a command: user errors become one line on stderr and exit code 2."""
+    if os.environ.pop(RESTORE_SIGINT, None) == "1":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except UsageError as err:

@@ -6,9 +6,10 @@
     python pipeline/run_all.py --preset small --run_name big --accelerate_config configs/accelerate/single_gpu.yaml
 
 Each stage runs through the same entry point a user would type (`accelerate launch pipeline/<stage>.py
---preset P --run_name R`), so accelerate settings apply. Stages that already finished are skipped; an
-interrupted pretrain/SFT continues from its newest checkpoint; so re-running the same command after a
-crash or Ctrl-C picks up where it stopped. PPO, GRPO and DPO each start from the SFT model, in their own
+--preset P --run_name R`, by way of fluxchat/launch.py, which only keeps Ctrl-C from ending the launcher before
+the stage), so accelerate settings apply. Stages that already finished are skipped; an interrupted pretrain, SFT,
+GRPO or DPO continues from its newest checkpoint; so re-running the same command after a crash or Ctrl-C picks up
+where it stopped. PPO, GRPO and DPO each start from the SFT model, in their own
 folders. Ends with a per-stage summary (runs/R/summary.json) and the stage report: every chat stage on the
 same held-out items (runs/R/report.md, also in the final stage's model card).
 
@@ -96,7 +97,7 @@ def launcher(args: RunAllArguments, stage: str) -> list[str]:
     if stage == "tokenizer":
         return [sys.executable]
     # --quiet: a failing stage's own one-line error is the last word, not accelerate's CalledProcessError traceback.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
+    cmd = [sys.executable, "-m", "fluxchat.launch", "--quiet"]  # accelerate launch, quiet on Ctrl-C too
     if args.accelerate_config:
         return cmd + ["--config_file", args.accelerate_config]
     # Explicit defaults: no accelerate config on this machine is normal, and silences accelerate's warning.

@@ -50,7 +50,7 @@ def _command(run_name):
     return [PYTHON, "pipeline/run_all.py", "--preset", "tiny", "--run_name", run_name, "--stage_args", *SHRINK]
 
 
-def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
+def test_offline_chain_stopped_by_ctrl_c_continues(isolated_runs):
     # Offline, no --train_file, empty cache: the chain pretrains on the shipped tinyshakespeare + the facts text.
     proc = subprocess.Popen(
         _command("chain"),
@@ -58,15 +58,21 @@ def test_offline_chain_survives_a_kill_and_continues(isolated_runs):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a suite run in the background ignores it
         env=os.environ.copy(),
     )
     pretrain_dir = runs.stage_dir("chain", "pretrain")
     deadline = time.time() + 300
     while runs.latest_checkpoint(pretrain_dir) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and the stage it launched
-    first_output = proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the orchestrator, accelerate's launcher and the stage all get it
+    first_output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in first_output, first_output[-3000:]
+    # The stage says where it stopped, then the chain what to run (the launcher waited for the stage, quietly).
+    lines = first_output.replace("\r", "\n").strip().splitlines()
+    assert lines[-1].startswith("interrupted: run the same run_all command again to continue"), lines[-5:]
+    assert any(line.startswith("interrupted: run the same command with --resume") for line in lines), lines[-5:]
     pretrain_line = first_output.split("== pretrain:")[1].splitlines()[0]
     assert "data/tinyshakespeare.txt" in pretrain_line and "facts.txt" in pretrain_line
     assert runs.is_finished(runs.stage_dir("chain", "tokenizer"))
