@@ -147,9 +147,8 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
         refuse_score_model(
             source, model.config.architectures or [], hint
         )  # a Hub id: known only once its config is here
-    if (
-        reward and model.config.num_labels != 1
-    ):  # a classifier with other labels, or a LoRA adapter of a language model
+    # A classifier with other labels, or a LoRA adapter of a language model (no config.json to refuse it by).
+    if reward and model.config.num_labels != 1:
         fail(
             f"{source} is not a reward model: it has {model.config.num_labels} labels, expected 1 (train one with pipeline/reward.py)"
         )

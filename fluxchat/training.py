@@ -359,17 +359,20 @@ class _TiedKeysAreNotMissing(logging.Filter):
 
 
 def _train(trainer, resume_from: Path | None):
-    if resume_from is not None:
-        logging.getLogger("transformers.trainer").addFilter(_TiedKeysAreNotMissing(trainer.model))
+    if resume_from is None:
+        return trainer.train()  # PPOTrainer.train() takes no argument
+    quiet = _TiedKeysAreNotMissing(trainer.model)
+    logging.getLogger("transformers.trainer").addFilter(quiet)
+    try:
         state = json.loads((Path(resume_from) / runs.TRAINER_STATE_FILE).read_text())
         if 0 < trainer.args.max_steps <= state["global_step"]:
             trainer._load_from_checkpoint(str(resume_from))  # weights only; optimizer state is not needed any more
             trainer.state = TrainerState.load_from_json(str(Path(resume_from) / runs.TRAINER_STATE_FILE))
             losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
             return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {})
-    return (
-        trainer.train(resume_from_checkpoint=str(resume_from)) if resume_from else trainer.train()
-    )  # PPOTrainer.train() takes no argument
+        return trainer.train(resume_from_checkpoint=str(resume_from))
+    finally:
+        logging.getLogger("transformers.trainer").removeFilter(quiet)
 
 
 def gather_rank_info(info: dict) -> list[dict]:
