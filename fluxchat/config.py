@@ -39,7 +39,16 @@ class UsageError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with what to run next (continue from a checkpoint, or start again): printed by `run_cli`."""
+    """Ctrl-C or SIGTERM, with what to run next (continue from a checkpoint, or start again): printed by `run_cli`,
+    which exits 128 + the signal's number, as a shell reports a command ended by it."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> NoReturn:
+    raise Interrupted(signum=signum)
 
 
 def fail(message: str) -> NoReturn:
@@ -54,17 +63,21 @@ def run_cli(main: Callable[..., Any]) -> None:
     """Run a stage's `main()` as a command: user errors become one line on stderr and exit code 2."""
     if os.environ.pop(RESTORE_SIGINT, None) == "1":
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM (`kill`, `timeout`, `docker stop`, a cluster's preemption) ends the command the way Ctrl-C does, with
+    # its one line, where Python's default would end it without a word. A training loop answers both more gently.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop)
     try:
         main()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        word = "terminated" if signum == signal.SIGTERM else "interrupted"
         # On a line of its own: Ctrl-C usually lands in the middle of a progress bar's line.
-        print(
-            f"\ninterrupted: {interrupt}" if isinstance(interrupt, Interrupted) else "\ninterrupted", file=sys.stderr
-        )
-        sys.exit(130)
+        print(f"\n{word}: {interrupt}" if str(interrupt) else f"\n{word}", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 def presets() -> list[str]:

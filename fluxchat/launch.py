@@ -7,6 +7,10 @@ later with a KeyboardInterrupt traceback and left the stage to stop on its own, 
 run_all's. Here the launcher ignores Ctrl-C and keeps waiting, and the stage, told by FLUXCHAT_RESTORE_SIGINT,
 takes Python's own handling back (`config.run_cli`): it stops, says where, and the launcher passes its exit on.
 A launcher started with Ctrl-C already ignored (a background job) changes nothing: the stage ignores it too.
+
+SIGTERM, sent to the launcher alone (run_all passes its own on), would end it and leave the stage running with no
+one waiting: the launcher passes it to the stage and waits for the stage to save a checkpoint and stop.
+(With several processes, torch's launcher takes SIGTERM over and passes it on itself.)
 """
 
 from __future__ import annotations
@@ -15,13 +19,21 @@ import os
 import signal
 import sys
 
+import psutil  # accelerate's own dependency
 from accelerate.commands.launch import main
 
 from fluxchat.config import RESTORE_SIGINT
+
+
+def pass_on(signum, frame) -> None:
+    for child in psutil.Process().children():
+        child.send_signal(signum)
+
 
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the stage as it starts: hence the variable
         os.environ[RESTORE_SIGINT] = "1"
+    signal.signal(signal.SIGTERM, pass_on)
     sys.argv[0] = "accelerate launch"
     main()

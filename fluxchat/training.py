@@ -11,17 +11,21 @@ import ctypes
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 import yaml
 from accelerate import PartialState
-from transformers import ProgressCallback, TrainerState
+from transformers import ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluxchat import cards, generation, hub, runs
@@ -287,9 +291,9 @@ def stage_checkpoints(trainer) -> None:
             best = trainer.state.best_model_checkpoint
             if best and Path(best).parent == staging:
                 trainer.state.best_model_checkpoint = str(run_dir / Path(best).name)
-            rotate_checkpoints(
-                str(run_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True
-            )
+            # By step, not by time as the Trainer does: two checkpoints a second apart (a stop right after a periodic
+            # save) look alike to a coarse clock, and transformers then warns that mtime is unreliable.
+            rotate_checkpoints(str(run_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
         trainer.accelerator.wait_for_everyone()
 
     trainer._save_checkpoint = staged_save
@@ -312,21 +316,94 @@ def save_final(trainer, output_dir: Path, save) -> None:
 
 def train(trainer, run: StageRun):
     """`trainer.train()` with staged checkpoints and glibc's memory kept, resuming from `run.resume_from` if given.
-    Ctrl-C ends in one line saying what to run next.
+    Ctrl-C or SIGTERM ends in one line saying what to run next; where the stage can resume, a checkpoint of the
+    step in progress is saved first (`StopAtStepEnd`).
 
     A run killed after its *last* checkpoint but before it was marked finished has nothing left to
     train; the Trainer would still take one more step (step 61 of 60). We load that checkpoint instead.
     """
     keep_freed_memory()
     stage_checkpoints(trainer)
+    # A checkpoint is worth saving only where the next command continues from it: not for an --overwrite's
+    # replacement (dropped by the next start), nor for reward and PPO (which start again).
+    stop = StopAtStepEnd(trainer) if run.stage in runs.RESUMABLE and run.work_dir == run.output_dir else None
     try:
-        return _train(trainer, run.resume_from)
-    except KeyboardInterrupt:
-        for callback in trainer.callback_handler.callbacks:  # else the bar redraws itself below our last line
-            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
-                callback.training_bar.close()
-                callback.training_bar = None
-        raise Interrupted(next_step_after_interrupt(run)) from None
+        if stop is None:
+            return _train(trainer, run.resume_from)
+        with stop.listening():
+            result = _train(trainer, run.resume_from)
+    except KeyboardInterrupt as interrupt:
+        _close_progress_bar(trainer)
+        raise Interrupted(next_step_after_interrupt(run), getattr(interrupt, "signum", signal.SIGINT)) from None
+    except RuntimeError as err:
+        # SIGTERM sent to every process (a cluster's preemption) reaches the data-loader workers too, and torch ends
+        # them at once (its own handler): the next batch fails. Stopped all the same, at the last saved checkpoint.
+        if stop is None or stop.signum != signal.SIGTERM or "DataLoader worker" not in str(err):
+            raise
+        _close_progress_bar(trainer)
+        raise Interrupted(next_step_after_interrupt(run), signal.SIGTERM) from None
+    if stop.stopped or stop.signum is not None:
+        _close_progress_bar(trainer)
+        raise Interrupted(next_step_after_interrupt(run), stop.signum or signal.SIGINT)
+    return result
+
+
+def _close_progress_bar(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:  # else the bar redraws itself below our last line
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
+
+
+class StopAtStepEnd(TrainerCallback):
+    """Ctrl-C or SIGTERM while training: the step in progress ends, its checkpoint is saved, the stage stops. A
+    preempted job (SIGTERM, then SIGKILL after a grace period) or a Ctrl-C loses no step. A second Ctrl-C stops at
+    once; a repeated SIGTERM changes nothing (run_all and the launcher pass theirs on, so one `kill` of a process
+    group can reach the stage three times).
+
+    Every process decides together (`accelerator.check_trigger`, a sum over processes): a rank that saved alone
+    would wait for the others forever. transformers' own `enable_jit_checkpoint` decides per process, writes
+    checkpoint-N in place where ours are staged whole, and lets `train()` return as if finished.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.signum: int | None = None  # the first signal this process got
+        self.stopped = False  # stopped early, this process signalled or not
+
+    @contextmanager
+    def listening(self):
+        owner = os.getpid()
+
+        def request(signum, frame):
+            if os.getpid() != owner:  # a data-loader worker (forked with this handler): the main process decides
+                return
+            if self.signum is None:
+                self.signum = signum
+                self.trainer.accelerator.set_trigger()
+                if self.trainer.is_world_process_zero():
+                    again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
+                    print(f"\nstopping: the checkpoint of this step is saved first{again}", file=sys.stderr)
+            elif signum == signal.SIGINT:
+                raise KeyboardInterrupt
+
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+        previous = {s: signal.signal(s, request) for s in handled}  # an ignored signal (a background job) stays so
+        self.trainer.add_callback(self)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.accelerator.check_trigger():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
 
 
 def next_step_after_interrupt(run: StageRun) -> str:

@@ -215,19 +215,34 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
 
 def run_stage(cmd: list[str]) -> int:
     """The stage's exit code. Ctrl-C reaches the stage too (one process group): wait while it stops and says where
-    it stopped, where subprocess.call would kill it 0.25 s later, perhaps mid-save. Then stop the chain."""
+    it stopped, where subprocess.call would kill it 0.25 s later, perhaps mid-save. SIGTERM sent to run_all alone
+    (`timeout`, `kill`) is passed on to the stage, which stops the same way. Then stop the chain."""
     process = subprocess.Popen(cmd, cwd=REPO_ROOT)
-    interrupted = False
-    while True:
-        try:
-            code = process.wait()
-            break
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted or code in (130, -signal.SIGINT):  # our stages exit 130; a plain Python killed by SIGINT, -2
+    signals: list[int] = []
+
+    def pass_on(signum, frame):
+        if not signals:
+            process.send_signal(signum)
+        signals.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        while True:
+            try:
+                code = process.wait()
+                break
+            except KeyboardInterrupt:
+                signals.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # Our stages exit 128 + the signal; a plain Python (the launcher passes a stage's failure on as 1) -signal.
+    by_code = {130: signal.SIGINT, -signal.SIGINT: signal.SIGINT, 143: signal.SIGTERM, -signal.SIGTERM: signal.SIGTERM}
+    signum = signals[0] if signals else by_code.get(code)
+    if signum is not None:
         raise Interrupted(
             "run the same run_all command again to continue: finished stages are skipped, and "
-            f"{', '.join(runs.RESUMABLE)} continue from their newest checkpoint"
+            f"{', '.join(runs.RESUMABLE)} continue from their newest checkpoint",
+            signum,
         )
     return code
 

@@ -146,10 +146,13 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_pat
         assert proc.wait(timeout=60) == 130
     assert not runs.is_finished(stage)
     resumed_from = runs.latest_checkpoint(stage)
-    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < 60
+    # Not the periodic checkpoint-20 it was running past: the step in progress was finished and saved first.
+    assert resumed_from is not None and 20 < int(resumed_from.name.split("-")[1]) < 60, resumed_from
     # One line, after the progress bar's, saying what to run next.
-    last = stderr.read_text().replace("\r", "\n").strip().splitlines()[-1]
-    assert last == f"interrupted: run the same command with --resume to continue from {resumed_from}"
+    lines = stderr.read_text().replace("\r", "\n").strip().splitlines()
+    assert "stopping: the checkpoint of this step is saved first; Ctrl-C again stops at once" in lines
+    assert lines[-1] == f"interrupted: run the same command with --resume to continue from {resumed_from}"
+    assert "mtime may not be reliable" not in stderr.read_text()  # two checkpoints a second apart rotate quietly
 
     result = run_script(*_pretrain_cmd("killed", 60, "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -167,28 +170,34 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_pat
     )  # it did not replay the windows before the checkpoint
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to spread over")
-def test_accelerate_launch_trains_on_every_core(isolated_runs):
-    """`accelerate launch` sets OMP_NUM_THREADS=1 for its child; a stage alone on a CPU machine uses every core anyway."""
+def test_a_launched_stage_uses_every_core_and_stops_on_sigterm_with_a_checkpoint(isolated_runs, tmp_path):
+    """run_all's launcher (accelerate launch) sets OMP_NUM_THREADS=1 for its child; a stage alone on a CPU machine
+    uses every core anyway. SIGTERM sent to the launcher alone (as `timeout` or `kill` would) reaches the stage,
+    which saves the step in progress and says what to run next, where it used to end without a word."""
     train_tiny_tokenizer("launch")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        *_pretrain_cmd("launch", 2, "--eval_strategy", "no")[1:],
-    ]
-    result = run_script(*cmd)
-    assert result.returncode == 0, result.stderr[-2000:]
-    log = (runs.stage_dir("launch", "pretrain") / "train.log").read_text()
+    launcher = [sys.executable, "-m", "fluxchat.launch", "--quiet", "--num_processes", "1", "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [str(a) for a in launcher + _pretrain_cmd("launch", 5000, "--eval_strategy", "no")[1:]],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        stage = runs.stage_dir("launch", "pretrain")
+        deadline = time.time() + 120
+        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 1  # accelerate's quiet launcher passes any failure on as 1
+    log = (stage / "train.log").read_text()
     assert f"1 process(es) x {os.cpu_count()} thread(s)" in log, log
+    checkpoint = runs.latest_checkpoint(stage)
+    assert not runs.is_finished(stage) and 20 < int(checkpoint.name.split("-")[1]) < 5000, checkpoint
+    lines = stderr.read_text().replace("\r", "\n").strip().splitlines()
+    assert "stopping: the checkpoint of this step is saved first" in lines, lines[-5:]
+    assert lines[-1] == f"terminated: run the same command with --resume to continue from {checkpoint}"
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])

@@ -203,3 +203,23 @@ def test_ctrl_c_in_a_stage_stops_the_chain_with_what_to_run_next(tmp_path):
             [PYTHON, "-c", "import os, signal; signal.signal(2, signal.SIG_DFL); os.kill(os.getpid(), 2)"]
         )
     assert run_all.run_stage([PYTHON, "-c", "import sys; sys.exit(3)"]) == 3
+
+
+def test_sigterm_to_run_all_alone_reaches_the_stage_and_stops_the_chain():
+    """`timeout` or `kill` signal run_all alone: it passes SIGTERM on to the stage, waits for it, and ends the way
+    Ctrl-C ends it, exit 143 (128 + SIGTERM). A stage that ignored it would be left running unwatched."""
+    stage = (
+        "import time; from fluxchat.config import run_cli\n"
+        "def main():\n    print('training', flush=True)\n    time.sleep(60)\n"
+        "run_cli(main)"
+    )
+    chain = f"from fluxchat.config import run_cli; from pipeline import run_all; run_cli(lambda: run_all.run_stage([{PYTHON!r}, '-c', {stage!r}]))"
+    proc = subprocess.Popen(
+        [PYTHON, "-c", chain], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout.readline() == "training\n"
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 143, output
+    lines = output.strip().splitlines()
+    assert lines[0] == "terminated" and lines[-1].startswith("terminated: run the same run_all command again"), lines

@@ -677,6 +677,33 @@ def test_ctrl_c_names_what_to_run_next_and_an_unresumable_stage_is_not_told_to_r
         runs.check_output_dir(sft, overwrite=False)
 
 
+def test_a_stop_signal_finishes_the_step_a_second_ctrl_c_stops_at_once_a_repeated_sigterm_does_not():
+    """What `training.train` listens for while a resumable stage trains (the whole path is run by test_pretrain)."""
+    from accelerate import Accelerator
+    from transformers import TrainerControl
+
+    from fluxchat.training import StopAtStepEnd
+
+    trainer = SimpleNamespace(accelerator=Accelerator(), callbacks=[], is_world_process_zero=lambda: True)
+    trainer.add_callback = trainer.callbacks.append
+    stop = StopAtStepEnd(trainer)
+    before = signal.getsignal(signal.SIGTERM)
+    with stop.listening():
+        assert trainer.callbacks == [stop]
+        control = TrainerControl()
+        stop.on_step_end(None, None, control)
+        assert not control.should_training_stop and not stop.stopped  # no signal: training goes on
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # passed on again by run_all and the launcher: still one stop
+        assert stop.signum == signal.SIGTERM
+        control = TrainerControl()
+        stop.on_step_end(None, None, control)
+        assert control.should_save and control.should_training_stop and stop.stopped
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C after a stop was asked for: now
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_stage_holds_its_folder_from_begin_to_commit_and_a_checked_command_holds_nothing(tmp_path):
     folder = tmp_path / "sft"
     folder.mkdir()
