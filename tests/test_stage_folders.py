@@ -680,7 +680,6 @@ def test_ctrl_c_names_what_to_run_next_and_an_unresumable_stage_is_not_told_to_r
 def test_a_stop_signal_finishes_the_step_a_second_ctrl_c_stops_at_once_a_repeated_sigterm_does_not():
     """What `training.train` listens for while a resumable stage trains (the whole path is run by test_pretrain)."""
     from accelerate import Accelerator
-    from transformers import TrainerControl
 
     from fluxchat.training import StopAtStepEnd
 
@@ -688,6 +687,26 @@ def test_a_stop_signal_finishes_the_step_a_second_ctrl_c_stops_at_once_a_repeate
     trainer.add_callback = trainer.callbacks.append
     stop = StopAtStepEnd(trainer)
     before = signal.getsignal(signal.SIGTERM)
+    # Python's own Ctrl-C handling, as in a terminal (a suite run in the background ignores SIGINT: so would this).
+    ctrl_c = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_signals(stop)
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+    assert signal.getsignal(signal.SIGTERM) is before
+    # A background job's ignored Ctrl-C stays ignored while training.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopAtStepEnd(trainer).listening():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+
+
+def _stop_signals(stop) -> None:
+    from transformers import TrainerControl
+
+    trainer = stop.trainer
     with stop.listening():
         assert trainer.callbacks == [stop]
         control = TrainerControl()
@@ -701,7 +720,6 @@ def test_a_stop_signal_finishes_the_step_a_second_ctrl_c_stops_at_once_a_repeate
         assert control.should_save and control.should_training_stop and stop.stopped
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # Ctrl-C after a stop was asked for: now
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_stage_holds_its_folder_from_begin_to_commit_and_a_checked_command_holds_nothing(tmp_path):
