@@ -112,6 +112,9 @@ def lora_config(peft_args: PeftArguments, task_type: str, model):
         lora_dropout=peft_args.lora_dropout,
         target_modules=peft_args.lora_target_modules or "all-linear",
         task_type=task_type,
+        # GPT-2 keeps its projections transposed (transformers' Conv1D): said here, peft does not correct it with
+        # a warning for every stage.
+        fan_in_fan_out=any(type(module).__name__ == "Conv1D" for module in model.modules()),
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import re
 import signal
@@ -29,8 +30,14 @@ from fluxchat import validation  # a leaf module (imports nothing of ours): no c
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # TRL's configs default gradient_checkpointing to True and transformers 5 calls that name deprecated whenever one is
-# built, whatever the user set (a recipe's `activation_checkpointing: false` included): nothing anyone can act on.
-warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+# built, whatever the user set (a recipe's `activation_checkpointing: false` included), and peft asks a model
+# `is_gradient_checkpointing`, also deprecated: nothing anyone can act on.
+warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
+# transformers' generate drops an attention mask of all ones (a batch without padding) and then feeds finished
+# replies pad tokens, which makes GPT-2 recommend an attention mask: about generate's own inputs, never ours.
+logging.getLogger("transformers.modeling_utils").addFilter(
+    lambda record: "We strongly recommend passing in an `attention_mask`" not in record.getMessage()
+)
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
