@@ -82,8 +82,9 @@ def run_cli(main: Callable[..., Any]) -> None:
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signum", signal.SIGINT)
         word = "terminated" if signum == signal.SIGTERM else "interrupted"
-        # On a line of its own: Ctrl-C usually lands in the middle of a progress bar's line.
-        print(f"\n{word}: {interrupt}" if str(interrupt) else f"\n{word}", file=sys.stderr)
+        if main_process():  # once, not once per process of a multi-process run
+            # On a line of its own: Ctrl-C usually lands in the middle of a progress bar's line.
+            print(f"\n{word}: {interrupt}" if str(interrupt) else f"\n{word}", file=sys.stderr)
         sys.exit(128 + signum)
 
 

@@ -10,7 +10,8 @@ A launcher started with Ctrl-C already ignored (a background job) changes nothin
 
 SIGTERM, sent to the launcher alone (run_all passes its own on), would end it and leave the stage running with no
 one waiting: the launcher passes it to the stage and waits for the stage to save a checkpoint and stop.
-(With several processes, torch's launcher takes SIGTERM over and passes it on itself.)
+(With several processes, torch's launcher takes Ctrl-C and SIGTERM over and passes them on itself; the traceback
+it ends in then is dropped.)
 """
 
 from __future__ import annotations
@@ -36,4 +37,13 @@ if __name__ == "__main__":
         os.environ[RESTORE_SIGINT] = "1"
     signal.signal(signal.SIGTERM, pass_on)
     sys.argv[0] = "accelerate launch"
-    main()
+    try:
+        main()
+    except Exception as err:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        if not isinstance(err, SignalException):
+            raise
+        # torch's multi-process launcher ends in this traceback once it has passed a Ctrl-C or SIGTERM on to every
+        # process and waited for them: each has said where it stopped, nothing is left to say.
+        sys.exit(128 + int(err.sigval))

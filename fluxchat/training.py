@@ -355,6 +355,11 @@ def _close_progress_bar(trainer) -> None:
             callback.training_bar = None
 
 
+# A Ctrl-C this soon after the first is the same one passed on by a launcher (torch's multi-process launcher passes
+# every signal to each process it started, which already had it from the terminal), not a second press.
+REPEAT_AFTER_S = 1.0
+
+
 class StopAtStepEnd(TrainerCallback):
     """Ctrl-C or SIGTERM while training: the step in progress ends, its checkpoint is saved, the stage stops. A
     preempted job (SIGTERM, then SIGKILL after a grace period) or a Ctrl-C loses no step. A second Ctrl-C stops at
@@ -369,6 +374,7 @@ class StopAtStepEnd(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self.signum: int | None = None  # the first signal this process got
+        self.since = 0.0
         self.stopped = False  # stopped early, this process signalled or not
 
     @contextmanager
@@ -379,12 +385,12 @@ class StopAtStepEnd(TrainerCallback):
             if os.getpid() != owner:  # a data-loader worker (forked with this handler): the main process decides
                 return
             if self.signum is None:
-                self.signum = signum
+                self.signum, self.since = signum, time.monotonic()
                 self.trainer.accelerator.set_trigger()
                 if self.trainer.is_world_process_zero():
                     again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
                     print(f"\nstopping: the checkpoint of this step is saved first{again}", file=sys.stderr)
-            elif signum == signal.SIGINT:
+            elif signum == signal.SIGINT and time.monotonic() - self.since > REPEAT_AFTER_S:
                 raise KeyboardInterrupt
 
         if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers

@@ -247,6 +247,48 @@ def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
     assert runs.latest_checkpoint(stage) == stage / "checkpoint-10" and not (stage / runs.STAGING).exists()
 
 
+def test_ctrl_c_stops_two_processes_at_the_same_step_with_one_line(isolated_runs, tmp_path):
+    """Ctrl-C reaches both processes from the terminal and again from torch's launcher, which then ended in a
+    traceback: both finish the same step (a rank that saved alone would wait forever), one line is printed."""
+    train_tiny_tokenizer("ddp_stop")
+    launcher = [
+        sys.executable,
+        "-m",
+        "fluxchat.launch",
+        "--quiet",
+        "--config_file",
+        "configs/accelerate/cpu_2proc.yaml",
+    ]
+    cmd = launcher + ["--main_process_port", "29534", *_pretrain_cmd("ddp_stop", 5000, "--eval_strategy", "no")[1:]]
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [str(a) for a in cmd],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # a process group of its own, as a terminal gives a command
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        stage = runs.stage_dir("ddp_stop", "pretrain")
+        deadline = time.time() + 120
+        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    checkpoint = runs.latest_checkpoint(stage)
+    assert 20 < int(checkpoint.name.split("-")[1]) < 5000 and not (stage / runs.STAGING).exists(), checkpoint
+    text = stderr.read_text()
+    lines = text.replace("\r", "\n").strip().splitlines()
+    assert (
+        "Traceback" not in text
+        and lines.count("stopping: the checkpoint of this step is saved first; Ctrl-C again stops at once") == 1
+    )
+    assert [line for line in lines if line.startswith("interrupted")] == [
+        f"interrupted: run the same command with --resume to continue from {checkpoint}"
+    ]
+
+
 def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
     # Missing previous stage: the error names the command that makes it.
     code, err = run_main(pretrain.main, ["--preset", "tiny", "--run_name", "nothing", "--train_file", SHAKESPEARE])
