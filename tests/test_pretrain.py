@@ -247,6 +247,28 @@ def test_two_cpu_processes_both_train_and_save_once(isolated_runs):
     assert runs.latest_checkpoint(stage) == stage / "checkpoint-10" and not (stage / runs.STAGING).exists()
 
 
+def test_sigterm_to_the_whole_group_with_data_loader_workers_still_ends_in_one_line(isolated_runs, tmp_path):
+    """A cluster's preemption signals every process, data-loader workers included, and torch ends those at once: the
+    next batch fails. The stage stops all the same, at the newest checkpoint, in one line."""
+    train_tiny_tokenizer("workers")
+    cmd = _pretrain_cmd("workers", 5000, "--eval_strategy", "no", "--dataloader_num_workers", "1")
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [str(a) for a in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+        stage = runs.stage_dir("workers", "pretrain")
+        deadline = time.time() + 120
+        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    text = stderr.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    last = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert last == f"terminated: run the same command with --resume to continue from {runs.latest_checkpoint(stage)}"
+
+
 def test_ctrl_c_stops_two_processes_at_the_same_step_with_one_line(isolated_runs, tmp_path):
     """Ctrl-C reaches both processes from the terminal and again from torch's launcher, which then ended in a
     traceback: both finish the same step (a rank that saved alone would wait forever), one line is printed."""
