@@ -118,41 +118,56 @@ def _pretrain_cmd(run_name, steps, *extra):
     ]
 
 
+def _stop_after_the_first_checkpoint(cmd, run_name, tmp_path, stop) -> tuple[int, str, list[str]]:
+    """Start `cmd` in a process group of its own (as a terminal starts a command), call `stop(process)` once the
+    stage's first checkpoint is complete: (exit code, stderr, its lines with progress-bar redraws split)."""
+    stderr = tmp_path / "stderr.txt"
+    stage = runs.stage_dir(run_name, "pretrain")
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [str(a) for a in cmd],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+            # Python's own Ctrl-C handling, even where the suite runs in the background (its children ignore SIGINT).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = time.time() + 120
+        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        stop(proc)
+        code = proc.wait(timeout=60)
+    text = stderr.read_text()
+    return code, text, text.replace("\r", "\n").strip().splitlines()
+
+
 def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_path):
     train_tiny_tokenizer("ref")
     train_tiny_tokenizer("killed")
     assert run_script(*_pretrain_cmd("ref", 60)).returncode == 0
-    # Start a run and press Ctrl-C (SIGINT) once its first checkpoint is complete. The child gets Python's own
-    # SIGINT handling even where the suite runs in the background (which ignores SIGINT in its children).
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(
-            [str(a) for a in _pretrain_cmd("killed", 60)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        stage = runs.stage_dir("killed", "pretrain")
-        deadline = time.time() + 120
-        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+    stage = runs.stage_dir("killed", "pretrain")
+
+    def lock_checked_then_ctrl_c(proc):
         proc.send_signal(signal.SIGSTOP)  # frozen mid-training (its lock held) while the same command starts again
         code, error = run_main(pretrain.main, _pretrain_cmd("killed", 60)[2:])
         expected = f"{stage} is being written by another command right now: wait for it to end, or stop it first"
         assert (code, error) == (2, expected), "two runs in one folder would interleave their checkpoints"
-        proc.send_signal(signal.SIGINT)  # delivered as it continues
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, delivered as it continues
         proc.send_signal(signal.SIGCONT)
-        assert proc.wait(timeout=60) == 130
+
+    code, text, lines = _stop_after_the_first_checkpoint(
+        _pretrain_cmd("killed", 60), "killed", tmp_path, lock_checked_then_ctrl_c
+    )
+    assert code == 130
     assert not runs.is_finished(stage)
     resumed_from = runs.latest_checkpoint(stage)
     # Not the periodic checkpoint-20 it was running past: the step in progress was finished and saved first.
     assert resumed_from is not None and 20 < int(resumed_from.name.split("-")[1]) < 60, resumed_from
     # One line, after the progress bar's, saying what to run next.
-    lines = stderr.read_text().replace("\r", "\n").strip().splitlines()
     assert "stopping: the checkpoint of this step is saved first; Ctrl-C again stops at once" in lines
     assert lines[-1] == f"interrupted: run the same command with --resume to continue from {resumed_from}"
-    assert "mtime may not be reliable" not in stderr.read_text()  # two checkpoints a second apart rotate quietly
+    assert "mtime may not be reliable" not in text  # two checkpoints a second apart rotate quietly
 
     result = run_script(*_pretrain_cmd("killed", 60, "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -177,25 +192,14 @@ def test_a_launched_stage_uses_every_core_and_stops_on_sigterm_with_a_checkpoint
     train_tiny_tokenizer("launch")
     launcher = [sys.executable, "-m", "fluxchat.launch", "--quiet", "--num_processes", "1", "--num_machines", "1"]
     launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(
-            [str(a) for a in launcher + _pretrain_cmd("launch", 5000, "--eval_strategy", "no")[1:]],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        stage = runs.stage_dir("launch", "pretrain")
-        deadline = time.time() + 120
-        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 1  # accelerate's quiet launcher passes any failure on as 1
+    cmd = launcher + _pretrain_cmd("launch", 5000, "--eval_strategy", "no")[1:]
+    code, _, lines = _stop_after_the_first_checkpoint(cmd, "launch", tmp_path, lambda p: p.send_signal(signal.SIGTERM))
+    assert code == 1  # accelerate's quiet launcher passes any failure on as 1
+    stage = runs.stage_dir("launch", "pretrain")
     log = (stage / "train.log").read_text()
     assert f"1 process(es) x {os.cpu_count()} thread(s)" in log, log
     checkpoint = runs.latest_checkpoint(stage)
     assert not runs.is_finished(stage) and 20 < int(checkpoint.name.split("-")[1]) < 5000, checkpoint
-    lines = stderr.read_text().replace("\r", "\n").strip().splitlines()
     assert "stopping: the checkpoint of this step is saved first" in lines, lines[-5:]
     assert lines[-1] == f"terminated: run the same command with --resume to continue from {checkpoint}"
 
@@ -252,21 +256,12 @@ def test_sigterm_to_the_whole_group_with_data_loader_workers_still_ends_in_one_l
     next batch fails. The stage stops all the same, at the newest checkpoint, in one line."""
     train_tiny_tokenizer("workers")
     cmd = _pretrain_cmd("workers", 5000, "--eval_strategy", "no", "--dataloader_num_workers", "1")
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(
-            [str(a) for a in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
-        )
-        stage = runs.stage_dir("workers", "pretrain")
-        deadline = time.time() + 120
-        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143
-    text = stderr.read_text()
-    assert "Traceback" not in text, text[-3000:]
-    last = text.replace("\r", "\n").strip().splitlines()[-1]
-    assert last == f"terminated: run the same command with --resume to continue from {runs.latest_checkpoint(stage)}"
+    code, text, lines = _stop_after_the_first_checkpoint(
+        cmd, "workers", tmp_path, lambda p: os.killpg(p.pid, signal.SIGTERM)
+    )
+    assert code == 143 and "Traceback" not in text, text[-3000:]
+    checkpoint = runs.latest_checkpoint(runs.stage_dir("workers", "pretrain"))
+    assert lines[-1] == f"terminated: run the same command with --resume to continue from {checkpoint}"
 
 
 def test_ctrl_c_stops_two_processes_at_the_same_step_with_one_line(isolated_runs, tmp_path):
@@ -282,30 +277,14 @@ def test_ctrl_c_stops_two_processes_at_the_same_step_with_one_line(isolated_runs
         "configs/accelerate/cpu_2proc.yaml",
     ]
     cmd = launcher + ["--main_process_port", "29534", *_pretrain_cmd("ddp_stop", 5000, "--eval_strategy", "no")[1:]]
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(
-            [str(a) for a in cmd],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,  # a process group of its own, as a terminal gives a command
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        stage = runs.stage_dir("ddp_stop", "pretrain")
-        deadline = time.time() + 120
-        while runs.latest_checkpoint(stage) is None and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+    code, text, lines = _stop_after_the_first_checkpoint(
+        cmd, "ddp_stop", tmp_path, lambda p: os.killpg(p.pid, signal.SIGINT)
+    )
+    assert code == 130 and "Traceback" not in text, text[-3000:]
+    stage = runs.stage_dir("ddp_stop", "pretrain")
     checkpoint = runs.latest_checkpoint(stage)
     assert 20 < int(checkpoint.name.split("-")[1]) < 5000 and not (stage / runs.STAGING).exists(), checkpoint
-    text = stderr.read_text()
-    lines = text.replace("\r", "\n").strip().splitlines()
-    assert (
-        "Traceback" not in text
-        and lines.count("stopping: the checkpoint of this step is saved first; Ctrl-C again stops at once") == 1
-    )
+    assert lines.count("stopping: the checkpoint of this step is saved first; Ctrl-C again stops at once") == 1
     assert [line for line in lines if line.startswith("interrupted")] == [
         f"interrupted: run the same command with --resume to continue from {checkpoint}"
     ]
