@@ -236,6 +236,11 @@ def load_causal_lm(path: str, tokenizer):
     return model
 
 
+class _NoLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def load_score_model(path: str, tokenizer, trained_as: str | None = None):
     """A model with one scalar output per sequence (reward or value), read at the last non-pad token.
 
@@ -243,16 +248,28 @@ def load_score_model(path: str, tokenizer, trained_as: str | None = None):
     that named `path`) the head must come from the folder: a language model's folder would otherwise load
     with a random head, and PPO or GRPO would train against noise without a word.
     """
+    # transformers reports a missing score head in a MISSING table, meant as an alarm. Here a new head is the point,
+    # or refused in one line (`trained_as`), and anything else amiss is said in one line too.
+    report, no_report = logging.getLogger("transformers.modeling_utils"), _NoLoadReport()
+    report.addFilter(no_report)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, use_safetensors=True, output_loading_info=True
         )
     except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
         fail(f"could not load a reward model from {path}: {str(err).splitlines()[0][:200]}")
+    finally:
+        report.removeFilter(no_report)
     if trained_as and info["missing_keys"]:
         fail(
             f"{trained_as} {path} is not a reward model: its score head ({', '.join(sorted(info['missing_keys']))}) "
             "would start random; train one with pipeline/reward.py"
+        )
+    amiss = sorted(k for k in info["missing_keys"] if not k.startswith("score.")) + sorted(info["unexpected_keys"])
+    if amiss:
+        print(
+            f"note: {path}: weights missing from the folder or not used by the model: {', '.join(amiss)}",
+            file=sys.stderr,
         )
     _align_config(model, tokenizer)
     return model
