@@ -208,7 +208,7 @@ def test_ctrl_c_in_a_stage_stops_the_chain_with_what_to_run_next(tmp_path):
 
 def test_sigterm_to_run_all_alone_reaches_the_stage_and_stops_the_chain():
     """`timeout` or `kill` signal run_all alone: it passes SIGTERM on to the stage, waits for it, and ends the way
-    Ctrl-C ends it, exit 143 (128 + SIGTERM). A stage that ignored it would be left running unwatched."""
+    Ctrl-C ends it, exit 143 (128 + SIGTERM). It used to die on its own and leave the stage running unwatched."""
     stage = (
         "import time; from fluxchat.config import run_cli\n"
         "def main():\n    print('training', flush=True)\n    time.sleep(60)\n"
