@@ -332,20 +332,19 @@ def train(trainer, run: StageRun):
             return _train(trainer, run.resume_from)
         with stop.listening():
             result = _train(trainer, run.resume_from)
+        if not stop.stopped and stop.signum is None:
+            return result
+        signum = stop.signum or signal.SIGINT  # stopped by another process's signal: said as Ctrl-C
     except KeyboardInterrupt as interrupt:
-        _close_progress_bar(trainer)
-        raise Interrupted(next_step_after_interrupt(run), getattr(interrupt, "signum", signal.SIGINT)) from None
+        signum = getattr(interrupt, "signum", signal.SIGINT)
     except RuntimeError as err:
         # SIGTERM sent to every process (a cluster's preemption) reaches the data-loader workers too, and torch ends
         # them at once (its own handler): the next batch fails. Stopped all the same, at the last saved checkpoint.
         if stop is None or stop.signum != signal.SIGTERM or "DataLoader worker" not in str(err):
             raise
-        _close_progress_bar(trainer)
-        raise Interrupted(next_step_after_interrupt(run), signal.SIGTERM) from None
-    if stop.stopped or stop.signum is not None:
-        _close_progress_bar(trainer)
-        raise Interrupted(next_step_after_interrupt(run), stop.signum or signal.SIGINT)
-    return result
+        signum = signal.SIGTERM
+    _close_progress_bar(trainer)
+    raise Interrupted(next_step_after_interrupt(run), signum) from None
 
 
 def _close_progress_bar(trainer) -> None:
@@ -406,7 +405,12 @@ class StopAtStepEnd(TrainerCallback):
                 signal.signal(s, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.accelerator.check_trigger():
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes == 1:  # no collective: on a GPU, check_trigger's .item() waits for every step
+            asked = self.signum is not None
+        else:
+            asked = accelerator.check_trigger()
+        if asked:
             control.should_save = True
             control.should_training_stop = True
             self.stopped = True
