@@ -35,8 +35,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 # transformers' generate drops an attention mask of all ones (a batch without padding) and then feeds finished
 # replies pad tokens, which makes GPT-2 recommend an attention mask: about generate's own inputs, never ours.
+# And GPT-2's class name (GPT2LMHeadModel) names no loss in transformers' table, which then warns that `loss_type=None`
+# "was set in the config" (nothing sets it) before using the causal-LM loss: GPT-2's own.
+_NOT_OURS = ("We strongly recommend passing in an `attention_mask`", "`loss_type=None` was set in the config")
 logging.getLogger("transformers.modeling_utils").addFilter(
-    lambda record: "We strongly recommend passing in an `attention_mask`" not in record.getMessage()
+    lambda record: not any(message in record.getMessage() for message in _NOT_OURS)
 )
 CONFIGS_DIR = REPO_ROOT / "configs"
 
@@ -58,6 +61,16 @@ def _stop(signum, frame) -> NoReturn:
     raise Interrupted(signum=signum)
 
 
+# What `run_cli` says after a Ctrl-C or SIGTERM that lands outside training (while the trainer is built, during the
+# evaluation before training, ...), where no Interrupted carries it: set by a stage once its folder exists.
+_say_next: Callable[[], str] | None = None
+
+
+def after_interrupt(say_next: Callable[[], str] | None) -> None:
+    global _say_next
+    _say_next = say_next
+
+
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
@@ -68,6 +81,7 @@ RESTORE_SIGINT = "FLUXCHAT_RESTORE_SIGINT"
 
 def run_cli(main: Callable[..., Any]) -> None:
     """Run a stage's `main()` as a command: user errors become one line on stderr and exit code 2."""
+    after_interrupt(None)  # what an earlier main() in this process set (the tests run many)
     if os.environ.pop(RESTORE_SIGINT, None) == "1":
         signal.signal(signal.SIGINT, signal.default_int_handler)
     # SIGTERM (`kill`, `timeout`, `docker stop`, a cluster's preemption) ends the command the way Ctrl-C does, with
@@ -82,9 +96,10 @@ def run_cli(main: Callable[..., Any]) -> None:
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signum", signal.SIGINT)
         word = "terminated" if signum == signal.SIGTERM else "interrupted"
+        message = str(interrupt) or (_say_next() if _say_next else "")
         if main_process():  # once, not once per process of a multi-process run
             # On a line of its own: Ctrl-C usually lands in the middle of a progress bar's line.
-            print(f"\n{word}: {interrupt}" if str(interrupt) else f"\n{word}", file=sys.stderr)
+            print(f"\n{word}: {message}" if message else f"\n{word}", file=sys.stderr)
         sys.exit(128 + signum)
 
 

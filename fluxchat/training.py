@@ -29,7 +29,7 @@ from transformers import ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluxchat import cards, generation, hub, runs
-from fluxchat.config import Interrupted, fail, main_process, resolved_config
+from fluxchat.config import Interrupted, after_interrupt, fail, main_process, resolved_config
 
 logger = logging.getLogger("fluxchat")
 
@@ -96,6 +96,7 @@ def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | 
             )
         runs.save_resolved_config(run.work_dir / runs.CONFIG_FILE, *config_objs, config_file=config_file)
     training_args.output_dir = str(run.work_dir)  # the Trainer's checkpoints go where the stage is built
+    after_interrupt(lambda: next_step_after_interrupt(run))
 
 
 # Settings that say how this command runs, not what it trains: a resume changes them without a note.
@@ -559,6 +560,7 @@ def finish_stage(
     if finished:
         runs.mark_finished(run.work_dir, run.stage, global_step=trainer.state.global_step)
         runs.commit(run.work_dir, run.output_dir)
+        after_interrupt(None)  # finished: nothing to run again
         hub.maybe_push(push_request, run.output_dir, run.stage)
 
 

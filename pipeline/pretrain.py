@@ -130,11 +130,15 @@ def main(argv: list[str] | None = None) -> Path:
             f"--block_size {model_args.block_size} is longer than the model's context ({model.config.n_positions} positions)"
         )
     block_size = model_args.block_size
+    if val_tokens is not None and len(val_tokens) <= block_size:
+        # Else validation, asked for with --validation_fraction, would silently not happen: no held-out bits/byte.
+        fail(
+            f"the validation text is only {len(val_tokens):,} tokens, not longer than one block (--block_size "
+            f"{block_size}): lower --block_size, raise --validation_fraction, or pass --validation_fraction 0"
+        )
     accounting = pretraining.RankAccounting()
     train_set = pretraining.RandomWindows(train_tokens, block_size, accounting)
-    eval_set = (
-        pretraining.Blocks(val_tokens, block_size) if val_tokens is not None and len(val_tokens) > block_size else None
-    )
+    eval_set = pretraining.Blocks(val_tokens, block_size) if val_tokens is not None else None
     if eval_set is None:
         args.eval_strategy = "no"
     # Only the loss is reported: without this the Trainer keeps every evaluated block's logits

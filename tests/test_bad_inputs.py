@@ -635,6 +635,12 @@ CASES = [
         lambda i, d: [*tiny_pretrain(i, d), "--block_size", 0],
         ("--block_size must be >= 1, got 0",),
     ),
+    Case(  # accepted before: it trained for minutes on 18 GB, its validation (shorter than one block) skipped unsaid
+        "block longer than the validation text",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--block_size", 100000],
+        ("not longer than one block (--block_size 100000)", "--validation_fraction"),
+    ),
     Case(
         "NaN validation fraction",
         "pretrain",

@@ -3,14 +3,17 @@ chaining, LoRA merged into a plain model, the inspect command, and the missing-i
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fluxchat import chat_format
+from fluxchat import chat_format, runs
 from pipeline import sft
-from tests.conftest import SHAKESPEARE, run_main
+from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
 
 # A high learning rate: the test model learns to end its replies with <|end|> within 40 steps.
 FAST = [
@@ -300,3 +303,37 @@ def test_builtin_examples_sets_how_many_task_conversations_sft_trains_on(tiny_ru
     # The tiny recipe gives capital and followup half shares and upper a double one: 70 = 7 units of 10.
     assert sum("Repeat after me:" in text for text in prompts) == 10
     assert sum('Say "' in text and "in capital letters" in text for text in prompts) == 20
+
+
+def test_ctrl_c_before_training_says_to_run_the_same_command_again(tiny_run, tmp_path):
+    """A Ctrl-C that lands once the stage's folder exists but before training (here: the held-out evaluation of the
+    pretrained model) names the next command as one in training does, where it used to end in a bare `interrupted`;
+    and that command starts the stage again."""
+    out = tmp_path / "sft"
+    cmd = [PYTHON, "pipeline/sft.py", "--preset", "tiny", "--model_name_or_path", tiny_run / "pretrain"]
+    cmd += ["--output_dir", out, "--max_steps", 2, "--builtin_examples", 64, "--eval_examples", 100]
+    cmd += ["--eval_strategy", "no", "--save_strategy", "no", "--corpus_file", SHAKESPEARE]
+    proc = subprocess.Popen(
+        [str(a) for a in cmd],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    deadline = time.time() + 120
+    while not (out / runs.CONFIG_FILE).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the evaluation before training (seconds long)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = stderr.replace("\r", "\n").strip().splitlines()
+    assert "Traceback" not in stderr
+    assert lines[-1] == f"interrupted: no checkpoint was saved in {out}; run the same command to start the stage again"
+    assert "stopping: the checkpoint of this step is saved first" not in stderr  # not in training yet
+
+    again = run_script(*cmd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert runs.is_finished(out)
