@@ -108,6 +108,8 @@ class AppArguments:
         self.model = self.model or os.environ.get("FLUXCHAT_MODEL")
         self.compare_model = self.compare_model or os.environ.get("FLUXCHAT_COMPARE_MODEL")
         self.reward_model = self.reward_model or os.environ.get("FLUXCHAT_REWARD_MODEL")
+        if self.auth is not None and not self.auth.strip():  # else it reads as unset: the app would open to anyone
+            raise ValueError("--auth is empty: give user:password (or leave it out to serve without a login)")
         self.auth = self.auth or os.environ.get("FLUXCHAT_AUTH")
         if self.auth is not None and (":" not in self.auth or not all(self.auth.split(":", 1))):
             raise ValueError("--auth must look like user:password")

@@ -216,14 +216,16 @@ def parse_config(
         argv = [f"--{positional}", argv[0], *argv[1:]]
     config_arg = pop_flag(argv, "config")
     preset = pop_flag(argv, "preset")
-    if config_arg and preset:
+    if config_arg is not None and preset is not None:
         fail("give either --config or --preset, not both")
     config_file = None
-    if preset:
+    if preset is not None:  # an empty one too: `--preset ''` (an unset shell variable) is no preset
         if preset not in presets():
             fail(f"unknown preset '{preset}'{_did_you_mean(preset, presets())}; choose from {', '.join(presets())}")
         config_file = CONFIGS_DIR / preset / f"{stage}.yaml"
-    elif config_arg:
+    elif config_arg is not None:
+        if not config_arg.strip():
+            fail("--config needs a YAML file, got an empty string")
         config_file = Path(config_arg)
 
     known = _field_names(dataclass_types)
@@ -231,13 +233,15 @@ def parse_config(
     for key in yaml_values:
         if key not in known:
             fail(f"{config_file}: unknown key '{key}'{_did_you_mean(key, known)}")
+    parser = StrictParser(dataclass_types, allow_abbrev=False)
+    # Every flag `--help` lists, `--no_<switch>` included (HfArgumentParser adds one for each switch that is on by default)
+    flags = {option[2:].replace("-", "_") for option in parser._option_string_actions if option.startswith("--")}
     for arg in argv:
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0].replace("-", "_")
-            if key not in known and key not in ("help", "h"):
+            if key not in flags:
                 fail(f"unknown flag --{key}{_did_you_mean(key, known)}")
 
-    parser = StrictParser(dataclass_types, allow_abbrev=False)
     for key, value in yaml_values.items():  # else the extra values surface as "not used by the HfArgumentParser"
         action = parser._option_string_actions.get(f"--{key}")
         if isinstance(value, (list, tuple)) and len(value) > 1 and action is not None and action.nargs in (None, "?"):

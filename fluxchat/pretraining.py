@@ -221,8 +221,10 @@ class SampleCallback(TrainerCallback):
     def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
 
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if not state.is_world_process_zero or not self.prompts:
+            return
+        if not math.isfinite((metrics or {}).get("eval_loss", 0.0)):  # diverged: nothing to sample from NaN
             return
         for i, prompt in enumerate(self.prompts):
             text = generation.sample(model, self.tokenizer, prompt, self.max_new_tokens, seed=i)

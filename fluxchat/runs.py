@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,11 @@ def check_output_dir(
             fail(
                 f"--resume: no complete checkpoint in {folder} (complete = its {TRAINER_STATE_FILE} is readable); drop --resume to start afresh"
             )
+        damage = checkpoint_damage(checkpoint)
+        if damage is not None:
+            older = next((c for c in _complete_checkpoints(folder)[1:] if checkpoint_damage(c) is None), None)
+            way_out = f"delete that folder to resume from {older.name}, or " if older is not None else ""
+            fail(f"--resume: {checkpoint} is damaged ({damage}): {way_out}pass --overwrite to start afresh")
         return checkpoint
     if not overwrite and latest_checkpoint(folder) is not None:
         fail(
@@ -303,16 +309,81 @@ def _readable_json(path: Path) -> bool:
         return False
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """Newest `checkpoint-N` whose save completed (trainer_state.json is written last by the Trainer)."""
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    """Every `checkpoint-N` whose save completed (trainer_state.json is written last by the Trainer), newest first."""
     if not Path(folder).is_dir():
-        return None
+        return []
     complete = [
         ckpt
         for ckpt in Path(folder).glob("checkpoint-*")
         if ckpt.name.split("-")[-1].isdigit() and _readable_json(ckpt / TRAINER_STATE_FILE)
     ]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(complete, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """Newest `checkpoint-N` whose save completed. It may still be damaged since (a copy cut short, a file
+    deleted by hand): `check_output_dir` checks the one --resume picks with `checkpoint_damage`."""
+    return next(iter(_complete_checkpoints(folder)), None)
+
+
+# The Trainer's names for a checkpoint's model weights: whole, sharded (an index naming its shards), a LoRA adapter.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.bin",
+)
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What makes `checkpoint` unloadable, in a few words (None if nothing does), found before anything is loaded:
+    otherwise --resume ends, after the inputs have loaded, in a traceback from safetensors, torch or the Trainer.
+    Cheap, whatever the model's size: headers and zip directories are read, never a tensor. A file cut short
+    loses the end a reader needs (the tensors a safetensors header promises, a zip's central directory), so
+    truncation is caught; bytes altered in the middle are not."""
+    from safetensors import SafetensorError, safe_open  # the weights' own reader: header and sizes, no tensor
+
+    checkpoint = Path(checkpoint)
+    try:
+        step = json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return f"{TRAINER_STATE_FILE} cannot be read"
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"{TRAINER_STATE_FILE} has global_step {step!r}, not a step number"
+    # DeepSpeed (global_stepN/) and FSDP (pytorch_model_fsdp*) checkpoints keep their weights in their own layout.
+    own_layout = any(checkpoint.glob("global_step*")) or any(checkpoint.glob("pytorch_model_fsdp*"))
+    adapters = [d for d in checkpoint.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file()]
+    if not own_layout and not adapters and not any((checkpoint / name).is_file() for name in WEIGHT_FILES):
+        missing = (
+            "adapter_model.safetensors" if (checkpoint / "adapter_config.json").is_file() else "model.safetensors"
+        )
+        return f"{missing} is missing"
+    weights = sorted(checkpoint.glob("*.safetensors")) + [f for d in adapters for f in sorted(d.glob("*.safetensors"))]
+    for index in checkpoint.glob("*.index.json"):  # a sharded save: every shard it names must be there
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} cannot be read"
+        lost = next((name for name in shards if not (checkpoint / name).is_file()), None)
+        if lost is not None:
+            return f"{lost}, named in {index.name}, is missing"
+    for path in weights:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (OSError, SafetensorError):
+            return f"{path.relative_to(checkpoint)} cannot be read"
+    # torch.save writes zip archives: optimizer.pt, scheduler.pt, rng_state*.pth (one per process), *.bin weights.
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return f"{path.name} cannot be read"
+    return None
 
 
 def discard_incomplete_checkpoints(folder: Path) -> list[Path]:

@@ -29,7 +29,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from fluxchat.config import fail
-from fluxchat.data import default_corpus
+from fluxchat.data import check_utf8, default_corpus
 
 TASKS = ("quote", "speaker", "arithmetic", "copy", "upper", "capital", "followup")
 CORPUS_TASKS = ("quote", "speaker")  # need the Shakespeare corpus
@@ -387,6 +387,7 @@ def resolve_corpus(corpus_file) -> str:
         corpus_file = default_corpus("--corpus_file")  # the flag every command using the tasks has
     if not Path(corpus_file).is_file():
         fail(f"corpus file {corpus_file} does not exist (the quote/speaker tasks read their lines from it)")
+    check_utf8(Path(corpus_file), "--corpus_file")  # as --train_file: one line naming the file, not a traceback
     return str(Path(corpus_file).resolve())
 
 
@@ -551,6 +552,9 @@ class _Generator:
         return prompt, template.format(capital=capital, population=population), wrong
 
 
+MAX_TASK_WEIGHT = 1e6
+
+
 def parse_task_weights(entries) -> dict[str, float]:
     """{"capital": 0.5} from ["capital=0.5"] (--task_weights); a task not named weighs 1."""
     weights = {}
@@ -560,9 +564,11 @@ def parse_task_weights(entries) -> dict[str, float]:
             weight = float(value)
         except ValueError:
             weight = -1.0
-        if name not in TASKS or not 0 < weight < math.inf:
+        # Weights are relative, so 1e6 already leaves the unnamed tasks next to nothing; 1e308s overflow the split.
+        if name not in TASKS or not 0 < weight <= MAX_TASK_WEIGHT:
             raise ValueError(
-                f"--task_weights {entry!r}: expected task=weight with a weight > 0 and a task among {', '.join(TASKS)}"
+                f"--task_weights {entry!r}: expected task=weight with a weight > 0 (at most {MAX_TASK_WEIGHT:,.0f})"
+                f" and a task among {', '.join(TASKS)}"
             )
         weights[name] = weight
     return weights

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import yaml
 from accelerate import PartialState
@@ -52,6 +53,8 @@ def run_name(training_args) -> str:
 
 def resolve_output_dir(training_args, stage: str) -> Path:
     """`--output_dir` if given, else runs/<run_name>/<stage>; written back into the training args."""
+    if training_args.output_dir is not None and not str(training_args.output_dir).strip():  # Path("") is "."
+        fail(f"--output_dir is empty: give a folder, or leave it out to write to runs/<run_name>/{stage}")
     if training_args.output_dir in (None, "trainer_output"):  # transformers' placeholder when unset
         training_args.output_dir = str(runs.stage_dir(run_name(training_args), stage))
     return Path(training_args.output_dir)
@@ -330,10 +333,12 @@ def train(trainer, run: StageRun):
     stop = StopAtStepEnd(trainer) if run.stage in runs.RESUMABLE and run.work_dir == run.output_dir else None
     try:
         if stop is None:
-            return _train(trainer, run.resume_from)
-        with stop.listening():
             result = _train(trainer, run.resume_from)
-        if not stop.stopped and stop.signum is None:
+        else:
+            with stop.listening():
+                result = _train(trainer, run.resume_from)
+        if stop is None or (not stop.stopped and stop.signum is None):
+            refuse_diverged(trainer, run)
             return result
         signum = stop.signum or signal.SIGINT  # stopped by another process's signal: said as Ctrl-C
     except KeyboardInterrupt as interrupt:
@@ -346,6 +351,22 @@ def train(trainer, run: StageRun):
         signum = signal.SIGTERM
     _close_progress_bar(trainer)
     raise Interrupted(next_step_after_interrupt(run), signum) from None
+
+
+def refuse_diverged(trainer, run: StageRun) -> None:
+    """A run whose weights went NaN or infinite (a learning rate far too high) is not saved as a finished stage: the
+    next stage would load it and every reply would be garbage. The Trainer logs on regardless: by default it even
+    leaves NaN losses out of the logged average (`logging_nan_inf_filter`)."""
+    bad = any(not torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad)
+    accelerator = trainer.accelerator
+    if accelerator.num_processes > 1:  # sharded weights (FSDP, ZeRO-3): every process must stop, or the others wait
+        bad = bool(accelerator.gather(torch.tensor([bad], device=accelerator.device)).any())
+    if bad:
+        kept = f"{run.output_dir} is kept as it was; " if run.work_dir != run.output_dir else ""
+        fail(
+            f"training diverged: the weights are NaN or infinite after step {trainer.state.global_step}, so the "
+            f"model was not saved; {kept}lower --learning_rate (or --max_grad_norm) and run again with --overwrite"
+        )
 
 
 def _close_progress_bar(trainer) -> None:

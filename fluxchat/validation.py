@@ -79,11 +79,13 @@ RULES: dict[str, Rule] = {
     # GRPO and DPO
     "max_completion_length": at_least(1),
     "beta": at_least(0),  # GRPO's KL weight (0: none); DPO's, which must be above 0, is checked by its stage
+    "precompute_ref_batch_size": at_least(1),  # DPO; TRL reads 0 as unset and uses the training batch size
     # PPO and its monitor
     "response_length": at_least(1),
     "num_ppo_epochs": at_least(1),
     "total_episodes": at_least(1),  # 0: TRL makes no update and saves the SFT model as PPO's
     "num_mini_batches": at_least(1),
+    "local_rollout_forward_batch_size": at_least(1),  # at 0 the rollout's range() fails once training started
     "kl_coef": at_least(0),
     "cliprange": positive(),
     "cliprange_value": positive(),

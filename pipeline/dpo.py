@@ -16,6 +16,7 @@ runs/<run_name>/dpo.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -71,6 +72,17 @@ class StageDPOConfig(DPOConfig):
             raise ValueError(f"--loss_type {' '.join(unknown)}: choose from {', '.join(DPO_LOSSES)}")
         if self.beta <= 0:  # TRL trains at 0 or below: every pair then ties, or the preference is reversed
             raise ValueError(f"--beta must be > 0 (it scales the implicit reward), got {self.beta:g}")
+        weights = self.loss_weights or []
+        # A list escapes the NaN check every number gets, and TRL multiplies the losses by these unchecked.
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or (weights and not any(weights)):
+            shown = " ".join(f"{w:g}" for w in weights)
+            raise ValueError(f"--loss_weights {shown}: each must be a finite number >= 0, and not all 0")
+        # The chance a preference label is flipped (robust, aot, exo_pair): at 0.5 robust divides by 0, above it
+        # the preference is reversed; TRL only warns.
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing:g}")
+        if "exo_pair" in losses and self.label_smoothing == 0:  # TRL refuses it only once the trainer is built
+            raise ValueError("--loss_type exo_pair needs --label_smoothing > 0 (the EXO paper uses 0.001)")
         super().__post_init__()
 
 

@@ -162,6 +162,15 @@ def main(argv: list[str] | None = None) -> Path:
         prompt_rows(script_args, reward_path is not None), script_args.max_train_samples, args.seed
     )
     rows, counts = stage_data.grpo_prompt_rows(tokenizer, rows, context - args.max_completion_length)
+    # TRL samples whole batches of distinct prompts and drops a short last one: with fewer prompts it trained no step
+    # at all and saved the SFT model unchanged as this stage, exit 0.
+    prompts_per_batch = args.generation_batch_size // args.num_generations
+    if len(rows) < prompts_per_batch:
+        fail(
+            f"{len(rows)} usable prompt(s), but each generation batch samples {prompts_per_batch} different ones "
+            f"({args.generation_batch_size} replies in groups of --num_generations {args.num_generations}): add prompts, "
+            f"or lower --per_device_train_batch_size or --steps_per_generation"
+        )
     train_set = Dataset.from_list(rows)
     examples = stage_data.task_examples(script_args)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")  # raised inside PPOTrainer
 
+from accelerate import PartialState  # noqa: E402
 from transformers import ProgressCallback  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
@@ -87,6 +88,20 @@ class StagePPOConfig(PPOConfig):
     def __post_init__(self):
         if self.temperature <= 0:  # TRL divides by it (+1e-7): at 0 the policy's log-probs are meaningless
             raise ValueError(f"--temperature must be > 0, got {self.temperature:g}: PPO learns from sampled replies")
+        # TRL checks these only once its trainer is built (after the models are loaded), as tracebacks.
+        rollout = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.num_mini_batches >= 1 and rollout >= 1 and rollout % self.num_mini_batches:  # < 1: check_numbers
+            raise ValueError(
+                f"--num_mini_batches {self.num_mini_batches} must divide the rollout batch of {rollout} prompts per "
+                f"process (--per_device_train_batch_size {self.per_device_train_batch_size} x "
+                f"--gradient_accumulation_steps {self.gradient_accumulation_steps})"
+            )
+        if self.stop_token and self.stop_token_id is not None:
+            raise ValueError(
+                f"--stop_token_id {self.stop_token_id} and --stop_token {self.stop_token} both choose where replies stop "
+                "(every --preset's ppo.yaml sets stop_token: eos, and no flag unsets it): drop --stop_token_id, "
+                "or use --config with a copy of the recipe without stop_token"
+            )
         super().__post_init__()
 
 
@@ -138,6 +153,16 @@ def main(argv: list[str] | None = None) -> Path:
     conversations = stage_data.load_conversations(script_args)
     conversations = stage_data.sample_rows(conversations, script_args.max_train_samples, args.seed)
     train_set, counts = stage_data.prompt_dataset(tokenizer, conversations, context - args.response_length)
+    # TRL's rollout loader drops a short last batch and repeats itself forever: with fewer prompts than one rollout
+    # it yielded nothing, and PPO hung at its first step.
+    processes = PartialState().num_processes  # PPOConfig's own world_size is filled in by the trainer, later
+    rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+    if len(train_set) < rollout:
+        fail(
+            f"{len(train_set)} usable prompt(s), but one rollout takes {rollout} (--per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x --gradient_accumulation_steps {args.gradient_accumulation_steps}"
+            f"{f' x {processes} processes' if processes > 1 else ''}): add prompts, or lower those"
+        )
     examples = stage_data.task_examples(script_args)
     eval_set = (
         stage_data.prompt_dataset(tokenizer, examples, context - args.response_length)[0]

@@ -11,6 +11,7 @@ tokenizer, generation config, metrics.json and train.log to runs/<run_name>/pret
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,13 @@ from fluxchat import data, generation, hub, loading, pretraining, runs, shards, 
 from fluxchat.config import fail, parse_config, run_cli
 
 DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
+# GPT-2's attention implementations in transformers 5 -> (module, pip package) each needs beyond torch.
+ATTENTION_PACKAGES = {
+    "sdpa": None,
+    "eager": None,
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
+}
 
 
 @dataclass
@@ -44,11 +52,28 @@ class ModelArguments:
     pad_vocab_to_multiple_of: int = field(
         default=0, metadata={"help": "Round the embedding up (64 helps GPUs); 0 = exact."}
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (fused attention) or eager."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "sdpa (fused attention), eager, or flash_attention_2/3 (CUDA, with the flash-attn package)."
+        },
+    )
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
+        # Below 1, check_numbers' range line says so (here it would be a ZeroDivisionError).
+        if self.n_head >= 1 and self.n_embd % self.n_head:
             raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+        if self.attn_implementation not in ATTENTION_PACKAGES:
+            raise ValueError(
+                f"--attn_implementation {self.attn_implementation!r}: choose from {', '.join(ATTENTION_PACKAGES)}"
+            )
+        package = ATTENTION_PACKAGES[self.attn_implementation]
+        # transformers can also take flash attention from the `kernels` package; without either it fails mid-load.
+        if package and not any(importlib.util.find_spec(name) for name in (package[0], "kernels")):
+            raise ValueError(
+                f"--attn_implementation {self.attn_implementation} needs the {package[1]} package "
+                f"(pip install {package[1]}, CUDA only); or use sdpa"
+            )
 
 
 @dataclass

@@ -23,6 +23,9 @@ generated task corpus instead (no Shakespeare, so the quote/speaker tasks are le
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import shlex
@@ -213,6 +216,23 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
     return cmd + extra
 
 
+def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
+    """Each training stage's --stage_args, parsed now as the stage will parse them: a typo for SFT used to surface only
+    once the tokenizer and the whole of pretraining had run."""
+    for stage, flags in extra.items():
+        if stage not in SCRIPTS:
+            continue  # evaluate and report run in seconds at the chain's end, with their own one line
+        # By path: run as a script, run_all has pipeline/ on sys.path, not the folder above it.
+        spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / SCRIPTS[stage])
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        with contextlib.redirect_stderr(io.StringIO()):  # its notes (no bf16 on this CPU) come when it runs
+            try:
+                parse_config(stage, module.ARGUMENTS, ["--preset", preset, *flags])
+            except UsageError as err:
+                fail(f"--stage_args {stage}: {err}")
+
+
 def run_stage(cmd: list[str]) -> int:
     """The stage's exit code. Ctrl-C reaches the stage too (one process group): wait while it stops and says where
     it stopped, where subprocess.call would kill it 0.25 s later, perhaps mid-save. SIGTERM sent to run_all alone
@@ -333,6 +353,7 @@ def main(argv: list[str] | None = None) -> Path:
                 f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(SCRIPTS)}, evaluate, {REPORT}"
             )
         extra.setdefault(stage, []).append(flag)
+    check_stage_args(args.preset, extra)
 
     if args.accelerate_config:
         check_accelerate_config(args.accelerate_config)

@@ -253,6 +253,10 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
     )
     code, error = run_main(grpo.main, [*base, "--dataset", null_answer])
     assert code == 2 and "line 2: field 'answer' is null and no --reward_model_path" in error
+    # Fewer prompts than one generation batch samples: TRL trained no step and saved the SFT model as GRPO's, exit 0.
+    one_prompt = _write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Say yes.", "answer": "yes"}])
+    code, error = run_main(grpo.main, [*base, "--dataset", one_prompt])
+    assert code == 2 and error.startswith("1 usable prompt(s), but each generation batch samples 2 different ones")
     code, error = run_main(grpo.main, [*base, "--per_device_train_batch_size", 12, "--num_generations", 8])
     assert code == 2 and "--per_device_train_batch_size 12" in error and "--num_generations 8" in error
     code, error = run_main(grpo.main, [*base, "--num_generations", 1])

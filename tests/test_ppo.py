@@ -117,6 +117,16 @@ def test_collapse_stops_training_and_nothing_is_marked_finished(chain, isolated_
     code, error = run_main(ppo.main, [*PPO_FAST, "--run_name", "kl", "--sft_model_path", chain / "sft", "--overwrite"])
     assert code == 2 and "pipeline/reward.py" in error  # this run has no reward stage: name the command
 
+    # Fewer prompts than one rollout: TRL's loader, which drops a short batch, yielded nothing and PPO hung.
+    few = [*PPO_FAST, "--run_name", "few", "--sft_model_path", chain / "sft", "--reward_model_path", chain / "reward"]
+    code, error = run_main(ppo.main, [*few, "--max_train_samples", 3])
+    assert (code, error) == (
+        2,
+        "3 usable prompt(s), but one rollout takes 4 (--per_device_train_batch_size 2 x --gradient_accumulation_steps 2)"
+        ": add prompts, or lower those",
+    )
+    assert not (isolated_runs / "few").exists()
+
 
 def test_ppo_with_lora_saves_the_merged_policy(chain, tmp_path):
     output = tmp_path / "ppo-lora"

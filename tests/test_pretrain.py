@@ -118,6 +118,28 @@ def _pretrain_cmd(run_name, steps, *extra):
     ]
 
 
+def test_a_diverged_run_is_one_line_and_never_a_finished_stage(isolated_runs):
+    """Weights gone NaN (a learning rate far too high) used to be saved as a finished stage, exit 0, for the next
+    stage to load; and pretraining's end-of-run sample failed in a traceback on them."""
+    train_tiny_tokenizer("nan")
+    good = _pretrain_cmd("nan", 4, "--save_strategy", "no", "--eval_strategy", "no")[2:]
+    assert run_main(pretrain.main, good) == (0, "")
+    stage = runs.stage_dir("nan", "pretrain")
+    weights = (stage / "model.safetensors").read_bytes()
+
+    # Evaluated at the end (then sampled from): the loss is NaN by then.
+    diverged = _pretrain_cmd(
+        "nan", 4, "--learning_rate", "1e30", "--eval_steps", "4", "--save_strategy", "no", "--overwrite"
+    )[2:]
+    code, error = run_main(pretrain.main, diverged)
+    assert code == 2
+    assert error == (
+        "training diverged: the weights are NaN or infinite after step 4, so the model was not saved; "
+        f"{stage} is kept as it was; lower --learning_rate (or --max_grad_norm) and run again with --overwrite"
+    )
+    assert runs.is_finished(stage) and (stage / "model.safetensors").read_bytes() == weights
+
+
 def _stop_after_the_first_checkpoint(cmd, run_name, tmp_path, stop) -> tuple[int, str, list[str]]:
     """Start `cmd` in a process group of its own (as a terminal starts a command), call `stop(process)` once the
     stage's first checkpoint is complete: (exit code, stderr, its lines with progress-bar redraws split)."""

@@ -157,6 +157,11 @@ def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
     assert code == 2 and "--corpus wikipedia" in error
     code, error = run_main(run_all.main, ["--corpus", "embedded", "--train_file", tmp_path / "x.txt"])
     assert code == 2 and "give one" in error
+    # A stage's flags are parsed before the chain starts: a typo for SFT surfaced once pretraining had run.
+    code, error = run_main(run_all.main, ["--stage_args", "sft:--bogus_flag=1"])
+    assert (code, error) == (2, "--stage_args sft: unknown flag --bogus_flag")
+    code, error = run_main(run_all.main, ["--stage_args", "pretrain:--learning_rate=-1", "sft:--no_eval_baseline"])
+    assert (code, error) == (2, "--stage_args pretrain: --learning_rate must be > 0, got -1")
     assert not (isolated_runs / "demo").exists()  # nothing written before the error
 
 

@@ -50,6 +50,10 @@ class TokenizerArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished tokenizer in the output folder."})
 
     def __post_init__(self):
+        if self.output_dir is not None and not self.output_dir.strip():  # else it reads as unset: runs/<run_name>
+            raise ValueError(
+                "--output_dir is empty: give a folder, or leave it out to write to runs/<run_name>/tokenizer"
+            )
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.chat_format not in chat_format.FORMATS:
