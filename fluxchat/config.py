@@ -113,6 +113,8 @@ def _did_you_mean(word: str, options) -> str:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        fail(f"config file {path} is a folder: give a YAML file in it (configs/<preset>/<stage>.yaml), or --preset")
     if not path.is_file():
         fail(f"config file {path} does not exist")
     try:

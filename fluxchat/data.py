@@ -145,7 +145,7 @@ def load_text(
         column = "text" if is_text_file else text_column
         if column not in rows.column_names:
             fail(f"{name}: no '{column}' column (columns: {', '.join(rows.column_names)}); set --text_column")
-        docs = [d for d in rows[column] if isinstance(d, str) and d.strip()]
+        docs = list(_checked_docs(name, rows[column], column))
         if not docs:
             fail(f"{name}: no text found in column '{column}'")
         part_train, part_val = _split(docs, validation_fraction, by_chars=is_text_file)
@@ -297,6 +297,16 @@ def _read_rows(path: Path):
         fail(f"{path}: could not be read as {builder} ({str(err).splitlines()[0][:200]})")
 
 
+def _checked_docs(name: str, values, column: str) -> Iterator[str]:
+    """A column's non-blank texts, in order. A value neither text nor null (a number, a list) is refused: it used to
+    be dropped without a word."""
+    for row, doc in enumerate(values, 1):
+        if doc is not None and not isinstance(doc, str):
+            fail(f"{name}: row {row}: field '{column}' must be text, got {type(doc).__name__}")
+        if doc and doc.strip():
+            yield doc
+
+
 def _column_values(rows, column: str) -> Iterator:
     for batch in rows.select_columns([column]).iter(batch_size=1000):
         yield from batch[column]
@@ -305,7 +315,7 @@ def _column_values(rows, column: str) -> Iterator:
 def _iter_rows(name: str, rows, text_column: str, validation_fraction: float):
     if text_column not in rows.column_names:
         fail(f"{name}: no '{text_column}' column (columns: {', '.join(rows.column_names)}); set --text_column")
-    n_docs = sum(1 for d in _column_values(rows, text_column) if isinstance(d, str) and d.strip())
+    n_docs = sum(1 for _ in _checked_docs(name, _column_values(rows, text_column), text_column))
     if not n_docs:
         fail(f"{name}: no text found in column '{text_column}'")
     cut = int(n_docs * (1 - validation_fraction))

@@ -66,6 +66,8 @@ def feedback_path(feedback_file: str | None, model_source: str) -> Path:
         path = Path(feedback_file)
         if path.is_dir():
             fail(f"--feedback_file {path} is a folder: give a file path, e.g. {path / FEEDBACK_FILE}")
+        if path.parent.exists() and not path.parent.is_dir():
+            fail(f"--feedback_file {path}: {path.parent} is a file, not a folder")
         if not path.parent.is_dir():
             fail(f"--feedback_file {path}: folder {path.parent} does not exist")
         return _writable(path, "--feedback_file")

@@ -61,11 +61,27 @@ def _one_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
+# The JSON files AutoTokenizer reads from a folder (config.json too, for the model type).
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+
+
+def _broken_json(source) -> Path | None:
+    """The first of a folder's tokenizer JSON files that does not parse: the errors name none of them."""
+    for path in (Path(source) / name for name in TOKENIZER_JSON):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):  # absent, or `source` is a Hub id
+            continue
+        except (OSError, ValueError):
+            return path
+    return None
+
+
 def load_tokenizer(source: str):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as err:  # a truncated tokenizer.json raises JSON/Rust errors of several types
-        where = Path(source) / "tokenizer.json" if Path(source).is_dir() else source
+        where = _broken_json(source) or (Path(source) / "tokenizer.json" if Path(source).is_dir() else source)
         fail(f"cannot load the tokenizer {where} ({_one_line(err)}): re-run the stage that wrote it")
 
 
@@ -190,7 +206,7 @@ def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_miss
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        fail(f"could not load a tokenizer from {path}: {str(err).splitlines()[0][:200]}")
+        fail(f"could not load a tokenizer from {_broken_json(path) or path}: {str(err).splitlines()[0][:200]}")
     missing = [t for t in chat_format.SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing and not add_missing_tokens:
         fail(

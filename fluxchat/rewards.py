@@ -154,6 +154,10 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
         answer = row[answer_column] if answer_column else None
         if answer is not None and not isinstance(answer, (str, int, float)):
             fail(f"{name}: {label}: field '{answer_column}' must be text or a number, got {type(answer).__name__}")
+        if isinstance(answer, str) and not answer.strip():  # no reply (or only an empty one) earns it: no signal
+            fail(
+                f"{name}: {label}: field '{answer_column}' is empty: give the answer, or null to leave it to the reward model"
+            )
         if answer is None and need_answers:
             given = next((c for c in ANSWER_COLUMNS if c in row), None)  # present but null
             what = f"field '{given}' is null" if given else "no 'answer' column"

@@ -91,6 +91,7 @@ def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | 
     with state.main_process_first():
         if state.is_main_process:
             runs.begin(run.output_dir, run.stage, overwrite=run.overwrite, resume=run.resume_from is not None)
+    after_interrupt(lambda: next_step_after_interrupt(run))  # the folder exists: a stop from here on says what next
     log_to_file(run.work_dir)
     if state.is_main_process:  # the config records where the stage ends up, not where it is built
         if run.resume_from is not None:
@@ -99,7 +100,6 @@ def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | 
             )
         runs.save_resolved_config(run.work_dir / runs.CONFIG_FILE, *config_objs, config_file=config_file)
     training_args.output_dir = str(run.work_dir)  # the Trainer's checkpoints go where the stage is built
-    after_interrupt(lambda: next_step_after_interrupt(run))
 
 
 # Settings that say how this command runs, not what it trains: a resume changes them without a note.

@@ -96,6 +96,12 @@ class StagePPOConfig(PPOConfig):
                 f"process (--per_device_train_batch_size {self.per_device_train_batch_size} x "
                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps})"
             )
+        elif self.whiten_rewards and self.num_mini_batches >= 1 and rollout // self.num_mini_batches < 8:
+            raise ValueError(  # TRL asserts it once the models are loaded: whitening needs enough rewards to normalise
+                f"--whiten_rewards needs mini-batches of at least 8 prompts per process, got {rollout // self.num_mini_batches} "
+                f"(--per_device_train_batch_size {self.per_device_train_batch_size} x --gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps} / --num_mini_batches {self.num_mini_batches})"
+            )
         if self.stop_token and self.stop_token_id is not None:
             raise ValueError(
                 f"--stop_token_id {self.stop_token_id} and --stop_token {self.stop_token} both choose where replies stop "

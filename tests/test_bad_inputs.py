@@ -136,6 +136,11 @@ def corrupt_tokenizer(inputs, case_dir):
     (case_dir / "tok" / "tokenizer.json").write_bytes(b"\x00\x01 not json")
 
 
+def corrupt_tokenizer_config(inputs, case_dir):
+    shutil.copytree(inputs.shared / "tokenizer", case_dir / "tok")
+    (case_dir / "tok" / "tokenizer_config.json").write_text('{"truncated')
+
+
 def held_out_too_long(inputs, case_dir, seed: int = 0, rows: int = 50):
     """An Alpaca JSON array whose one held-out row (sft's split with --seed, --eval_fraction 0.02) is too long
     for the 64-token context while every training row fits."""
@@ -186,6 +191,15 @@ CASES = [
         "tokenizer",
         lambda i, d: ["--train_file", i.latin1, "--output_dir", d / "tok"],
         ("latin1.txt: not UTF-8",),
+    ),
+    Case(  # the number's row was dropped without a word
+        "a number in a jsonl text column",
+        "tokenizer",
+        lambda i, d: ["--train_file", d / "mixed.jsonl", "--output_dir", d / "tok"],
+        ("mixed.jsonl: row 2: field 'text' must be text, got int",),
+        prepare=write_yaml(
+            "mixed.jsonl", '{"text": "To be, or not to be"}\n{"text": 42}\n{"text": "that is the question"}\n'
+        ),
     ),
     Case(
         "vocab too small",
@@ -601,6 +615,13 @@ CASES = [
         ("trainer_state.json",),
         prepare=cut_trainer_state,
     ),
+    Case(  # the line named tokenizer.json, which was whole
+        "corrupt tokenizer_config.json",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d)[:2], "--tokenizer_name_or_path", d / "tok", *tiny_pretrain(i, d)[4:]],
+        ("cannot load the tokenizer", "tok/tokenizer_config.json ("),
+        prepare=corrupt_tokenizer_config,
+    ),
     Case(
         "corrupt tokenizer.json",
         "pretrain",
@@ -976,6 +997,12 @@ CASES = [
         "ppo",
         lambda i, d: [*ppo_rewarded_by(lambda i: i.reward_model)(i, d), "--num_mini_batches", 64],
         ("--num_mini_batches 64 must divide the rollout batch of 16",),
+    ),
+    Case(  # TRL asserted it in a traceback once the models had loaded
+        "ppo --whiten_rewards on mini-batches under 8",
+        "ppo",
+        lambda i, d: [*ppo_rewarded_by(lambda i: i.reward_model)(i, d), "--whiten_rewards", "--num_mini_batches", 4],
+        ("--whiten_rewards needs mini-batches of at least 8 prompts per process, got 4",),
     ),
     Case(
         "ppo --local_rollout_forward_batch_size 0",

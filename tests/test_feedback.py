@@ -114,6 +114,9 @@ def test_app_feedback_flags_are_checked(tiny_run, tmp_path):
     assert code == 2 and "--collect_feedback too" in error
     with pytest.raises(UsageError, match="does not exist"):
         feedback.feedback_path(str(tmp_path / "missing" / "f.jsonl"), str(tiny_run / "pretrain"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UsageError, match="a_file is a file, not a folder"):
+        feedback.feedback_path(str(tmp_path / "a_file" / "f.jsonl"), str(tiny_run / "pretrain"))
     with pytest.raises(UsageError, match="no local folder"):
         feedback.feedback_path(None, "someone/some-model")
     assert feedback.feedback_path(None, str(tiny_run / "pretrain")) == (tiny_run / "feedback.jsonl").resolve()

@@ -253,6 +253,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
     )
     code, error = run_main(grpo.main, [*base, "--dataset", null_answer])
     assert code == 2 and "line 2: field 'answer' is null and no --reward_model_path" in error
+    empty_answer = _write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "Say yes.", "answer": " "}])
+    code, error = run_main(grpo.main, [*base, "--dataset", empty_answer])
+    assert code == 2 and "line 1: field 'answer' is empty" in error
     # Fewer prompts than one generation batch samples: TRL trained no step and saved the SFT model as GRPO's, exit 0.
     one_prompt = _write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Say yes.", "answer": "yes"}])
     code, error = run_main(grpo.main, [*base, "--dataset", one_prompt])

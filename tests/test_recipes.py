@@ -62,3 +62,5 @@ def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_r
         parse_config("sft", sft.ARGUMENTS, ["--preset", ""])
     with pytest.raises(UsageError, match="--config needs a YAML file, got an empty string"):
         parse_config("sft", sft.ARGUMENTS, ["--config", ""])
+    with pytest.raises(UsageError, match="configs/tiny is a folder: give a YAML file in it"):
+        parse_config("sft", sft.ARGUMENTS, ["--config", str(CONFIGS_DIR / "tiny")])

@@ -311,7 +311,7 @@ def test_ctrl_c_before_training_says_to_run_the_same_command_again(tiny_run, tmp
     and that command starts the stage again."""
     out = tmp_path / "sft"
     cmd = [PYTHON, "pipeline/sft.py", "--preset", "tiny", "--model_name_or_path", tiny_run / "pretrain"]
-    cmd += ["--output_dir", out, "--max_steps", 2, "--builtin_examples", 64, "--eval_examples", 100]
+    cmd += ["--output_dir", out, "--max_steps", 2, "--builtin_examples", 64, "--eval_examples", 700]
     cmd += ["--eval_strategy", "no", "--save_strategy", "no", "--corpus_file", SHAKESPEARE]
     proc = subprocess.Popen(
         [str(a) for a in cmd],
@@ -323,9 +323,9 @@ def test_ctrl_c_before_training_says_to_run_the_same_command_again(tiny_run, tmp
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
     )
     deadline = time.time() + 120
-    while not (out / runs.CONFIG_FILE).exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the evaluation before training (seconds long)
+    # The stage's folder exists (its train.log): the evaluation of 700 held-out items before training is next.
+    while not (out / runs.LOG_FILE).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
