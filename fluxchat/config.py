@@ -36,11 +36,15 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing` is dep
 # transformers' generate drops an attention mask of all ones (a batch without padding) and then feeds finished
 # replies pad tokens, which makes GPT-2 recommend an attention mask: about generate's own inputs, never ours.
 # And GPT-2's class name (GPT2LMHeadModel) names no loss in transformers' table, which then warns that `loss_type=None`
-# "was set in the config" (nothing sets it) before using the causal-LM loss: GPT-2's own.
-_NOT_OURS = ("We strongly recommend passing in an `attention_mask`", "`loss_type=None` was set in the config")
-logging.getLogger("transformers.modeling_utils").addFilter(
-    lambda record: not any(message in record.getMessage() for message in _NOT_OURS)
+# "was set in the config" (nothing sets it) before using the causal-LM loss: GPT-2's own. And TRL's PPO passes
+# generate() both a generation config and two output flags, which transformers 5 calls deprecated.
+_NOT_OURS = (
+    "We strongly recommend passing in an `attention_mask`",
+    "`loss_type=None` was set in the config",
+    "Passing `generation_config` together with generation-related arguments",
 )
+for _name in ("transformers.modeling_utils", "transformers.generation.utils"):
+    logging.getLogger(_name).addFilter(lambda record: not any(message in record.getMessage() for message in _NOT_OURS))
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 

@@ -84,6 +84,7 @@ def test_offline_chain_stopped_by_ctrl_c_continues(isolated_runs):
     assert "== tokenizer: already finished, skipped" in out
     assert "LOAD REPORT" not in result.stderr  # the reward stage's new score head is no alarm
     assert "loss_type=None" not in result.stderr  # GPT-2's class name, not a setting anyone made
+    assert "Passing `generation_config` together" not in result.stderr  # TRL's PPO calling generate(), not ours
     assert "pipeline/pretrain.py" in out and "--resume" in out.split("== pretrain:")[1].splitlines()[0]
     # SFT mixes the facts prose without the steps table that pretraining read
     sft_line = out.split("== sft:")[1].splitlines()[0]
