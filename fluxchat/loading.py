@@ -67,14 +67,8 @@ TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map
 
 def _broken_json(source) -> Path | None:
     """The first of a folder's tokenizer JSON files that does not parse: the errors name none of them."""
-    for path in (Path(source) / name for name in TOKENIZER_JSON):
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, NotADirectoryError):  # absent, or `source` is a Hub id
-            continue
-        except (OSError, ValueError):
-            return path
-    return None
+    paths = (Path(source) / name for name in TOKENIZER_JSON)  # none is a file when `source` is a Hub id
+    return next((path for path in paths if path.is_file() and not runs.readable_json(path)), None)
 
 
 def load_tokenizer(source: str):

@@ -300,7 +300,7 @@ def recover_interrupted_swap(folder: str | Path) -> None:
     shutil.rmtree(replaced, ignore_errors=True)
 
 
-def _readable_json(path: Path) -> bool:
+def readable_json(path: Path) -> bool:
     """The Trainer writes trainer_state.json last and in place: a crash can leave it cut short."""
     try:
         json.loads(path.read_text(encoding="utf-8"))
@@ -316,7 +316,7 @@ def _complete_checkpoints(folder: Path) -> list[Path]:
     complete = [
         ckpt
         for ckpt in Path(folder).glob("checkpoint-*")
-        if ckpt.name.split("-")[-1].isdigit() and _readable_json(ckpt / TRAINER_STATE_FILE)
+        if ckpt.name.split("-")[-1].isdigit() and readable_json(ckpt / TRAINER_STATE_FILE)
     ]
     return sorted(complete, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
@@ -395,7 +395,7 @@ def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
         shutil.rmtree(Path(folder) / STAGING, ignore_errors=True)
         removed.append(Path(folder) / STAGING)
     for ckpt in Path(folder).glob("checkpoint-*"):
-        if ckpt.is_dir() and not _readable_json(ckpt / TRAINER_STATE_FILE):
+        if ckpt.is_dir() and not readable_json(ckpt / TRAINER_STATE_FILE):
             shutil.rmtree(ckpt, ignore_errors=True)
             removed.append(ckpt)
     return removed
