@@ -12,6 +12,7 @@ Two readers over the same sources: `load_text` returns lists (tokenizer training
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import urllib.request
 from collections.abc import Iterator
@@ -134,12 +135,7 @@ def load_text(
                 )
                 sources.append((str(path), rows, True))
             else:
-                builder = "parquet" if path.suffix == ".parquet" else "json"
-                try:
-                    rows = datasets.load_dataset(builder, data_files=str(path), split="train")
-                except Exception as err:
-                    fail(f"{path}: could not be read as {builder} ({str(err).splitlines()[0][:200]})")
-                sources.append((str(path), rows, False))
+                sources.append((str(path), load_rows_file(path), False))
     train, validation = [], []
     for name, rows, is_text_file in sources:
         column = "text" if is_text_file else text_column
@@ -249,7 +245,7 @@ def iter_text(
         if source.kind == "txt":
             yield from _iter_txt(source.path, validation_fraction)
         elif source.kind == "rows":
-            yield from _iter_rows(source.name, _read_rows(source.path), text_column, validation_fraction)
+            yield from _iter_rows(source.name, load_rows_file(source.path), text_column, validation_fraction)
         elif source.dataset[3]:
             yield from _iter_stream(source, text_column, validation_fraction)
         else:
@@ -286,15 +282,51 @@ def _iter_txt(path: Path, validation_fraction: float):
         yield "train", "", True
 
 
-def _read_rows(path: Path):
+def load_rows_file(path: Path):
+    """A local .jsonl/.json/.parquet file as an Arrow table memory-mapped from datasets' cache (rows are read
+    from disk, not held); a file that does not parse is one line naming it and, for JSON, the line at fault.
+    datasets logs its own "Failed to load JSON ..." line before raising: quiet for this call, as our line says it."""
     import datasets  # heavy: see load_hub_dataset
+    from datasets.utils import logging as datasets_logging
 
     datasets.disable_progress_bars()
     builder = "parquet" if path.suffix == ".parquet" else "json"
-    try:  # an Arrow table memory-mapped from datasets' cache: rows are read from disk, not held
+    level = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:
-        fail(f"{path}: could not be read as {builder} ({str(err).splitlines()[0][:200]})")
+        fail(f"{path}: could not be read as {builder} ({(builder == 'json' and _json_fault(path)) or _cause(err)})")
+    finally:
+        datasets_logging.set_verbosity(level)
+
+
+def _cause(err: BaseException) -> str:
+    """The first line of the innermost exception: datasets wraps the parser's message in "An error occurred while
+    generating the dataset", which says nothing about the file."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _json_fault(path: Path) -> str | None:
+    """The line where a JSON-lines file stops parsing, found with Python's own parser (Arrow's row numbers count
+    from 0 within a block); None where every line parses or the file is one JSON document."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        json.loads(text)
+        return None
+    except (UnicodeDecodeError, OSError):
+        return None
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON: {err.msg} at column {err.colno}"
+    return None
 
 
 def _checked_docs(name: str, values, column: str) -> Iterator[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 
-from fluxchat import feedback, tasks
+from fluxchat import data, feedback, tasks
 from fluxchat.config import fail
 
 BUILTIN = "builtin"
@@ -63,10 +63,7 @@ def _read_rows(source: str):
     if suffixes in (".json", ".json.gz"):
         return name, _json_rows(path)
     if suffixes == ".parquet":
-        try:
-            rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        except Exception as err:
-            fail(f"{path}: could not be read as parquet ({str(err).splitlines()[0][:200]})")
+        rows = data.load_rows_file(path)
         return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
     fail(f"{path}: unsupported file type '{suffixes}' (use .jsonl, .jsonl.gz, .json or .parquet)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -139,20 +140,26 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
     else:
         refuse_score_model(source, hint=hint)
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per start-up is noise
+    held = _HeldLoadReport()
     try:
         if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
             # peft only for adapter folders: an optional dependency, not needed by a merged model
             from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
             auto = AutoPeftModelForSequenceClassification if reward else AutoPeftModelForCausalLM
-            model = auto.from_pretrained(source, use_safetensors=True).merge_and_unload()
+            with held:
+                model = auto.from_pretrained(source, use_safetensors=True).merge_and_unload()
         else:
             auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-            model = auto.from_pretrained(source, use_safetensors=True, trust_remote_code=False)
+            with held:
+                model = auto.from_pretrained(source, use_safetensors=True, trust_remote_code=False)
     except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
         weights = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
         where = weights[0] if len(weights) == 1 else source
-        fail(f"cannot load a model from {where} (only safetensors weights are loaded): {_one_line(err)}")
+        fail(
+            f"cannot load a model from {where} (only safetensors weights are loaded): {held.mismatch() or _one_line(err)}"
+        )
+    held.release()  # loaded all the same (missing or unused weights): transformers' table is the warning it means
     if not reward:
         refuse_score_model(
             source, model.config.architectures or [], hint
@@ -172,6 +179,7 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
 
 def load_model_and_tokenizer(source: str, reward: bool = False, chat: bool = False, hint: str = ""):
     """Tokenizer and model from `source`; `chat` also requires the chat tokens a conversation needs."""
+    refuse_pickle_only(source)  # before the tokenizer reads config.json: its warnings would stand above the line
     tokenizer = load_tokenizer(source)
     missing = [t for t in (chat_format.END_OF_TURN, chat_format.END_OF_TEXT) if t not in tokenizer.get_vocab()]
     if chat and missing:
@@ -246,9 +254,43 @@ def load_causal_lm(path: str, tokenizer):
     return model
 
 
-class _NoLoadReport(logging.Filter):
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT table while a model loads. A folder whose config.json does not match its
+    weights ends in "thus raising an error. For details look at the above report!", so the table would stand above
+    our error line: `mismatch()` says its first row in that line instead. A load that succeeds `release()`s it."""
+
+    LOGGER = logging.getLogger("transformers.modeling_utils")
+    ROW = re.compile(r"^(\S+)\s*\|.*ckpt: torch\.Size\(\[([^\]]*)\]\) vs model: ?torch\.Size\(\[([^\]]*)\]\)", re.M)
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self):
+        self.LOGGER.addFilter(self)
+
+    def __exit__(self, *exc) -> None:
+        self.LOGGER.removeFilter(self)
+
+    def mismatch(self) -> str | None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(record.getMessage() for record in self.records))
+        rows = self.ROW.findall(text)
+        if not rows:
+            return None
+        key, in_weights, by_config = rows[0]
+        more = f" (and {len(rows) - 1} more tensor(s))" if len(rows) > 1 else ""
+        return f"config.json does not match the weights: {key} is [{in_weights}] in the weights, [{by_config}] by config.json{more}"
+
+    def release(self) -> None:
+        for record in self.records:
+            self.LOGGER.handle(record)
+        self.records.clear()
 
 
 def load_score_model(path: str, tokenizer, trained_as: str | None = None):
@@ -260,16 +302,14 @@ def load_score_model(path: str, tokenizer, trained_as: str | None = None):
     """
     # transformers reports a missing score head in a MISSING table, meant as an alarm. Here a new head is the point,
     # or refused in one line (`trained_as`), and anything else amiss is said in one line too.
-    report, no_report = logging.getLogger("transformers.modeling_utils"), _NoLoadReport()
-    report.addFilter(no_report)
+    held = _HeldLoadReport()  # never released: see above
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, use_safetensors=True, output_loading_info=True
-        )
+        with held:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, use_safetensors=True, output_loading_info=True
+            )
     except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
-        fail(f"could not load a reward model from {path}: {str(err).splitlines()[0][:200]}")
-    finally:
-        report.removeFilter(no_report)
+        fail(f"could not load a reward model from {path}: {held.mismatch() or _one_line(err)}")
     if trained_as and info["missing_keys"]:
         fail(
             f"{trained_as} {path} is not a reward model: its score head ({', '.join(sorted(info['missing_keys']))}) "

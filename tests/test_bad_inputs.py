@@ -63,6 +63,7 @@ class Case:
     stdin: str | None = None
     env: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # success case: substrings its output (stdout or stderr) must show
+    alone: bool = True  # subprocess failure: the error is the only line on stderr besides notes
 
 
 def tiny_pretrain(inputs, case_dir) -> list:
@@ -136,6 +137,13 @@ def corrupt_tokenizer(inputs, case_dir):
     (case_dir / "tok" / "tokenizer.json").write_bytes(b"\x00\x01 not json")
 
 
+def mismatched_config(inputs, case_dir):
+    shutil.copytree(inputs.shared / "pretrain", case_dir / "model")
+    config = json.loads((case_dir / "model" / "config.json").read_text())
+    config["n_positions"] *= 2  # the position table no longer matches the saved one
+    (case_dir / "model" / "config.json").write_text(json.dumps(config))
+
+
 def corrupt_tokenizer_config(inputs, case_dir):
     shutil.copytree(inputs.shared / "tokenizer", case_dir / "tok")
     (case_dir / "tok" / "tokenizer_config.json").write_text('{"truncated')
@@ -191,6 +199,13 @@ CASES = [
         "tokenizer",
         lambda i, d: ["--train_file", i.latin1, "--output_dir", d / "tok"],
         ("latin1.txt: not UTF-8",),
+    ),
+    Case(  # datasets logged its own "Failed to load JSON ..." line first, and ours said only that generating failed
+        "a malformed line in a jsonl corpus",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.malformed_jsonl, "--output_dir", d / "tok"],
+        ("malformed.jsonl: could not be read as json (line 3 is not valid JSON",),
+        cli=True,
     ),
     Case(  # the number's row was dropped without a word
         "a number in a jsonl text column",
@@ -726,6 +741,14 @@ CASES = [
         ("pytorch_model.bin", "only safetensors weights load"),
         cli=True,
     ),
+    Case(  # transformers' LOAD REPORT table stood above the line, which said only "look at the above report"
+        "a config.json that does not match the weights (generate)",
+        "generate",
+        lambda i, d: [d / "model", "--prompt", "ROMEO:"],
+        ("config.json does not match the weights: transformer.wpe.weight is [", "by config.json"),
+        cli=True,
+        prepare=mismatched_config,
+    ),
     Case(
         "pickle-only weights (generate)",
         "generate",
@@ -766,6 +789,7 @@ CASES = [
         lambda i, d: ["--run_name", "x", "--stages", "pretrain", "--train_file", i.corpus, "--with_facts", "false"],
         ("stage pretrain failed",),
         cli=True,
+        alone=False,  # the stage's own error line comes first, by design
     ),
     # ---- issue 12: a user's own data, offline (success cases: the stage finishes and says what it left out)
     Case(
@@ -1264,6 +1288,9 @@ def test_bad_input(case, inputs, request, tmp_path_factory, monkeypatch):
         return
     assert outcome.code == 2, f"exit code {outcome.code}; stderr: {outcome.stderr[-3000:]}"
     assert outcome.error.startswith("error: ") and "\n" not in outcome.error, outcome.stderr[-3000:]
+    if case.cli and case.alone:  # nothing else but notes (bf16 on CPUs without it): no library's line above ours
+        others = outcome.stderr.strip().splitlines()[:-1]
+        assert all(line.startswith("note: ") for line in others), outcome.stderr[-3000:]
     for expected in case.expect:
         assert expected in outcome.error
     changed = {

@@ -61,8 +61,8 @@ def test_benchmark_smoke(name, smoke_runs):
             pipeline, plain = by_side[shape, "pipeline"], by_side[shape, "plain"]
             assert pipeline > 0 and plain > 0
             assert by_side[shape, "ratio pipeline/plain"] == pytest.approx(
-                pipeline / plain, rel=0.01
-            )  # one round: one pair
+                pipeline / plain, rel=0.01, abs=5e-4
+            )  # one round: one pair, its ratio rounded to 3 decimals (smoke's 3 steps can make it 0.013)
     if name == "app_load":  # the load test's pass criteria, not just its table
         row = payload["results"][0]
         assert row["replies"] == 6 and row["errors"] == 0 and row["cross_talk"] == 0 and row["memory_bounded"], row
