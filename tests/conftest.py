@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 # Before any Hugging Face import: tests never touch the network.
 os.environ.update(
@@ -20,6 +23,7 @@ os.environ.update(
 
 import pytest
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("FLUXCHAT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -95,6 +99,13 @@ def run_script(*args, env=None, cwd=REPO, timeout=600, input=None) -> subprocess
     return subprocess.run(
         [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=input
     )
+
+
+def two_at_a_time(*commands: Callable[[], T]) -> list[T]:
+    """Independent subprocess commands, two at once: each spends seconds importing on one core, and the machine
+    has two."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda command: command(), commands))
 
 
 def train_tiny_tokenizer(run_name: str, *extra) -> Path:

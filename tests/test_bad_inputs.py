@@ -253,6 +253,13 @@ CASES = [
     ),
     # ---- pipeline/pretrain.py
     Case(
+        "unknown flag, one letter off",
+        "pretrain",
+        lambda i, d: ["--preset", "tiny", "--max_stepz", 3],
+        ("unknown flag --max_stepz (did you mean 'max_steps'?)",),
+        cli=True,
+    ),
+    Case(
         "unknown preset",
         "pretrain",
         lambda i, d: ["--preset", "tinny", "--run_name", "x"],

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from fluxchat import chat_format
 from fluxchat.config import UsageError
-from tests.conftest import PYTHON, REPO, run_main, run_script
+from tests.conftest import PYTHON, REPO, run_main, run_script, two_at_a_time
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
 
@@ -171,31 +171,26 @@ def test_lone_surrogates_and_invalid_utf8_are_replaced(tokenizer, tiny_run):
     """Issue 12 item 15: a lone surrogate (TypeError in the tokenizer before) renders as U+FFFD; the CLI chat reads
     invalid UTF-8 from a pipe without losing the conversation; generate takes such a prompt."""
     assert chat_format.encode_text(tokenizer, "caf\udce9") == chat_format.encode_text(tokenizer, "caf\ufffd")
-    result = subprocess.run(
-        [PYTHON, REPO / "pipeline" / "chat.py", tiny_run, "--max_new_tokens", "4", "--show_stats"],
-        input=b"caf\xe9 au lait\nhello\n/history\n",
-        capture_output=True,
-        timeout=120,
-        cwd=REPO,
+    chat, result = two_at_a_time(
+        lambda: subprocess.run(
+            [PYTHON, REPO / "pipeline" / "chat.py", tiny_run, "--max_new_tokens", "4", "--show_stats"],
+            input=b"caf\xe9 au lait\nhello\n/history\n",
+            capture_output=True,
+            timeout=120,
+            cwd=REPO,
+        ),
+        lambda: subprocess.run(
+            [PYTHON, REPO / "pipeline" / "generate.py", tiny_run / "pretrain", "--prompt", b"ROMEO: caf\xe9"]
+            + ["--max_new_tokens", "4"],
+            capture_output=True,
+            timeout=120,
+            cwd=REPO,
+        ),
     )
-    assert result.returncode == 0, result.stderr.decode()[-2000:]
-    assert b"Traceback" not in result.stderr
-    assert len(re.findall(rb"\[\d+ prompt \+ \d+ new tokens", result.stderr)) == 2, "both lines answered"
-    assert "user: caf\ufffd au lait" in result.stdout.decode("utf-8")
-    result = subprocess.run(
-        [
-            PYTHON,
-            REPO / "pipeline" / "generate.py",
-            tiny_run / "pretrain",
-            "--prompt",
-            b"ROMEO: caf\xe9",
-            "--max_new_tokens",
-            "4",
-        ],
-        capture_output=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    assert chat.returncode == 0, chat.stderr.decode()[-2000:]
+    assert b"Traceback" not in chat.stderr
+    assert len(re.findall(rb"\[\d+ prompt \+ \d+ new tokens", chat.stderr)) == 2, "both lines answered"
+    assert "user: caf\ufffd au lait" in chat.stdout.decode("utf-8")
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode()[-2000:]
     assert result.stdout.decode("utf-8").startswith("ROMEO: caf\ufffd")
 

@@ -26,7 +26,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import PYTHON, REPO, SHAKESPEARE, TINY_MODEL_FLAGS, TINY_TRAIN_FLAGS, run_main, run_script
+from conftest import (
+    PYTHON,
+    REPO,
+    SHAKESPEARE,
+    TINY_MODEL_FLAGS,
+    TINY_TRAIN_FLAGS,
+    run_main,
+    run_script,
+    two_at_a_time,
+)
 
 from fluxchat import chat_format, runs, training
 
@@ -370,28 +379,43 @@ def case_id(case: Case) -> str:
     return f"{case.item}-" + "".join(ch if ch.isalnum() else "-" for ch in case.name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_output_folder_case(case, inputs, tmp_path, monkeypatch):
+def prepare_case(case: Case, inputs, tmp_path: Path) -> tuple[Path, list[str], dict]:
     case_dir = tmp_path / "case"
     case_dir.mkdir()
     if case.prepare:
         case.prepare(inputs, case_dir)
-    runs_dir = case_dir / "runs"
-    before = fingerprint(tmp_path, inputs.shared)
-    argv = [str(a) for a in case.argv(inputs, case_dir)]
+    return case_dir, [str(a) for a in case.argv(inputs, case_dir)], fingerprint(tmp_path, inputs.shared)
+
+
+@pytest.fixture(scope="module")
+def cli_outcomes(inputs, tmp_path_factory) -> dict[str, tuple]:
+    """Every subprocess case, two at a time up front, each in a folder of its own: (folder, result, before, after)."""
+
+    def run(case: Case) -> tuple:
+        tmp_path = tmp_path_factory.mktemp(case_id(case))
+        case_dir, argv, before = prepare_case(case, inputs, tmp_path)
+        env = {"FLUXCHAT_RUNS_DIR": str(case_dir / "runs")}
+        result = run_script(PYTHON, ENTRY_POINTS[case.entry][0], *argv, env=env, timeout=600)
+        return tmp_path, result, before, fingerprint(tmp_path, inputs.shared)
+
+    cli_cases = [case for case in CASES if case.cli]
+    return dict(zip(map(case_id, cli_cases), two_at_a_time(*(lambda case=case: run(case) for case in cli_cases))))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_output_folder_case(case, inputs, request, tmp_path, monkeypatch):
     if case.cli:
-        result = run_script(
-            PYTHON, ENTRY_POINTS[case.entry][0], *argv, env={"FLUXCHAT_RUNS_DIR": str(runs_dir)}, timeout=600
-        )
-        code, stderr = result.returncode, result.stderr
+        tmp_path, result, before, after = request.getfixturevalue("cli_outcomes")[case_id(case)]
+        case_dir, code, stderr = tmp_path / "case", result.returncode, result.stderr
         lines = [line for line in stderr.splitlines() if line.strip()]
         error = lines[-1] if lines and code else ""
         assert "Traceback" not in stderr, stderr[-3000:]
     else:
-        monkeypatch.setenv("FLUXCHAT_RUNS_DIR", str(runs_dir))
+        case_dir, argv, before = prepare_case(case, inputs, tmp_path)
+        monkeypatch.setenv("FLUXCHAT_RUNS_DIR", str(case_dir / "runs"))
         code, message = run_main(importlib.import_module(ENTRY_POINTS[case.entry][1]).main, argv)
         error, stderr = (f"error: {message}" if code else ""), message
-    after = fingerprint(tmp_path, inputs.shared)
+        after = fingerprint(tmp_path, inputs.shared)
 
     if not case.expect:
         assert code == 0, stderr[-3000:]
@@ -624,6 +648,8 @@ def test_sft_inherits_the_tokenizers_chat_format_and_notes_an_override(inputs, i
         "--output_dir",
         tmp_path / "out",
         "--inspect",
+        "--builtin_examples",  # the recipe's 35000 conversations, tokenized twice, would take seconds
+        200,
     ]
     sft.main([str(a) for a in argv])
     inherited = capsys.readouterr()
