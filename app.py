@@ -27,6 +27,8 @@ import os
 import socket
 import sys
 import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,10 @@ MAX_UPLOAD_BYTES = 0
 # this never came from the model. Generous: a token of our byte-level BPE is a few characters.
 REPLY_CHARS_PER_TOKEN = 16
 INTERNAL_ERROR = "Something went wrong while answering: please try again (the details are in the server log)."
+NOTHING_TO_RATE = "Nothing to rate: press Compare first (each comparison is rated once)."
+# Comparisons rated lately, remembered to refuse a second choice for one: only clicks handled at the same time
+# can carry a rated comparison (once one is recorded the session's state is emptied), so a few thousand suffice.
+RATED_REMEMBERED = 4096
 
 
 @dataclass
@@ -238,6 +244,8 @@ class ChatService:
             choices = ModelChoices.fixed(model, compare_model)
         self.choices = choices
         self.feedback = feedback_log  # None: no feedback buttons
+        self.rated: OrderedDict[str, None] = OrderedDict()  # ids of comparisons rated (or being recorded)
+        self.rated_lock = threading.Lock()
         self.max_message_chars, self.max_turns = max_message_chars, max_turns
         self.start = [{"role": "system", "content": system}] if system else []
 
@@ -386,7 +394,8 @@ class ChatService:
         first, second, scores, models = update
         conversation = self.start + [{"role": "user", "content": message_text(prompt)}]
         unlocked = [gr.update(interactive=True)] * len(FEEDBACK_BUTTONS)
-        last = {"conversation": conversation, "A": first, "B": second}
+        # The id: the feedback buttons run in parallel, and each click reads this same state until one empties it.
+        last = {"id": uuid.uuid4().hex, "conversation": conversation, "A": first, "B": second}
         last.update(model_a=models[0].source, model_b=models[1].source)
         yield first, second, scores, last, *unlocked
 
@@ -406,15 +415,20 @@ class ChatService:
         return handler
 
     def record_choice(self, choice: str, last: dict | None) -> tuple:
-        """A feedback button: one line in the feedback file; the comparison can be rated once."""
-        if not last:
-            self.refuse("Nothing to rate: press Compare first (each comparison is rated once).")
+        """A feedback button: one line in the feedback file; the comparison can be rated once. Clicks on A, B and
+        Tie may be handled at the same time, all reading the same comparison: the first claims it, the others are
+        refused (a write that fails gives the claim back, so the comparison can still be rated)."""
+        if not last or not self.claim(last.get("id")):
+            self.refuse(NOTHING_TO_RATE)
         record = feedback.make_record(
             last["conversation"], last["A"], last["B"], choice, last["model_a"], last["model_b"]
         )
         try:
             self.feedback.append(record)
         except feedback.FeedbackError as err:
+            with self.rated_lock:
+                self.rated.pop(last["id"], None)
+            logger.error(f"feedback {choice} not recorded: {err.detail}")  # the owner must learn it
             self.refuse(str(err))
         logger.info(f"feedback {choice} appended to {self.feedback.path}")
         return (
@@ -422,6 +436,18 @@ class ChatService:
             None,
             *[gr.update(interactive=False)] * len(FEEDBACK_BUTTONS),
         )
+
+    def claim(self, comparison_id) -> bool:
+        """True for the first claim of a comparison's id, False for every later one (or no id)."""
+        if not isinstance(comparison_id, str):
+            return False
+        with self.rated_lock:
+            if comparison_id in self.rated:
+                return False
+            self.rated[comparison_id] = None
+            while len(self.rated) > RATED_REMEMBERED:
+                self.rated.popitem(last=False)
+        return True
 
     def _choice_handler(self, choice: str):
         def handler(last):
@@ -582,6 +608,7 @@ def main(argv: list[str] | None = None):
         )
     if args.feedback_file and not args.collect_feedback:
         fail("--feedback_file is where --collect_feedback appends choices: give --collect_feedback too")
+    feedback_file = feedback.feedback_path(args.feedback_file, source) if args.collect_feedback else None
     # A Space's container must listen on all interfaces (Spaces set GRADIO_SERVER_NAME and SPACE_ID); anywhere
     # else only this machine may connect unless --host says otherwise.
     host = (
@@ -597,10 +624,9 @@ def main(argv: list[str] | None = None):
     choices = None if no_compare_tab else ModelChoices(sources, loaded, first, second)
     scorer = RewardScorer(args.reward_model) if args.reward_model else None
     feedback_log = None
-    if args.collect_feedback:
-        path = feedback.feedback_path(args.feedback_file, model.source)
-        feedback_log = feedback.FeedbackLog(path, int(args.feedback_max_mb * 1024 * 1024))
-        logger.info(f"collecting feedback in {path}")
+    if feedback_file is not None:
+        feedback_log = feedback.FeedbackLog(feedback_file, int(args.feedback_max_mb * 1024 * 1024))
+        logger.info(f"collecting feedback in {feedback_file}")
     service = ChatService(
         model, None, scorer, args.max_message_chars, args.max_turns, args.system, feedback_log, choices
     )

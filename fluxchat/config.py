@@ -97,6 +97,11 @@ def run_cli(main: Callable[..., Any]) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader of our output went away (`chat.py ... | head -1`): stop as a Unix tool does, without a word,
+        # exit status as a shell reports SIGPIPE. Python's flush of stdout at exit would fail again: point it at null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signum", signal.SIGINT)
         word = "terminated" if signum == signal.SIGTERM else "interrupted"
@@ -116,16 +121,107 @@ def _did_you_mean(word: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# A YAML file's aliases may add at most this many values (nodes) to it: `&a [x, x, ...]` then `[*a, *a, ...]`, a
+# few levels deep, is a few hundred bytes that expand to billions (a "billion laughs"), which the argv built from it
+# and any error line quoting it would hold in full. The values written out are not counted: the file's size bounds them.
+MAX_EXPANDED_NODES = 100_000
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")  # 'value' or "value" (repr's quotes when it holds a ')
+
+
+def shorten_quoted(message: str) -> str:
+    """`message` with each value quoted in it cut short (argparse's and PyYAML's lines quote the user's value in full)."""
+    return _QUOTED.sub(lambda m: m[0][0] + validation.short(m[0][1:-1]) + m[0][0], message)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, first_line: int, line: int):
+        lines = f"line {line}" if line == first_line else f"lines {first_line} and {line}"  # `{a: 1, a: 2}`: one line
+        super().__init__(f"key {validation.short(repr(key))} given twice ({lines})")
+
+
+class _TooLarge(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no python tags), refusing a key given twice in a mapping, which PyYAML resolves
+    silently to the last, and aliases that expand the file beyond MAX_EXPANDED_NODES, before anything is built."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` then a key of its own: an override, as YAML means it
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key (a list): SafeLoader refuses it itself
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expanded_size(root) -> None:
+    # Each node's size once its aliases are expanded, each distinct node counted once (an alias is the same node
+    # object): the expanded size of a billion laughs is counted without expanding it.
+    sizes: dict[int, int] = {}
+    distinct = 0
+
+    def size(node) -> int:
+        nonlocal distinct
+        if id(node) in sizes:
+            if sizes[id(node)] < 0:  # `&a [*a]`: a value that contains itself
+                raise _TooLarge("an alias refers to the value it is in")
+            return sizes[id(node)]
+        sizes[id(node)] = -1
+        distinct += 1
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(key) + size(value) for key, value in node.value)
+        sizes[id(node)] = min(total, 2**62)  # capped: the count stays a small int however deep the bomb
+        return sizes[id(node)]
+
+    if size(root) - distinct > MAX_EXPANDED_NODES:
+        raise _TooLarge(f"its aliases add more than {MAX_EXPANDED_NODES} values to it: write the values out")
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: where (line, column) and what, which its first line alone does not say."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({err.context})" if err.context else ""
+        return shorten_quoted(f"{where}{err.problem}{context}")
+    lines = str(err).strip().splitlines()
+    return shorten_quoted(lines[0] if lines else type(err).__name__)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         fail(f"config file {path} is a folder: give a YAML file in it (configs/<preset>/<stage>.yaml), or --preset")
     if not path.is_file():
         fail(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first_line = str(err).strip().splitlines()[0]
-        fail(f"config file {path} is not valid YAML: {first_line}")
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader: no python tags
+    except (_DuplicateKey, _TooLarge) as err:
+        fail(f"{path}: {err}")
+    except yaml.YAMLError as err:
+        fail(f"config file {path} is not valid YAML: {_yaml_problem(err)}")
+    except UnicodeDecodeError as err:
+        fail(f"config file {path} is not valid YAML: {err}")
+    except RecursionError:  # PyYAML composes nested values recursively
+        fail(f"config file {path} is not valid YAML: its values are nested too deeply")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -215,7 +311,7 @@ def parse_config(
 
     class StrictParser(HfArgumentParser):
         def error(self, message):  # argparse would print usage and exit; we want one line
-            raise UsageError(message)
+            raise UsageError(shorten_quoted(message))
 
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if positional and argv and not argv[0].startswith("-"):
@@ -238,7 +334,7 @@ def parse_config(
     yaml_values = load_yaml(config_file) if config_file else {}
     for key in yaml_values:
         if key not in known:
-            fail(f"{config_file}: unknown key '{key}'{_did_you_mean(key, known)}")
+            fail(f"{config_file}: unknown key '{validation.short(key)}'{_did_you_mean(str(key), known)}")
     parser = StrictParser(dataclass_types, allow_abbrev=False)
     # Every flag `--help` lists, `--no_<switch>` included (HfArgumentParser adds one for each switch that is on by default)
     flags = {option[2:].replace("-", "_") for option in parser._option_string_actions if option.startswith("--")}
@@ -246,11 +342,12 @@ def parse_config(
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0].replace("-", "_")
             if key not in flags:
-                fail(f"unknown flag --{key}{_did_you_mean(key, known)}")
+                fail(f"unknown flag --{validation.short(key)}{_did_you_mean(key, known)}")
 
     for key, value in yaml_values.items():  # else the extra values surface as "not used by the HfArgumentParser"
         action = parser._option_string_actions.get(f"--{key}")
-        if isinstance(value, (list, tuple)) and len(value) > 1 and action is not None and action.nargs in (None, "?"):
+        # Any list, `[800]` and `[]` too: a one-value key given a list is a mistake, whatever its length
+        if isinstance(value, (list, tuple)) and action is not None and action.nargs in (None, "?"):
             fail(f"{config_file}: {key} takes one value, got a list of {len(value)}")
     full_argv = _yaml_to_argv(yaml_values) + _merge_repeated_lists(argv, parser)
     if "use_cpu" in known and on_cpu_only():
@@ -269,9 +366,9 @@ def parse_config(
         unused = "Some specified arguments are not used by the HfArgumentParser: "
         if str(err).startswith(unused):  # `--learning_rate 1 2`: a flag given more values than it takes
             extra = str(err)[len(unused) :].strip("[]")
-            fail(f"unexpected value(s) {extra}: a flag was given more values than it takes")
+            fail(f"unexpected value(s) {validation.short(extra)}: a flag was given more values than it takes")
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(first_line) from None
+        raise UsageError(shorten_quoted(first_line)) from None
     return (*parsed, config_file)
 
 

@@ -11,7 +11,8 @@ reply as "chosen" only to keep the shape; readers skip it (a tie is not a pair).
 Many app sessions (threads) and several app processes may write the same file at once: every line is
 written by one write(2) on a file opened with O_APPEND, under an exclusive flock, so lines never interleave
 or tear, and the size check and the write happen under the same lock. The file is bounded: past
-`max_bytes` a choice is refused with a message saying so (nothing is written).
+`max_bytes` a choice is refused with a message saying so (nothing is written). A file whose last line lost its
+newline (edited by hand) gets one first, under the same lock, so the next record starts a line of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
 
 class FeedbackError(Exception):
-    """A choice that cannot be recorded (the file is full or unwritable): the message is for the user."""
+    """A choice that cannot be recorded (the file is full or unwritable): the message is for the user (the file's
+    name only: a web page has no business knowing the server's folders); `detail`, with the full path, is for
+    the server's log."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def is_feedback_row(row: dict) -> bool:
@@ -66,6 +73,7 @@ def feedback_path(feedback_file: str | None, model_source: str) -> Path:
         path = Path(feedback_file)
         if path.is_dir():
             fail(f"--feedback_file {path} is a folder: give a file path, e.g. {path / FEEDBACK_FILE}")
+        _refuse_special_files(path, "--feedback_file")
         if path.parent.exists() and not path.parent.is_dir():
             fail(f"--feedback_file {path}: {path.parent} is a file, not a folder")
         if not path.parent.is_dir():
@@ -75,7 +83,16 @@ def feedback_path(feedback_file: str | None, model_source: str) -> Path:
         fail(
             f"--collect_feedback: the served model {model_source} is no local folder, so it has no run folder: give --feedback_file"
         )
-    return _writable(Path(model_source).resolve().parent / FEEDBACK_FILE, "--collect_feedback")
+    path = Path(model_source).resolve().parent / FEEDBACK_FILE
+    _refuse_special_files(path, "--collect_feedback")
+    return _writable(path, "--collect_feedback")
+
+
+def _refuse_special_files(path: Path, flag: str) -> None:
+    """Checked before the file is opened: opening a FIFO waits for a reader (the app would hang at start, saying
+    nothing), and a device or socket would take JSON lines that no reader of feedback ever sees."""
+    if path.exists() and not path.is_file():
+        fail(f"{flag}: {path} is not a regular file (a FIFO, device or socket): give the path of a feedback file")
 
 
 def _writable(path: Path, flag: str) -> Path:
@@ -84,7 +101,7 @@ def _writable(path: Path, flag: str) -> Path:
     virtual or read-only file system)."""
     try:
         if path.exists():
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            os.close(os.open(path, os.O_RDWR | os.O_APPEND))  # read too: append() reads the file's last byte
         else:
             with tempfile.TemporaryFile(dir=path.parent):
                 pass
@@ -119,20 +136,24 @@ class FeedbackLog:
         self.path, self.max_bytes = Path(path), max_bytes
 
     def append(self, record: dict) -> int:
-        """Write `record` as one line; returns the file's size after it. Raises FeedbackError when full."""
+        """Write `record` as one line; returns the file's size after it. Raises FeedbackError when full or
+        unwritable."""
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as err:
-            raise FeedbackError(f"cannot open the feedback file {self.path}: {err.strerror}") from None
+            raise self._error("open", err) from None
         try:
             # flock is per open file description: every call opens its own, so threads exclude each other too.
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # else this record would be glued onto that line
+                line = b"\n" + line
             if size + len(line) > self.max_bytes:
                 raise FeedbackError(
                     f"The feedback file {self.path.name} is full ({size:,} bytes, limit {self.max_bytes:,}): "
-                    "this choice was not recorded. Ask the app's owner to move the file away or raise --feedback_max_mb."
+                    "this choice was not recorded. Ask the app's owner to move the file away or raise --feedback_max_mb.",
+                    f"the feedback file {self.path} is full ({size:,} bytes, limit {self.max_bytes:,})",
                 )
             written = 0
             try:
@@ -144,6 +165,13 @@ class FeedbackLog:
                 raise
             return size + len(line)
         except OSError as err:
-            raise FeedbackError(f"cannot write the feedback file {self.path}: {err.strerror}") from None
+            raise self._error("write", err) from None
         finally:
             os.close(fd)  # closing releases the lock
+
+    def _error(self, action: str, err: OSError) -> FeedbackError:
+        reason = err.strerror or str(err)
+        return FeedbackError(
+            f"cannot {action} the feedback file {self.path.name}: {reason}",
+            f"cannot {action} the feedback file {self.path}: {reason}",
+        )

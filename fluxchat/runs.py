@@ -80,13 +80,38 @@ PRODUCER = {
 
 
 def runs_dir() -> Path:
-    return Path(os.environ.get("FLUXCHAT_RUNS_DIR", DEFAULT_RUNS_DIR))
+    value = os.environ.get("FLUXCHAT_RUNS_DIR", str(DEFAULT_RUNS_DIR))
+    if not value.strip():  # Path("") is the current folder: runs would land beside the user's files
+        fail("FLUXCHAT_RUNS_DIR is set but empty: unset it to write under runs/, or name a folder")
+    return Path(value)
+
+
+# One path component the file system takes whole, with room for the siblings a stage writes beside its folder
+# (".<name>.overwrite", ".<name>.replaced"): 255 bytes on ext4, xfs, btrfs and APFS.
+MAX_NAME_BYTES = 240
+
+
+def check_path_text(path: str | Path, what: str) -> None:
+    """A path every file the stage writes can record: config.yaml, the model card and the Trainer's JSON hold it as
+    UTF-8 text, and a name undecodable on the command line (bytes from another locale) failed only when the first
+    of them was saved, after training; a component longer than the file system takes failed in a traceback."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        fail(f"{what} {text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8: name the folder in UTF-8")
+    if any(ch in text for ch in "\n\r\t"):
+        fail(f"{what} {text!r} holds a line break or tab: choose a name without one")
+    long = next((part for part in Path(text).parts if len(part.encode("utf-8")) > MAX_NAME_BYTES), None)
+    if long is not None:
+        fail(f"{what}: the name {long[:40]}... is {len(long.encode('utf-8'))} bytes, longer than {MAX_NAME_BYTES}")
 
 
 def check_run_name(run_name: str, flag: str = "--run_name") -> str:
     """A run name is one plain folder name under runs/: never a path that leads elsewhere."""
     if not run_name or run_name in (".", "..") or "/" in run_name or "\\" in run_name or Path(run_name).is_absolute():
         fail(f"{flag} {run_name!r} must be one plain folder name under {runs_dir()}/ (no '/', '..' or absolute path)")
+    check_path_text(run_name, flag)
     return run_name
 
 
@@ -207,6 +232,7 @@ def check_output_dir(
     """Every check on a stage's output folder, run before any input is read and anything written.
     Returns the checkpoint to resume from (`resume`), else None. `resumable`: the stage has a --resume."""
     folder = Path(folder)
+    check_path_text(folder, "--output_dir")
     lock_stage(folder, hold=False)  # first: what follows may repair or remove what another command is writing
     recover_interrupted_swap(folder)
     blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)

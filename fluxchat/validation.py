@@ -22,6 +22,22 @@ class Rule(NamedTuple):
     text: str  # what a valid value is, as the error line says it
 
 
+# Values quoted in an error line are cut to this many characters: a 10 MB value would otherwise be a 10 MB line.
+SHOWN_CHARS = 60
+
+
+def short(value: object) -> str:
+    """`value` as an error line quotes it: its first SHOWN_CHARS characters, then '...' where there was more."""
+    text = str(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def show_number(value: float) -> str:
+    # An int as it was typed (`{:g}` would print 4294967296 as 4.29497e+09), cut like any value: a 4000-digit one is
+    # still an int, and too large for a float.
+    return short(value) if isinstance(value, int) else f"{value:g}"
+
+
 def positive() -> Rule:
     return Rule(lambda v: v > 0, "> 0")
 
@@ -97,6 +113,10 @@ RULES: dict[str, Rule] = {
     "min_eos_rate": fraction(closed=True),
     "max_repetition": fraction(closed=True),
     "probe_prompts": at_least(0),
+    # seeds: numpy's and torch's generators take 0 .. 2**32 - 1 and fail outside it, after the run folder is written
+    # (transformers' set_seed), or with an overflow (torch.manual_seed), or not at all (TRL's PPO takes -1)
+    "seed": Rule(lambda v: 0 <= v <= 2**32 - 1, f"in [0, {2**32 - 1}]"),
+    "data_seed": Rule(lambda v: 0 <= v <= 2**32 - 1, f"in [0, {2**32 - 1}]"),
 }
 
 
@@ -109,8 +129,9 @@ def check_numbers(instances: Iterable) -> None:
             value = getattr(instance, spec.name, None)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue  # None (unset), text, lists: not numbers to check
-            if not math.isfinite(value):
+            # An int is always finite, and math.isfinite overflows on one too large for a float
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{spec.name} must be a finite number, got {value}")
             rule = RULES.get(spec.name)
             if rule is not None and not rule.ok(value):
-                raise ValueError(f"--{spec.name} must be {rule.text}, got {value:g}")
+                raise ValueError(f"--{spec.name} must be {rule.text}, got {show_number(value)}")

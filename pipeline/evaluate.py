@@ -195,11 +195,20 @@ def main(argv: list[str] | None = None) -> Path:
             model, reward_model, tokenizer, examples, args.max_new_tokens, args.batch_size
         )
     report["seconds"] = round(time.perf_counter() - start, 1)
-    print(format_report(report))  # first: a file that cannot be written keeps the figures on screen
+    try:
+        print(format_report(report), flush=True)  # first: a file that cannot be written keeps the figures on screen
+    except OSError as err:  # and a screen that cannot show them (`| head`, a full disk) keeps the file
+        unshown: OSError | None = err
+    else:
+        unshown = None
     try:
         runs.write_json(output_file, report)
     except OSError as err:  # what check_writable cannot foresee: a read-only or virtual file system, a full disk
         fail(f"--output_file {output_file}: cannot write it ({err.strerror or err})")
+    if isinstance(unshown, BrokenPipeError):
+        raise unshown  # the reader left: run_cli ends quietly, as a Unix tool does
+    if unshown is not None:
+        fail(f"the report could not be printed ({unshown.strerror or unshown}); it is saved in {output_file}")
     print(f"wrote {output_file}")
     return output_file
 

@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> Path:
     ):
         fail("--model_name_or_path and --sft_model_path name the same input (the policy): give one of them")
     run = training.plan_stage(args, "ppo", overwrite=script_args.overwrite)
+    if args.max_steps > 0:  # TRL's PPOTrainer counts episodes; it trained the recipe's length, the card saying 2
+        fail(
+            f"--max_steps {args.max_steps}: PPO's length is --total_episodes (prompts sampled), not steps: set that instead"
+        )
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     run_name = training.run_name(args)

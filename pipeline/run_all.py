@@ -220,15 +220,24 @@ def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
     """Each training stage's --stage_args, parsed now as the stage will parse them: a typo for SFT used to surface only
     once the tokenizer and the whole of pretraining had run."""
     for stage, flags in extra.items():
-        if stage not in SCRIPTS:
-            continue  # evaluate and report run in seconds at the chain's end, with their own one line
+        # The chain decides where each stage writes and the next one reads: a stage sent elsewhere would leave the
+        # next without its input, and the summary would name a folder the stage never wrote.
+        owned = [
+            f for f in flags if f.split("=")[0].replace("-", "_") in ("__run_name", "__output_dir", "__output_file")
+        ]
+        if owned:
+            fail(f"--stage_args {stage}:{owned[0]}: the chain sets where its stages write; give run_all --run_name")
+        script = "pipeline/evaluate.py" if stage in ("evaluate", REPORT) else SCRIPTS[stage]
         # By path: run as a script, run_all has pipeline/ on sys.path, not the folder above it.
-        spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / SCRIPTS[stage])
+        spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / script)
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
         spec.loader.exec_module(module)
         with contextlib.redirect_stderr(io.StringIO()):  # its notes (no bf16 on this CPU) come when it runs
             try:
-                parse_config(stage, module.ARGUMENTS, ["--preset", preset, *flags])
+                if stage in SCRIPTS:
+                    parse_config(stage, module.ARGUMENTS, ["--preset", preset, *flags])
+                else:
+                    parse_config("evaluate", (module.EvaluateArguments,), ["--model", "runs/<run>", *flags])
             except UsageError as err:
                 fail(f"--stage_args {stage}: {err}")
 

@@ -4,13 +4,14 @@ import json
 import logging
 import math
 import shutil
+import threading
 
 import gradio as gr
 import pytest
 from transformers import AutoModelForSequenceClassification
 
 import app
-from fluxchat import serving
+from fluxchat import feedback, serving
 from fluxchat.config import UsageError
 from fluxchat.serving import ChatModel, RewardScorer, Sampling
 from tests.conftest import run_main
@@ -123,6 +124,52 @@ def test_compare_answers_with_both_models_and_scores_each_reply(model, reward_di
     by_name = {fn.api_name: fn for fn in demo.fns.values()}
     assert by_name["chat"].concurrency_limit == 5 and by_name["compare"].concurrency_limit == 5
     assert by_name["chat"].queue and demo._queue.max_size == 7
+
+
+def test_a_comparison_is_recorded_once_when_clicks_race(model, tmp_path):
+    """A, B and Tie clicked at once (the feedback endpoints run in parallel, each reading the same comparison):
+    one line is written, the other clicks are told there is nothing to rate."""
+    path = tmp_path / "fb.jsonl"
+    service = app.ChatService(model, compare_model=model, feedback_log=feedback.FeedbackLog(path))
+    *_, (first, second, _, last, *_) = service.compare_and_remember("speak, friend", **SAMPLING)
+    clicks = ["A", "B", "tie"] * 2
+    start, answers = threading.Barrier(len(clicks)), []
+
+    def click(choice):
+        start.wait()
+        try:
+            answers.append((choice, service.record_choice(choice, last)[0]))
+        except gr.Error as err:
+            answers.append((choice, err.message))
+
+    threads = [threading.Thread(target=click, args=(choice,)) for choice in clicks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    recorded = [choice for choice, answer in answers if answer.startswith("Recorded:")]
+    assert len(recorded) == 1 and [a for _, a in answers].count(app.NOTHING_TO_RATE) == len(clicks) - 1
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["choice"] for line in lines] == recorded
+    assert {lines[0]["chosen"][0]["content"], lines[0]["rejected"][0]["content"]} == {first, second}
+    with pytest.raises(gr.Error, match="Nothing to rate"):  # later too, whatever state a client held on to
+        service.record_choice("B", last)
+
+
+def test_a_failed_feedback_write_shows_the_file_name_and_logs_the_path(model, tmp_path, caplog):
+    """The page gets the file's name only (not the server's folders); the server's log gets the full reason, so
+    the owner learns of it; the comparison can still be rated once the file can be written."""
+    path = tmp_path / "gone" / "fb.jsonl"
+    service = app.ChatService(model, compare_model=model, feedback_log=feedback.FeedbackLog(path))
+    *_, (_, _, _, last, *_) = service.compare_and_remember("speak, friend", **SAMPLING)
+    with caplog.at_level(logging.INFO, logger="fluxchat.app"), pytest.raises(gr.Error) as raised:
+        service.record_choice("A", last)
+    assert raised.value.message == "cannot open the feedback file fb.jsonl: No such file or directory"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"feedback A not recorded: cannot open the feedback file {path}: No such file or directory"]
+    path.parent.mkdir()
+    assert service.record_choice("A", last)[0].startswith("Recorded:")
+    assert json.loads(path.read_text())["choice"] == "A"
 
 
 def test_model_resolution(tiny_run, monkeypatch):

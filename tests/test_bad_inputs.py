@@ -251,7 +251,38 @@ CASES = [
         cli=True,
         succeeds=lambda d: d / "out dir" / "tok",
     ),
+    Case(  # bytes from another locale: trained, then failed in a traceback saving the first JSON file
+        "a run name that is not UTF-8",
+        "tokenizer",
+        lambda i, d: ["--preset", "tiny", "--run_name", "\udcff\udcfe"],  # as Python decodes such an argument
+        ("--run_name b'\\xff\\xfe' is not valid UTF-8",),
+    ),
+    Case(  # OSError: File name too long, in a traceback
+        "a run name longer than a file name",
+        "tokenizer",
+        lambda i, d: ["--preset", "tiny", "--run_name", "n" * 300],
+        ("--run_name: the name nnnn", "is 300 bytes, longer than 240"),
+    ),
+    Case(  # the "-> folder" line printed across two lines
+        "a run name with a tab",
+        "tokenizer",
+        lambda i, d: ["--preset", "tiny", "--run_name", "a\tb"],
+        ("--run_name 'a\\tb' holds a line break or tab",),
+    ),
+    Case(  # Path("") is the current folder: the run was written beside the user's files, without a word
+        "an empty FLUXCHAT_RUNS_DIR",
+        "tokenizer",
+        lambda i, d: ["--preset", "tiny", "--run_name", "x"],
+        ("FLUXCHAT_RUNS_DIR is set but empty",),
+        env={"FLUXCHAT_RUNS_DIR": ""},
+    ),
     # ---- pipeline/pretrain.py
+    Case(  # trained all its steps, then failed in a traceback writing config.yaml's record of the path
+        "an --output_dir that is not UTF-8",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d)[:-2], "--output_dir", str(d / "pre_") + "\udcff"],
+        ("--output_dir b'", "pre_\\xff' is not valid UTF-8"),
+    ),
     Case(
         "unknown flag, one letter off",
         "pretrain",
@@ -479,6 +510,12 @@ CASES = [
         lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--sft_model_path", i.shared / "pretrain"],
         ("runs/fresh/reward does not exist", "reward.py"),
         cli=True,
+    ),
+    Case(  # TRL's PPOTrainer counts episodes: it trained the recipe's 50 updates, its card saying max_steps 2
+        "ppo --max_steps",
+        "ppo",
+        lambda i, d: ["--preset", "tiny", "--run_name", "fresh", "--max_steps", 2],
+        ("--max_steps 2: PPO's length is --total_episodes",),
     ),
     Case(
         "reward model with another tokenizer",

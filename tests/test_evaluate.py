@@ -343,3 +343,27 @@ def test_stage_report_scores_every_stage_on_the_same_items(tiny_run, tmp_path):
     (tmp_path / "empty").mkdir()
     code, error = run_main(evaluate.main, [tmp_path / "empty", "--report"])
     assert code == 2 and "no finished" in error
+
+
+def test_an_output_that_cannot_be_shown_keeps_the_file_and_a_reader_that_leaves_ends_quietly(tiny_run, tmp_path):
+    """stdout on a full disk: the report file was never written (the figures are printed first) and the command ended
+    in a traceback. A reader that leaves early (`| head -c1`) ended generate, chat and evaluate in BrokenPipeError."""
+    import subprocess
+
+    from conftest import REPO
+
+    command = [PYTHON, "pipeline/evaluate.py", tiny_run / "pretrain", "--tasks", "copy", "--n_per_task", "2"]
+    command += ["--max_new_tokens", "4", "--corpus_file", SHAKESPEARE, "--output_file", tmp_path / "eval.json"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([str(a) for a in command], cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: the report could not be printed (No space left on device); it is saved in {tmp_path / 'eval.json'}"
+    ], result.stderr[-2000:]
+    assert "copy" in json.loads((tmp_path / "eval.json").read_text())["tasks"]["per_task"]
+    generate = (
+        f"{PYTHON} pipeline/generate.py {tiny_run / 'pretrain'} --prompt hi --num_samples 40 --max_new_tokens 40"
+    )
+    piped = subprocess.run(
+        ["bash", "-c", f"{generate} | head -c1; exit ${{PIPESTATUS[0]}}"], cwd=REPO, capture_output=True, text=True
+    )
+    assert piped.returncode == 141 and piped.stderr == "", piped.stderr[-2000:]  # as a shell reports SIGPIPE

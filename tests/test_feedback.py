@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import threading
 
 import pytest
@@ -83,6 +84,48 @@ def test_a_full_file_refuses_and_stays_unchanged(tmp_path):
     assert path.read_bytes() == before
     with pytest.raises(feedback.FeedbackError, match="cannot open"):
         feedback.FeedbackLog(tmp_path / "no_such_folder" / "f.jsonl").append(_record(3))
+
+
+def test_a_last_line_without_its_newline_gets_one_before_the_next_record(tmp_path):
+    """A file edited by hand may lose its final newline: the next record must not be glued onto that line."""
+    path = tmp_path / "feedback.jsonl"
+    path.write_text(json.dumps(_record(1)))  # its only line, no "\n"
+    size = feedback.FeedbackLog(path).append(_record(2))
+    assert size == path.stat().st_size and path.read_bytes().endswith(b"\n")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["rejected"][0]["content"] for line in lines] == ["reply B 1", "reply B 2"]
+    feedback.FeedbackLog(path).append(_record(3))  # a file ending in a newline gets no empty line
+    assert path.read_text().count("\n") == 3 and "\n\n" not in path.read_text()
+
+
+def test_write_failures_name_only_the_file_for_the_user(tmp_path):
+    """The message reaches a web page: the file's name, never the server's folders; the full path is in `detail`
+    (the app logs it)."""
+    path = tmp_path / "no_such_folder" / "fb.jsonl"
+    with pytest.raises(feedback.FeedbackError) as raised:
+        feedback.FeedbackLog(path).append(_record(1))
+    assert str(raised.value) == "cannot open the feedback file fb.jsonl: No such file or directory"
+    assert str(tmp_path) not in str(raised.value)
+    assert raised.value.detail == f"cannot open the feedback file {path}: No such file or directory"
+
+
+def test_a_fifo_as_feedback_file_is_refused_at_start(tiny_run, tmp_path, monkeypatch):
+    """Opening a FIFO to check it is writable waits for a reader: the app hung at start, saying nothing."""
+    import app
+
+    fifo = tmp_path / "fb.jsonl"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that a check that opens it fails the test, not hangs
+    try:
+        with pytest.raises(UsageError, match=rf"^--feedback_file: {fifo} is not a regular file"):
+            feedback.feedback_path(str(fifo), str(tiny_run / "pretrain"))
+        # Refused before the address is checked and any model loaded (a start past it fails the test).
+        monkeypatch.setattr(app, "check_address", lambda *a: pytest.fail("the app started with a FIFO"))
+        argv = ["--model", tiny_run / "pretrain", "--compare_model", tiny_run / "pretrain", "--collect_feedback"]
+        code, error = run_main(app.main, [*argv, "--feedback_file", fifo])
+        assert code == 2 and "\n" not in error and f"--feedback_file: {fifo} is not a regular file" in error
+    finally:
+        os.close(reader)
 
 
 def test_feedback_file_reads_as_preference_pairs_ties_skipped(tmp_path):

@@ -4,13 +4,15 @@ otherwise surface only when someone first runs that preset, on a GPU, hours into
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import time
 
 import pytest
 
 from fluxchat import runs
-from fluxchat.config import CONFIGS_DIR, UsageError, parse_config, presets
-from pipeline import dpo, grpo, ppo, pretrain, reward, run_all, sft
+from fluxchat.config import CONFIGS_DIR, UsageError, load_yaml, parse_config, presets, run_cli
+from pipeline import chat, dpo, generate, grpo, ppo, pretrain, reward, run_all, sft
 from tokenizer import train as tokenizer_train
 
 STAGES = {
@@ -64,3 +66,105 @@ def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_r
         parse_config("sft", sft.ARGUMENTS, ["--config", ""])
     with pytest.raises(UsageError, match="configs/tiny is a folder: give a YAML file in it"):
         parse_config("sft", sft.ARGUMENTS, ["--config", str(CONFIGS_DIR / "tiny")])
+
+
+def refused(stage: str, tmp_path, text: str, *flags: str) -> str:
+    """The one line `stage` refuses the recipe `text` (written to tmp_path/x.yaml) with, as run_cli prints it."""
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text(text, encoding="utf-8")
+    with pytest.raises(UsageError) as err:
+        parse_config(stage, STAGES[stage].ARGUMENTS, ["--config", str(recipe), *flags])
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML kept the last of `vocab_size: 800` / `vocab_size: 900` without a word: which one the user meant is
+    a guess."""
+    assert refused("tokenizer", tmp_path, "vocab_size: 800\nvocab_size: 900\n").endswith(
+        "x.yaml: key 'vocab_size' given twice (lines 1 and 2)"
+    )
+    assert "key 'a' given twice (line 1)" in refused("sft", tmp_path, "model_init_kwargs: {a: 1, a: 2}\n")
+    # Still yaml.safe_load's safety, and a merge key's override is no duplicate
+    assert "could not determine a constructor" in refused(
+        "tokenizer", tmp_path, "vocab_size: !!python/name:os.system\n"
+    )
+    (tmp_path / "merge.yaml").write_text("base: &d {a: 1, b: 2}\nover: {<<: *d, a: 3}\n")
+    assert load_yaml(tmp_path / "merge.yaml")["over"] == {"a": 3, "b": 2}
+
+
+def test_malformed_yaml_says_where_and_what(tmp_path):
+    message = refused("tokenizer", tmp_path, "vocab_size: 800\n\ttokenizer_type: bpe\n")
+    assert message.endswith(
+        "x.yaml is not valid YAML: line 2, column 1: found character '\\t' that cannot start any token"
+        " (while scanning for the next token)"
+    )
+
+
+def test_a_one_value_key_given_any_list_is_refused(tmp_path):
+    """`vocab_size: [800]` was taken as 800 while `[0.001, 0.002]` was refused: a list is a mistake at any length."""
+    assert refused("tokenizer", tmp_path, "vocab_size: [800]\n").endswith(
+        "x.yaml: vocab_size takes one value, got a list of 1"
+    )
+    assert refused("tokenizer", tmp_path, "vocab_size: []\n").endswith(
+        "x.yaml: vocab_size takes one value, got a list of 0"
+    )
+    recipe = tmp_path / "lists.yaml"
+    recipe.write_text("dataset: [builtin]\ntask_weights: [upper=2]\n")  # list-valued keys: one item is a list
+    script, *_ = parse_config("sft", sft.ARGUMENTS, ["--config", str(recipe)])
+    assert script.dataset == ["builtin"] and script.task_weights == ["upper=2"]
+
+
+def test_a_long_value_is_cut_short_in_the_error_line(tmp_path):
+    """A 10 MB `tokenizer_type` made a 10 MB error line."""
+    message = refused("tokenizer", tmp_path, f"tokenizer_type: {'x' * 100_000}\n")
+    assert (
+        "invalid choice: '" + "x" * 60 + "...' (choose from 'bpe', 'char', 'word')" in message and len(message) < 300
+    )
+    assert len(refused("tokenizer", tmp_path, f"{'k' * 100_000}: 1\n")) < 300  # an unknown key
+    with pytest.raises(UsageError) as err:
+        parse_config("tokenizer", tokenizer_train.ARGUMENTS, [f"--{'f' * 100_000}"])
+    assert len(str(err.value)) < 300
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded(tmp_path, capsys):
+    """Nine aliases of nine aliases of ..., eight levels (43 million values), in a few hundred bytes: 351 MB of error
+    line, 1.8 GB of memory and 14 s, before."""
+    levels = ["&a0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("tasks: [" + ", ".join(levels) + "]\n")
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_code:
+        run_cli(functools.partial(sft.main, ["--config", str(recipe), "--output_dir", str(tmp_path / "sft")]))
+    assert exit_code.value.code == 2 and time.monotonic() - start < 10
+    assert (
+        capsys.readouterr().err
+        == f"error: {recipe}: its aliases add more than 100000 values to it: write the values out\n"
+    )
+    assert not (tmp_path / "sft").exists()
+    assert refused("sft", tmp_path, "tasks: &a [*a]\n").endswith("x.yaml: an alias refers to the value it is in")
+    # A few aliases that stay small are still YAML as usual
+    (tmp_path / "small.yaml").write_text("a: &x [1, 2]\nb: [*x, *x]\n")
+    assert load_yaml(tmp_path / "small.yaml") == {"a": [1, 2], "b": [[1, 2], [1, 2]]}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo", "grpo", "dpo"])
+def test_a_seed_out_of_range_is_refused_when_parsed(stage):
+    """Training stages failed in set_seed (a traceback, after the run folder was written) and PPO took -1."""
+    # 4000 digits: an int, cut short in the line (int() refuses more than 4300)
+    for seed, shown in (("-1", "-1"), ("4294967296", "4294967296"), ("9" * 4000, "9" * 60 + "...")):
+        with pytest.raises(UsageError, match=rf"^--seed must be in \[0, 4294967295\], got {shown}$"):
+            parse_config(stage, STAGES[stage].ARGUMENTS, ["--preset", "tiny", "--seed", seed])
+    with pytest.raises(UsageError, match=r"^--data_seed must be in \[0, 4294967295\], got -1$"):
+        parse_config(stage, STAGES[stage].ARGUMENTS, ["--preset", "tiny", "--data_seed", "-1"])
+    *_, args, _ = parse_config(stage, STAGES[stage].ARGUMENTS, ["--preset", "tiny", "--seed", "4294967295"])
+    assert args.seed == 4294967295
+
+
+@pytest.mark.parametrize("command", [chat.main, generate.main])
+def test_a_seed_out_of_range_is_refused_by_chat_and_generate(command):
+    """`--seed 99999999999999999999` ended in torch's `Overflow when unpacking long long`."""
+    with pytest.raises(UsageError, match=r"^--seed must be in \[0, 4294967295\], got 99999999999999999999$"):
+        command(["runs/none/sft", "--seed", "99999999999999999999"])
