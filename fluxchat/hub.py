@@ -139,18 +139,27 @@ def push_stage(
     if not runs.is_finished(stage_dir):
         fail(f"{stage_dir} holds no finished stage (no {runs.FINISHED_MARKER}): finish it before pushing")
     ensure_can_push(token)
+    card = stage_dir / runs.CARD_FILE
+    local_card = card.read_text(encoding="utf-8") if card.is_file() else None
     cards.write_model_card(stage_dir, stage, base_model, repo_id=repo_id, lineage_repos=lineage_repos)
-    refuse_leaked_token(stage_dir, token)
-    api = HfApi()
-    with hub_errors(f"pushing {stage_dir} to {repo_id}", token):
-        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        api.upload_folder(
-            folder_path=stage_dir,
-            repo_id=repo_id,
-            token=token,
-            commit_message=commit_message or f"fluxchat {stage}: upload {stage_dir.parent.name}/{stage}",
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+    try:
+        refuse_leaked_token(stage_dir, token)
+        api = HfApi()
+        with hub_errors(f"pushing {stage_dir} to {repo_id}", token):
+            url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+            api.upload_folder(
+                folder_path=stage_dir,
+                repo_id=repo_id,
+                token=token,
+                commit_message=commit_message or f"fluxchat {stage}: upload {stage_dir.parent.name}/{stage}",
+                ignore_patterns=IGNORE_PATTERNS,
+            )
+    except BaseException:
+        # Not pushed: the local card goes back to what it was. The Hub's card would link repos that do not exist and
+        # tell a reader to load the model from the Hub rather than from this folder.
+        if local_card is not None:
+            runs.atomic_write_text(card, local_card)
+        raise
     return str(url)
 
 

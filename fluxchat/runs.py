@@ -287,7 +287,7 @@ def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = Fal
     lock_stage(folder)  # before anything is removed: another command may have started since the check
     work = work_dir(folder, overwrite)
     if work != folder:
-        shutil.rmtree(work, ignore_errors=True)  # what an earlier, killed overwrite left
+        _remove(work)  # what an earlier, killed overwrite left
     if resume:
         discard_incomplete_checkpoints(work)
     try:
@@ -301,17 +301,27 @@ def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = Fal
     return work
 
 
+def _remove(path: Path) -> None:
+    """Delete a folder this module set aside, or the link it was: a stage folder may be a symbolic link to another
+    run's stage, and rmtree refuses a link (silently, with ignore_errors), which left it in the way of the next swap.
+    A link goes, never what it points to."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def commit(work: str | Path, folder: str | Path) -> None:
     """Put a finished replacement in place: the old folder renamed away, the new one renamed in, the old one
     deleted. A crash between the two renames is repaired by the next `check_output_dir`."""
     work, folder = Path(work), Path(folder)
     if work != folder:
         replaced = _sibling(folder, REPLACED_SUFFIX)
-        shutil.rmtree(replaced, ignore_errors=True)
-        if folder.exists():
+        _remove(replaced)
+        if folder.exists() or folder.is_symlink():
             os.replace(folder, replaced)
         os.replace(work, folder)
-        shutil.rmtree(replaced, ignore_errors=True)
+        _remove(replaced)
     release_stage_locks()
 
 
@@ -323,7 +333,7 @@ def recover_interrupted_swap(folder: str | Path) -> None:
         return
     if not folder.exists():
         os.replace(work if is_finished(work) else replaced, folder)
-    shutil.rmtree(replaced, ignore_errors=True)
+    _remove(replaced)
 
 
 def readable_json(path: Path) -> bool:

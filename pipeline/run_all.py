@@ -120,9 +120,18 @@ def check_accelerate_config(path: str) -> None:
     if not load_yaml(Path(path)):  # one line for a file that is not a YAML (or JSON) mapping
         fail(f"--accelerate_config {path} is empty: accelerate needs at least its distributed_type")
     try:
-        load_config_from_file(path)
+        config = load_config_from_file(path)
     except (ValueError, TypeError, KeyError) as err:  # no or an unknown distributed_type, unknown keys
         fail(f"--accelerate_config {path}: {str(err).strip().splitlines()[0]}")
+    # accelerate takes any YAML value here and fails on it only when it launches (`num_processes: abc`: a TypeError
+    # comparing it with 1, after the tokenizer stage ran).
+    for key in ("num_processes", "num_machines", "machine_rank", "main_process_port"):
+        value = getattr(config, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            fail(f"--accelerate_config {path}: {key} must be a whole number, got {value!r}")
+    precision = str(getattr(config, "mixed_precision", None) or "no")
+    if precision not in ("no", "fp16", "bf16", "fp8"):
+        fail(f"--accelerate_config {path}: mixed_precision must be no, fp16, bf16 or fp8, got {precision!r}")
 
 
 def prepare_corpus(args: RunAllArguments, data_dir: Path, write: bool = True) -> tuple[list[str], list[str]]:

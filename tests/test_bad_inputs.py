@@ -985,6 +985,13 @@ CASES = [
         ("--accelerate_config", "`distributed_type` must be specified"),
         prepare=lambda i, d: (d / "accelerate.yaml").write_text("num_processes: 2\n"),
     ),
+    Case(  # accelerate read it, then failed launching pretraining in a traceback, the tokenizer already run
+        "run_all --accelerate_config with num_processes that is no number",
+        "run_all",
+        lambda i, d: ["--run_name", "x", "--accelerate_config", d / "accelerate.yaml", "--train_file", i.corpus],
+        ("--accelerate_config", "num_processes must be a whole number, got 'abc'"),
+        prepare=lambda i, d: (d / "accelerate.yaml").write_text("distributed_type: 'NO'\nnum_processes: abc\n"),
+    ),
     Case(
         "sft --lora_target_modules naming no module",
         "sft",

@@ -212,6 +212,7 @@ def test_offline_missing_stage_and_bad_names_fail_in_one_line(tiny_run, tmp_path
 
 def test_folder_holding_the_token_is_refused_and_an_unreachable_hub_is_one_line(tiny_run, tmp_path):
     run = make_run(tiny_run, tmp_path)
+    cards = {card: card.read_bytes() for card in run.glob(f"*/{runs.CARD_FILE}")}
     (run / "sft" / "notes.txt").write_text(f"HF_TOKEN={TOKEN}\n")  # e.g. a pasted shell line
     with LocalHub(token=TOKEN) as hub:
         result = run_script(
@@ -238,3 +239,6 @@ def test_folder_holding_the_token_is_refused_and_an_unreachable_hub_is_one_line(
         result.stderr
     )
     assert TOKEN not in result.stdout + result.stderr
+    # Nothing pushed, so no card rewritten: it linked alice's repos, which do not exist, and told readers to load
+    # the model from the Hub instead of this folder.
+    assert cards and all(card.read_bytes() == before for card, before in cards.items())

@@ -448,6 +448,24 @@ def test_a_successful_overwrite_replaces_the_old_stage_whole(inputs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_overwriting_a_stage_that_is_a_link_to_another_runs_stage_twice(inputs, tmp_path):
+    """A stage folder linked to another run's stage: the first --overwrite left the link set aside (rmtree refuses a
+    link), and the second failed in a traceback renaming the new stage onto it. The linked stage is never touched."""
+    from tokenizer import train
+
+    elsewhere = tmp_path / "other_run" / "tokenizer"
+    shutil.copytree(inputs.shared / "tokenizer", elsewhere)
+    before = fingerprint(elsewhere)
+    out = tmp_path / "run" / "tokenizer"
+    out.parent.mkdir()
+    out.symlink_to(elsewhere, target_is_directory=True)
+    for _ in range(2):
+        train.main([str(a) for a in tok(inputs, tmp_path, "--output_dir", out, "--overwrite")])
+        assert runs.is_finished(out) and not out.is_symlink()
+        assert sorted(p.name for p in out.parent.iterdir()) == ["tokenizer"]  # nothing set aside is left
+    assert fingerprint(elsewhere) == before
+
+
 # ---- kill -9 at a random moment of an overwrite
 def pretrain_overwrite_command(inputs, out: Path, steps: int) -> list[str]:
     # The shared tiny flags, later flags winning: a checkpoint every 5 steps, so a kill can land in a save too.
