@@ -296,7 +296,7 @@ def load_rows_file(path: Path):
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:
-        fail(f"{path}: could not be read as {builder} ({(builder == 'json' and _json_fault(path)) or _cause(err)})")
+        fail(f"{path}: could not be read as {builder} ({_json_fault(path) or _cause(err)})")
     finally:
         datasets_logging.set_verbosity(level)
 
@@ -310,22 +310,21 @@ def _cause(err: BaseException) -> str:
 
 
 def _json_fault(path: Path) -> str | None:
-    """The line where a JSON-lines file stops parsing, found with Python's own parser (Arrow's row numbers count
-    from 0 within a block); None where every line parses or the file is one JSON document."""
+    """The first line of a JSON-lines file that does not parse, found with Python's own parser, reading one line at
+    a time (the file may be a whole corpus; Arrow's row numbers count from 0 within a block). None for any other
+    file, or where every line parses: the parser's own message says the rest."""
+    if path.suffix != ".jsonl":
+        return None
     try:
-        text = path.read_text(encoding="utf-8-sig")
-        json.loads(text)
-        return None
+        with path.open(encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as err:
+                        return f"line {number} is not valid JSON: {err.msg} at column {err.colno}"
     except (UnicodeDecodeError, OSError):
-        return None
-    except json.JSONDecodeError:
         pass
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"line {number} is not valid JSON: {err.msg} at column {err.colno}"
     return None
 
 

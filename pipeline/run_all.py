@@ -232,7 +232,9 @@ def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
         # The chain decides where each stage writes and the next one reads: a stage sent elsewhere would leave the
         # next without its input, and the summary would name a folder the stage never wrote.
         owned = [
-            f for f in flags if f.split("=")[0].replace("-", "_") in ("__run_name", "__output_dir", "__output_file")
+            f
+            for f in flags
+            if f.split("=")[0].lstrip("-").replace("-", "_") in ("run_name", "output_dir", "output_file")
         ]
         if owned:
             fail(f"--stage_args {stage}:{owned[0]}: the chain sets where its stages write; give run_all --run_name")
