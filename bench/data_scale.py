@@ -7,8 +7,7 @@
 Each corpus is tinyshakespeare's lines, shuffled and repeated to the size asked, in a temporary folder.
 For each corpus, the real `python pipeline/pretrain.py` (tiny preset, a few steps) runs twice in a fresh
 process against an empty token cache, then again reusing it. Reported per run: the peak RSS of the
-pretraining process (the kernel's high-water mark of the process and the tokenizer workers it waited for:
-ru_maxrss from wait4), the seconds until its token data was ready (the "token cache:" line, counted from
+pretraining process (the kernel's high-water mark, its tokenizing threads included: ru_maxrss from wait4), the seconds until its token data was ready (the "token cache:" line, counted from
 launch, imports included), and for the first run the tokenization throughput from the cache's manifest.
 Aim (issue 13): peak memory of the large run within 100 MB of the small run's; the second run starts in seconds.
 """
@@ -144,7 +143,7 @@ def main() -> None:
                     "shards_MB": round(sum(f.stat().st_size for f in manifest_path.parent.glob("*.bin")) / 1e6, 1),
                     "tokenize_s": manifest["seconds"],
                     "tokenize_MB_per_s": round(text_mb / max(manifest["seconds"], 1e-9), 2),
-                    "tokenize_processes": manifest["processes"],
+                    "tokenize_threads": manifest["threads"],
                     "first_peak_rss_MB": first["peak_rss_MB"],
                     "first_data_ready_s": first["data_ready_s"],
                     "second_peak_rss_MB": second["peak_rss_MB"],

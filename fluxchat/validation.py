@@ -80,6 +80,7 @@ RULES: dict[str, Rule] = {
     "eval_fraction": fraction(),
     "pairs_heldout_fraction": fraction(),
     "sample_max_new_tokens": at_least(0),
+    "tokenize_threads": at_least(0),
     "max_train_samples": at_least(1),
     "eval_examples": at_least(0),
     "eval_max_new_tokens": at_least(1),

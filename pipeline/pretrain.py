@@ -104,8 +104,8 @@ class DataArguments:
         default=None,
         metadata={"help": "Where token shards are cached; default $FLUXCHAT_CACHE/tokens (~/.cache/fluxchat/tokens)."},
     )
-    tokenize_num_proc: int = field(
-        default=0, metadata={"help": "Processes tokenizing a new corpus; 0 = one per CPU core."}
+    tokenize_threads: int = field(
+        default=0, metadata={"help": "Threads tokenizing a new corpus (the tokenizer's own); 0 = one per CPU core."}
     )
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts sampled after each evaluation."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples."})
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
             data_args.text_column,
             data_args.validation_fraction,
             Path(data_args.token_cache_dir or shards.default_cache_root()),
-            data_args.tokenize_num_proc or os.cpu_count() or 1,
+            data_args.tokenize_threads or os.cpu_count() or 1,
         )
     train_tokens, val_tokens = corpus.train, corpus.validation
     set_seed(args.seed)  # the Trainer seeds only after the model exists: without this, init ignores --seed

@@ -61,10 +61,10 @@ def test_concurrent_appends_from_threads_and_processes_give_whole_lines(tmp_path
         thread.join()
     _check_whole_lines(path, 8 * 15)
 
-    context = multiprocessing.get_context(
-        "fork"
-    )  # separate processes (own file descriptions), as several app instances
-    processes = [context.Process(target=_append_many, args=(str(path), 10 + w, 15)) for w in range(4)]
+    # Separate processes (own file descriptions), as several app instances. Daemons: one that hung would fail the
+    # join below, not keep the test run from exiting.
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_append_many, args=(str(path), 10 + w, 15), daemon=True) for w in range(4)]
     for process in processes:
         process.start()
     for process in processes:

@@ -2,6 +2,7 @@
 valid and rebuilt (never used) when half-written, corrupt or built by another tokenizer, and bad data input."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -29,26 +30,37 @@ def corpus(tmp_path):
     return folder
 
 
-def _build(tok, cache, sources, log=None, num_proc=2):
+def _build(tok, cache, sources, log=None, threads=2):
     lines = [] if log is None else log
-    return shards.load_or_build(tok, sources, "text", 0.1, cache, num_proc=num_proc, log=lines.append)
+    return shards.load_or_build(tok, sources, "text", 0.1, cache, threads=threads, log=lines.append)
 
 
 def test_shards_hold_the_ids_of_tokenize_documents(tiny_run, corpus, tmp_path, monkeypatch):
     tok = loading.load_tokenizer(str(tiny_run / "tokenizer"))
-    # Small pieces, read chunks and worker batches: pieces cross chunk boundaries, several batches per worker.
+    # Small pieces, read chunks and batches: pieces cross chunk boundaries, many batches.
     monkeypatch.setattr(pretraining, "PIECE_CHARS", 300)
     monkeypatch.setattr(data, "READ_CHUNK", 1000)
     monkeypatch.setattr(shards, "TASK_CHARS", 4000)
     train_docs, val_docs = data.load_text([str(corpus)], None)
     sources = data.text_sources([str(corpus)], None)
-    for num_proc in (1, 2):  # in-process and the worker pool
-        got = _build(tok, tmp_path / f"cache{num_proc}", sources, num_proc=num_proc)
+    parallelism = []  # what tokenizers' switch for its Rust threads said at each batch
+    encode = shards._encode
+    monkeypatch.setattr(
+        shards, "_encode", lambda b: parallelism.append(os.environ["TOKENIZERS_PARALLELISM"]) or encode(b)
+    )
+    rayon_threads = os.environ.get("RAYON_NUM_THREADS")
+    for threads in (1, 2):  # one thread, and the tokenizer's Rust threads splitting each batch
+        parallelism.clear()
+        got = _build(tok, tmp_path / f"cache{threads}", sources, threads=threads)
+        assert len(parallelism) > 10 and set(parallelism) == {"true" if threads > 1 else "false"}
+        # As it was (the tests' "false"), and "false" where the user set nothing: no fork warning after a build.
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        assert os.environ.get("RAYON_NUM_THREADS") == rayon_threads
         assert got.train.dtype == np.uint16 and isinstance(got.train, np.memmap)
         assert got.train.tolist() == pretraining.tokenize_documents(tok, train_docs).tolist()
         assert got.validation.tolist() == pretraining.tokenize_documents(tok, val_docs).tolist()
         assert got.validation_bytes == sum(len(d.encode("utf-8")) for d in val_docs)
-        assert got.manifest["processes"] == num_proc
+        assert got.manifest["threads"] == threads
 
 
 def test_cache_is_reused_and_a_bad_one_is_rebuilt(tiny_run, tmp_path):
