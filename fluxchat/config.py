@@ -210,6 +210,8 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 def load_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         fail(f"config file {path} is a folder: give a YAML file in it (configs/<preset>/<stage>.yaml), or --preset")
+    if path.exists() and not path.is_file():  # a FIFO would wait for a writer; a device would never end
+        fail(f"config file {path} is not a regular file: give a YAML file")
     if not path.is_file():
         fail(f"config file {path} does not exist")
     try:

@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
@@ -72,12 +73,23 @@ def _broken_json(source) -> Path | None:
     return next((path for path in paths if path.is_file() and not runs.readable_json(path)), None)
 
 
+def _remedy(source: str) -> str:
+    """What to do about a source that would not load: a folder here was written by a stage; a Hub id is fetched."""
+    if Path(source).exists() or not runs.looks_like_hub_id(str(source)):
+        return "re-run the stage that wrote it"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return (
+            "a Hub id, and HF_HUB_OFFLINE=1 keeps the Hub out: fetch it where the Hub is reachable, or pass a folder"
+        )
+    return "a Hub id this machine could not fetch: check the id, the network, and HF_TOKEN for a private model"
+
+
 def load_tokenizer(source: str):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as err:  # a truncated tokenizer.json raises JSON/Rust errors of several types
         where = _broken_json(source) or (Path(source) / "tokenizer.json" if Path(source).is_dir() else source)
-        fail(f"cannot load the tokenizer {where} ({_one_line(err)}): re-run the stage that wrote it")
+        fail(f"cannot load the tokenizer {where} ({_one_line(err)}): {_remedy(source)}")
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -194,7 +206,7 @@ def load_config(source: str):
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        fail(f"cannot read the model config in {source} ({_one_line(err)}): re-run the stage that wrote it")
+        fail(f"cannot read the model config in {source} ({_one_line(err)}): {_remedy(source)}")
 
 
 def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_missing_tokens: bool = False):

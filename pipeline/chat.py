@@ -3,12 +3,14 @@
     python pipeline/chat.py runs/demo                       # a run folder: its ppo > grpo > dpo > sft > pretrain stage
     python pipeline/chat.py runs/demo/sft --temperature 0.7 --top_p 0.9 --system "You are terse."
     python pipeline/chat.py someone/fluxchat-tiny --max_new_tokens 64   # a Hub id (safetensors only)
-    printf 'hello\\nwhat is 2+2?\\n' | python pipeline/chat.py runs/demo --seed 1   # piped: one reply per line read
+    printf 'hello\\nwhat is 2+2?\\n' | python pipeline/chat.py runs/demo --seed 1   # piped: a reply per message
     echo hello | python pipeline/chat.py runs/demo --show_stats                     # first-token latency, tokens/s
 
 Commands: /reset (start over, keeping --system), /history (the conversation the model sees), /quit.
-Ctrl-C stops a reply mid-stream. When the conversation no longer fits the model's context, the oldest
-whole turns are dropped (the system message stays); a note says so.
+Piped, stdout holds only the replies, each ended by a newline; a message refused (too long for the context) gets an
+empty one, its reason on stderr, so the replies that follow stay paired with their messages. Ctrl-C stops a reply
+mid-stream. When the conversation no longer fits the model's context, the oldest whole turns are dropped (the system
+message stays); a note says so.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> Path:
             prompt = model.prepare(candidate, sampling.max_new_tokens)  # trimmed and rendered once
         except UsageError as err:
             print(f"error: {err}", file=info)
+            if not interactive:
+                print(flush=True)  # its reply's line, empty: the replies that follow stay paired with their messages
             continue
         if len(prompt.messages) < len(candidate):
             print(

@@ -557,6 +557,12 @@ CASES = [
         lambda i, d: [i.shared / "pretrain", "--prompt", "ROMEO:", "--max_new_tokens", 64],
         ("--max_new_tokens 64", "context of 64"),
     ),
+    Case(
+        "a Hub id with the Hub kept out (generate)",
+        "generate",
+        lambda i, d: ["someone/fluxchat-tiny", "--prompt", "hi"],
+        ("someone/fluxchat-tiny", "HF_HUB_OFFLINE=1 keeps the Hub out", "or pass a folder"),
+    ),
     # ---- pipeline/chat.py
     Case(
         "pickle weights refused",

@@ -74,12 +74,14 @@ def test_cli_chat_through_piped_stdin(tiny_run):
         "--max_new_tokens",
         "8",
         "--show_stats",
-        input="hello\n/history\n/reset\n/history\n/quit\nnever answered\n",
+        input="hello\n" + "far too long " * 40 + "\n/history\n/reset\n/history\n/quit\nnever answered\n",
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    reply, separator, rest = result.stdout.partition("\nuser: hello\n")
+    # One reply line per message: the one too long for the 64-token context gets an empty line, its error on stderr.
+    reply, separator, rest = result.stdout.partition("\n\nuser: hello\n")
     assert separator, result.stdout
+    assert "error: message too long for the model" in result.stderr
     assert rest == f"assistant: {reply}\n(no messages yet)\n", "history shows the turn; /reset empties it"
     stats = re.findall(r"\[(\d+) prompt \+ (\d+) new tokens", result.stderr)
     assert len(stats) == 1, "exactly one reply: nothing after /quit is answered"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import time
 
 import pytest
@@ -46,7 +47,7 @@ def test_accelerate_config_loads_as_run_all_and_accelerate_read_it(config):
     run_all.check_accelerate_config(str(CONFIGS_DIR / "accelerate" / config))  # raises UsageError if not
 
 
-def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_refused():
+def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_refused(tmp_path):
     """`--help` lists `--no_eval_baseline` (HfArgumentParser adds `--no_<switch>` for each switch on by default); the
     strict flag check used to refuse it as unknown. `--preset ''` (an unset shell variable) was silently no preset."""
     with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
@@ -66,6 +67,10 @@ def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_r
         parse_config("sft", sft.ARGUMENTS, ["--config", ""])
     with pytest.raises(UsageError, match="configs/tiny is a folder: give a YAML file in it"):
         parse_config("sft", sft.ARGUMENTS, ["--config", str(CONFIGS_DIR / "tiny")])
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever; it used to be called missing
+    with pytest.raises(UsageError, match="recipe.yaml is not a regular file: give a YAML file"):
+        parse_config("sft", sft.ARGUMENTS, ["--config", str(fifo)])
 
 
 def refused(stage: str, tmp_path, text: str, *flags: str) -> str:
