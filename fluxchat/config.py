@@ -20,7 +20,8 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -77,6 +78,20 @@ def after_interrupt(say_next: Callable[[], str] | None) -> None:
 
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
+
+
+@contextmanager
+def terminal_output() -> Iterator[None]:
+    """A command's own output failing (`> /dev/full`, a disk that fills) ends it in one line, where it was a traceback;
+    a reader that leaves (`| head`) is run_cli's, which ends quietly."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        if sys.stdout is not None:  # Python's flush of stdout at exit would fail again, with a traceback of its own
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        fail(f"cannot write to standard output ({err.strerror or err})")
 
 
 # Set by fluxchat/launch.py, which ignores Ctrl-C itself: the command it starts takes Python's handling back.

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fluxchat import chat_format
-from fluxchat.config import UsageError, parse_config, run_cli
+from fluxchat.config import UsageError, parse_config, run_cli, terminal_output
 from fluxchat.serving import ChatModel, GenerationStats, Sampling
 
 COMMANDS = "/reset /history /quit"
@@ -61,32 +61,25 @@ def show_history(messages: list[dict], out) -> None:
         print(f"{message['role']}: {message['content']}", file=out)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    argv = split_model_argument([str(a) for a in (sys.argv[1:] if argv is None else argv)])
-    args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv)
-    model = ChatModel.load(args.model)
-    system = chat_format.clean_text(args.system) if args.system else None
-    model.check_system(system, sampling.max_new_tokens)  # else every message would fail, blaming the message
-    torch.manual_seed(args.seed)
-    # Invalid UTF-8 on stdin (a pipe from anything) becomes U+FFFD rather than ending the conversation.
-    if isinstance(sys.stdin, io.TextIOWrapper):  # not a test's StringIO
-        sys.stdin.reconfigure(errors="replace")
-    interactive = sys.stdin.isatty()
-    # Piped use: stdout carries only the replies, so it can be read by another program.
-    info = sys.stdout if interactive else sys.stderr
-    # The reply's cap said up front: --max_new_tokens beyond half the context is lowered to leave room for the talk.
-    budget = model.reply_budget(sampling.max_new_tokens)
-    print(
-        f"fluxchat: {model.source} (context {model.context_length} tokens, replies up to {budget}). Commands: {COMMANDS}",
-        file=info,
-    )
-    start = [{"role": "system", "content": system}] if system else []
-    messages = list(start)
-
-    while True:
+def read_message(interactive: bool) -> str | None:
+    """The next line typed or piped; None at the end of input. Piped, stdin is read directly: input() would flush
+    stdout first, and a stdout that cannot be written (closed, a full disk) would fail before the message is read."""
+    if interactive:
         try:
-            line = input("you> " if interactive else "")
+            return input("you> ")
         except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactive: bool, show_stats: bool) -> None:
+    """The conversation loop: a message in, a streamed reply out, until /quit or the end of input."""
+    info = sys.stdout if interactive else sys.stderr  # piped, stdout carries only the replies
+    messages = list(start)
+    while True:
+        line = read_message(interactive)
+        if line is None:
             break
         text = chat_format.clean_text(line).strip()  # e.g. a lone surrogate from argv-style surrogateescape input
         if not text:
@@ -110,11 +103,13 @@ def main(argv: list[str] | None = None) -> Path:
         except UsageError as err:
             print(f"error: {err}", file=info)
             if not interactive:
-                print(flush=True)  # its reply's line, empty: the replies that follow stay paired with their messages
+                # Its reply, empty: the replies that follow stay paired with their messages.
+                print(flush=True)
             continue
         if len(prompt.messages) < len(candidate):
             print(
-                f"(dropped the {len(candidate) - len(prompt.messages)} oldest messages to fit the context)", file=info
+                f"(dropped the {len(candidate) - len(prompt.messages)} oldest messages to fit the context)",
+                file=info,
             )
         messages = prompt.messages
         stats = GenerationStats()
@@ -129,8 +124,33 @@ def main(argv: list[str] | None = None) -> Path:
             print(" [stopped]", end="")
         print(flush=True)
         messages.append({"role": "assistant", "content": "".join(pieces)})
-        if args.show_stats:
+        if show_stats:
             print(stats.summary(), file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = split_model_argument([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv)
+    model = ChatModel.load(args.model)
+    system = chat_format.clean_text(args.system) if args.system else None
+    model.check_system(system, sampling.max_new_tokens)  # else every message would fail, blaming the message
+    torch.manual_seed(args.seed)
+    # Invalid UTF-8 on stdin (a pipe from anything) becomes U+FFFD rather than ending the conversation.
+    if isinstance(sys.stdin, io.TextIOWrapper):  # not a test's StringIO
+        sys.stdin.reconfigure(errors="replace")
+    interactive = sys.stdin.isatty()
+    # Piped use: stdout carries only the replies, so it can be read by another program.
+    info = sys.stdout if interactive else sys.stderr
+    # The reply's cap said up front: --max_new_tokens beyond half the context is lowered to leave room for the talk.
+    budget = model.reply_budget(sampling.max_new_tokens)
+    print(
+        f"fluxchat: {model.source} (context {model.context_length} tokens, replies up to {budget}). Commands: {COMMANDS}",
+        file=info,
+    )
+    start = [{"role": "system", "content": system}] if system else []
+
+    with terminal_output():
+        converse(model, sampling, start, interactive, args.show_stats)
     return Path(model.source)
 
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from fluxchat import chat_format, generation, loading
-from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.config import fail, parse_config, run_cli, terminal_output
 
 
 @dataclass
@@ -78,15 +78,16 @@ def main(argv: list[str] | None = None) -> list[str]:
             texts.append(text)
         return texts
 
-    if not args.interactive:
-        return continue_text(args.prompt)
-    print("type a prompt and press enter (empty line or Ctrl-D quits)", file=sys.stderr)
-    outputs = []
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        outputs += continue_text(chat_format.clean_text(line.rstrip("\n")))
-    return outputs
+    with terminal_output():
+        if not args.interactive:
+            return continue_text(args.prompt)
+        print("type a prompt and press enter (empty line or Ctrl-D quits)", file=sys.stderr)
+        outputs = []
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            outputs += continue_text(chat_format.clean_text(line.rstrip("\n")))
+        return outputs
 
 
 if __name__ == "__main__":

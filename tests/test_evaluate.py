@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import DATA, PYTHON, SHAKESPEARE, run_main, run_script
+from conftest import DATA, PYTHON, SHAKESPEARE, run_main, run_script, two_at_a_time
 
 from fluxchat import chat_format, evaluation, generation, tasks
 from fluxchat import report as stage_reports
@@ -367,3 +367,23 @@ def test_an_output_that_cannot_be_shown_keeps_the_file_and_a_reader_that_leaves_
         ["bash", "-c", f"{generate} | head -c1; exit ${{PIPESTATUS[0]}}"], cwd=REPO, capture_output=True, text=True
     )
     assert piped.returncode == 141 and piped.stderr == "", piped.stderr[-2000:]  # as a shell reports SIGPIPE
+
+    # generate and chat with stdout on a full disk: one line each, where both ended in a traceback (chat's input()).
+    def to_a_full_disk(*args, stdin=None):
+        with open("/dev/full", "w") as full:
+            return subprocess.run(
+                [PYTHON, *map(str, args)], cwd=REPO, input=stdin, stdout=full, stderr=subprocess.PIPE, text=True
+            )
+
+    model = tiny_run / "pretrain"
+    results = two_at_a_time(
+        lambda: to_a_full_disk("pipeline/generate.py", model, "--prompt", "hi", "--max_new_tokens", 4),
+        lambda: to_a_full_disk("pipeline/chat.py", model, "--max_new_tokens", 4, stdin="hello\nagain\n"),
+    )
+    for result in results:
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert (
+            result.stderr.strip().splitlines()[-1]
+            == "error: cannot write to standard output (No space left on device)"
+        )
+        assert "Traceback" not in result.stderr
