@@ -61,9 +61,10 @@ def test_concurrent_appends_from_threads_and_processes_give_whole_lines(tmp_path
         thread.join()
     _check_whole_lines(path, 8 * 15)
 
-    # Separate processes (own file descriptions), as several app instances. Daemons: one that hung would fail the
-    # join below, not keep the test run from exiting.
-    context = multiprocessing.get_context("fork")
+    # Separate processes (own file descriptions), as several app instances; started fresh (spawn), never forked from
+    # the test runner, whose threads may hold a lock at that moment. Daemons: one that hung would fail the join below,
+    # not keep the test run from exiting.
+    context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_append_many, args=(str(path), 10 + w, 15), daemon=True) for w in range(4)]
     for process in processes:
         process.start()
