@@ -46,8 +46,13 @@ def is_feedback_row(row: dict) -> bool:
 
 
 def as_pair(row: dict) -> dict | None:
-    """A feedback line as a TRL explicit-prompt preference row; None for a tie (not a pair)."""
-    if row.get("choice") == "tie":
+    """A feedback line as a TRL explicit-prompt preference row; None for a tie (not a pair). ValueError for a choice
+    that is none of CHOICES (a hand-edited line): its chosen/rejected would be a guess. A line without a choice is
+    read as its chosen/rejected say."""
+    choice = row.get("choice", "A")
+    if not isinstance(choice, str) or choice not in CHOICES:
+        raise ValueError(f"field 'choice' is {choice!r:.80}; expected one of {', '.join(CHOICES)}")
+    if choice == "tie":
         return None
     return {"prompt": row["conversation"], "chosen": row["chosen"], "rejected": row["rejected"]}
 

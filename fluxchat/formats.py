@@ -11,6 +11,7 @@ import gzip
 import json
 import random
 import re
+import zlib
 from pathlib import Path
 
 import datasets
@@ -33,6 +34,8 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+# Keys of one row of some format: a .json object holding one of these is a row, not a wrapper of rows.
+ROW_KEYS = {"messages", "conversations", "conversation", "prompt", "completion", "chosen", "rejected", "instruction"}
 
 
 def _read_rows(source: str):
@@ -63,6 +66,8 @@ def _read_rows(source: str):
     if suffixes in (".json", ".json.gz"):
         return name, _json_rows(path)
     if suffixes == ".parquet":
+        if _parquet_row_count(path) == 0:  # else Arrow's "BatchSize must be greater than 0"
+            fail(f"{name}: no rows")
         rows = data.load_rows_file(path)
         return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
     fail(f"{path}: unsupported file type '{suffixes}' (use .jsonl, .jsonl.gz, .json or .parquet)")
@@ -72,6 +77,16 @@ def looks_like_hub_dataset(value: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.endswith(
         (".json", ".jsonl", ".gz", ".parquet")
     )
+
+
+def _parquet_row_count(path: Path) -> int | None:
+    """From the file's footer; None where it is no parquet file, which load_rows_file then reports."""
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    except Exception:  # Arrow raises several types for a bad footer; the reader's own message names the file
+        return None
 
 
 def _open_text(path: Path):
@@ -91,9 +106,13 @@ def _jsonl_rows(path: Path):
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     fail(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})")
+                except RecursionError:  # Python's parser recurses once per nesting level
+                    fail(f"{path}: line {number} is not valid JSON (nested too deeply)")
                 if not isinstance(row, dict):
                     fail(f"{path}: line {number} must be a JSON object, got {type(row).__name__}")
                 yield f"line {number}", row
+    except zlib.error as err:  # a corrupt deflate stream: not an OSError, unlike a bad gzip header
+        fail(f"{path}: could not be read as gzip (zlib.error: {str(err)[:120]})")
     except (UnicodeDecodeError, OSError, EOFError) as err:
         fail(f"{path}: could not be read as UTF-8 JSON lines ({err.__class__.__name__}: {str(err)[:120]})")
 
@@ -106,8 +125,14 @@ def _json_rows(path: Path):
         fail(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); for one object per line name it .jsonl"
         )
+    except RecursionError:  # Python's parser recurses once per nesting level
+        fail(f"{path}: not valid JSON (nested too deeply)")
+    except zlib.error as err:  # a corrupt deflate stream: not an OSError, unlike a bad gzip header
+        fail(f"{path}: could not be read as gzip (zlib.error: {str(err)[:120]})")
     except (UnicodeDecodeError, OSError, EOFError) as err:
         fail(f"{path}: could not be read as UTF-8 JSON ({err.__class__.__name__})")
+    if isinstance(data, dict) and ROW_KEYS & set(data):  # else its one list (e.g. 'messages') would be read as rows
+        fail(f"{path}: a .json file holds a list of rows; this one holds a single row: wrap it in [...] or use .jsonl")
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: one list of rows inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -187,39 +212,52 @@ def _detect_conversation_format(columns) -> str | None:
     return None
 
 
-def _finish_conversation(messages: list[dict]) -> list[dict]:
-    """Trailing user turns carry no answer to learn from; a conversation needs a user and an answer."""
+def _finish_conversation(messages: list[dict], names: list[str]) -> list[dict]:
+    """Trailing user turns carry no answer to learn from; a conversation needs a user and an answer.
+    `names[i]` names messages[i] in the row, for an empty message (an empty system prompt is harmless)."""
     while messages and messages[-1]["role"] != "assistant":
         messages = messages[:-1]
     if not any(m["role"] == "assistant" for m in messages):
         raise _RowError("has no assistant message")
     if not any(m["role"] == "user" for m in messages):
         raise _RowError("has no user message before the assistant's")
+    for message, name in zip(messages, names):
+        if message["role"] != "system" and not message["content"].strip():
+            raise _RowError(f"{name} is empty")
     return messages
+
+
+def _message_names(value, key: str, content_key: str = "content") -> list[str]:
+    if isinstance(value, str):
+        return [f"field '{key}'"]
+    return [f"{key}[{i}].{content_key}" for i in range(len(value))]
 
 
 def _row_conversations(fmt: str, row: dict) -> list[list[dict]]:
     if fmt == "messages":
         if "messages" not in row:
             raise _RowError("missing field 'messages'")
-        return [_finish_conversation(_message_list(row["messages"], "messages"))]
+        messages = _message_list(row["messages"], "messages")
+        return [_finish_conversation(messages, _message_names(messages, "messages"))]
     if fmt == "sharegpt":
         if "conversations" not in row:
             raise _RowError("missing field 'conversations'")
         turns = row["conversations"]
         first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
-        if "from" in first or "value" in first or not first:
+        content_key = "value" if "from" in first or "value" in first or not first else "content"
+        if content_key == "value":
             messages = _message_list(turns, "conversations", "from", "value", SHAREGPT_ROLES)
         else:
             messages = _message_list(turns, "conversations")
-        return [_finish_conversation(messages)]
+        return [_finish_conversation(messages, _message_names(messages, "conversations", content_key))]
     if fmt == "prompt_completion":
         for key in ("prompt", "completion"):
             if key not in row:
                 raise _RowError(f"missing field '{key}'")
         prompt = _text_or_messages(row["prompt"], "prompt", "user")
         completion = _text_or_messages(row["completion"], "completion", "assistant")
-        return [_finish_conversation(prompt + completion)]
+        names = _message_names(row["prompt"], "prompt") + _message_names(row["completion"], "completion")
+        return [_finish_conversation(prompt + completion, names)]
     instruction = _text_field(row, "instruction")
     if fmt == "self_instruct":
         instances = row.get("instances")
@@ -361,6 +399,24 @@ def _row_preference(row: dict) -> dict:
     }
 
 
+def _check_replies(pair: dict) -> None:
+    """Each reply must hold an assistant message (a user turn taken for the reply teaches nothing), and the chosen
+    one no blank turn: it would teach a model to prefer saying nothing. An empty rejected reply is kept, as hh-rlhf
+    itself holds some: "saying nothing is worse" is a real preference. The prompt is not checked either: hh-rlhf's
+    transcripts hold empty turns there too."""
+    for key in ("chosen", "rejected"):
+        if not pair[key]:
+            raise _RowError(f"field '{key}' has nothing after the prompt")
+        if not any(message["role"] == "assistant" for message in pair[key]):
+            raise _RowError(f"field '{key}' has no assistant reply after the prompt")
+    for message in pair["chosen"]:
+        if message["role"] != "system" and not message["content"].strip():
+            whole = len(pair["chosen"]) == 1
+            raise _RowError(
+                "field 'chosen' is empty" if whole else f"field 'chosen' has an empty {message['role']} turn"
+            )
+
+
 def load_preferences(sources: list[str], corpus_file: str | None = None) -> tuple[list[dict], int]:
     """([{"prompt", "chosen", "rejected"}] as message lists, number of dropped chosen == rejected pairs).
 
@@ -371,7 +427,7 @@ def load_preferences(sources: list[str], corpus_file: str | None = None) -> tupl
     if not sources:
         fail("no preference data given: pass files, Hub dataset ids, or 'builtin'")
     out: list[dict] = []
-    dropped = 0
+    dropped = ties = 0
     for source in sources:
         if source == BUILTIN:
             pairs = tasks.preference_pairs("train", corpus_file=corpus_file)
@@ -382,23 +438,29 @@ def load_preferences(sources: list[str], corpus_file: str | None = None) -> tupl
         for label, row in rows:
             count += 1
             if feedback.is_feedback_row(row):  # a choice made in the app's Compare tab (fluxchat/feedback.py)
-                row = feedback.as_pair(row)
+                try:
+                    row = feedback.as_pair(row)
+                except ValueError as err:
+                    fail(f"{name}: {label}: {err}")
                 if row is None:  # a tie is not a pair
+                    ties += 1
                     continue
             try:
                 pair = _row_preference(row)
+                if pair["chosen"] == pair["rejected"]:
+                    dropped += 1
+                    continue
+                _check_replies(pair)
             except _RowError as err:
                 fail(f"{name}: {label}: {err}")
-            if pair["chosen"] == pair["rejected"]:
-                dropped += 1
-                continue
-            if not pair["chosen"] or not pair["rejected"]:
-                fail(f"{name}: {label}: 'chosen' or 'rejected' has nothing after the prompt")
             out.append(pair)
         if count == 0:
             fail(f"{name}: no rows")
     if not out:
-        fail(f"no usable preference pairs in {', '.join(sources)} (all {dropped} had chosen == rejected)")
+        fail(
+            f"no usable preference pairs in {', '.join(sources)}: {ties} row(s) were ties (a tie is not a pair), "
+            f"{dropped} had chosen == rejected"
+        )
     return out, dropped
 
 

@@ -13,6 +13,7 @@ Every function here has TRL's reward-function shape, `f(prompts, completions, co
 
 from __future__ import annotations
 
+import math
 import re
 
 from fluxchat import chat_format, evaluation, formats, tasks
@@ -148,29 +149,46 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
                 prompt.pop()
             if not prompt or prompt[-1]["role"] != "user":
                 fail(f"{name}: {label}: field '{column}' must end with a user message")
+            blank = next((i for i, m in enumerate(prompt) if m["role"] != "system" and not m["content"].strip()), None)
+            if blank is not None:
+                fail(f"{name}: {label}: {column}[{blank}].content is empty")
         else:
             fail(f"{name}: {label}: field '{column}' must be text or a list of messages, got {type(value).__name__}")
-        answer_column = next((c for c in ANSWER_COLUMNS if c in row and row[c] is not None), None)
-        answer = row[answer_column] if answer_column else None
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            fail(f"{name}: {label}: field '{answer_column}' must be text or a number, got {type(answer).__name__}")
-        if isinstance(answer, str) and not answer.strip():  # no reply (or only an empty one) earns it: no signal
-            fail(
-                f"{name}: {label}: field '{answer_column}' is empty: give the answer, or null to leave it to the reward model"
-            )
+        # The first answer column present decides: a null 'answer' leaves the row to the reward model, it does not
+        # fall through to e.g. a 'completion' column, which is seldom a short answer.
+        answer_column = next((c for c in ANSWER_COLUMNS if c in row), None)
+        answer = _answer_text(name, label, answer_column, row[answer_column]) if answer_column else None
         if answer is None and need_answers:
-            given = next((c for c in ANSWER_COLUMNS if c in row), None)  # present but null
-            what = f"field '{given}' is null" if given else "no 'answer' column"
+            what = f"field '{answer_column}' is null" if answer_column else "no 'answer' column"
             fail(
                 f"{name}: {label}: {what} and no --reward_model_path: GRPO needs an answer to check "
                 "each reply against, or a reward model to score it"
             )
-        out.append(
-            {"prompt": prompt, "answer": None if answer is None else str(answer), "match": match, "task": "custom"}
-        )
+        out.append({"prompt": prompt, "answer": answer, "match": match, "task": "custom"})
     if not out:
         fail(f"{name}: no rows")
     return out
+
+
+def _answer_text(name: str, label: str, column: str, answer) -> str | None:
+    """A row's answer as the text a reply must match; None (null) leaves the row to the reward model."""
+    if answer is None:
+        return None
+    # bool is an int to Python, but "True" is no answer a reply is checked against.
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        fail(f"{name}: {label}: field '{column}' must be text or a number, got {type(answer).__name__}")
+    if isinstance(answer, float):
+        if not math.isfinite(answer):
+            fail(f"{name}: {label}: field '{column}' is {answer}: give a finite number or text")
+        # An integer column holding a null reads as floats (pandas, parquet): 4.0 must match a reply "4".
+        answer = int(answer) if answer.is_integer() else answer
+    text = str(answer)
+    if not normalise_answer(text):  # blank or punctuation only: no reply earns it, so it gives no signal
+        fail(
+            f"{name}: {label}: field '{column}' is empty ({text!r:.40} once case, spaces and punctuation are "
+            "dropped): give the answer, or null to leave it to the reward model"
+        )
+    return text
 
 
 def task_intervals(result: dict) -> dict[str, dict]:

@@ -278,3 +278,110 @@ def test_a_byte_order_mark_is_dropped_not_read_as_data(tmp_path):
         streamed[split] += chunk
     assert streamed == {"train": "".join(train), "validation": "".join(validation)}
     assert streamed["train"].startswith("ROMEO") and "\ufeff" not in streamed["train"] + streamed["validation"]
+
+
+def test_a_corrupt_gzip_file_is_one_line(tmp_path):
+    """A corrupt deflate stream raises zlib.error, which is no OSError: it was a traceback."""
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(50)]
+    raw = bytearray(gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    for i in range(30, 60):
+        raw[i] ^= 0xFF
+    for name in ("corrupt.jsonl.gz", "corrupt.json.gz"):
+        (tmp_path / name).write_bytes(bytes(raw))
+        with pytest.raises(UsageError, match=rf"{name}: could not be read as gzip \(zlib\.error"):
+            load_conversations([str(tmp_path / name)])
+
+
+def test_deeply_nested_json_is_one_line(tmp_path):
+    """Python's JSON parser recurses once per level: 100,000 brackets were a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    (tmp_path / "deep.jsonl").write_text(good + "\n" + deep + "\n")
+    (tmp_path / "field.jsonl").write_text(f'{{"prompt": "q", "chosen": {deep}, "rejected": "b"}}\n')
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(UsageError, match=r"deep\.jsonl: line 2 is not valid JSON \(nested too deeply\)"):
+        load_preferences([str(tmp_path / "deep.jsonl")])
+    with pytest.raises(UsageError, match=r"field\.jsonl: line 1 is not valid JSON \(nested too deeply\)"):
+        load_preferences([str(tmp_path / "field.jsonl")])
+    with pytest.raises(UsageError, match=r"deep\.json: not valid JSON \(nested too deeply\)"):
+        load_conversations([str(tmp_path / "deep.json")])
+
+
+def test_a_parquet_file_without_rows_says_no_rows(tmp_path):
+    """As an empty .jsonl does; Arrow said "BatchSize must be greater than 0"."""
+    import pyarrow
+    import pyarrow.parquet
+
+    messages = tmp_path / "header_only.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"messages": pyarrow.array([], pyarrow.string())}), messages)
+    pairs = tmp_path / "pairs.parquet"
+    empty = pyarrow.array([], pyarrow.string())
+    pyarrow.parquet.write_table(pyarrow.table({"chosen": empty, "rejected": empty}), pairs)
+    with pytest.raises(UsageError, match=r"header_only\.parquet: no rows$"):
+        load_conversations([str(messages)])
+    with pytest.raises(UsageError, match=r"pairs\.parquet: no rows$"):
+        load_preferences([str(pairs)])
+
+
+def test_a_json_file_holding_one_row_is_named_as_such(tmp_path):
+    """Its one list (the row's messages) was unwrapped and read as the rows: "unrecognised columns (content, role)"."""
+    row = tmp_path / "row.json"
+    row.write_text(json.dumps({"messages": [user("hi"), assistant("hello")]}))
+    pair = tmp_path / "pair.json"
+    pair.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}))
+    single = r"holds a single row: wrap it in \[\.\.\.\] or use \.jsonl"
+    with pytest.raises(UsageError, match=rf"row\.json: .*{single}"):
+        load_conversations([str(row)])
+    with pytest.raises(UsageError, match=rf"pair\.json: .*{single}"):
+        load_preferences([str(pair)])
+    wrapped = tmp_path / "wrapped.json"  # a wrapper of rows is still unwrapped
+    wrapped.write_text(json.dumps({"data": [{"messages": [user("hi"), assistant("hello")]}]}))
+    assert load_conversations([str(wrapped)]) == [{"messages": [user("hi"), assistant("hello")]}]
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"messages": [user("hi"), assistant("")]}, r"line 2: messages\[1\]\.content is empty"),
+        ({"messages": [user("  "), assistant("yo")]}, r"line 2: messages\[0\]\.content is empty"),
+        ({"prompt": "", "completion": "x"}, r"line 2: field 'prompt' is empty"),
+        ({"prompt": [user("q")], "completion": [assistant("\n")]}, r"line 2: completion\[0\]\.content is empty"),
+    ],
+)
+def test_empty_conversation_turns_are_refused(tmp_path, row, expected):
+    """As an Alpaca row with an empty 'output' is: an empty reply teaches the model to say nothing."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [user("ok"), assistant("fine")]}, row])
+    if "prompt" in row:
+        path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "ok", "completion": "fine"}, row])
+    with pytest.raises(UsageError, match=rf"sft\.jsonl: {expected}"):
+        load_conversations([path])
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        (
+            {"chosen": [user("q"), user("a")], "rejected": [user("q"), user("b")]},
+            "field 'chosen' has no assistant reply",
+        ),
+        ({"prompt": "q", "chosen": [user("a")], "rejected": "b"}, "field 'chosen' has no assistant reply"),
+        ({"prompt": "q", "chosen": "a", "rejected": [user("b")]}, "field 'rejected' has no assistant reply"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "field 'chosen' is empty"),
+        ({"prompt": "q", "chosen": "   ", "rejected": "b"}, "field 'chosen' is empty"),
+        ({"chosen": "", "rejected": "b"}, "field 'chosen' is empty"),
+        (
+            {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: yo"},
+            "field 'chosen' is empty",
+        ),
+    ],
+)
+def test_preference_replies_without_an_assistant_reply_or_text_are_refused(tmp_path, row, expected):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
+    with pytest.raises(UsageError, match=rf"pairs\.jsonl: line 2: {expected}"):
+        load_preferences([path])
+
+
+def test_an_empty_rejected_reply_is_a_pair():
+    """hh-rlhf itself holds a few ("saying nothing is worse"): they stay pairs."""
+    rows, _ = load_preferences([str(HH_RLHF)])
+    assert sum(not pair["rejected"][-1]["content"] for pair in rows) == 4

@@ -249,3 +249,25 @@ def test_browser_choice_is_appended_and_a_reward_run_reads_it(tiny_run, isolated
     data = json.loads((isolated_runs / "fb" / "reward" / "metrics.json").read_text())["data"]
     n_real = sum(line["chosen"] != line["rejected"] for line in lines if line["choice"] != "tie") + 1
     assert data["train"]["pairs"] + data["heldout"]["pairs"] == n_real and data["sources"] == [str(path)]
+
+
+@pytest.mark.parametrize("choice", ["Z", ["A"], None, "a"])
+def test_a_choice_other_than_a_b_or_tie_is_refused(tmp_path, choice):
+    """A hand-edited line: its chosen/rejected would be a guess, not a choice."""
+    path = tmp_path / "feedback.jsonl"
+    rows = [_record(0), {**_record(1), "choice": choice}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(UsageError) as refused:
+        formats.load_preferences([str(path)])
+    assert str(refused.value) == f"{path}: line 2: field 'choice' is {choice!r}; expected one of A, B, tie"
+    with pytest.raises(ValueError, match="expected one of A, B, tie"):
+        feedback.as_pair(rows[1])
+
+
+def test_a_file_of_only_ties_says_they_were_ties(tmp_path):
+    path = tmp_path / "ties.jsonl"
+    log = feedback.FeedbackLog(path)
+    for i in range(3):
+        log.append(_record(i, "tie"))
+    with pytest.raises(UsageError, match=r"no usable preference pairs in .*ties\.jsonl: 3 row\(s\) were ties"):
+        formats.load_preferences([str(path)])

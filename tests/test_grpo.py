@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
 from fluxchat import chat_format, loading, rewards, tasks, training
+from fluxchat.config import UsageError
 from pipeline import grpo
 from tests.conftest import PYTHON, REPO, SHAKESPEARE, assert_chat_stage_files, run_main, run_script
 
@@ -285,3 +286,40 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # notes may precede it
     assert len(errors) == 1 and str(no_answers) in errors[0] and "Traceback" not in result.stderr
     assert not (isolated_runs / "bad").exists()
+
+
+def test_prompt_file_answers_are_text_a_reply_can_match(tmp_path):
+    """An integer column with a null reads as floats (pandas, parquet): 4.0 was stored as "4.0" and no reply "4"
+    matched it. NaN, inf and booleans were stored as "nan", "inf", "True"; "..." normalised to nothing."""
+    numbers = _write_jsonl(
+        tmp_path / "numbers.jsonl",
+        [{"prompt": "2+2?", "answer": 4.0}, {"prompt": "1/2?", "answer": 0.5}, {"prompt": "3+3?", "answer": 6}],
+    )
+    rows = rewards.load_prompt_file(str(numbers), "exact", need_answers=True)
+    assert [row["answer"] for row in rows] == ["4", "0.5", "6"]
+    assert rewards.is_correct("4", rows[0]["answer"], "exact")
+    for answer, expected in [
+        (float("nan"), "field 'answer' is nan"),
+        (float("inf"), "field 'answer' is inf"),
+        (True, "field 'answer' must be text or a number, got bool"),
+        ("...", "field 'answer' is empty"),
+    ]:
+        bad = _write_jsonl(
+            tmp_path / "bad.jsonl", [{"prompt": "2+2?", "answer": "4"}, {"prompt": "q", "answer": answer}]
+        )
+        with pytest.raises(UsageError, match=rf"bad\.jsonl: line 2: {expected}"):
+            rewards.load_prompt_file(str(bad), "exact", need_answers=True)
+
+
+def test_a_null_answer_is_left_to_the_reward_model_not_taken_from_the_completion(tmp_path):
+    path = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q", "answer": None, "completion": "a long reply"}])
+    (row,) = rewards.load_prompt_file(str(path), "exact", need_answers=False)
+    assert row["answer"] is None
+    with pytest.raises(UsageError, match=r"line 1: field 'answer' is null and no --reward_model_path"):
+        rewards.load_prompt_file(str(path), "exact", need_answers=True)
+
+
+def test_a_blank_message_in_a_prompt_is_refused(tmp_path):
+    path = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": "  "}], "answer": "x"}])
+    with pytest.raises(UsageError, match=r"prompts\.jsonl: line 1: prompt\[0\]\.content is empty"):
+        rewards.load_prompt_file(str(path), "exact", need_answers=True)
