@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 
-from fluxchat.config import fail
+from fluxchat.config import fail, main_process
 from fluxchat.tasks import parse_task_weights
 
 
@@ -101,6 +102,10 @@ def lora_config(peft_args: PeftArguments, task_type: str, model):
     """A peft LoraConfig for `model`, or None without --use_peft. task_type SEQ_CLS keeps the new score head
     trainable. Call it before the stage writes anything: it checks --lora_target_modules against the model."""
     if not peft_args.use_peft:
+        # A LoRA setting given without the switch would otherwise go unseen while every weight trains.
+        if given := [f"--{f.name}" for f in fields(peft_args) if getattr(peft_args, f.name) != f.default]:
+            if main_process():
+                print(f"note: {', '.join(given)} without --use_peft: all weights train, no LoRA", file=sys.stderr)
         return None
     from peft import LoraConfig  # peft only with --use_peft: an optional dependency
 

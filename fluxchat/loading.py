@@ -43,6 +43,10 @@ def resolve_model(value: str | None, flag: str = "model") -> str:
             fail(
                 f"--{flag} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo/grpo/dpo stage"
             )
+        # A later stage still training (or stopped) is passed over: said, or its figures would pass for this one's.
+        later = runs.CHAT_STAGES[: runs.CHAT_STAGES.index(stage.name)]
+        if unfinished := [name for name in later if (path / name).is_dir()]:
+            print(f"note: {', '.join(unfinished)} in {path} not finished: using {stage}", file=sys.stderr)
         return str(stage)
     if runs.looks_like_hub_id(value):
         return value
@@ -147,6 +151,10 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
     into their base model. With `tokenizer`, checks that every token id has an embedding. `hint` ends the
     error line that refuses a reward model where a language model is wanted."""
     refuse_pickle_only(source)
+    if reward and (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
+        # A reward stage's unmerged LoRA adapter: peft's AutoPeftModelForSequenceClassification fails on the score
+        # head saved beside it (a state_dict error); transformers' own adapter loading reads it, as PPO and GRPO do.
+        return load_score_model(source, tokenizer, trained_as="--reward_model").eval()
     if reward:  # both before loading: no "unused weights" warnings
         refuse_language_model(source)
     else:

@@ -466,6 +466,8 @@ def publish(staged: Path, folder: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # the rename would put a file where a device was
+        raise FileExistsError(errno.EEXIST, "not a regular file (a device, FIFO or socket), not replaced", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -88,6 +88,8 @@ def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | 
     are loaded, so that a broken input leaves no trace. The folder is prepared on the main process only, the
     others waiting: with several processes an --overwrite on each would delete what the first had written."""
     state = PartialState()
+    if run.resume_from is not None:  # before anything is written: a refused resume leaves config.yaml as it was
+        refuse_unresumable_changes(run, resolved_config(*config_objs, config_file=config_file))
     with state.main_process_first():
         if state.is_main_process:
             runs.begin(run.output_dir, run.stage, overwrite=run.overwrite, resume=run.resume_from is not None)
@@ -106,21 +108,42 @@ def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | 
 RESUME_FREE = {"resume", "overwrite", "output_dir", "logging_dir", "config_file", "report_to", "push_to_hub"}
 
 
-def note_changed_settings(previous_config: Path, current: dict) -> None:
-    """--resume with other settings than the interrupted run's (a longer --max_steps, another batch size): allowed,
-    as the Trainer allows it, but said in one note, since config.yaml will record only the new ones."""
+# Settings that decide which weights train: a checkpoint's optimizer state fits no other set (a traceback in torch's
+# load_state_dict after the note), and its weights no other shape.
+RESUME_FIXED = ("use_peft", "lora_r", "lora_target_modules", "n_layer", "n_embd", "n_head")
+
+
+def _changed_settings(previous_config: Path, current: dict) -> tuple[dict, dict, list[str]]:
+    """(the interrupted run's settings, these, the keys that differ), as config.yaml holds them."""
     try:
         previous = yaml.safe_load(previous_config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return
+        return {}, current, []
     if not isinstance(previous, dict):
-        return
+        return {}, current, []
     current = yaml.safe_load(yaml.safe_dump(current))  # the types config.yaml holds
     changed = [
         k
         for k in sorted(current)
         if k in previous and k not in RESUME_FREE and _as_paths(previous[k]) != _as_paths(current[k])
     ]
+    return previous, current, changed
+
+
+def refuse_unresumable_changes(run: StageRun, current: dict) -> None:
+    previous, current, changed = _changed_settings(run.work_dir / runs.CONFIG_FILE, current)
+    if fixed := [key for key in changed if key in RESUME_FIXED]:
+        key = fixed[0]
+        fail(
+            f"--resume with --{key} {current[key]}: the checkpoints in {run.output_dir} were trained with {key} "
+            f"{previous[key]}; resume with that, or start again with --overwrite"
+        )
+
+
+def note_changed_settings(previous_config: Path, current: dict) -> None:
+    """--resume with other settings than the interrupted run's (a longer --max_steps, another batch size): allowed,
+    as the Trainer allows it, but said in one note, since config.yaml will record only the new ones."""
+    previous, current, changed = _changed_settings(previous_config, current)
     if changed:
         shown = ", ".join(f"{key} {previous[key]} -> {current[key]}" for key in changed)
         note = f"note: resuming with settings that differ from the interrupted run's: {shown} (config.yaml records the new ones)"

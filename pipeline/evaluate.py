@@ -107,8 +107,9 @@ class EvaluateArguments:
             raise ValueError("give the model to evaluate: python pipeline/evaluate.py <model or run folder>")
         if self.n_per_task is None:
             self.n_per_task = REPORT_N_PER_TASK if self.report else N_PER_TASK
-        if self.n_per_task < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.max_pairs < 1:
-            raise ValueError("--n_per_task, --max_new_tokens, --batch_size and --max_pairs must be at least 1")
+        for flag in ("n_per_task", "max_new_tokens", "batch_size", "max_pairs"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
         if self.split not in SPLITS:
             raise ValueError(f"--split {self.split}: choose {' or '.join(SPLITS)}")
         if self.pairs_heldout_fraction is not None and not 0 < self.pairs_heldout_fraction < 1:
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> Path:
     # Checked before the work: a folder (or a path under a file) would fail only after the whole evaluation ran.
     if output_file.is_dir():
         fail(f"--output_file {output_file} is a folder: name a file, e.g. {output_file / 'evaluation.json'}")
+    if output_file.exists() and not output_file.is_file():  # the report is renamed into place: /dev/null would go
+        fail(f"--output_file {output_file} is not a regular file (a device, FIFO or socket): name a file")
     if blocking := next((p for p in output_file.parents if p.exists() and not p.is_dir()), None):
         fail(f"--output_file {output_file}: {blocking} is a file, so nothing can be written under it")
     runs.check_writable(output_file.parent, f"--output_file {output_file}")

@@ -39,8 +39,13 @@ class GenerateArguments:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
+        # One flag and its value per line, nan included (every comparison with nan is false).
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top_k must be >= 0, got {self.top_k}")
 
 
 def main(argv: list[str] | None = None) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -535,6 +536,13 @@ CASES = [
         "evaluate",
         lambda i, d: [d / "no model here", "--output_file", d / "eval.json"],
         ("no model here: no such folder",),
+    ),
+    Case(
+        "an --output_file that is a FIFO (evaluate)",
+        "evaluate",
+        lambda i, d: [i.shared / "pretrain", "--output_file", d / "report.fifo"],
+        ("--output_file", "report.fifo is not a regular file (a device, FIFO or socket)"),
+        prepare=lambda i, d: os.mkfifo(d / "report.fifo"),  # was replaced by the report (so would /dev/null be)
     ),
     Case(
         "evaluate an unfinished run",

@@ -8,7 +8,10 @@ import shutil
 import sys
 
 import pytest
+import yaml
 from conftest import PYTHON, REPO, run_main, run_script
+
+from fluxchat import runs
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -84,6 +87,16 @@ def test_a_resume_with_other_settings_says_which(crash_bench, tmp_path, capsys):
     stage = tmp_path / "pretrain"
     shutil.copytree(work / "pretrain_killed", stage, ignore=shutil.ignore_patterns("stage_complete.json"))
     argv = crash_safety.stage_command("pretrain", work, stage, smoke=True)[2:]
+    # A change the checkpoints cannot take (another shape of weights; --use_peft alike) is refused before anything is
+    # written: it was a note, then a traceback from load_state_dict, config.yaml already recording the new setting.
+    recorded = (stage / runs.CONFIG_FILE).read_bytes()
+    width = yaml.safe_load(recorded)["n_embd"]
+    code, error = run_main(pretrain.main, [*argv, "--resume", "--n_embd", width * 2])
+    assert code == 2 and error == (
+        f"--resume with --n_embd {width * 2}: the checkpoints in {stage} were trained with n_embd {width}; "
+        "resume with that, or start again with --overwrite"
+    )
+    assert (stage / runs.CONFIG_FILE).read_bytes() == recorded
     code, error = run_main(pretrain.main, [*argv, "--resume", "--max_steps", 26])
     assert code == 0, error
     note = "note: resuming with settings that differ from the interrupted run's: max_steps 24 -> 26"

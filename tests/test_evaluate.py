@@ -387,3 +387,17 @@ def test_an_output_that_cannot_be_shown_keeps_the_file_and_a_reader_that_leaves_
             == "error: cannot write to standard output (No space left on device)"
         )
         assert "Traceback" not in result.stderr
+
+
+def test_a_run_folder_whose_later_stage_is_unfinished_says_which_stage_it_uses(tiny_run, tmp_path, capsys):
+    """evaluate/chat/generate on runs/<name> with SFT stopped half-way used pretrain without a word: its figures
+    could pass for the half-trained SFT's."""
+    from fluxchat import loading
+
+    run = tmp_path / "half"
+    (run / "sft").mkdir(parents=True)  # what a stopped SFT leaves: a folder without its finished marker
+    (run / "pretrain").symlink_to(tiny_run / "pretrain")
+    assert loading.resolve_model(str(run)) == str(run / "pretrain")
+    assert capsys.readouterr().err == f"note: sft in {run} not finished: using {run / 'pretrain'}\n"
+    shutil.rmtree(run / "sft")
+    assert loading.resolve_model(str(run)) == str(run / "pretrain") and capsys.readouterr().err == ""

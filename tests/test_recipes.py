@@ -10,6 +10,7 @@ import os
 import time
 
 import pytest
+from conftest import run_main
 
 from fluxchat import runs
 from fluxchat.config import CONFIGS_DIR, UsageError, load_yaml, parse_config, presets, run_cli
@@ -173,3 +174,30 @@ def test_a_seed_out_of_range_is_refused_by_chat_and_generate(command):
     """`--seed 99999999999999999999` ended in torch's `Overflow when unpacking long long`."""
     with pytest.raises(UsageError, match=r"^--seed must be in \[0, 4294967295\], got 99999999999999999999$"):
         command(["runs/none/sft", "--seed", "99999999999999999999"])
+
+
+def test_generate_and_evaluate_name_the_one_flag_out_of_range_and_its_value():
+    """They said one line for several flags ("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")."""
+    from pipeline import evaluate
+
+    for argv, message in [
+        (["--top_p", "1.5"], "--top_p must be in (0, 1], got 1.5"),
+        (["--top_k", "-1"], "--top_k must be >= 0, got -1"),
+        (["--temperature", "nan"], "--temperature must be >= 0, got nan"),
+    ]:
+        assert run_main(generate.main, ["runs/none", "--prompt", "hi", *argv]) == (2, message)
+    for flag in ("n_per_task", "max_new_tokens", "batch_size", "max_pairs"):
+        assert run_main(evaluate.main, ["runs/none", f"--{flag}", "0"]) == (2, f"--{flag} must be at least 1, got 0")
+
+
+def test_lora_settings_without_use_peft_are_noted_not_dropped_in_silence(capsys):
+    from fluxchat import arguments
+
+    peft = arguments.PeftArguments(lora_r=4, lora_target_modules=["c_attn"])
+    assert arguments.lora_config(peft, "CAUSAL_LM", None) is None  # every weight trains, as before
+    assert (
+        capsys.readouterr().err
+        == "note: --lora_r, --lora_target_modules without --use_peft: all weights train, no LoRA\n"
+    )
+    assert arguments.lora_config(arguments.PeftArguments(), "CAUSAL_LM", None) is None
+    assert capsys.readouterr().err == ""

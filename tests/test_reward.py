@@ -4,6 +4,7 @@ evaluation code scores the way it was trained."""
 
 import gzip
 import json
+import math
 import shutil
 
 import torch
@@ -122,3 +123,22 @@ def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_acc
     assert abs(evaluation.score_conversations(model, tokenizer, [conversation])[0] - float(direct)) < 1e-4
     learned = evaluation.evaluate_reward_model(model, tokenizer, pairs)  # the pairs it trained on
     assert learned["accuracy"] >= 0.7 and learned["margin"] > 0, learned
+
+
+def test_an_unmerged_lora_reward_model_loads_for_evaluation(tiny_chat_chain, tmp_path):
+    """--use_peft --merge_adapter false saves the reward model as an adapter: evaluate and the app refused it (peft's
+    AutoPeftModelForSequenceClassification failed on the score head saved beside it) while PPO and GRPO loaded it."""
+    from fluxchat import loading
+
+    out = tmp_path / "reward_lora"
+    argv = ["--preset", "tiny", "--model_name_or_path", tiny_chat_chain / "sft", "--output_dir", out]
+    argv += ["--max_steps", 2, "--max_train_samples", 64, "--eval_examples", 0, "--eval_baseline", "false"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--corpus_file", SHAKESPEARE]
+    assert run_main(reward.main, [*argv, "--use_peft", "--merge_adapter", "false"]) == (0, "")
+    assert (out / "adapter_config.json").is_file() and not (out / "config.json").is_file()
+    tokenizer = loading.load_tokenizer(str(out))
+    model = loading.load_model(str(out), tokenizer, reward=True)
+    assert model.config.num_labels == 1 and not model.training
+    pairs = tasks.preference_pairs("eval", n=6, corpus_file=SHAKESPEARE)
+    result = evaluation.evaluate_reward_model(model, tokenizer, pairs, batch_size=3)
+    assert result["n"] == 6 and math.isfinite(result["margin"])

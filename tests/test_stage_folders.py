@@ -516,6 +516,18 @@ def finished(folder: Path, step: int) -> Path:
     return folder
 
 
+def test_an_atomic_write_never_puts_a_file_where_a_device_or_fifo_was(tmp_path):
+    """The write renames a temporary file over its path: over /dev/null or a FIFO that would replace the node."""
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        runs.write_json(fifo, {"a": 1})
+    assert fifo.is_fifo() and [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
+    runs.write_json(tmp_path / "plain.json", {"a": 1})  # a regular file, new or existing, is written as before
+    runs.write_json(tmp_path / "plain.json", {"a": 2})
+    assert json.loads((tmp_path / "plain.json").read_text()) == {"a": 2}
+
+
 def test_a_swap_killed_between_its_renames_is_completed_or_undone(tmp_path):
     """kill -9 between `commit`'s two renames: the next start puts a finished replacement in, else the old stage back."""
     out = tmp_path / "pretrain"

@@ -201,6 +201,12 @@ def test_bad_inputs_name_the_culprit(tmp_path, corpus):
     assert "images" in _err(["--train_file", no_text, *out])
     assert "nope.txt" in _err(["--train_file", tmp_path / "nope.txt", *out])
     assert "vocab_size" in _err(["--train_file", corpus, "--vocab_size", 100, *out])
+    # Sizes the trainers cannot even allocate for: a Rust out-of-memory abort (2^31), an OverflowError (1e20).
+    for huge in (2**31, 10**20):
+        assert (
+            _err(["--train_file", corpus, "--vocab_size", huge, *out])
+            == f"--vocab_size {huge} is too large: at most 1,048,576"
+        )
     assert "vocab_sise" in _err(["--config", bad_yaml, "--train_file", corpus, *out])
     assert "typed.yaml" in _err(["--config", typed_yaml, "--train_file", corpus, *out])
     assert "unknown preset 'tinyy'" in _err(["--preset", "tinyy", *out])

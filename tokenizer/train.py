@@ -62,6 +62,11 @@ class TokenizerArguments:
             )
 
 
+# Above any model's vocabulary (GPT-2 50,257; Llama 3 128,256; Gemma 262,144). The trainers allocate for the size
+# asked before reading a word: 2^31 aborted the process in a Rust out-of-memory backtrace, 1e20 overflowed.
+MAXIMUM_VOCAB_SIZE = 1 << 20
+
+
 def minimum_vocab_size(tokenizer_type: str) -> int:
     specials = len(chat_format.SPECIAL_TOKENS)
     return specials + 2 if tokenizer_type == "word" else specials + 256 + 1  # 256 byte symbols
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> Path:
             f"--vocab_size {args.vocab_size} is too small for a {args.tokenizer_type} tokenizer: it needs at least "
             f"{minimum_vocab_size(args.tokenizer_type)} (alphabet + {len(chat_format.SPECIAL_TOKENS)} special tokens)"
         )
+    if args.vocab_size > MAXIMUM_VOCAB_SIZE:
+        fail(f"--vocab_size {args.vocab_size} is too large: at most {MAXIMUM_VOCAB_SIZE:,}")
     runs.check_run_name(args.run_name)
     output_dir = Path(args.output_dir) if args.output_dir else runs.stage_dir(args.run_name, "tokenizer")
     runs.check_output_dir(output_dir, overwrite=args.overwrite)
