@@ -84,8 +84,9 @@ def check_utf8(path: Path, flag: str) -> None:
     offset = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(READ_CHUNK):
-            if offset == 0 and b"\x00" in chunk[:65536]:
-                fail(f"{flag} {path}: looks binary (NUL bytes), expected UTF-8 text")
+            if b"\x00" in chunk:  # anywhere: NUL bytes past the start were trained on as text
+                at = offset + chunk.index(b"\x00")
+                fail(f"{flag} {path}: looks binary (NUL bytes at offset {at}), expected UTF-8 text")
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
@@ -143,7 +144,11 @@ def load_text(
             fail(f"{name}: no '{column}' column (columns: {', '.join(rows.column_names)}); set --text_column")
         docs = list(_checked_docs(name, rows[column], column))
         if not docs:
-            fail(f"{name}: no text found in column '{column}'")
+            fail(
+                f"{name}: no text in the file (only whitespace)"
+                if is_text_file
+                else f"{name}: no text found in column '{column}'"
+            )
         part_train, part_val = _split(docs, validation_fraction, by_chars=is_text_file)
         train += part_train
         validation += part_val
@@ -266,7 +271,7 @@ def _iter_txt(path: Path, validation_fraction: float):
         n_chars += len(chunk)
         has_text = has_text or bool(chunk.strip())
     if not has_text:
-        fail(f"{path}: no text found in column 'text'")
+        fail(f"{path}: no text in the file (only whitespace)")
     cut = int(n_chars * (1 - validation_fraction))
     position = 0
     for chunk in _read_text_chunks(path):

@@ -81,7 +81,7 @@ def looks_like_hub_dataset(value: str) -> bool:
 
 def _parquet_row_count(path: Path) -> int | None:
     """From the file's footer; None where it is no parquet file, which load_rows_file then reports."""
-    import pyarrow.parquet
+    import pyarrow.parquet  # only for a parquet file: datasets brings it, not every command needs it
 
     try:
         return pyarrow.parquet.ParquetFile(path).metadata.num_rows
@@ -191,6 +191,8 @@ def _message_list(value, key: str, role_key: str = "role", content_key: str = "c
 def _text_or_messages(value, key: str, role: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
+    if not isinstance(value, list):  # else _message_list's "must be a list of messages" hides that text will do
+        raise _RowError(f"field '{key}' must be text or a list of messages, got {type(value).__name__}")
     return _message_list(value, key)
 
 

@@ -32,7 +32,8 @@ def generation_config(
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int = 0, **sampling) -> str:
-    """One sampled continuation of `prompt`, with the KV cache, reproducible by `seed`."""
+    """One sampled continuation of `prompt`, with the KV cache, reproducible by `seed`; `sampling` holds
+    generation_config's temperature (0: greedy), top_k and top_p."""
     was_training = model.training
     model.eval()
     context = loading.context_length(model)
@@ -41,8 +42,7 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int =
     ids = ids[-(context - max_new_tokens) :]
     device = loading.device_of(model)
     torch.manual_seed(seed)
-    config = generation_config(tokenizer, max_new_tokens)
-    config.update(**sampling)
+    config = generation_config(tokenizer, max_new_tokens, **sampling)
     out = model.generate(
         torch.tensor([ids], device=device),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

@@ -76,6 +76,8 @@ def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int,
             text = handle.read()
     except OSError as err:
         fail(f"--mix_text_file {path}: cannot read it ({err.strerror or err})")
+    if not text.strip():  # whitespace tokenizes to ids all the same, and windows of it would be mixed in
+        fail(f"--mix_text_file {path}: no text to mix in (only whitespace)")
     ids = chat_format.encode_text(tokenizer, text)
     if len(ids) < 2:
         fail(f"--mix_text_file {path}: no text to mix in")
@@ -89,7 +91,11 @@ def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int,
     return concatenate_datasets([train_set, rows]), n_rows
 
 
-def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
+# Where the pairs that did not fit were the held-out split only: the training pairs may all fit.
+_HELD_OUT = {"held-out ": ": the held-out split is --eval_fraction of the pairs; raise it, or shorten the long pairs"}
+
+
+def preference_dataset(tokenizer, pairs: list[dict], max_length: int, split: str = ""):
     """Dataset with `chosen_ids` / `rejected_ids` for RewardTrainer. Over-long prompts lose their
     oldest turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts)."""
     columns = {"chosen_ids": [], "rejected_ids": []}
@@ -118,11 +124,13 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int):
         columns["rejected_ids"].append(rejected)
         counts["pairs"] += 1
     if not counts["pairs"]:
-        fail(f"no preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts})")
+        fail(
+            f"no {split}preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts}){_HELD_OUT.get(split, '')}"
+        )
     return Dataset.from_dict(columns), counts
 
 
-def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int):
+def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, split: str = ""):
     """Dataset of `prompt_ids` (the prompt and the assistant header) and `chosen_ids` / `rejected_ids` (each
     reply through its <|end|>, as chat_format.render_scored cuts it). Over-long prompts lose their oldest
     turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept)."""
@@ -162,7 +170,9 @@ def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int):
         counts["pairs"] += 1
         kept.append(pair)
     if not counts["pairs"]:
-        fail(f"no preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts})")
+        fail(
+            f"no {split}preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts}){_HELD_OUT.get(split, '')}"
+        )
     return Dataset.from_dict(columns), counts, kept
 
 

@@ -109,8 +109,9 @@ RESUME_FREE = {"resume", "overwrite", "output_dir", "logging_dir", "config_file"
 
 
 # Settings that decide which weights train: a checkpoint's optimizer state fits no other set (a traceback in torch's
-# load_state_dict after the note), and its weights no other shape.
-RESUME_FIXED = ("use_peft", "lora_r", "lora_target_modules", "n_layer", "n_embd", "n_head")
+# load_state_dict after the note), and its weights no other shape. And the chat format: the model would be saved
+# with a template other than the one most of its steps learned.
+RESUME_FIXED = ("use_peft", "lora_r", "lora_target_modules", "n_layer", "n_embd", "n_head", "chat_format")
 
 
 def _changed_settings(previous_config: Path, current: dict) -> tuple[dict, dict, list[str]]:

@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> Path:
         script_args, script_args.eval_fraction, args.seed
     )
     train_set, counts, _ = stage_data.dpo_pair_dataset(tokenizer, train_pairs, args.max_length)
-    heldout_set, heldout_counts, heldout_pairs = stage_data.dpo_pair_dataset(tokenizer, heldout_pairs, args.max_length)
+    heldout_set, heldout_counts, heldout_pairs = stage_data.dpo_pair_dataset(
+        tokenizer, heldout_pairs, args.max_length, "held-out "
+    )
     builtin_pairs = (
         []
         if not script_args.eval_examples

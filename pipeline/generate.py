@@ -39,8 +39,8 @@ class GenerateArguments:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
-        # One flag and its value per line, nan included (every comparison with nan is false).
-        if not self.temperature >= 0:
+        # One flag and its value per line (nan is refused as no finite number, after these).
+        if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         args.max_new_tokens = min(200, context // 2)
     if args.max_new_tokens >= context:
         fail(f"--max_new_tokens {args.max_new_tokens} must be below the model's context of {context} tokens")
+    # Temperature 0 is greedy (generation_config): sampling settings set to None beside it made transformers warn
+    # that `temperature` "may be ignored", as if the flag had been dropped.
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    if args.temperature == 0:
-        sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
 
     def continue_text(prompt: str) -> list[str]:
         seen = context - args.max_new_tokens  # generation.sample keeps the prompt's end: a sliding window

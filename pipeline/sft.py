@@ -73,7 +73,9 @@ class SFTArguments(StageArguments):
             raise ValueError(f"--chat_format {self.chat_format}: choose from {', '.join(chat_format.FORMATS)}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.mix_text_file and not Path(self.mix_text_file).is_file():  # refuse before any folder is made
+        if self.mix_text_file and Path(self.mix_text_file).is_dir():  # refuse before any folder is made
+            raise ValueError(f"--mix_text_file {self.mix_text_file} is a folder: name a text file")
+        if self.mix_text_file and not Path(self.mix_text_file).is_file():
             raise ValueError(f"--mix_text_file {self.mix_text_file}: no such file")
         if self.mix_text_file:
             data.check_utf8(Path(self.mix_text_file), "--mix_text_file")

@@ -566,6 +566,12 @@ CASES = [
         ("--max_new_tokens 64", "context of 64"),
     ),
     Case(
+        "replies longer than the context (evaluate)",
+        "evaluate",
+        lambda i, d: [i.shared / "pretrain", "--max_new_tokens", 100_000, "--output_file", d / "eval.json"],
+        ("--max_new_tokens 100000 must be below the model's context of 64 tokens",),  # was accepted, 24 s of work
+    ),
+    Case(
         "a Hub id with the Hub kept out (generate)",
         "generate",
         lambda i, d: ["someone/fluxchat-tiny", "--prompt", "hi"],

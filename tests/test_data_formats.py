@@ -346,6 +346,11 @@ def test_a_json_file_holding_one_row_is_named_as_such(tmp_path):
         ({"messages": [user("  "), assistant("yo")]}, r"line 2: messages\[0\]\.content is empty"),
         ({"prompt": "", "completion": "x"}, r"line 2: field 'prompt' is empty"),
         ({"prompt": [user("q")], "completion": [assistant("\n")]}, r"line 2: completion\[0\]\.content is empty"),
+        # Text will do as well as messages: the error said "must be a list of messages".
+        (
+            {"prompt": None, "completion": "x"},
+            r"line 2: field 'prompt' must be text or a list of messages, got NoneType",
+        ),
     ],
 )
 def test_empty_conversation_turns_are_refused(tmp_path, row, expected):

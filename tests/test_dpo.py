@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, loading, stage_data, tasks
+from fluxchat.config import UsageError
 from pipeline import dpo
 from tests.conftest import SHAKESPEARE, assert_chat_stage_files, run_main
 
@@ -64,6 +65,11 @@ def test_pairs_are_rendered_like_chat_and_cut_at_the_end_of_turn(sft_model):
         tokenizer, pair["prompt"] + pair["chosen"]
     )
     assert counts == {"pairs": 1, "trimmed": 0, "dropped_too_long": 0} and kept == [pair]
+    # A held-out split whose one pair is too long said "no preference pair fits" as if none of the data did.
+    long = {**pair, "chosen": [{"role": "assistant", "content": "word " * 200}]}
+    for build in (stage_data.dpo_pair_dataset, stage_data.preference_dataset):
+        with pytest.raises(UsageError, match=r"^no held-out preference pair fits in 64 tokens .*raise it, or shorten"):
+            build(tokenizer, [long], 64, "held-out ")
 
 
 def test_dpo_learns_its_pairs_from_builtin_a_trl_file_and_app_feedback(sft_model, isolated_runs, tmp_path):

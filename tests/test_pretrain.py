@@ -73,7 +73,7 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
         "--seed",
         "7",
     ]
-    first, second, loop, bad = two_at_a_time(
+    first, second, loop, bad, greedy = two_at_a_time(
         lambda: run_script(*argv),
         lambda: run_script(*argv),
         lambda: run_script(
@@ -86,12 +86,15 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
             input="ROMEO:\nJULIET:\n",
         ),
         lambda: run_script(PYTHON, "pipeline/generate.py", tiny_run / "pretrain", "--prompt", "   "),
+        lambda: run_script(*argv, "--temperature", 0),
     )
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("To be")
     assert loop.returncode == 0, loop.stderr
     assert "ROMEO:" in loop.stdout and "JULIET:" in loop.stdout
     assert bad.returncode == 2 and "whitespace" in bad.stderr and "Traceback" not in bad.stderr
+    # Greedy, without transformers' warning that `temperature` "may be ignored" (it said so of the flag just given).
+    assert greedy.returncode == 0 and greedy.stderr == "" and greedy.stdout.startswith("To be"), greedy.stderr
 
 
 def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context_and_says_so(tiny_run, capsys):

@@ -183,7 +183,7 @@ def test_generate_and_evaluate_name_the_one_flag_out_of_range_and_its_value():
     for argv, message in [
         (["--top_p", "1.5"], "--top_p must be in (0, 1], got 1.5"),
         (["--top_k", "-1"], "--top_k must be >= 0, got -1"),
-        (["--temperature", "nan"], "--temperature must be >= 0, got nan"),
+        (["--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
     ]:
         assert run_main(generate.main, ["runs/none", "--prompt", "hi", *argv]) == (2, message)
     for flag in ("n_per_task", "max_new_tokens", "batch_size", "max_pairs"):

@@ -289,7 +289,27 @@ def test_missing_mix_text_file_is_one_line(isolated_runs, tmp_path):
     code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "nomix", "--mix_text_file", missing])
     assert code == 2 and "\n" not in error
     assert "--mix_text_file" in error and "absent.txt" in error
+    # A folder exists: "no such file" sent the user looking for a typo.
+    code, error = run_main(sft.main, ["--preset", "tiny", "--run_name", "nomix", "--mix_text_file", tmp_path])
+    assert (code, error) == (2, f"--mix_text_file {tmp_path} is a folder: name a text file")
     assert not (isolated_runs / "nomix").exists()
+
+
+def test_a_mix_text_file_of_whitespace_or_with_nul_bytes_late_is_refused(tiny_run, isolated_runs, tmp_path):
+    """Both trained: windows of whitespace mixed into SFT; NUL bytes were looked for in the first 64 KB only."""
+    _copy_run(tiny_run, isolated_runs, "mix")
+    blank, late = tmp_path / "blank.txt", tmp_path / "late.txt"
+    blank.write_text("   \n\n\t  \n")
+    late.write_bytes(b"a" * 70_000 + b"\x00" * 1000 + b"text")
+    argv = ["--preset", "tiny", "--run_name", "mix", "--max_steps", 1, "--eval_examples", 0, "--builtin_examples", 64]
+    code, error = run_main(sft.main, [*argv, "--mix_text_file", blank, "--corpus_file", SHAKESPEARE])
+    assert (code, error) == (2, f"--mix_text_file {blank}: no text to mix in (only whitespace)")
+    code, error = run_main(sft.main, [*argv, "--mix_text_file", late])
+    assert (code, error) == (
+        2,
+        f"--mix_text_file {late}: looks binary (NUL bytes at offset 70000), expected UTF-8 text",
+    )
+    assert not (isolated_runs / "mix" / "sft").exists()
 
 
 def test_builtin_examples_sets_how_many_task_conversations_sft_trains_on(tiny_run, isolated_runs, recorded_trainer):

@@ -195,6 +195,9 @@ def test_bad_inputs_name_the_culprit(tmp_path, corpus):
     typed_yaml = tmp_path / "typed.yaml"
     typed_yaml.write_text("vocab_size: lots\n")
     out = ["--output_dir", tmp_path / "out"]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\n\t  \n")
+    assert _err(["--train_file", blank, *out]) == f"{blank}: no text in the file (only whitespace)"  # not "column"
     assert "empty.txt" in _err(["--train_file", empty, *out]) and "empty" in _err(["--train_file", empty, *out])
     assert "blob.txt" in _err(["--train_file", binary, *out])
     assert "latin1.txt" in _err(["--train_file", latin1, *out]) and "UTF-8" in _err(["--train_file", latin1, *out])
