@@ -296,6 +296,8 @@ def load_rows_file(path: Path):
 
     datasets.disable_progress_bars()
     builder = "parquet" if path.suffix == ".parquet" else "json"
+    if builder == "parquet" and _parquet_row_count(path) == 0:  # else Arrow's "BatchSize must be greater than 0"
+        fail(f"{path}: no rows")
     level = datasets_logging.get_verbosity()
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)
     try:
@@ -304,6 +306,16 @@ def load_rows_file(path: Path):
         fail(f"{path}: could not be read as {builder} ({_json_fault(path) or _cause(err)})")
     finally:
         datasets_logging.set_verbosity(level)
+
+
+def _parquet_row_count(path: Path) -> int | None:
+    """From the file's footer; None where it is no parquet file, which load_dataset then reports."""
+    import pyarrow.parquet  # only for a parquet file: datasets brings it, not every command needs it
+
+    try:
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    except Exception:  # Arrow raises several types for a bad footer; the reader's own message names the file
+        return None
 
 
 def _cause(err: BaseException) -> str:

@@ -66,8 +66,6 @@ def _read_rows(source: str):
     if suffixes in (".json", ".json.gz"):
         return name, _json_rows(path)
     if suffixes == ".parquet":
-        if _parquet_row_count(path) == 0:  # else Arrow's "BatchSize must be greater than 0"
-            fail(f"{name}: no rows")
         rows = data.load_rows_file(path)
         return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
     fail(f"{path}: unsupported file type '{suffixes}' (use .jsonl, .jsonl.gz, .json or .parquet)")
@@ -77,16 +75,6 @@ def looks_like_hub_dataset(value: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)) and not value.endswith(
         (".json", ".jsonl", ".gz", ".parquet")
     )
-
-
-def _parquet_row_count(path: Path) -> int | None:
-    """From the file's footer; None where it is no parquet file, which load_rows_file then reports."""
-    import pyarrow.parquet  # only for a parquet file: datasets brings it, not every command needs it
-
-    try:
-        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
-    except Exception:  # Arrow raises several types for a bad footer; the reader's own message names the file
-        return None
 
 
 def _open_text(path: Path):

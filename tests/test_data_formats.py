@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import DATA, SHAKESPEARE
 
-from fluxchat import tasks
+from fluxchat import data, tasks
 from fluxchat.config import UsageError
 from fluxchat.formats import load_conversations, load_preferences, split_heldout
 
@@ -321,6 +321,10 @@ def test_a_parquet_file_without_rows_says_no_rows(tmp_path):
         load_conversations([str(messages)])
     with pytest.raises(UsageError, match=r"pairs\.parquet: no rows$"):
         load_preferences([str(pairs)])
+    corpus = tmp_path / "corpus.parquet"  # pretraining reads a local parquet corpus through the same reader
+    pyarrow.parquet.write_table(pyarrow.table({"text": empty}), corpus)
+    with pytest.raises(UsageError, match=r"corpus\.parquet: no rows$"):
+        data.load_text([str(corpus)], None)
 
 
 def test_a_json_file_holding_one_row_is_named_as_such(tmp_path):
