@@ -7,8 +7,8 @@
 Each corpus is tinyshakespeare's lines, shuffled and repeated to the size asked, in a temporary folder.
 For each corpus, the real `python pipeline/pretrain.py` (tiny preset, a few steps) runs twice in a fresh
 process against an empty token cache, then again reusing it. Reported per run: the peak RSS of the
-pretraining process (the kernel's high-water mark, its tokenizing threads included: ru_maxrss from wait4), the seconds until its token data was ready (the "token cache:" line, counted from
-launch, imports included), and for the first run the tokenization throughput from the cache's manifest.
+pretraining process (the kernel's high-water mark, its tokenizing threads included: ru_maxrss from wait4), the
+seconds until its token data was ready (the "token cache:" line, counted from launch, imports included), and for the first run the tokenization throughput from the cache's manifest.
 Aim (issue 13): peak memory of the large run within 100 MB of the small run's; the second run starts in seconds.
 """
 

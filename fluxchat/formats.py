@@ -202,6 +202,11 @@ def _detect_conversation_format(columns) -> str | None:
     return None
 
 
+def first_blank_turn(messages: list[dict]) -> int | None:
+    """The index of the first user or assistant message with no text (an empty system prompt is harmless)."""
+    return next((i for i, m in enumerate(messages) if m["role"] != "system" and not m["content"].strip()), None)
+
+
 def _finish_conversation(messages: list[dict], names: list[str]) -> list[dict]:
     """Trailing user turns carry no answer to learn from; a conversation needs a user and an answer.
     `names[i]` names messages[i] in the row, for an empty message (an empty system prompt is harmless)."""
@@ -211,9 +216,8 @@ def _finish_conversation(messages: list[dict], names: list[str]) -> list[dict]:
         raise _RowError("has no assistant message")
     if not any(m["role"] == "user" for m in messages):
         raise _RowError("has no user message before the assistant's")
-    for message, name in zip(messages, names):
-        if message["role"] != "system" and not message["content"].strip():
-            raise _RowError(f"{name} is empty")
+    if (blank := first_blank_turn(messages)) is not None:
+        raise _RowError(f"{names[blank]} is empty")
     return messages
 
 
@@ -399,12 +403,11 @@ def _check_replies(pair: dict) -> None:
             raise _RowError(f"field '{key}' has nothing after the prompt")
         if not any(message["role"] == "assistant" for message in pair[key]):
             raise _RowError(f"field '{key}' has no assistant reply after the prompt")
-    for message in pair["chosen"]:
-        if message["role"] != "system" and not message["content"].strip():
-            whole = len(pair["chosen"]) == 1
-            raise _RowError(
-                "field 'chosen' is empty" if whole else f"field 'chosen' has an empty {message['role']} turn"
-            )
+    if (blank := first_blank_turn(pair["chosen"])) is not None:
+        role = pair["chosen"][blank]["role"]
+        raise _RowError(
+            "field 'chosen' is empty" if len(pair["chosen"]) == 1 else f"field 'chosen' has an empty {role} turn"
+        )
 
 
 def load_preferences(sources: list[str], corpus_file: str | None = None) -> tuple[list[dict], int]:

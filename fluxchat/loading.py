@@ -217,6 +217,12 @@ def load_config(source: str):
         fail(f"cannot read the model config in {source} ({_one_line(err)}): {_remedy(source)}")
 
 
+def refuse_replies_past_the_context(max_new_tokens: int, context: int) -> None:
+    """Replies are cut at the context anyway: a larger cap would only slow every batch (generate, evaluate)."""
+    if max_new_tokens >= context:
+        fail(f"--max_new_tokens {max_new_tokens} must be below the model's context of {context} tokens")
+
+
 def load_chat_tokenizer(path: str, chat_format_name: str | None = None, add_missing_tokens: bool = False):
     """The tokenizer at `path` as a chat tokenizer: our special tokens present, a chat template set,
     and <|end|> as EOS. `chat_format_name` None keeps the format the tokenizer already carries.

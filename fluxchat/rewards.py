@@ -149,8 +149,7 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
                 prompt.pop()
             if not prompt or prompt[-1]["role"] != "user":
                 fail(f"{name}: {label}: field '{column}' must end with a user message")
-            blank = next((i for i, m in enumerate(prompt) if m["role"] != "system" and not m["content"].strip()), None)
-            if blank is not None:
+            if (blank := formats.first_blank_turn(prompt)) is not None:
                 fail(f"{name}: {label}: {column}[{blank}].content is empty")
         else:
             fail(f"{name}: {label}: field '{column}' must be text or a list of messages, got {type(value).__name__}")

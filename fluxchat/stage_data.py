@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
+from typing import NoReturn
 
 from datasets import Dataset, concatenate_datasets
 
@@ -91,11 +92,16 @@ def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int,
     return concatenate_datasets([train_set, rows]), n_rows
 
 
-# Where the pairs that did not fit were the held-out split only: the training pairs may all fit.
-_HELD_OUT = {"held-out ": ": the held-out split is --eval_fraction of the pairs; raise it, or shorten the long pairs"}
+def _none_fit(max_length: int, counts: dict, held_out: bool) -> NoReturn:
+    if held_out:  # the training pairs may all fit: only this split came out empty
+        fail(
+            f"no held-out preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts}): the held-out split "
+            "is --eval_fraction of the pairs; raise it, or shorten the long pairs"
+        )
+    fail(f"no preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts})")
 
 
-def preference_dataset(tokenizer, pairs: list[dict], max_length: int, split: str = ""):
+def preference_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: bool = False):
     """Dataset with `chosen_ids` / `rejected_ids` for RewardTrainer. Over-long prompts lose their
     oldest turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts)."""
     columns = {"chosen_ids": [], "rejected_ids": []}
@@ -124,13 +130,11 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int, split: str
         columns["rejected_ids"].append(rejected)
         counts["pairs"] += 1
     if not counts["pairs"]:
-        fail(
-            f"no {split}preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts}){_HELD_OUT.get(split, '')}"
-        )
+        _none_fit(max_length, counts, held_out)
     return Dataset.from_dict(columns), counts
 
 
-def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, split: str = ""):
+def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: bool = False):
     """Dataset of `prompt_ids` (the prompt and the assistant header) and `chosen_ids` / `rejected_ids` (each
     reply through its <|end|>, as chat_format.render_scored cuts it). Over-long prompts lose their oldest
     turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept)."""
@@ -170,9 +174,7 @@ def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, split: str =
         counts["pairs"] += 1
         kept.append(pair)
     if not counts["pairs"]:
-        fail(
-            f"no {split}preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts}){_HELD_OUT.get(split, '')}"
-        )
+        _none_fit(max_length, counts, held_out)
     return Dataset.from_dict(columns), counts, kept
 
 

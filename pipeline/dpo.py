@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     train_set, counts, _ = stage_data.dpo_pair_dataset(tokenizer, train_pairs, args.max_length)
     heldout_set, heldout_counts, heldout_pairs = stage_data.dpo_pair_dataset(
-        tokenizer, heldout_pairs, args.max_length, "held-out "
+        tokenizer, heldout_pairs, args.max_length, held_out=True
     )
     builtin_pairs = (
         []

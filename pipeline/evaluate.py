@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"--output_file {output_file}: {blocking} is a file, so nothing can be written under it")
     runs.check_writable(output_file.parent, f"--output_file {output_file}")
     refuse_other_files(output_file)
-    refuse_replies_past_the_context(args.max_new_tokens, model_path)
+    loading.refuse_replies_past_the_context(
+        args.max_new_tokens, loading.context_length(loading.load_config(model_path))
+    )
 
     tokenizer = loading.load_tokenizer(model_path)
     model = loading.load_model(model_path, tokenizer)
@@ -215,13 +217,6 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"the report could not be printed ({unshown.strerror or unshown}); it is saved in {output_file}")
     print(f"wrote {output_file}")
     return output_file
-
-
-def refuse_replies_past_the_context(max_new_tokens: int, model_path: str) -> None:
-    """As generate.py refuses it: replies are cut at the context anyway, so a larger cap only slows every batch."""
-    context = loading.context_length(loading.load_config(model_path))
-    if max_new_tokens >= context:
-        fail(f"--max_new_tokens {max_new_tokens} must be below the model's context of {context} tokens")
 
 
 def refuse_other_files(output_file: Path) -> None:
@@ -275,7 +270,8 @@ def stage_report(args) -> Path:
     reward_model = None
     results = {}
     for stage in stages:
-        refuse_replies_past_the_context(args.max_new_tokens, str(run / stage))
+        context = loading.context_length(loading.load_config(str(run / stage)))
+        loading.refuse_replies_past_the_context(args.max_new_tokens, context)
         tokenizer = loading.load_tokenizer(str(run / stage))
         model = loading.load_model(str(run / stage), tokenizer).to(device)
         if reward_path and reward_model is None:

@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     context = loading.context_length(model)
     if args.max_new_tokens is None:  # the default adapts to small contexts (the tiny preset has 128)
         args.max_new_tokens = min(200, context // 2)
-    if args.max_new_tokens >= context:
-        fail(f"--max_new_tokens {args.max_new_tokens} must be below the model's context of {context} tokens")
+    loading.refuse_replies_past_the_context(args.max_new_tokens, context)
     # Temperature 0 is greedy (generation_config): sampling settings set to None beside it made transformers warn
     # that `temperature` "may be ignored", as if the flag had been dropped.
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}

@@ -69,7 +69,7 @@ def test_pairs_are_rendered_like_chat_and_cut_at_the_end_of_turn(sft_model):
     long = {**pair, "chosen": [{"role": "assistant", "content": "word " * 200}]}
     for build in (stage_data.dpo_pair_dataset, stage_data.preference_dataset):
         with pytest.raises(UsageError, match=r"^no held-out preference pair fits in 64 tokens .*raise it, or shorten"):
-            build(tokenizer, [long], 64, "held-out ")
+            build(tokenizer, [long], 64, held_out=True)
 
 
 def test_dpo_learns_its_pairs_from_builtin_a_trl_file_and_app_feedback(sft_model, isolated_runs, tmp_path):
