@@ -308,7 +308,9 @@ def load_conversations(sources: list[str], corpus_file: str | None = None) -> li
             try:
                 conversations = _row_conversations(fmt, row)
             except _RowError as err:
-                fail(f"{name}: {label}: {err}")
+                own = _detect_conversation_format(row.keys())
+                mixed = f" (the first row made this a {fmt} file; this row is {own}: one format per file)"
+                fail(f"{name}: {label}: {err}{mixed if own not in (None, fmt) else ''}")
             out += [{"messages": messages} for messages in conversations]
             count += 1
         if count == 0:

@@ -518,11 +518,21 @@ class _TiedKeysAreNotMissing(logging.Filter):
         return not (missing and all(any(k == t or k.endswith(f".{t}") for t in self.tied) for k in missing))
 
 
+class _SaidInOurNote(logging.Filter):
+    """The Trainer's "arguments do not match the ones in trainer_state.json" (logging, eval and save steps, batch
+    size): `note_changed_settings` has already named every changed setting from config.yaml, these among them, in one
+    line; the Trainer's multi-line copy printed beside it said the same twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "do not match the ones in the `trainer_state.json`" not in record.getMessage()
+
+
 def _train(trainer, resume_from: Path | None):
     if resume_from is None:
         return trainer.train()  # PPOTrainer.train() takes no argument
-    quiet = _TiedKeysAreNotMissing(trainer.model)
+    quiet, said = _TiedKeysAreNotMissing(trainer.model), _SaidInOurNote()
     logging.getLogger("transformers.trainer").addFilter(quiet)
+    logging.getLogger("transformers.trainer_utils").addFilter(said)
     try:
         state = json.loads((Path(resume_from) / runs.TRAINER_STATE_FILE).read_text())
         if 0 < trainer.args.max_steps <= state["global_step"]:
@@ -533,6 +543,7 @@ def _train(trainer, resume_from: Path | None):
         return trainer.train(resume_from_checkpoint=str(resume_from))
     finally:
         logging.getLogger("transformers.trainer").removeFilter(quiet)
+        logging.getLogger("transformers.trainer_utils").removeFilter(said)
 
 
 def gather_rank_info(info: dict) -> list[dict]:

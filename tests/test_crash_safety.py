@@ -4,6 +4,7 @@ and end where an uninterrupted run ends: bench/crash_safety.py run for real, its
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -76,7 +77,7 @@ def test_resuming_a_run_killed_after_its_last_checkpoint_adds_no_step(crash_benc
     assert "note: resuming" not in result.stderr  # the same settings: nothing to say
 
 
-def test_a_resume_with_other_settings_says_which(crash_bench, tmp_path, capsys):
+def test_a_resume_with_other_settings_says_which(crash_bench, tmp_path, capfd):
     """Allowed, as the Trainer allows it (a longer run is the usual reason), but said once: config.yaml will
     record only the new settings, and the first steps ran with the old ones."""
     import crash_safety
@@ -97,8 +98,14 @@ def test_a_resume_with_other_settings_says_which(crash_bench, tmp_path, capsys):
         "resume with that, or start again with --overwrite"
     )
     assert (stage / runs.CONFIG_FILE).read_bytes() == recorded
-    code, error = run_main(pretrain.main, [*argv, "--resume", "--max_steps", 26])
+    logging_steps = int(yaml.safe_load(recorded)["logging_steps"])
+    code, error = run_main(pretrain.main, [*argv, "--resume", "--max_steps", 26, "--logging_steps", logging_steps + 1])
     assert code == 0, error
-    note = "note: resuming with settings that differ from the interrupted run's: max_steps 24 -> 26"
-    assert note in capsys.readouterr().err and note in (stage / "train.log").read_text()
+    err = capfd.readouterr().err
+    note = re.search(r"note: resuming with settings that differ from the interrupted run's: (.*) \(config", err)
+    assert note and note[0] in (stage / "train.log").read_text()
+    assert re.fullmatch(
+        rf"logging_steps {logging_steps}(\.0)? -> {logging_steps + 1}(\.0)?, max_steps 24 -> 26", note[1]
+    )
+    assert "do not match the ones in the `trainer_state.json`" not in err  # the Trainer's multi-line copy of it
     assert json.loads((stage / "stage_complete.json").read_text())["global_step"] == 26

@@ -152,6 +152,14 @@ def test_every_format_from_small_files(tmp_path):
             r"line 1: conversations\[1\] has no field 'value'",
         ),
         (['{"instruction": "a", "instances": [{"input": "x"}]}'], r"line 1: instances\[0\]: missing field 'output'"),
+        (
+            [
+                '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+                '{"instruction": "c", "output": "d"}',
+            ],
+            r"line 2: missing field 'messages' \(the first row made this a messages file; this row is alpaca: one "
+            r"format per file\)$",
+        ),
         (['{"text": "just text"}'], r"bad\.jsonl: line 1: unrecognised columns \(text\)"),
         (["[1, 2]"], r"line 1 must be a JSON object"),
     ],

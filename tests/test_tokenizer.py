@@ -253,3 +253,19 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_said(tmp_path, corpus, capsys):
         f"note: --vocab_size 2,000 asked, but the corpus has too few distinct characters for it: the vocabulary has {size:,} tokens"
         in capsys.readouterr().err
     )
+
+
+def test_a_word_vocabulary_says_how_much_of_the_text_it_cannot_hold(tmp_path, corpus, tokenizers_by_type, capsys):
+    """The smallest word vocabulary (8) holds the special tokens, <|unk|> and a newline: it trains, but nearly every
+    held-out token is unknown, which the stats, the final line and a note say."""
+    out = tmp_path / "word8"
+    argv = ["--train_file", corpus, "--tokenizer_type", "word", "--vocab_size", 8, "--output_dir", out]
+    assert run_main(train.main, argv)[0] == 0
+    stats = json.loads((out / "tokenizer_stats.json").read_text())
+    assert stats["unknown_token_fraction"] > 0.8
+    captured = capsys.readouterr()
+    assert f"{stats['unknown_token_fraction']:.1%} of tokens unknown" in captured.out
+    assert f"note: {stats['unknown_token_fraction']:.0%} of the held-out text's tokens are <|unk|>" in captured.err
+    # 600 words of Shakespeare: some unknown, said in the stats, but no note (most of the text is held)
+    roomy = json.loads((tokenizers_by_type["word"] / "tokenizer_stats.json").read_text())
+    assert 0 < roomy["unknown_token_fraction"] < 0.5

@@ -67,6 +67,11 @@ class TokenizerArguments:
 MAXIMUM_VOCAB_SIZE = 1 << 20
 
 
+# A word vocabulary too small for its corpus still trains (every rare word one <|unk|>; the final line always says
+# how many): past half of the held-out tokens the chat can neither read nor write most of its text, so a note says so.
+UNKNOWN_NOTE_FRACTION = 0.5
+
+
 def minimum_vocab_size(tokenizer_type: str) -> int:
     specials = len(chat_format.SPECIAL_TOKENS)
     return specials + 2 if tokenizer_type == "word" else specials + 256 + 1  # 256 byte symbols
@@ -141,7 +146,11 @@ def compression_stats(tokenizer, texts: list[str], tokenizer_type: str) -> dict:
         "heldout_tokens": n_tokens,
         "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4),
     }
-    if tokenizer_type != "word":
+    if tokenizer_type == "word":  # what a word vocabulary loses: the held-out words it maps to <|unk|>
+        stats["unknown_token_fraction"] = round(
+            sum(i.count(tokenizer.unk_token_id) for i in ids) / max(n_tokens, 1), 4
+        )
+    else:
         stats["lossless_round_trip"] = all(tokenizer.decode(i) == t for i, t in zip(ids, texts))
     return stats
 
@@ -175,6 +184,12 @@ def main(argv: list[str] | None = None) -> Path:
             f"has {len(tokenizer):,} tokens",
             file=sys.stderr,
         )
+    if stats.get("unknown_token_fraction", 0) > UNKNOWN_NOTE_FRACTION:
+        print(
+            f"note: {stats['unknown_token_fraction']:.0%} of the held-out text's tokens are {UNK}: the model will "
+            f"never see or say those words (raise --vocab_size, or use --tokenizer_type bpe, which has no unknown)",
+            file=sys.stderr,
+        )
 
     work = runs.begin(
         output_dir, "tokenizer", overwrite=args.overwrite
@@ -188,7 +203,10 @@ def main(argv: list[str] | None = None) -> Path:
     cards.write_model_card(work, "tokenizer", location=output_dir)
     runs.mark_finished(work, "tokenizer", **stats)
     runs.commit(work, output_dir)
-    round_trip = {True: "lossless", False: "LOSSY"}.get(stats.get("lossless_round_trip"), "lossy (word)")
+    round_trip = {True: "lossless", False: "LOSSY"}.get(
+        stats.get("lossless_round_trip"),
+        f"lossy (word, {stats.get('unknown_token_fraction', 0):.1%} of tokens unknown)",
+    )
     print(
         f"tokenizer: {args.tokenizer_type}, {len(tokenizer)} tokens, {stats['bytes_per_token']} bytes/token on held-out "
         f"text, round trip {round_trip} -> {output_dir}"
