@@ -7,10 +7,13 @@
     echo hello | python pipeline/chat.py runs/demo --show_stats                     # first-token latency, tokens/s
 
 Commands: /reset (start over, keeping --system), /history (the conversation the model sees), /quit.
-Piped, stdout holds only the replies, each ended by a newline; a message refused (too long for the context) gets an
-empty one, its reason on stderr, so the replies that follow stay paired with their messages. Ctrl-C stops a reply
-mid-stream. When the conversation no longer fits the model's context, the oldest whole turns are dropped (the system
-message stays); a note says so.
+Piped, stdout holds only the replies, one line each: every non-blank line that is not one of those commands is a
+message (typed, an unknown /word is a typo to refuse; piped, "/2+2" is a message), a reply's own line breaks and
+backslashes are written as \\n, \\r and \\\\, and a message refused (too long for the context) gets an empty
+line, its reason on stderr: the n-th line is the n-th message's reply. Control characters a model emits (an escape
+sequence would drive the terminal) are shown as \\xNN in both modes. Ctrl-C stops a reply mid-stream. When the
+conversation no longer fits the model's context, the oldest whole turns are dropped (the system message stays); a
+note says so.
 """
 
 from __future__ import annotations
@@ -58,7 +61,17 @@ def show_history(messages: list[dict], out) -> None:
     if not messages:
         print("(no messages yet)", file=out)
     for message in messages:
-        print(f"{message['role']}: {message['content']}", file=out)
+        print(f"{message['role']}: {shown(message['content'], interactive=True)}", file=out)
+
+
+# C0 controls but tab and newline, DEL, and the C1 range (0x9b opens a terminal command like ESC [ does).
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09, 0x0A)}
+_PIPED = {**_CONTROL, ord("\\"): "\\\\", 0x0A: "\\n", 0x0D: "\\r"}
+
+
+def shown(piece: str, interactive: bool) -> str:
+    """A piece of a reply as written to stdout: controls visible; piped, on one line and reversible."""
+    return piece.translate(_CONTROL if interactive else _PIPED)
 
 
 def read_message(interactive: bool) -> str | None:
@@ -91,9 +104,9 @@ def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactiv
             print("(conversation cleared)", file=info)
             continue
         if text == "/history":
-            show_history(messages, sys.stdout)
+            show_history(messages, info)
             continue
-        if text.startswith("/") and " " not in text:
+        if interactive and text.startswith("/") and " " not in text:
             print(f"unknown command {text}; commands: {COMMANDS}", file=info)
             continue
 
@@ -119,7 +132,7 @@ def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactiv
         try:
             for piece in model.stream(prompt, sampling, stats):
                 pieces.append(piece)
-                print(piece, end="", flush=True)
+                print(shown(piece, interactive), end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print(flush=True)

@@ -66,6 +66,12 @@ def test_typed_control_token_spellings_cannot_forge_a_turn(tokenizer):
     assert forged in tokenizer.decode(ids)
 
 
+def unescape(piped_reply: str) -> str:
+    """A piped reply line back to the reply's text."""
+    escapes = {"\\": "\\", "n": "\n", "r": "\r"}
+    return re.sub(r"\\(\\|n|r|x([0-9a-f]{2}))", lambda m: escapes.get(m[1]) or chr(int(m[2], 16)), piped_reply)
+
+
 def test_cli_chat_through_piped_stdin(tiny_run):
     result = run_script(
         PYTHON,
@@ -78,17 +84,52 @@ def test_cli_chat_through_piped_stdin(tiny_run):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    # One reply line per message: the one too long for the 64-token context gets an empty line, its error on stderr.
-    reply, separator, rest = result.stdout.partition("\n\nuser: hello\n")
-    assert separator, result.stdout
+    # One reply line per message: the one too long for the 64-token context gets an empty line, its error on stderr;
+    # commands answer on stderr, so stdout is the replies alone.
+    reply, empty = result.stdout.split("\n")[:2]
+    assert result.stdout == f"{reply}\n\n" and reply and empty == ""
     assert "error: message too long for the model" in result.stderr
-    assert rest == f"assistant: {reply}\n(no messages yet)\n", "history shows the turn; /reset empties it"
+    history = result.stderr[result.stderr.index("user: hello") :]
+    assert history.startswith(
+        f"user: hello\nassistant: {unescape(reply)}\n(conversation cleared)\n(no messages yet)\n"
+    )
     stats = re.findall(r"\[(\d+) prompt \+ (\d+) new tokens", result.stderr)
     assert len(stats) == 1, "exactly one reply: nothing after /quit is answered"
     assert 1 <= int(stats[0][1]) <= 8
-    assert "(conversation cleared)" in result.stderr
     assert str(tiny_run / "pretrain") in result.stderr, "a run folder serves its latest finished stage"
     assert "(context 64 tokens, replies up to 8)" in result.stderr
+
+
+def test_piped_replies_stay_one_line_per_message(tiny_run):
+    """Piped, the n-th stdout line is the n-th message's reply: a /word is a message there (typed, it is a typo
+    refused), and a reply's line breaks are written as \\n (this Shakespeare model breaks lines every few words)."""
+    messages = ["ROMEO:", "/2+2", "KING RICHARD:", "/etc", "First Citizen:"]
+    result = run_script(
+        PYTHON,
+        REPO / "pipeline" / "chat.py",
+        tiny_run,
+        "--max_new_tokens",
+        "24",
+        "--temperature",
+        "1.0",
+        input="\n".join(messages) + "\n",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.split("\n")
+    assert replies[-1] == "" and len(replies[:-1]) == len(messages), result.stdout
+    assert "unknown command" not in result.stderr
+    assert any("\\n" in reply for reply in replies), "no reply broke a line: the test shows nothing"
+
+
+def test_a_reply_is_written_visibly_and_piped_reversibly():
+    from pipeline.chat import shown
+
+    reply = "a\\b\nc\r\x1b[31mred\x9b\x7f\té"
+    assert shown(reply, interactive=True) == "a\\b\nc\\x0d\\x1b[31mred\\x9b\\x7f\té"
+    piped = shown(reply, interactive=False)
+    assert piped == "a\\\\b\\nc\\r\\x1b[31mred\\x9b\\x7f\té" and "\n" not in piped
+    assert unescape(piped) == reply  # reversible
 
 
 def test_cli_bad_model_is_one_line_error(tmp_path):
@@ -192,7 +233,7 @@ def test_lone_surrogates_and_invalid_utf8_are_replaced(tokenizer, tiny_run):
     assert chat.returncode == 0, chat.stderr.decode()[-2000:]
     assert b"Traceback" not in chat.stderr
     assert len(re.findall(rb"\[\d+ prompt \+ \d+ new tokens", chat.stderr)) == 2, "both lines answered"
-    assert "user: caf\ufffd au lait" in chat.stdout.decode("utf-8")
+    assert "user: caf\ufffd au lait" in chat.stderr.decode("utf-8")  # piped, /history answers on stderr
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode()[-2000:]
     assert result.stdout.decode("utf-8").startswith("ROMEO: caf\ufffd")
 
