@@ -120,6 +120,10 @@ def run_cli(main: Callable[..., Any]) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(128 + signal.SIGPIPE)
     except KeyboardInterrupt as interrupt:
+        # A second signal now (run_all or a launcher passing on what the process group already had) would break
+        # this message off in a traceback of its own: the command is stopping already.
+        for ignored in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(ignored, signal.SIG_IGN)
         signum = getattr(interrupt, "signum", signal.SIGINT)
         word = "terminated" if signum == signal.SIGTERM else "interrupted"
         message = str(interrupt) or (_say_next() if _say_next else "")

@@ -253,28 +253,49 @@ def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
                 fail(f"--stage_args {stage}: {err}")
 
 
+def _typed_at_the_terminal() -> bool:
+    """Whether a SIGINT here was Ctrl-C at the terminal we run in the foreground of, which the terminal sends to the
+    whole foreground process group, the stage with us. Else (no terminal: a container, a supervisor, `setsid`,
+    `timeout -s INT`) it was sent to us alone."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
+
+
 def run_stage(cmd: list[str]) -> int:
     """The stage's exit code. Ctrl-C reaches the stage too (one process group): wait while it stops and says where
-    it stopped, where subprocess.call would kill it 0.25 s later, perhaps mid-save. SIGTERM sent to run_all alone
-    (`timeout`, `kill`) is passed on to the stage, which stops the same way. Then stop the chain."""
+    it stopped, where subprocess.call would kill it 0.25 s later, perhaps mid-save. A SIGTERM, or a SIGINT not typed
+    at our terminal, sent to run_all alone (`timeout`, `kill`, `docker stop`) is passed on to the stage as SIGTERM
+    (the launcher leaves SIGINT to the terminal; the stages stop the same way on both, once, ignoring a repeat).
+    Then stop the chain."""
     process = subprocess.Popen(cmd, cwd=REPO_ROOT)
-    signals: list[int] = []
+    signals: list[int] = []  # what reached us, the first deciding how the chain ends
+    passed_on = False
 
-    def pass_on(signum, frame):
-        if not signals:
-            process.send_signal(signum)
+    def on_signal(signum, frame) -> None:
+        nonlocal passed_on
         signals.append(signum)
+        typed = signum == signal.SIGINT and _typed_at_the_terminal()  # then the stage had it too
+        if not typed and not passed_on:  # once: the stage stops at the first
+            process.send_signal(signal.SIGTERM)
+            passed_on = True
 
-    previous = signal.signal(signal.SIGTERM, pass_on)
+    # Handlers, not KeyboardInterrupt: Popen.wait() holds a KeyboardInterrupt back 0.25 s, long enough for a
+    # SIGTERM after it to be taken as the first. A SIGINT ignored (a background job) stays ignored.
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, on_signal) for s in handled}
     try:
-        while True:
-            try:
-                code = process.wait()
-                break
-            except KeyboardInterrupt:
-                signals.append(signal.SIGINT)
+        code = process.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     # Our stages exit 128 + the signal; a plain Python (the launcher passes a stage's failure on as 1) -signal.
     by_code = {130: signal.SIGINT, -signal.SIGINT: signal.SIGINT, 143: signal.SIGTERM, -signal.SIGTERM: signal.SIGTERM}
     signum = signals[0] if signals else by_code.get(code)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, runs
@@ -218,9 +219,19 @@ def test_ctrl_c_in_a_stage_stops_the_chain_with_what_to_run_next(tmp_path):
     assert run_all.run_stage([PYTHON, "-c", "import sys; sys.exit(3)"]) == 3
 
 
-def test_sigterm_to_run_all_alone_reaches_the_stage_and_stops_the_chain():
+@pytest.mark.parametrize(
+    "signals, code, word",
+    [
+        ([signal.SIGTERM], 143, "terminated"),
+        # SIGINT to run_all's pid alone, with no terminal (a container's STOPSIGNAL, `timeout -s INT`): it was
+        # swallowed, run_all waiting for a stage that never heard of it, and a SIGTERM after it was not passed on.
+        ([signal.SIGINT], 130, "interrupted"),
+        ([signal.SIGINT, signal.SIGTERM], 130, "interrupted"),
+    ],
+)
+def test_a_signal_to_run_all_alone_reaches_the_stage_and_stops_the_chain(signals, code, word):
     """`timeout` or `kill` signal run_all alone: it passes SIGTERM on to the stage, waits for it, and ends the way
-    Ctrl-C ends it, exit 143 (128 + SIGTERM). It used to die on its own and leave the stage running unwatched."""
+    Ctrl-C ends it, exit 128 + the signal it got. It used to die on its own and leave the stage running unwatched."""
     stage = (
         "import time; from fluxchat.config import run_cli\n"
         "def main():\n    print('training', flush=True)\n    time.sleep(60)\n"
@@ -228,11 +239,24 @@ def test_sigterm_to_run_all_alone_reaches_the_stage_and_stops_the_chain():
     )
     chain = f"from fluxchat.config import run_cli; from pipeline import run_all; run_cli(lambda: run_all.run_stage([{PYTHON!r}, '-c', {stage!r}]))"
     proc = subprocess.Popen(
-        [PYTHON, "-c", chain], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [PYTHON, "-c", chain],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # no terminal: a SIGINT can only have been sent to run_all's pid
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a suite run in the background ignores it
     )
     assert proc.stdout.readline() == "training\n"
-    proc.send_signal(signal.SIGTERM)
+    for signum in signals:
+        proc.send_signal(signum)
+        time.sleep(0.2)
     output = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 143, output
-    lines = output.strip().splitlines()
-    assert lines[0] == "terminated" and lines[-1].startswith("terminated: run the same run_all command again"), lines
+    assert proc.returncode == code, output
+    lines = [line for line in output.splitlines() if line]
+    # The stage stopped on the SIGTERM passed on (one line), the chain on what it got, saying how to continue.
+    assert lines == [
+        "terminated",
+        f"{word}: run the same run_all command again to continue: finished stages are skipped, and "
+        f"{', '.join(runs.RESUMABLE)} continue from their newest checkpoint",
+    ], lines
