@@ -402,13 +402,16 @@ def _cpu_only_flags(argv: list[str]) -> list[str]:
     process group on CPU and every process trains alone (and refuses bf16)."""
 
     def last_value(flag: str) -> str:
-        where = [i for i, arg in enumerate(argv) if arg == flag]
+        """The value the parser will take: the last `--flag value`, `--flag=value` or bare `--flag` (true)."""
+        where = [i for i, arg in enumerate(argv) if arg == flag or arg.startswith(f"{flag}=")]
         if not where:
             return "false"
+        if argv[where[-1]] != flag:  # --bf16=false: it was missed, and the recipe's bf16 trained
+            return argv[where[-1]].split("=", 1)[1]
         nxt = argv[where[-1] + 1 : where[-1] + 2]
         return nxt[0] if nxt and not nxt[0].startswith("--") else "true"
 
-    asked = [f for f in ("bf16", "fp16") if last_value(f"--{f}").lower() not in ("false", "0", "no")]
+    asked = [f for f in ("bf16", "fp16") if last_value(f"--{f}").lower() not in ("false", "f", "0", "no", "n")]
     bf16 = asked == ["bf16"] and cpu_has_native_bf16()
     if asked and not bf16 and main_process():
         why = "this CPU has no native bf16 (AVX512-BF16 or AMX)" if asked == ["bf16"] else "no GPU here"

@@ -201,3 +201,28 @@ def test_lora_settings_without_use_peft_are_noted_not_dropped_in_silence(capsys)
     )
     assert arguments.lora_config(arguments.PeftArguments(), "CAUSAL_LM", None) is None
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "flags, bf16, note",
+    [
+        ([], True, ""),
+        (["--bf16", "false"], False, ""),
+        (["--bf16=false"], False, ""),  # was missed: the recipe's bf16 trained, config.yaml saying bf16: true
+        (["--bf16=False", "--bf16", "true"], True, ""),  # the last one given counts, as for the parser
+        (["--fp16=true"], False, "note: --bf16 and --fp16 ignored: no GPU here, training in fp32"),
+    ],
+)
+def test_precision_flags_in_either_form_decide_the_cpu_precision(monkeypatch, capsys, flags, bf16, note):
+    """On a CPU whose cores multiply bf16 natively, the tiny recipe's `bf16: true` trains in bf16 autocast unless
+    the user says otherwise, as `--bf16 false` or `--bf16=false` alike."""
+    import torch
+
+    from fluxchat import config
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parsed = parse_config("pretrain", pretrain.ARGUMENTS, ["--preset", "tiny", *flags])
+    (training_args,) = [args for args in parsed if hasattr(args, "fp16")]
+    assert (training_args.bf16, training_args.fp16) == (bf16, False)
+    assert capsys.readouterr().err.strip() == note
