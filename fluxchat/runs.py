@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 import zipfile
@@ -499,28 +500,58 @@ def latest_stage(folder: str | Path) -> Path | None:
     return None
 
 
+# A failed write as torch.save and safetensors report it, neither an OSError: torch's C++ stream ("basic_ios::clear:
+# iostream error", then "unexpected pos N vs M" as the zip writer closes) and safetensors' "I/O error: No space left
+# on device (os error 28)". Anything else raised during a save is a bug, kept as the traceback it is.
+_FAILED_WRITE = re.compile(r"iostream error|unexpected pos \d+ vs \d+|file write failed|I/O error|os error \d+")
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
 @contextlib.contextmanager
 def save_errors(staged: Path, what: str):
-    """An OSError while writing `staged` (a full disk, a quota) becomes one line naming the device. The half-written
-    save is removed (and a replacement built for --overwrite with it); what was saved before stays intact."""
+    """A failed write into `staged` (a full disk, a quota, a file size limit) becomes one line naming the device.
+    The half-written save is removed (and a replacement built for --overwrite with it); what was saved before stays
+    intact."""
     try:
         yield
-    except OSError as err:
+    except Exception as err:
         staged = Path(staged)
+        folder = staged.parent.parent if staged.parent.name == STAGING else staged.parent
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None and (number := _OS_ERROR.search(str(err))):
+            code = int(number[1])
+        failed_write = isinstance(err, OSError) or _FAILED_WRITE.search(str(err)) is not None
+        # torch says no more than that its stream failed: a device with no room left is the usual reason (looked
+        # at before the half-written save gives its room back)
+        full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and failed_write and _nearly_full(folder))
         shutil.rmtree(staged, ignore_errors=True)
         if staged.parent.name == STAGING:
             shutil.rmtree(staged.parent, ignore_errors=True)  # nothing else is saved while this save runs
-        folder = staged.parent.parent if staged.parent.name == STAGING else staged.parent
         kept = "the checkpoints saved before it are intact"
         if folder.name.endswith(OVERWRITE_SUFFIX):  # nothing can resume an overwrite: free its space
             shutil.rmtree(folder, ignore_errors=True)
             kept = "the stage it was to replace is intact"
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        problem = "is full" if full else f"refused the write ({err.strerror or err})"
+        if not failed_write:
+            raise
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if full:
+            problem = "is full"
+        elif code == errno.EFBIG or (code is None and limit != resource.RLIM_INFINITY):
+            problem = f"refused a file over this process's size limit (`ulimit -f`: {limit:,} bytes)"
+        else:
+            problem = f"refused the write ({os.strerror(code) if code else str(err).splitlines()[0][:120]})"
         raise UsageError(
             f"saving {what} failed: the device {device_of(folder)} holding {folder} {problem}; "
             f"the half-written save was removed and {kept}"
         ) from None
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less room left than one more write buffer: a write there fails."""
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def device_of(path: str | Path) -> str:

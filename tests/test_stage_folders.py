@@ -614,6 +614,39 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_earlier_checkpoints(inp
     assert not outside, sorted(outside)
 
 
+def test_a_save_torch_cannot_finish_is_one_line_and_the_stage_it_replaces_stays(inputs, tmp_path):
+    """A real failed write, not a simulated one: a file size limit (`ulimit -f`, no root needed; a full disk fails
+    the same way) stops torch.save of the optimizer mid-file. torch raises no OSError but a RuntimeError ("unexpected
+    pos"), which ended the run in a traceback, leaving the half-written checkpoint and the replacement's folder."""
+    import resource
+
+    from pipeline import pretrain
+
+    out = tmp_path / "work" / "out"  # a folder of its own: the token cache lives in tmp_path too
+    argv = pre(inputs, None, "--output_dir", out, "--max_steps", 2, "--eval_strategy", "no", *TINY_MODEL_FLAGS)
+    assert run_main(pretrain.main, argv)[0] == 0
+    before = fingerprint(out)
+    limit = (out / "model.safetensors").stat().st_size + 4096  # the weights fit; the optimizer's twice that does not
+    result = subprocess.run(
+        [PYTHON, "pipeline/pretrain.py", *map(str, argv), "--overwrite", "--save_steps", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error == [
+        f"error: saving checkpoint-1 failed: the device {runs.device_of(out.parent)} holding "
+        f"{out.parent / ('.out' + runs.OVERWRITE_SUFFIX)} refused a file over this process's size limit (`ulimit -f`: "
+        f"{limit:,} bytes); the half-written save was removed and the stage it was to replace is intact"
+    ]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # the replacement's folder is gone
+    assert fingerprint(out) == before
+
+
 # ---- issue 11's defects
 def test_pretrain_prepares_its_folder_on_the_main_process_only(inputs, tmp_path, monkeypatch):
     """pretrain goes through training.start_stage (it called runs.prepare_output_dir on every rank), and on a
