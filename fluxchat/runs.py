@@ -286,6 +286,11 @@ def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = Fal
     """Create the folder a stage writes into (main process only; call after `check_output_dir`) and return it."""
     folder = Path(folder)
     lock_stage(folder)  # before anything is removed: another command may have started since the check
+    if is_finished(folder) and not overwrite:  # a stage that works before this (the tokenizer trains first)
+        fail(
+            f"{folder} was finished by another command while this one ran: pass --overwrite to replace it, or choose "
+            "another --run_name/--output_dir"
+        )
     work = work_dir(folder, overwrite)
     if work != folder:
         _remove(work)  # what an earlier, killed overwrite left

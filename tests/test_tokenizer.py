@@ -269,3 +269,27 @@ def test_a_word_vocabulary_says_how_much_of_the_text_it_cannot_hold(tmp_path, co
     # 600 words of Shakespeare: some unknown, said in the stats, but no note (most of the text is held)
     roomy = json.loads((tokenizers_by_type["word"] / "tokenizer_stats.json").read_text())
     assert 0 < roomy["unknown_token_fraction"] < 0.5
+
+
+def test_a_tokenizer_finished_by_another_command_meanwhile_is_not_written_into(tmp_path, corpus, monkeypatch):
+    """The tokenizer trains before it creates its folder, so two commands on one run both passed the folder check;
+    the second wrote its files over the first's finished folder (a BPE tokenizer.json beside a char config.yaml and
+    stats). Now the second stops, and the first's folder stays whole."""
+    out = tmp_path / "tok"
+    other = ["--train_file", corpus, "--tokenizer_type", "bpe", "--vocab_size", 400, "--output_dir", out]
+    real_build = train.build_backend
+
+    def another_command_finishes_first(args, texts):
+        monkeypatch.setattr(train, "build_backend", real_build)
+        assert run_main(train.main, other)[0] == 0
+        return real_build(args, texts)
+
+    monkeypatch.setattr(train, "build_backend", another_command_finishes_first)
+    argv = ["--train_file", corpus, "--tokenizer_type", "char", "--vocab_size", 300, "--output_dir", out]
+    code, error = run_main(train.main, argv)
+    assert code == 2 and error == (
+        f"{out} was finished by another command while this one ran: pass --overwrite to replace it, or choose "
+        "another --run_name/--output_dir"
+    )
+    stats = json.loads((out / "tokenizer_stats.json").read_text())
+    assert stats["tokenizer_type"] == "bpe" and len(AutoTokenizer.from_pretrained(out)) == stats["vocab_size"] == 400
