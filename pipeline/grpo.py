@@ -88,6 +88,14 @@ class GRPOArguments(StageArguments):
 @dataclass
 class StageGRPOConfig(GRPOConfig):
     def __post_init__(self):
+        # Here, not in main(): run_all parses every stage's flags before the chain starts.
+        if self.reward_weights is not None:
+            raise ValueError(
+                "--reward_weights: set --answer_weight, --format_weight and --reward_model_weight instead (the stage "
+                "picks the reward functions)"
+            )
+        if self.use_vllm:
+            raise ValueError("--use_vllm: not supported by this stage (it generates with transformers); drop the flag")
         # TRL says the same, but without naming the flag.
         if self.num_generations is not None and self.num_generations < 2:
             raise ValueError(
@@ -151,12 +159,6 @@ def main(argv: list[str] | None = None) -> Path:
         fail(
             f"--max_completion_length {args.max_completion_length} leaves no room for a prompt in the model's context of {context}"
         )
-    if args.reward_weights is not None:
-        fail(
-            "--reward_weights: set --answer_weight, --format_weight and --reward_model_weight instead (the stage picks the reward functions)"
-        )
-    if args.use_vllm:
-        fail("--use_vllm: not supported by this stage (it generates with transformers); drop the flag")
 
     rows = stage_data.sample_rows(
         prompt_rows(script_args, reward_path is not None), script_args.max_train_samples, args.seed

@@ -86,6 +86,10 @@ class StagePPOConfig(PPOConfig):
     )
 
     def __post_init__(self):
+        if self.max_steps > 0:  # TRL's PPOTrainer counts episodes; it trained the recipe's length, the card saying 2
+            raise ValueError(
+                f"--max_steps {self.max_steps}: PPO's length is --total_episodes (prompts sampled), not steps: set that instead"
+            )
         if self.temperature <= 0:  # TRL divides by it (+1e-7): at 0 the policy's log-probs are meaningless
             raise ValueError(f"--temperature must be > 0, got {self.temperature:g}: PPO learns from sampled replies")
         # TRL checks these only once its trainer is built (after the models are loaded), as tracebacks.
@@ -129,10 +133,6 @@ def main(argv: list[str] | None = None) -> Path:
     ):
         fail("--model_name_or_path and --sft_model_path name the same input (the policy): give one of them")
     run = training.plan_stage(args, "ppo", overwrite=script_args.overwrite)
-    if args.max_steps > 0:  # TRL's PPOTrainer counts episodes; it trained the recipe's length, the card saying 2
-        fail(
-            f"--max_steps {args.max_steps}: PPO's length is --total_episodes (prompts sampled), not steps: set that instead"
-        )
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
     run_name = training.run_name(args)

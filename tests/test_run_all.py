@@ -164,6 +164,14 @@ def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
     assert (code, error) == (2, "--stage_args sft: unknown flag --bogus_flag")
     code, error = run_main(run_all.main, ["--stage_args", "pretrain:--learning_rate=-1", "sft:--no_eval_baseline"])
     assert (code, error) == (2, "--stage_args pretrain: --learning_rate must be > 0, got -1")
+    # Checks on the flags alone live where the parser runs them: PPO's --max_steps was refused once PPO started.
+    for flag, message in (
+        ("ppo:--max_steps=2", "--max_steps 2: PPO's length is --total_episodes"),
+        ("grpo:--use_vllm", "--use_vllm: not supported by this stage"),
+        ("grpo:--reward_weights=1", "--reward_weights: set --answer_weight"),
+    ):
+        code, error = run_main(run_all.main, ["--stage_args", flag])
+        assert code == 2 and error.startswith(f"--stage_args {flag.split(':')[0]}: {message}"), error
     code, error = run_main(run_all.main, ["--stage_args", *SHRINK, "evaluate:--bogus_flag"])  # after all the training
     assert (code, error) == (2, "--stage_args evaluate: unknown flag --bogus_flag")
     for moved in ("tokenizer:--run_name=other", "sft:--output_dir=elsewhere", "report:--output_file=x.json"):
