@@ -125,7 +125,17 @@ def load_or_build(
     if folder.exists():
         log(f"token cache: {folder} {problem}: rebuilding it")
     data.check_sources(sources)
-    build(tokenizer, sources, text_column, validation_fraction, folder, expected, threads, log)
+    try:
+        build(tokenizer, sources, text_column, validation_fraction, folder, expected, threads, log)
+    except OSError as err:
+        where = Path(err.filename) if err.filename is not None else None
+        if where is not None and not (where.is_relative_to(cache_root) or Path(cache_root).is_relative_to(where)):
+            raise  # not the cache's (nor a folder above it): a source that failed to read, say
+        # A home that is read-only, missing or /proc (containers, CI), or a full disk: it ended in a traceback.
+        fail(
+            f"token cache {cache_root}: cannot write there ({err.strerror or err}): pass --token_cache_dir, or set "
+            "FLUXCHAT_CACHE, to a writable folder with room"
+        )
     return open_shards(folder)
 
 

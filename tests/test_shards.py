@@ -143,6 +143,14 @@ def test_bad_data_input_is_one_line(tiny_run, tmp_path):
     assert code == 2 and "no 'text' column (columns: content, id)" in err and "--streaming" in err
     code, err = run_main(pretrain.main, [*base, "--train_file", SHAKESPEARE, "--streaming"])
     assert code == 2 and "--streaming" in err and "--dataset_name" in err
+    # A cache that cannot be made (HOME=/proc or a read-only home, as containers have): it was a traceback
+    cache = "/proc/fluxchat-cache"
+    code, err = run_main(pretrain.main, [*base, "--train_file", SHAKESPEARE, "--token_cache_dir", cache])
+    assert (code, err) == (
+        2,
+        f"token cache {cache}: cannot write there (No such file or directory): pass --token_cache_dir, or set "
+        "FLUXCHAT_CACHE, to a writable folder with room",
+    )
     assert not (tmp_path / "out").exists()
 
 
