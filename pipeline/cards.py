@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> Path:
         if stages:
             fail(f"{stage_dir} is a run folder: give one of its stages, e.g. {stage_dir / stages[-1]}")
         fail(f"{stage_dir} is not a finished stage folder (no {runs.FINISHED_MARKER}): give one such as runs/demo/sft")
-    card = write_model_card(stage_dir, stage_of(stage_dir))
+    try:
+        card = write_model_card(stage_dir, stage_of(stage_dir))
+    except OSError as err:  # a read-only mount (a model folder shared read-only): it was a traceback
+        fail(f"cannot write the model card into {stage_dir} ({err.strerror or err})")
     print(f"wrote {card}")
     return card
 

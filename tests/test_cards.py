@@ -180,3 +180,9 @@ def test_cards_cli_rewrites_a_card(tiny_run, tmp_path):
     code, error = run_main(cards_command.main, [tmp_path / "notes"])
     assert code == 2 and "is not a finished stage folder (no stage_complete.json)" in error
     assert not (tiny_run / "README.md").exists() and not (tmp_path / "notes" / "README.md").exists()
+    # A card that cannot be written (a read-only mount; here a README.md that is a folder, a real OSError for root
+    # too) is one line, not a traceback
+    (folder / "README.md").unlink()
+    (folder / "README.md" / "x").mkdir(parents=True)
+    code, error = run_main(cards_command.main, [folder])
+    assert code == 2 and error.startswith(f"cannot write the model card into {folder} (Is a directory"), error
