@@ -86,6 +86,7 @@ def evaluate_reward_model(reward_model, tokenizer, pairs: list[dict], batch_size
         "mean_chosen": sum(chosen) / len(pairs),
         "mean_rejected": sum(rejected) / len(pairs),
         "n": len(pairs),
+        "ties": sum(c == r for c, r in zip(chosen, rejected)),
     }
     return {**result, **pair_groups(pairs, wins)}
 

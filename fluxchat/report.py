@@ -163,9 +163,12 @@ def describe_pairs(result: dict) -> str:
         return "not evaluated"
     low, high = wilson_interval(round(result["accuracy"] * result["n"]), result["n"])
     flaws = describe_flaws(result)
+    # A tie is not a pair ranked right; said, since "0.0%" alone reads as every pair ranked backwards (a DPO policy
+    # that has not moved from its reference, e.g. all steps in warm-up, ties them all).
+    ties = f", {result['ties']} tied (scored equal)" if result.get("ties") else ""
     return (
         f"{result['accuracy']:.1%} [{low:.1%}, {high:.1%}], margin {result['margin']:.2f} "
-        f"(n={result['n']}{'; by flaw of the rejected reply: ' + flaws if flaws else ''})"
+        f"(n={result['n']}{ties}{'; by flaw of the rejected reply: ' + flaws if flaws else ''})"
     )
 
 

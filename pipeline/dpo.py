@@ -130,6 +130,7 @@ def implicit_rewards(trainer, dataset, pairs: list[dict], batch_size: int = 32) 
         "high": high,
         "margin": sum(margins) / len(margins),
         "n": len(wins),
+        "ties": sum(margin == 0 for margin in margins),  # a policy still equal to its reference ties every pair
     }
     return {**result, **evaluation.pair_groups(pairs, wins)}
 

@@ -181,6 +181,20 @@ def test_dpo_with_lora_measures_against_the_adapter_switched_off(sft_model, tmp_
     assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()
 
 
+def test_a_policy_that_has_not_moved_says_its_pairs_tie(sft_model, tmp_path, capsys):
+    """One step, all of it in warm-up (learning rate 0): the policy is its reference and every margin is 0. Ties
+    are not ranked right, so 0.0%; the line says they tied, where "0.0% [0.0%, ...]" alone read as every pair
+    ranked backwards."""
+    output = tmp_path / "dpo-still"
+    argv = [*DPO_FAST, "--max_steps", 1, "--warmup_steps", 10, "--eval_strategy", "no", "--eval_examples", 7]
+    code, error = run_main(dpo.main, [*argv, "--model_name_or_path", sft_model, "--output_dir", output])
+    assert code == 0, error
+    builtin = json.loads((output / "metrics.json").read_text())["eval"]["preferences"]["builtin"]
+    assert builtin["accuracy"] == 0 and builtin["ties"] == builtin["n"] > 0
+    assert "0.0% [0.0%, " in capsys.readouterr().out
+    assert f"(n={builtin['n']}, {builtin['n']} tied (scored equal)" in (output / "train.log").read_text()
+
+
 def test_bad_inputs_are_one_line_and_write_nothing(sft_model, isolated_runs, tmp_path):
     same = _write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello."}] * 3)
     code, error = run_main(
