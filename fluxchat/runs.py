@@ -453,6 +453,7 @@ def publish(staged: Path, folder: Path) -> None:
     are renamed one by one into the stage folder (which already holds logs and checkpoints), which
     is safe because the stage only counts as finished once its marker is written after them."""
     staged, folder = Path(staged), Path(folder)
+    _readable_like_the_rest(staged)
     if staged.name.startswith("checkpoint-"):
         target = folder / staged.name
         if target.exists():  # the same step saved again (a resumed run): the new save wins
@@ -467,6 +468,17 @@ def publish(staged: Path, folder: Path) -> None:
         staged.rmdir()
     with contextlib.suppress(OSError):
         staged.parent.rmdir()  # the staging folder, once empty
+
+
+def _readable_like_the_rest(folder: Path) -> None:
+    """transformers writes model.safetensors through a temporary file, owner-only (0600) as mkstemp makes it, where
+    every other output is readable as the umask allows: on a shared machine or a served folder the weights alone
+    were unreadable to others. Files an owner-only umask made stay so."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+            os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -829,3 +829,18 @@ def test_a_stage_holds_its_folder_from_begin_to_commit_and_a_checked_command_hol
     assert not free(), "a started stage holds its folder"
     runs.commit(work, folder)
     assert free(), "a committed stage lets go"
+
+
+def test_every_output_is_readable_as_the_umask_allows(tiny_run, tiny_chat_chain):
+    """transformers writes model.safetensors owner-only (0600, through mkstemp): on a shared machine or a folder
+    served by another user, the weights alone were unreadable while config and tokenizer were not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {
+        str(path): oct(path.stat().st_mode & 0o777)
+        for folder in (tiny_run, tiny_chat_chain)
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+    assert any(path.endswith("model.safetensors") for path in modes)
+    assert {path: mode for path, mode in modes.items() if mode != oct(0o666 & ~umask)} == {}
