@@ -41,6 +41,8 @@ from pathlib import Path
 import common
 import httpx
 
+from fluxchat.config import run_cli
+
 REPLY_TIMEOUT_SECONDS = 300
 UPLOAD_BYTES = 5 << 20  # what the issue stored and got served back
 MAX_MESSAGE_CHARS, MAX_TURNS = 2000, 20  # the app's defaults, passed explicitly so the hostile sizes match them
@@ -476,4 +478,4 @@ def hostile_main(args, model: Path, work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

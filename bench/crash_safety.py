@@ -41,6 +41,7 @@ from pathlib import Path
 import common
 
 from fluxchat import pretraining, runs
+from fluxchat.config import run_cli
 
 STEP_LINE = re.compile(rb"step (\d+)/(\d+)")
 MODEL_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "64"]
@@ -448,4 +449,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import common
 
+from fluxchat.config import run_cli
+
 STEPS_FLAGS = [
     "--max_steps",
     "20",
@@ -166,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

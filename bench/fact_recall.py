@@ -28,6 +28,7 @@ import torch
 from heldout_bpc import heldout_bits_per_char
 
 from fluxchat import loading, tasks
+from fluxchat.config import run_cli
 from fluxchat.report import wilson_interval
 
 
@@ -116,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

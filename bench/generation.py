@@ -16,6 +16,8 @@ import time
 
 import common
 
+from fluxchat.config import run_cli
+
 SHAPES = {
     "tiny": None,  # read from configs/tiny/pretrain.yaml + configs/tiny/tokenizer.yaml
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
@@ -108,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from fluxchat import loading, pretraining
+from fluxchat.config import fail, run_cli
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
 
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1, help="held-out tail of the file")
     parser.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args()
-    result = heldout_bits_per_char(args.model, args.text_file, args.fraction)
+    if not args.text_file.is_file():
+        fail(f"--text_file {args.text_file}: no such file")
+    result = heldout_bits_per_char(loading.resolve_model(args.model), args.text_file, args.fraction)
     print(
         f"| model | text | held-out chars | bits per byte |\n|---|---|---|---|\n"
         f"| {result['model']} | {Path(result['text_file']).name} (last {args.fraction:.0%}) | {result['heldout_chars']:,} | {result['bits_per_byte']} |"
@@ -65,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

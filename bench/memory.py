@@ -22,6 +22,8 @@ from pathlib import Path
 
 import common
 
+from fluxchat.config import run_cli
+
 MODELS = {
     "tiny preset": [],
     "0.5M params": ["--n_layer", "2", "--n_embd", "128", "--n_head", "4"],
@@ -116,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

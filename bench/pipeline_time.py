@@ -24,6 +24,8 @@ from pathlib import Path
 
 import common
 
+from fluxchat.config import run_cli
+
 MARKER = "stage_complete.json"
 TRAIN_TIME_KEYS = ("train_wall_seconds", "train_runtime", "wall_seconds")
 
@@ -128,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

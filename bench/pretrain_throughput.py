@@ -31,6 +31,8 @@ import common
 import plain_gpt
 from transformers import AutoTokenizer
 
+from fluxchat.config import run_cli
+
 SHAPES = {
     # name: (tokenizer, model/batch overrides of configs/tiny/pretrain.yaml)
     "tiny": (("bpe", None), {}),
@@ -215,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

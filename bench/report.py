@@ -17,6 +17,8 @@ from pathlib import Path
 
 import common
 
+from fluxchat.config import run_cli
+
 BEGIN, END = "<!-- bench:begin (python bench/report.py) -->", "<!-- bench:end -->"
 
 
@@ -206,4 +208,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

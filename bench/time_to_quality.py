@@ -20,6 +20,8 @@ from pathlib import Path
 
 import common
 
+from fluxchat.config import run_cli
+
 SMOKE_FLAGS = [
     *common.SMOKE_MODEL_FLAGS,
     "--max_steps",
@@ -114,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

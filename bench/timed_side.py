@@ -18,7 +18,7 @@ import common
 import plain_gpt
 
 from fluxchat import pretraining
-from fluxchat.config import main_process
+from fluxchat.config import fail, main_process, run_cli
 
 
 def pipeline_side(argv: list[str]) -> list[float]:
@@ -45,11 +45,15 @@ def plain_side(settings_file: str, text: str, tokenizer_dir: str, steps: str) ->
 
 
 def main() -> None:
+    if len(sys.argv) < 3 or sys.argv[2] not in ("pipeline", "plain") or sys.argv[1].startswith("-"):
+        fail("usage: " + " | ".join(line.strip() for line in __doc__.splitlines() if line.strip().startswith("python")))
     out, side, *rest = sys.argv[1:]
+    if side == "plain" and len(rest) != 4:
+        fail("usage: python bench/timed_side.py OUT.json plain SETTINGS.json TEXT TOKENIZER_DIR STEPS")
     step_ends = pipeline_side(rest) if side == "pipeline" else plain_side(*rest)
     if main_process():
         Path(out).write_text(json.dumps(step_ends))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a usage error is one line, as in every command

@@ -90,3 +90,17 @@ def test_report_rewrites_only_its_table_and_names_missing_results(tmp_path):
     assert "| not run yet | | `python bench/memory.py` |" in text
     proc = run_script(PYTHON, REPO / "bench" / "report.py", "--readme", tmp_path / "none.md", timeout=60)
     assert proc.returncode != 0 and "--readme" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (["bench/timed_side.py", "--help"], "error: usage: python bench/timed_side.py OUT.json pipeline"),
+        (["bench/heldout_bpc.py", "/nonexistent"], "error: --model /nonexistent: no such folder"),
+        (["bench/heldout_bpc.py", "runs", "--text_file", "/nonexistent"], "error: --text_file /nonexistent: no such"),
+    ],
+)
+def test_a_benchmark_given_bad_arguments_says_so_in_one_line(argv, error):
+    """Benchmarks are commands too: a ValueError from unpacking argv, or a UsageError's traceback, was all they said."""
+    result = run_script(PYTHON, *argv, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(error) and result.stderr.count("\n") == 1, result.stderr
