@@ -46,7 +46,9 @@ def plain_side(settings_file: str, text: str, tokenizer_dir: str, steps: str) ->
 
 def main() -> None:
     if len(sys.argv) < 3 or sys.argv[2] not in ("pipeline", "plain") or sys.argv[1].startswith("-"):
-        fail("usage: " + " | ".join(line.strip() for line in __doc__.splitlines() if line.strip().startswith("python")))
+        fail(
+            "usage: " + " | ".join(line.strip() for line in __doc__.splitlines() if line.strip().startswith("python"))
+        )
     out, side, *rest = sys.argv[1:]
     if side == "plain" and len(rest) != 4:
         fail("usage: python bench/timed_side.py OUT.json plain SETTINGS.json TEXT TOKENIZER_DIR STEPS")
