@@ -33,6 +33,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# gradio reads GRADIO_SERVER_PORT with int() as it is imported: a value that is no number ended in its traceback.
+_PORT_ENV = os.environ.get("GRADIO_SERVER_PORT")
+if _PORT_ENV is not None and not _PORT_ENV.strip().isdigit():
+    print(
+        f"error: GRADIO_SERVER_PORT={_PORT_ENV[:60]!r} is not a port number: unset it, or give 1-65535",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+# ruff: noqa: E402 (the imports below come after the check above)
 import gradio as gr
 
 from fluxchat import chat_format, feedback, runs
@@ -76,7 +86,9 @@ class AppArguments:
         default=None,
         metadata={"help": "Address to bind; default 127.0.0.1 (on a Space: $GRADIO_SERVER_NAME or 0.0.0.0)."},
     )
-    port: int = field(default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), metadata={"help": "Port to listen on."})
+    port: int | None = field(
+        default=None, metadata={"help": "Port to listen on; default $GRADIO_SERVER_PORT or 7860."}
+    )
     share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
     auth: str | None = field(
         default=None, metadata={"help": "user:password required to use the app (env FLUXCHAT_AUTH)."}
@@ -114,16 +126,22 @@ class AppArguments:
         self.model = self.model or os.environ.get("FLUXCHAT_MODEL")
         self.compare_model = self.compare_model or os.environ.get("FLUXCHAT_COMPARE_MODEL")
         self.reward_model = self.reward_model or os.environ.get("FLUXCHAT_REWARD_MODEL")
+        # An error names where the value came from: the environment's, with no flag given, blamed a flag.
+        auth_from = "--auth" if self.auth is not None else "FLUXCHAT_AUTH"
+        self.auth = self.auth if self.auth is not None else os.environ.get("FLUXCHAT_AUTH")
         if self.auth is not None and not self.auth.strip():  # else it reads as unset: the app would open to anyone
-            raise ValueError("--auth is empty: give user:password (or leave it out to serve without a login)")
-        self.auth = self.auth or os.environ.get("FLUXCHAT_AUTH")
-        if self.auth is not None and (":" not in self.auth or not all(self.auth.split(":", 1))):
-            raise ValueError("--auth must look like user:password")
+            raise ValueError(f"{auth_from} is empty: give user:password (or leave it out to serve without a login)")
+        if self.auth is not None and (
+            ":" not in self.auth or not all(part.strip() for part in self.auth.split(":", 1))
+        ):
+            raise ValueError(f"{auth_from} must look like user:password (neither of them blank)")
+        port_from = "--port" if self.port is not None else "GRADIO_SERVER_PORT"
+        self.port = self.port if self.port is not None else int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
         for name in ("max_message_chars", "max_turns", "concurrency", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
-            raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
+            raise ValueError(f"{port_from} must be between 1 and 65535, got {self.port}")
         if not self.feedback_max_mb > 0:
             raise ValueError(f"--feedback_max_mb must be above 0, got {self.feedback_max_mb}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -594,6 +594,36 @@ CASES = [
         lambda i, d: ["--model", i.shared / "pretrain", "--auth", "admin"],
         ("--auth must look like user:password",),
     ),
+    # Values from the environment (a Space's settings): the errors blamed --auth and --port, which nobody gave,
+    # and a port that is no number was a traceback inside gradio's import.
+    Case(
+        "an empty FLUXCHAT_AUTH",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain"],
+        ("FLUXCHAT_AUTH is empty: give user:password",),
+        env={"FLUXCHAT_AUTH": ""},
+    ),
+    Case(
+        "a blank user name in --auth",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain", "--auth", " :secret"],
+        ("--auth must look like user:password (neither of them blank)",),
+    ),
+    Case(
+        "GRADIO_SERVER_PORT out of range",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain"],
+        ("GRADIO_SERVER_PORT must be between 1 and 65535, got 99999",),
+        env={"GRADIO_SERVER_PORT": "99999"},
+    ),
+    Case(
+        "GRADIO_SERVER_PORT not a number",
+        "app",
+        lambda i, d: ["--model", i.shared / "pretrain"],
+        ("GRADIO_SERVER_PORT='abc' is not a port number: unset it, or give 1-65535",),
+        cli=True,
+        env={"GRADIO_SERVER_PORT": "abc"},
+    ),
     Case(
         "reward model without a second model",
         "app",
