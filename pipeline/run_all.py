@@ -239,6 +239,8 @@ def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
         if owned:
             fail(f"--stage_args {stage}:{owned[0]}: the chain sets where its stages write; give run_all --run_name")
         script = "pipeline/evaluate.py" if stage in ("evaluate", REPORT) else SCRIPTS[stage]
+        if any(f in ("-h", "--help") for f in flags):  # it printed the stage's help as run_all's, and exited 0
+            fail(f"--stage_args {stage}:--help: a stage's flags are listed by `python {script} --help`")
         # By path: run as a script, run_all has pipeline/ on sys.path, not the folder above it.
         spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / script)
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up

@@ -174,6 +174,11 @@ def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
         assert code == 2 and error.startswith(f"--stage_args {flag.split(':')[0]}: {message}"), error
     code, error = run_main(run_all.main, ["--stage_args", *SHRINK, "evaluate:--bogus_flag"])  # after all the training
     assert (code, error) == (2, "--stage_args evaluate: unknown flag --bogus_flag")
+    code, error = run_main(run_all.main, ["--stage_args", "evaluate:--help"])
+    assert (code, error) == (
+        2,
+        "--stage_args evaluate:--help: a stage's flags are listed by `python pipeline/evaluate.py --help`",
+    )
     for moved in ("tokenizer:--run_name=other", "sft:--output_dir=elsewhere", "report:--output_file=x.json"):
         code, error = run_main(run_all.main, ["--stage_args", moved])  # the next stage would not find its input
         assert code == 2 and error.startswith(f"--stage_args {moved}: the chain sets where its stages write"), error
