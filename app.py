@@ -44,6 +44,7 @@ if _PORT_ENV is not None and not _PORT_ENV.strip().isdigit():
 
 # ruff: noqa: E402 (the imports below come after the check above)
 import gradio as gr
+from starlette.middleware import Middleware
 
 from fluxchat import chat_format, feedback, runs
 from fluxchat.config import UsageError, fail, parse_config, run_cli
@@ -101,6 +102,17 @@ class AppArguments:
     queue_size: int = field(
         default=64, metadata={"help": "Requests waiting at most; more are turned away with a 'queue full' message."}
     )
+    # Gradio keeps each session's state (a conversation's history, the comparison to rate) in memory, 10,000
+    # sessions by default. With request bodies bounded (RequestSizeLimit) a session holds at most ~3 MB on the tiny
+    # preset (a client sending the largest request the app accepts, from a fresh session each time, measured: 20
+    # requests of 900 kB, +57 MB), so this bounds what such a client can make the server hold.
+    max_sessions: int = field(
+        default=500,
+        metadata={
+            "help": "Sessions whose state the server keeps; the least recently used is dropped first (the model "
+            "no longer sees that conversation's earlier turns). Bounds the memory a client opening many sessions takes."
+        },
+    )
     log_level: str = field(
         default="info",
         metadata={"help": "info: one line per reply; debug: also every prompt the model sees, as JSON."},
@@ -137,7 +149,7 @@ class AppArguments:
             raise ValueError(f"{auth_from} must look like user:password (neither of them blank)")
         port_from = "--port" if self.port is not None else "GRADIO_SERVER_PORT"
         self.port = self.port if self.port is not None else int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
-        for name in ("max_message_chars", "max_turns", "concurrency", "queue_size"):
+        for name in ("max_message_chars", "max_turns", "concurrency", "queue_size", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
@@ -241,6 +253,37 @@ def _same_folder(a: str, b: str) -> bool:
     return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
 
 
+class RequestSizeLimit:
+    """ASGI middleware: a request body longer than `max_bytes` is answered 413 before Gradio reads it. Gradio keeps
+    each session's inputs (ChatInterface saves the message in a State before any handler can refuse it), so 5 MB
+    messages, each from a fresh session, grew the server by ~8 MB each (20 of them: 479 -> 639 MB) although every one
+    was refused as too long."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"Request too large for this app.\n"})
+            return
+        received = 0
+
+        async def bounded_receive():  # a body sent without its length: counted, and cut off as a client gone
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, bounded_receive, send)
+
+
 class ChatService:
     """The app's server side: every limit is checked here, never trusted to the browser."""
 
@@ -273,6 +316,14 @@ class ChatService:
     @property
     def longest_reply_chars(self) -> int:
         return REPLY_CHARS_PER_TOKEN * self.model.context_length  # a reply has at most half the context in tokens
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request body a client of this app can need: a full history of the longest messages and
+        replies with the next message, each character escaped in JSON at worst (\\u0001: 6 bytes), and room for the
+        rest (sampling values, Gradio's fields)."""
+        chars = self.max_turns * (self.max_message_chars + self.longest_reply_chars) + self.max_message_chars
+        return 6 * chars + (256 << 10)
 
     def check_history(self, history) -> list[dict]:
         """The client's history as messages, refused unless it is one the app could have produced: at most
@@ -659,6 +710,8 @@ def main(argv: list[str] | None = None):
         auth=tuple(args.auth.split(":", 1)) if args.auth else None,
         show_error=False,  # only our gr.Error messages reach the browser, never an exception's internals
         max_file_size=MAX_UPLOAD_BYTES,
+        app_kwargs={"middleware": [Middleware(RequestSizeLimit, max_bytes=service.max_request_bytes)]},
+        state_session_capacity=args.max_sessions,
         footer_links=["api"],
     )
     return demo

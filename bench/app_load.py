@@ -4,6 +4,7 @@
     python bench/app_load.py --model runs/demo/ppo --clients 32 --turns 5 --concurrency 8
     python bench/app_load.py --smoke                            # 3 clients x 2 turns
     python bench/app_load.py --hostile --clients 8 --turns 4    # 8 clients, alone and then beside 4 hostile ones
+    python bench/app_load.py --fresh_sessions 20 --message_chars 5242880   # the memory each fresh session holds
 
 Starts the real app as a user would (`python app.py --model ... --log_level debug`), releases all clients
 at once (a barrier) and times every reply from the request to the final text. It passes (exit code 0)
@@ -20,6 +21,9 @@ turns, 150 'assistant' messages, 2.9 MB) through ChatInterface's own events, the
 accepts (max_turns - 1 turns of the longest message and reply), and 5 MB uploads. It reports the normal
 clients' p95 both ways and passes only if the p95 with hostile clients is at most --max_p95_ratio times the p95
 without, no normal request failed, every forged history and upload was refused, and memory stayed bounded.
+--fresh_sessions N: N chat requests of a --message_chars long message, each from a new session (what Gradio keeps
+per session: ChatInterface saves a message before the app can refuse it): the app's RSS before and after, and how
+each request was answered (413 for a body past the app's bound, else the app's "too long" message).
 Without --model it first trains a tiny model (our tokenizer and a few pretraining steps on tinyshakespeare,
 offline): the tiny preset's shape, whose nonsense replies never end early, so every reply is
 --max_new_tokens long (the worst case for that length). --threads sets torch's threads for that training
@@ -317,6 +321,8 @@ def main() -> None:
     args.add_argument(
         "--max_p95_ratio", type=float, default=2.0, help="--hostile: most p95 with hostile clients / p95 without."
     )
+    args.add_argument("--fresh_sessions", type=int, default=0, help="Measure session memory instead (see above).")
+    args.add_argument("--message_chars", type=int, default=5 << 20, help="--fresh_sessions: each message's length.")
     args = args.parse_args()
     if args.smoke:
         args.clients, args.turns, args.max_new_tokens = 3, 2, 8
@@ -327,6 +333,8 @@ def main() -> None:
     model = args.model or tiny_model(work, args.smoke)
     if args.hostile:
         return hostile_main(args, model, work)
+    if args.fresh_sessions:
+        return fresh_sessions_main(args, model, work)
     names = [f"client{i:02d}" for i in range(args.clients)]
     app_flags = ["--concurrency", args.concurrency, "--max_new_tokens", args.max_new_tokens, "--max_turns", args.turns]
     with common.running_app(model, work / "app.log", *app_flags) as (url, process):
@@ -392,6 +400,38 @@ def main() -> None:
     )
     if failures:
         sys.exit("app_load failed: " + "; ".join(failures))
+
+
+def fresh_sessions_main(args, model: Path, work: Path) -> None:
+    """The app's RSS before and after --fresh_sessions requests of one long message, each from a new session."""
+    from gradio_client import Client
+
+    answers: dict[str, int] = {}
+    with common.running_app(model, work / "app.log") as (url, process):
+        time.sleep(2)  # settled after start-up
+        before = rss_mb(process.pid)
+        for _ in range(args.fresh_sessions):
+            try:
+                Client(url, verbose=False, analytics_enabled=False).predict(
+                    "x" * args.message_chars, 16, 0.0, 0, 1.0, api_name="/chat"
+                )
+                answer = "answered"
+            except Exception as err:  # noqa: BLE001 - counted: each is refused one way or another
+                answer = "413" if "413" in str(err) else str(err).splitlines()[0][:60]
+            answers[answer] = answers.get(answer, 0) + 1
+        after = rss_mb(process.pid)
+    row = {
+        "requests": args.fresh_sessions,
+        "message_chars": args.message_chars,
+        "answers": answers,
+        "rss_before_MB": round(before),
+        "rss_after_MB": round(after),
+        "MB_per_session": round((after - before) / args.fresh_sessions, 2),
+    }
+    common.print_table(f"{args.fresh_sessions} requests of {args.message_chars:,} characters, a session each", [row])
+    name = f"app_sessions_{args.message_chars}"  # one file per message size, beside app_load.json
+    output = args.output.with_name(f"{name}.json") if args.output.name == "app_load.json" else args.output
+    common.write_results(output, "app_sessions", [row], args.smoke, model=str(model))
 
 
 def hostile_main(args, model: Path, work: Path) -> None:

@@ -184,6 +184,7 @@ def test_app_arguments_fail_as_one_line(tiny_run, monkeypatch):
     assert code == 2 and "user:password" in error
     code, error = run_main(app.main, [])  # the isolated runs folder is empty
     assert code == 2 and "no model given and no finished run" in error
+    assert run_main(app.main, ["--max_sessions", 0]) == (2, "--max_sessions must be at least 1, got 0")
     with pytest.raises(UsageError, match=r"is a language model \(GPT2LMHeadModel\), not a reward model"):
         RewardScorer(str(tiny_run / "pretrain"))  # a language model's folder: refused before loading
 
@@ -302,6 +303,7 @@ def test_compare_lists_the_run_stages_with_their_defaults(two_stage_run, model, 
 def test_the_app_compares_any_two_stages_of_a_run(two_stage_run, tmp_path):
     """`python app.py --model runs/demo --collect_feedback`: the Compare tab picks among the run's finished stages;
     each side is answered by the model picked for it, and a choice records the picked models."""
+    import httpx
     from gradio_client import Client
 
     from bench.common import logged_prompts, running_app
@@ -326,11 +328,24 @@ def test_the_app_compares_any_two_stages_of_a_run(two_stage_run, tmp_path):
         for junk in ("ppo", stages["sft"]):
             with pytest.raises(Exception, match=r"Unknown model for A: .*Choose one of: sft, pretrain"):
                 client.predict(prompt, *greedy, junk, "sft", api_name="/compare")
+        # A body longer than any request this app needs is refused before Gradio reads it, and so never kept in a
+        # session's state (5 MB messages from fresh sessions grew the server ~8 MB each, every one refused later).
+        join = f"{url}gradio_api/queue/join"
+        too_big = httpx.post(join, content=b"x" * (8 << 20), headers={"content-type": "application/json"}, timeout=60)
+        assert (too_big.status_code, too_big.text) == (413, "Request too large for this app.\n")
+        chunks = (b"x" * (1 << 17) for _ in range(64))  # no length given: counted and cut off
+        assert (
+            httpx.post(join, content=chunks, headers={"content-type": "application/json"}, timeout=60).status_code
+            == 400
+        )
+        with pytest.raises(Exception, match="413"):
+            Client(url, verbose=False).predict("x" * (5 << 20), *greedy, api_name="/chat")
+        assert client.predict("hello", *greedy, api_name="/chat")  # a request of ordinary size is served after
     log = log_path.read_text()
 
     assert tuple(by_default[:2]) == (expected["sft"], expected["pretrain"])
     assert tuple(picked[:2]) == (expected["pretrain"], expected["sft"])
-    sides = [stages["sft"], stages["pretrain"], stages["pretrain"], stages["sft"]]
+    sides = [stages["sft"], stages["pretrain"], stages["pretrain"], stages["sft"], stages["sft"]]  # the chat: sft
     assert [p["model"] for p in logged_prompts(log_path)] == sides, "each side answered by the model picked for it"
     assert log.count(f"loading {stages['pretrain']} for the Compare tab") == 1, "loaded on first use, then kept"
     assert "Traceback" not in log, "a refused pick is one message, no traceback"
