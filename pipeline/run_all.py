@@ -196,19 +196,34 @@ def corpus_task_flags(text_file: str | None) -> list[str]:
     return ["--tasks", *OFFLINE_TASKS]
 
 
+def script(relative: str) -> str:
+    """A stage's script as its command names it. Stages run in the user's folder, as run_all does: their relative
+    paths (--train_file, --stage_args files, FLUXCHAT_RUNS_DIR, the runs/ folder and the data run_all writes there)
+    mean what they mean to the user; run from the project root the command reads as the README's."""
+    return relative if Path.cwd().resolve() == REPO_ROOT.resolve() else str(REPO_ROOT / relative)
+
+
 def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
     if stage == "evaluate":
         run = runs.run_dir(args.run_name)
         policy = runs.latest_stage(run) or run / "ppo"
-        cmd = [sys.executable, "pipeline/evaluate.py", str(policy), "--output_file", str(run / runs.EVALUATION_FILE)]
+        cmd = [
+            sys.executable,
+            script("pipeline/evaluate.py"),
+            str(policy),
+            "--output_file",
+            str(run / runs.EVALUATION_FILE),
+        ]
         if runs.is_finished(run / "reward"):
             cmd += ["--reward_model", str(run / "reward")]
         return cmd + task_flags + extra
     if stage == REPORT:
         return (
-            [sys.executable, "pipeline/evaluate.py", str(runs.run_dir(args.run_name)), "--report"] + task_flags + extra
+            [sys.executable, script("pipeline/evaluate.py"), str(runs.run_dir(args.run_name)), "--report"]
+            + task_flags
+            + extra
         )
-    cmd = launcher(args, stage) + [SCRIPTS[stage], "--preset", args.preset, "--run_name", args.run_name]
+    cmd = launcher(args, stage) + [script(SCRIPTS[stage]), "--preset", args.preset, "--run_name", args.run_name]
     if stage in ("tokenizer", "pretrain"):
         cmd += ["--train_file", *corpus_files]
     else:
@@ -238,11 +253,11 @@ def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
         ]
         if owned:
             fail(f"--stage_args {stage}:{owned[0]}: the chain sets where its stages write; give run_all --run_name")
-        script = "pipeline/evaluate.py" if stage in ("evaluate", REPORT) else SCRIPTS[stage]
+        path = "pipeline/evaluate.py" if stage in ("evaluate", REPORT) else SCRIPTS[stage]
         if any(f in ("-h", "--help") for f in flags):  # it printed the stage's help as run_all's, and exited 0
-            fail(f"--stage_args {stage}:--help: a stage's flags are listed by `python {script} --help`")
+            fail(f"--stage_args {stage}:--help: a stage's flags are listed by `python {script(path)} --help`")
         # By path: run as a script, run_all has pipeline/ on sys.path, not the folder above it.
-        spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / script)
+        spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / path)
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
         spec.loader.exec_module(module)
         with contextlib.redirect_stderr(io.StringIO()):  # its notes (no bf16 on this CPU) come when it runs
@@ -277,7 +292,7 @@ def run_stage(cmd: list[str]) -> int:
     at our terminal, sent to run_all alone (`timeout`, `kill`, `docker stop`) is passed on to the stage as SIGTERM
     (the launcher leaves SIGINT to the terminal; the stages stop the same way on both, once, ignoring a repeat).
     Then stop the chain."""
-    process = subprocess.Popen(cmd, cwd=REPO_ROOT)
+    process = subprocess.Popen(cmd)  # in the user's folder, as run_all: see `script`
     signals: list[int] = []  # what reached us, the first deciding how the chain ends
     passed_on = False
 

@@ -273,3 +273,23 @@ def test_a_signal_to_run_all_alone_reaches_the_stage_and_stops_the_chain(signals
         f"{word}: run the same run_all command again to continue: finished stages are skipped, and "
         f"{', '.join(runs.RESUMABLE)} continue from their newest checkpoint",
     ], lines
+
+
+def test_run_all_from_another_folder_reads_and_writes_where_the_user_is(tmp_path):
+    """Started elsewhere (`python /path/to/pipeline/run_all.py`), the chain's stages ran in the project folder: a
+    relative --train_file was checked in the user's folder but trained from the project's file of that name (the
+    shipped Shakespeare), and the default runs/ split between the two folders (the first stage failed on the data
+    run_all had just written). The stages now run where run_all runs."""
+    user = tmp_path / "user"
+    (user / "data").mkdir(parents=True)
+    corpus = "".join(f"zebraquokka number {i} walks past the xylophone.\n" for i in range(3000))
+    (user / "data" / "tinyshakespeare.txt").write_text(corpus)  # the shipped file's relative name
+    env = {k: v for k, v in os.environ.items() if k != "FLUXCHAT_RUNS_DIR"}  # runs/ in the user's folder
+    command = [PYTHON, REPO / "pipeline" / "run_all.py", "--preset", "tiny", "--run_name", "elsewhere"]
+    command += ["--stages", "tokenizer", "--no_with_facts", "--train_file", "data/tinyshakespeare.txt"]
+    result = subprocess.run(list(map(str, command)), cwd=user, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    tokenizer = AutoTokenizer.from_pretrained(user / "runs" / "elsewhere" / "tokenizer")
+    assert len(tokenizer.tokenize(" zebraquokka")) <= 2, "trained on the user's file, not the project's"
+    assert not (REPO / "runs" / "elsewhere").exists()
+    assert sorted(p.name for p in (user / "runs" / "elsewhere").iterdir()) == ["summary.json", "tokenizer"]
