@@ -16,6 +16,7 @@ token, with the expected answer. Writes JSON (default: evaluation.json in the mo
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -147,6 +148,15 @@ def _pairs_from_files(args) -> dict[str, list[dict]]:
     return out
 
 
+def _identity(folder) -> tuple[int, int] | None:
+    """The folder as the file system knows it: a stage replaced by --overwrite is another folder renamed over it."""
+    try:
+        stat = os.stat(folder)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):  # `evaluate.py runs/demo ...`: the model as first argument
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.max_new_tokens, loading.context_length(loading.load_config(model_path))
     )
 
+    evaluated = _identity(model_path)
     tokenizer = loading.load_tokenizer(model_path)
     model = loading.load_model(model_path, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,6 +218,12 @@ def main(argv: list[str] | None = None) -> Path:
         unshown: OSError | None = err
     else:
         unshown = None
+    if output_file.parent.resolve() == Path(model_path).resolve() and _identity(model_path) != evaluated:
+        # `--overwrite` swapped a new stage in while this ran: these figures are the old model's, not its
+        fail(
+            f"{model_path} was replaced while this evaluation ran (--overwrite): its figures describe the model "
+            f"that was there before, so {output_file.name} was not written; evaluate it again"
+        )
     try:
         runs.write_json(output_file, report)
     except OSError as err:  # what check_writable cannot foresee: a read-only or virtual file system, a full disk

@@ -401,3 +401,32 @@ def test_a_run_folder_whose_later_stage_is_unfinished_says_which_stage_it_uses(t
     assert capsys.readouterr().err == f"note: sft in {run} not finished: using {run / 'pretrain'}\n"
     shutil.rmtree(run / "sft")
     assert loading.resolve_model(str(run)) == str(run / "pretrain") and capsys.readouterr().err == ""
+
+
+def test_a_stage_replaced_while_it_is_evaluated_gets_no_figures_of_the_old_model(tiny_run, tmp_path, monkeypatch):
+    """`evaluate.py runs/demo/sft` while `sft.py --overwrite` swaps a new stage in: the evaluation of the old model
+    was written into the new folder as if it were the new model's. The swap renames another folder over the path."""
+    from pipeline import evaluate
+
+    stage = tmp_path / "run" / "pretrain"
+    shutil.copytree(tiny_run / "pretrain", stage)
+    real = evaluation.evaluate_tasks
+
+    def evaluated_then_overwritten(*args, **kwargs):
+        result = real(*args, **kwargs)
+        shutil.copytree(stage, tmp_path / "run" / ".pretrain.overwrite")
+        stage.rename(tmp_path / "run" / ".pretrain.replaced")
+        (tmp_path / "run" / ".pretrain.overwrite").rename(stage)
+        return result
+
+    monkeypatch.setattr(evaluation, "evaluate_tasks", evaluated_then_overwritten)
+    code, error = run_main(evaluate.main, [stage, "--n_per_task", 2, "--max_new_tokens", 4])
+    assert (code, error) == (
+        2,
+        f"{stage} was replaced while this evaluation ran (--overwrite): its figures describe the model that was there "
+        "before, so evaluation.json was not written; evaluate it again",
+    )
+    assert not (stage / "evaluation.json").exists()
+    monkeypatch.setattr(evaluation, "evaluate_tasks", real)  # not replaced: written as ever
+    assert run_main(evaluate.main, [stage, "--n_per_task", 2, "--max_new_tokens", 4]) == (0, "")
+    assert (stage / "evaluation.json").is_file()
