@@ -319,6 +319,17 @@ class _HeldLoadReport(logging.Filter):
         self.records.clear()
 
 
+def adapter_task(path: str) -> str | None:
+    """The task_type of the LoRA adapter a folder holds (CAUSAL_LM, SEQ_CLS), None for a plain model folder."""
+    adapter = Path(path) / "adapter_config.json"
+    if (Path(path) / "config.json").is_file() or not adapter.is_file():
+        return None
+    try:
+        return str(json.loads(adapter.read_text(encoding="utf-8")).get("task_type"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
 def load_score_model(path: str, tokenizer, trained_as: str | None = None):
     """A model with one scalar output per sequence (reward or value), read at the last non-pad token.
 
@@ -328,6 +339,14 @@ def load_score_model(path: str, tokenizer, trained_as: str | None = None):
     """
     # transformers reports a missing score head in a MISSING table, meant as an alarm. Here a new head is the point,
     # or refused in one line (`trained_as`), and anything else amiss is said in one line too.
+    task = adapter_task(path)
+    if trained_as and task not in (None, "SEQ_CLS"):
+        # A language model's LoRA adapter (sft --use_peft --no_merge_adapter) loaded with a fresh random head and no
+        # missing key to show it: PPO and GRPO trained against noise, evaluate and the app reported it as a verdict.
+        fail(
+            f"{trained_as} {path} is a language model's LoRA adapter (task_type {task}), not a reward model: its "
+            "score head would start random; give a reward stage's folder (train one with pipeline/reward.py)"
+        )
     held = _HeldLoadReport()  # never released: see above
     try:
         with held:

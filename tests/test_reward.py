@@ -142,3 +142,27 @@ def test_an_unmerged_lora_reward_model_loads_for_evaluation(tiny_chat_chain, tmp
     pairs = tasks.preference_pairs("eval", n=6, corpus_file=SHAKESPEARE)
     result = evaluation.evaluate_reward_model(model, tokenizer, pairs, batch_size=3)
     assert result["n"] == 6 and math.isfinite(result["margin"])
+
+
+def test_a_language_models_lora_adapter_is_no_reward_model(tiny_run, tmp_path):
+    """`sft.py --use_peft --no_merge_adapter` leaves an adapter folder (no config.json): as a reward model it loaded
+    with a fresh random score head and no missing key to show it, so PPO and GRPO trained against noise and evaluate
+    and the app reported its scores. Refused like the merged language model's folder is."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import evaluate
+
+    adapter = tmp_path / "sft-adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_run / "pretrain")
+    lora = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"])
+    get_peft_model(base, lora).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_run / "pretrain").save_pretrained(adapter)
+    argv = [tiny_run / "pretrain", "--reward_model", adapter, "--n_per_task", 2, "--output_file", tmp_path / "e.json"]
+    code, error = run_main(evaluate.main, argv)
+    assert (code, error) == (
+        2,
+        f"--reward_model {adapter} is a language model's LoRA adapter (task_type CAUSAL_LM), not a reward model: its "
+        "score head would start random; give a reward stage's folder (train one with pipeline/reward.py)",
+    )
+    assert not (tmp_path / "e.json").exists()
