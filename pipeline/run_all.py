@@ -132,6 +132,20 @@ def check_accelerate_config(path: str) -> None:
     precision = str(getattr(config, "mixed_precision", None) or "no")
     if precision not in ("no", "fp16", "bf16", "fp8"):
         fail(f"--accelerate_config {path}: mixed_precision must be no, fp16, bf16 or fp8, got {precision!r}")
+    kind = str(getattr(getattr(config, "distributed_type", None), "value", getattr(config, "distributed_type", "")))
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:  # else an ImportError traceback at
+        fail(  # the first training stage, after the tokenizer ran
+            f"--accelerate_config {path} runs DeepSpeed, which is not installed: `pip install deepspeed` (it needs "
+            "GPUs and a CUDA toolkit), or choose another config"
+        )
+    processes, cores = getattr(config, "num_processes", 1) or 1, os.cpu_count() or 1
+    if on_cpu_only() and processes > cores:  # a GPU config on a CPU machine: it ran, 8 processes on 2 cores, silently
+        print(
+            f"note: --accelerate_config {path} starts {processes} processes and this machine has no GPU, only {cores} "
+            f"CPU cores: each process gets a share of them and a step trains {processes} batches; for CPUs, "
+            "configs/accelerate/cpu_2proc.yaml",
+            file=sys.stderr,
+        )
 
 
 def prepare_corpus(args: RunAllArguments, data_dir: Path, write: bool = True) -> tuple[list[str], list[str]]:

@@ -44,8 +44,21 @@ def test_recipe_parses_with_strict_keys_types_and_value_rules(preset, stage):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (CONFIGS_DIR / "accelerate").glob("*.yaml")))
-def test_accelerate_config_loads_as_run_all_and_accelerate_read_it(config):
-    run_all.check_accelerate_config(str(CONFIGS_DIR / "accelerate" / config))  # raises UsageError if not
+def test_accelerate_config_loads_as_run_all_and_accelerate_read_it(config, capsys):
+    import importlib.util
+
+    from fluxchat.config import on_cpu_only
+
+    path = str(CONFIGS_DIR / "accelerate" / config)
+    if config.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        # Refused before any stage: it was an ImportError traceback at pretraining, after the tokenizer ran.
+        with pytest.raises(UsageError, match=r"runs DeepSpeed, which is not installed: `pip install deepspeed`"):
+            run_all.check_accelerate_config(path)
+        return
+    run_all.check_accelerate_config(path)  # raises UsageError if not
+    processes = load_yaml(CONFIGS_DIR / "accelerate" / config).get("num_processes", 1)
+    many = on_cpu_only() and processes > (os.cpu_count() or 1)  # the GPU configs on a CPU machine: said, not silent
+    assert (f"note: --accelerate_config {path} starts {processes} processes" in capsys.readouterr().err) is many
 
 
 def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_refused(tmp_path):
