@@ -7,6 +7,7 @@ token-shaped removed, and a folder that contains the token is refused before any
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -118,6 +119,16 @@ def _holds_any(path: Path, secrets: set[bytes]) -> bool:
     return False
 
 
+def local_adapter_base(stage_dir: Path) -> Path | None:
+    """The local folder a LoRA adapter stage (`--use_peft --no_merge_adapter`) names as its base model, None for a
+    merged model or an adapter of a Hub model. Pushed as it is, the adapter loads nowhere that folder is missing."""
+    config = stage_dir / "adapter_config.json"
+    if (stage_dir / "config.json").is_file() or not config.is_file():
+        return None
+    base = str(json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or "")
+    return Path(base) if base and Path(base).exists() else None
+
+
 def push_stage(
     stage_dir: str | Path,
     repo_id: str,
@@ -127,17 +138,26 @@ def push_stage(
     commit_message: str | None = None,
     *,
     lineage_repos: dict[str, str] | None = None,
+    adapter_base_repo: str | None = None,
 ) -> str:
     """Push a finished stage folder to the model repo `repo_id` (created if needed); returns the repo URL.
 
     The model card is rewritten first with `base_model` and the Hub names. `token=None` uses the
-    standard login or HF_TOKEN.
+    standard login or HF_TOKEN. A LoRA adapter whose base is a local folder is pushed with `adapter_base_repo`, the
+    repo that folder is pushed to, as its base model.
     """
     stage_dir = Path(stage_dir)
     check_repo_id(repo_id)
     stage = cards.stage_of(stage_dir)
     if not runs.is_finished(stage_dir):
         fail(f"{stage_dir} holds no finished stage (no {runs.FINISHED_MARKER}): finish it before pushing")
+    local_base = local_adapter_base(stage_dir)
+    if local_base is not None and adapter_base_repo is None:
+        fail(
+            f"{stage_dir} holds a LoRA adapter whose base model is the local folder {local_base}, which would not be "
+            "on the Hub with it: push the whole run folder with pipeline/push.py (its base is pushed and named), or "
+            "merge the adapter (the default, --merge_adapter)"
+        )
     ensure_can_push(token)
     card = stage_dir / runs.CARD_FILE
     local_card = card.read_text(encoding="utf-8") if card.is_file() else None
@@ -152,8 +172,18 @@ def push_stage(
                 repo_id=repo_id,
                 token=token,
                 commit_message=commit_message or f"fluxchat {stage}: upload {stage_dir.parent.name}/{stage}",
-                ignore_patterns=IGNORE_PATTERNS,
+                ignore_patterns=IGNORE_PATTERNS + (["adapter_config.json"] if local_base is not None else []),
             )
+            if local_base is not None:  # the adapter's base named as the Hub will know it
+                config = json.loads((stage_dir / "adapter_config.json").read_text(encoding="utf-8"))
+                config["base_model_name_or_path"] = adapter_base_repo
+                api.upload_file(
+                    path_or_fileobj=(json.dumps(config, indent=2) + "\n").encode(),
+                    path_in_repo="adapter_config.json",
+                    repo_id=repo_id,
+                    token=token,
+                    commit_message=f"fluxchat {stage}: the adapter's base model is {adapter_base_repo}",
+                )
     except BaseException:
         # Not pushed: the local card goes back to what it was. The Hub's card would link repos that do not exist and
         # tell a reader to load the model from the Hub rather than from this folder.

@@ -31,6 +31,7 @@ from fluxchat.hub import (
     REPO_ID_PATTERN,
     base_repo,
     ensure_can_push,
+    local_adapter_base,
     push_space,
     push_stage,
     space_variables,
@@ -80,6 +81,21 @@ def resolve_run_folder(value: str) -> Path:
     return folder
 
 
+def adapter_base_repo(run_folder: Path, stage: str, repos: dict[str, str]) -> str | None:
+    """For a LoRA adapter stage trained on another stage of this run: that stage's repo, which the pushed adapter
+    must name as its base (it named the local folder, so it loaded nowhere else, the Space included)."""
+    base = local_adapter_base(run_folder / stage)
+    if base is None:
+        return None
+    for other, repo in repos.items():
+        if (run_folder / other).resolve() == base.resolve():
+            return repo
+    fail(
+        f"{run_folder / stage} holds a LoRA adapter whose base model is the local folder {base}, which is no finished "
+        "stage of this run and would not be on the Hub: merge the adapter (the default, --merge_adapter) and push that"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if argv and not argv[0].startswith("-"):
@@ -106,12 +122,20 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         fail(f"--space needs a model to serve, but {run_folder} has no finished pretrain, sft or ppo stage")
     if args.space and not (REPO_ROOT / "app.py").is_file():
         fail(f"--space: {REPO_ROOT / 'app.py'} does not exist; the Space runs app.py")
+    adapter_bases = {stage: adapter_base_repo(run_folder, stage, repos) for stage in selected}  # before any push
     ensure_can_push()
 
     pushed: dict[str, str] = {}
     for stage in selected:
         base = base_repo(stage, repos)
-        url = push_stage(run_folder / stage, repos[stage], private=args.private, base_model=base, lineage_repos=repos)
+        url = push_stage(
+            run_folder / stage,
+            repos[stage],
+            private=args.private,
+            base_model=base,
+            lineage_repos=repos,
+            adapter_base_repo=adapter_bases[stage],
+        )
         pushed[stage] = url
         print(f"pushed {stage:9s} -> {url}" + (f"  (base_model: {base})" if base else ""), flush=True)
     if args.space:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import PYTHON, REPO, run_main, run_script
@@ -242,3 +243,48 @@ def test_folder_holding_the_token_is_refused_and_an_unreachable_hub_is_one_line(
     # Nothing pushed, so no card rewritten: it linked alice's repos, which do not exist, and told readers to load
     # the model from the Hub instead of this folder.
     assert cards and all(card.read_bytes() == before for card, before in cards.items())
+
+
+def test_a_lora_adapter_is_pushed_naming_its_base_on_the_hub(tiny_run, tmp_path):
+    """`sft.py --use_peft --no_merge_adapter` leaves an adapter whose adapter_config.json names the local pretrain
+    folder: pushed as it was, it loaded nowhere that folder is missing (the pushed Space failed at start)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "runs" / "demo"
+    shutil.copytree(tiny_run, run)
+    base = AutoModelForCausalLM.from_pretrained(run / "pretrain")
+    get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"])).save_pretrained(
+        run / "sft"
+    )
+    AutoTokenizer.from_pretrained(run / "pretrain").save_pretrained(run / "sft")
+    runs.mark_finished(run / "sft", "sft")
+    local = json.loads((run / "sft" / "adapter_config.json").read_text())
+    assert Path(local["base_model_name_or_path"]).resolve() == (run / "pretrain").resolve()
+    outside = tmp_path / "elsewhere"  # an adapter of a folder this run does not hold: refused before any push
+    shutil.copytree(run / "sft", tmp_path / "runs" / "other" / "sft")
+    shutil.copytree(run / "pretrain", outside)
+    moved = {**local, "base_model_name_or_path": str(outside)}
+    (tmp_path / "runs" / "other" / "sft" / "adapter_config.json").write_text(json.dumps(moved))
+    with LocalHub(token=TOKEN) as hub:
+        refused = run_script(
+            PYTHON,
+            "pipeline/push.py",
+            tmp_path / "runs" / "other",
+            "--hub_user",
+            "alice",
+            env=hub_env(hub, tmp_path),
+            timeout=300,
+        )
+        assert refused.returncode == 2 and not hub.repos, refused.stderr
+        assert f"holds a LoRA adapter whose base model is the local folder {outside}" in refused.stderr
+        result = run_script(
+            PYTHON, "pipeline/push.py", run, "--hub_user", "alice", env=hub_env(hub, tmp_path), timeout=300
+        )
+        assert result.returncode == 0, result.stderr
+    pushed = json.loads(hub.files["alice/demo-sft"]["adapter_config.json"])
+    assert pushed == {**local, "base_model_name_or_path": "alice/demo-pretrain"}
+    assert (
+        hub.files["alice/demo-sft"]["adapter_model.safetensors"]
+        == (run / "sft" / "adapter_model.safetensors").read_bytes()
+    )
