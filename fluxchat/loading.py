@@ -210,11 +210,27 @@ def load_model_and_tokenizer(source: str, reward: bool = False, chat: bool = Fal
 
 
 def load_config(source: str):
-    """A model's config.json (for its context length) without loading its weights."""
+    """A model's config.json (for its context length) without loading its weights; for a LoRA adapter folder
+    (`--no_merge_adapter`, no config.json of its own) its base model's, which the adapter does not change."""
+    base = _adapter_base(source)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(base or source)
     except (OSError, ValueError) as err:
+        if base:  # "re-run the stage that wrote it" would write the same folder again
+            fail(f"{source} is a LoRA adapter of {base}, whose config cannot be read ({_one_line(err)})")
         fail(f"cannot read the model config in {source} ({_one_line(err)}): {_remedy(source)}")
+
+
+def _adapter_base(source: str) -> str | None:
+    """The base model a LoRA adapter folder names; None for a folder with a config.json of its own or a Hub id."""
+    if adapter_task(source) is None:
+        return None
+    try:
+        return json.loads((Path(source) / "adapter_config.json").read_text(encoding="utf-8"))[
+            "base_model_name_or_path"
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def refuse_replies_past_the_context(max_new_tokens: int, context: int) -> None:
@@ -276,6 +292,8 @@ def _align_config(model, tokenizer) -> None:
 
 def load_causal_lm(path: str, tokenizer):
     model = load_model(path).train()  # no vocab check: _align_config resizes for added chat tokens
+    if adapter_task(path) is not None:  # a LoRA adapter folder, merged into its base: peft left the base frozen
+        model.requires_grad_(True)
     _align_config(model, tokenizer)
     return model
 
@@ -347,12 +365,20 @@ def load_score_model(path: str, tokenizer, trained_as: str | None = None):
             f"{trained_as} {path} is a language model's LoRA adapter (task_type {task}), not a reward model: its "
             "score head would start random; give a reward stage's folder (train one with pipeline/reward.py)"
         )
+    # A reward (or value) model started from an SFT LoRA adapter: transformers loaded it with the adapter frozen on
+    # top, and training failed at the first step (no gradient). Its base model with the adapter merged in instead.
+    merged = load_model(path) if task == "CAUSAL_LM" else None
     held = _HeldLoadReport()  # never released: see above
     try:
         with held:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, use_safetensors=True, output_loading_info=True
+                _adapter_base(path) if merged is not None else path,
+                num_labels=1,
+                use_safetensors=True,
+                output_loading_info=True,
             )
+        if merged is not None:
+            model.base_model.load_state_dict(merged.base_model.state_dict())
     except Exception as err:  # OSError, SafetensorError (half-written weights), ValueError, ...
         fail(f"could not load a reward model from {path}: {held.mismatch() or _one_line(err)}")
     if trained_as and info["missing_keys"]:

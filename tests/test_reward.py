@@ -166,3 +166,41 @@ def test_a_language_models_lora_adapter_is_no_reward_model(tiny_run, tmp_path):
         "score head would start random; give a reward stage's folder (train one with pipeline/reward.py)",
     )
     assert not (tmp_path / "e.json").exists()
+
+
+def test_an_unmerged_sft_adapter_feeds_the_next_stages(tiny_run, tmp_path):
+    """`sft.py --use_peft --no_merge_adapter` is served by chat and the app, but evaluate and every later stage
+    failed on it: "cannot read the model config ...: re-run the stage that wrote it" (advice that writes the same
+    folder again), and a reward model started from it trained nothing (the adapter frozen on top). The adapter is
+    merged into its base: evaluate reads it, and the reward model starts from the merged weights."""
+    from fluxchat import loading
+    from pipeline import evaluate
+
+    adapter = tmp_path / "sft"
+    argv = ["--preset", "tiny", "--model_name_or_path", tiny_run / "pretrain", "--output_dir", adapter]
+    argv += ["--max_steps", 2, "--max_train_samples", 64, "--eval_examples", 0, "--eval_strategy", "no"]
+    argv += ["--save_strategy", "no", "--corpus_file", SHAKESPEARE, "--use_peft", "--no_merge_adapter"]
+    assert run_main(sft.main, argv) == (0, "")
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file()
+    report = tmp_path / "eval.json"
+    code, error = run_main(evaluate.main, [adapter, "--n_per_task", 2, "--max_new_tokens", 4, "--output_file", report])
+    assert code == 0, error
+    assert json.loads(report.read_text())["tasks"]["n"] == 14
+    tokenizer = loading.load_tokenizer(str(adapter))
+    start = loading.load_score_model(str(adapter), tokenizer).transformer.state_dict()  # what reward.py starts from
+    merged = loading.load_model(str(adapter)).transformer.state_dict()
+    assert all(torch.equal(merged[k], start[k]) for k in merged)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain").transformer.state_dict()
+    assert not all(torch.equal(base[k], start[k]) for k in base), "the adapter's change is in the reward model"
+    out = tmp_path / "reward"
+    argv = ["--preset", "tiny", "--model_name_or_path", adapter, "--output_dir", out, "--max_steps", 2]
+    argv += ["--max_train_samples", 64, "--eval_examples", 0, "--eval_baseline", "false", "--eval_strategy", "no"]
+    assert run_main(reward.main, [*argv, "--save_strategy", "no", "--corpus_file", SHAKESPEARE]) == (0, "")
+    trained = AutoModelForSequenceClassification.from_pretrained(out).transformer.state_dict()
+    assert not all(torch.equal(start[k], trained[k]) for k in start), "it trained"
+    # A policy started from it trains too (peft left the merged base frozen: "does not require grad")
+    from pipeline import dpo
+
+    argv = ["--preset", "tiny", "--model_name_or_path", adapter, "--output_dir", tmp_path / "dpo", "--max_steps", 2]
+    argv += ["--max_train_samples", 64, "--eval_examples", 0, "--eval_strategy", "no", "--save_strategy", "no"]
+    assert run_main(dpo.main, [*argv, "--corpus_file", SHAKESPEARE]) == (0, "")
