@@ -17,6 +17,7 @@ runs/<run_name>/dpo.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from trl import DPOConfig, DPOTrainer
 
 from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import parse_config, run_cli
+from fluxchat.config import main_process, parse_config, run_cli
 from fluxchat.report import describe_pairs, wilson_interval
 
 # Raised inside TRL's trainers on every step; nothing we can change.
@@ -144,6 +145,17 @@ def main(argv: list[str] | None = None) -> Path:
     run = training.plan_stage(args, "dpo", overwrite=script_args.overwrite, resume=script_args.resume)
     run_name = training.run_name(args)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
+    if args.precompute_ref_log_probs and args.world_size > 1:
+        # TRL computes them on every process but writes them to a cache file on the main one only, in the folder of
+        # its in-memory dataset, which is each process's own temporary folder: the others failed to open it (a
+        # FileNotFoundError traceback from every process) once every earlier stage of a 2-process chain had run.
+        args.precompute_ref_log_probs = False
+        if main_process():
+            print(
+                f"note: --precompute_ref_log_probs off with {args.world_size} processes: the reference model scores "
+                "each batch as it trains instead (slower, the same loss)",
+                file=sys.stderr,
+            )
 
     sft_path = runs.resolve_input(script_args.model_name_or_path, run_name, "sft")
     tokenizer = loading.load_chat_tokenizer(sft_path)

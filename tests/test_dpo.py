@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fluxchat import chat_format, loading, stage_data, tasks
 from fluxchat.config import UsageError
 from pipeline import dpo
-from tests.conftest import SHAKESPEARE, assert_chat_stage_files, run_main
+from tests.conftest import REPO, SHAKESPEARE, assert_chat_stage_files, run_main, run_script
 
 QUICK = ["--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", 0, "--corpus_file", SHAKESPEARE]
 DPO_FAST = [
@@ -209,3 +209,22 @@ def test_bad_inputs_are_one_line_and_write_nothing(sft_model, isolated_runs, tmp
     code, error = run_main(dpo.main, ["--preset", "tiny", "--run_name", "nosft"])
     assert code == 2 and "pipeline/sft.py" in error and "nosft" in error
     assert not (isolated_runs / "bad").exists() and not (isolated_runs / "nosft" / "dpo").exists()
+
+
+def test_dpo_on_two_processes_trains_with_the_recipe(sft_model, tmp_path):
+    """The tiny recipe precomputes the reference log-probs: TRL writes them to a cache file on the main process, in
+    its in-memory dataset's folder, each process's own temporary one, and the other process failed to open it (a
+    traceback from both, at the last stage of a 2-process chain). With several processes it is off, with a note."""
+    import sys
+
+    output = tmp_path / "dpo-ddp"
+    argv = [*DPO_FAST, "--max_steps", 2, "--eval_examples", 7, "--eval_strategy", "no"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    cmd += [REPO / "pipeline" / "dpo.py", *argv, "--model_name_or_path", sft_model, "--output_dir", output]
+    result = run_script(*cmd, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("note: --precompute_ref_log_probs off with 2 processes") == 1
+    assert (
+        json.loads((output / "stage_complete.json").read_text())["global_step"] == 2
+        and result.stdout.count("dpo done") == 1
+    )
