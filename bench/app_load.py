@@ -208,7 +208,11 @@ class Hostile:
             "event_data": None,
             "trigger_id": None,
         }
-        self.http.post(f"{self.url}/gradio_api/run/predict", json=body).raise_for_status()
+        response = self.http.post(f"{self.url}/gradio_api/run/predict", json=body)
+        if response.status_code == 413:  # longer than any request the app can need: refused before Gradio read it
+            self.refused[kind] += 1
+            return
+        response.raise_for_status()
         body = {
             "data": ["hello", None, 32, 0.8, 50, 0.95],
             "fn_index": self.chat_index,
