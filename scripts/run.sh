@@ -4,8 +4,10 @@
 # continues where it stopped.
 # Extra flags go to the orchestrator, e.g. --train_file my.txt --run_name mine
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# Run where it is started, as run_all.py runs its stages: relative paths in the flags (--train_file my.txt) and
+# runs/ mean what they mean in that folder (from the project folder, as the README shows, runs/ is the project's).
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
 export HF_HUB_DISABLE_TELEMETRY=1
 RUN=demo
 args=("$@")
@@ -15,9 +17,9 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --run_name=*) RUN=${args[$i]#--run_name=} ;;
   esac
 done
-.venv/bin/python pipeline/run_all.py --preset tiny --run_name "$RUN" "$@"
+"$ROOT/.venv/bin/python" "$ROOT/pipeline/run_all.py" --preset tiny --run_name "$RUN" "$@"
 # The sample needs a finished pretraining (`--stages tokenizer` alone makes none).
 PRETRAIN="${FLUXCHAT_RUNS_DIR:-runs}/$RUN/pretrain"
 if [ -f "$PRETRAIN/stage_complete.json" ]; then
-  .venv/bin/python pipeline/generate.py "$PRETRAIN" --prompt "ROMEO:" --max_new_tokens 60
+  "$ROOT/.venv/bin/python" "$ROOT/pipeline/generate.py" "$PRETRAIN" --prompt "ROMEO:" --max_new_tokens 60
 fi
