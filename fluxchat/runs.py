@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from fluxchat.config import UsageError, fail, main_process, resolved_config
+from fluxchat.config import REPO_ROOT, UsageError, fail, main_process, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 # The stages with --resume: continue from their newest whole checkpoint (TRL's PPOTrainer saves the policy only;
@@ -69,15 +69,17 @@ SUMMARY_FILE = "summary.json"  # pipeline/run_all.py's per-stage summary, in the
 DATA_DIR = "data"  # in the run folder: corpora pipeline/run_all.py writes for its stages
 
 # The command that produces each stage, for "run this first" errors.
-PRODUCER = {
-    "tokenizer": "python tokenizer/train.py --config configs/tiny/tokenizer.yaml --run_name {run}",
-    "pretrain": "accelerate launch pipeline/pretrain.py --config configs/tiny/pretrain.yaml --run_name {run}",
-    "sft": "accelerate launch pipeline/sft.py --config configs/tiny/sft.yaml --run_name {run}",
-    "reward": "accelerate launch pipeline/reward.py --config configs/tiny/reward.yaml --run_name {run}",
-    "ppo": "accelerate launch pipeline/ppo.py --config configs/tiny/ppo.yaml --run_name {run}",
-    "grpo": "accelerate launch pipeline/grpo.py --config configs/tiny/grpo.yaml --run_name {run}",
-    "dpo": "accelerate launch pipeline/dpo.py --config configs/tiny/dpo.yaml --run_name {run}",
-}
+_SCRIPTS = {stage: f"pipeline/{stage}.py" for stage in ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")}
+
+
+def producer(stage: str, run: str) -> str:
+    """The command that makes `stage` of run `run`, for a hint: the preset (configs/<preset>/ resolves from any
+    folder, a `--config configs/...` path only from the project's), the script by its full path from elsewhere."""
+    script = "tokenizer/train.py" if stage == "tokenizer" else _SCRIPTS[stage]
+    if Path.cwd().resolve() != REPO_ROOT.resolve():
+        script = str(REPO_ROOT / script)
+    launcher = "python" if stage == "tokenizer" else "accelerate launch"
+    return f"{launcher} {script} --preset tiny --run_name {run}"
 
 
 def runs_dir() -> Path:
@@ -142,12 +144,12 @@ def resolve_input(value: str | None, run_name: str, stage: str) -> str:
         return value
     folder = Path(value) if value else stage_dir(run_name, stage)
     if not folder.exists():
-        hint = PRODUCER[stage].format(run=run_name)
+        hint = producer(stage, run_name)
         fail(f"{folder} does not exist: run `{hint}` first, or pass a path with the matching flag")
     if not is_finished(folder) and not (
         value and _is_plain_model_dir(folder)
     ):  # the run's own stage folder must be finished
-        hint = PRODUCER[stage].format(run=run_name)
+        hint = producer(stage, run_name)
         fail(f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}): finish it with `{hint}`")
     return str(folder)
 

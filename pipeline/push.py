@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     for stage in args.stages or []:
         if stage not in repos:
             fail(
-                f"--stages {stage}: {run_folder / stage} is not a finished stage; produce it with `{runs.PRODUCER[stage].format(run=run_folder.name)}`"
+                f"--stages {stage}: {run_folder / stage} is not a finished stage; produce it with `{runs.producer(stage, run_folder.name)}`"
             )
     selected = [s for s in runs.STAGES if s in repos and (not args.stages or s in args.stages)]
     for stage in runs.STAGES:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             print(f"note: skipping {run_folder / stage}: not finished", file=sys.stderr)
     if not selected:
         fail(
-            f"{run_folder} has no finished stage to push: run `{runs.PRODUCER['tokenizer'].format(run=run_folder.name)}` and the stages after it"
+            f"{run_folder} has no finished stage to push: run `{runs.producer('tokenizer', run_folder.name)}` and the stages after it"
         )
     variables = space_variables(repos)
     model_repo = variables.get("FLUXCHAT_MODEL")

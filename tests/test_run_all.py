@@ -293,3 +293,19 @@ def test_run_all_from_another_folder_reads_and_writes_where_the_user_is(tmp_path
     assert len(tokenizer.tokenize(" zebraquokka")) <= 2, "trained on the user's file, not the project's"
     assert not (REPO / "runs" / "elsewhere").exists()
     assert sorted(p.name for p in (user / "runs" / "elsewhere").iterdir()) == ["summary.json", "tokenizer"]
+
+
+def test_a_hint_from_another_folder_is_a_command_that_runs_there(tmp_path):
+    """`python /path/pipeline/sft.py ...` from elsewhere, with no pretrained model: the hint said `accelerate launch
+    pipeline/pretrain.py --config configs/tiny/pretrain.yaml ...`, two paths that exist only in the project folder."""
+    env = {k: v for k, v in os.environ.items() if k != "FLUXCHAT_RUNS_DIR"}
+    command = [PYTHON, REPO / "pipeline" / "sft.py", "--preset", "tiny", "--run_name", "nothing"]
+    result = subprocess.run(
+        list(map(str, command)), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: runs/nothing/pretrain does not exist: run `accelerate launch {REPO / 'pipeline' / 'pretrain.py'} "
+        "--preset tiny --run_name nothing` first, or pass a path with the matching flag"
+    )
+    assert not (tmp_path / "runs").exists()
