@@ -49,6 +49,12 @@ for _name in ("transformers.modeling_utils", "transformers.generation.utils"):
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
+def command_path(relative: str) -> str:
+    """A project script (`pipeline/sft.py`) as a command names it: as is from the project folder, by its full path
+    from any other, where the relative path would name nothing (or another file)."""
+    return relative if Path.cwd().resolve() == REPO_ROOT.resolve() else str(REPO_ROOT / relative)
+
+
 class UsageError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 

@@ -122,10 +122,7 @@ def _holds_any(path: Path, secrets: set[bytes]) -> bool:
 def local_adapter_base(stage_dir: Path) -> Path | None:
     """The local folder a LoRA adapter stage (`--use_peft --no_merge_adapter`) names as its base model, None for a
     merged model or an adapter of a Hub model. Pushed as it is, the adapter loads nowhere that folder is missing."""
-    config = stage_dir / "adapter_config.json"
-    if (stage_dir / "config.json").is_file() or not config.is_file():
-        return None
-    base = str(json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or "")
+    base = str((runs.adapter_config(stage_dir) or {}).get("base_model_name_or_path") or "")
     return Path(base) if base and Path(base).exists() else None
 
 
@@ -175,8 +172,7 @@ def push_stage(
                 ignore_patterns=IGNORE_PATTERNS + (["adapter_config.json"] if local_base is not None else []),
             )
             if local_base is not None:  # the adapter's base named as the Hub will know it
-                config = json.loads((stage_dir / "adapter_config.json").read_text(encoding="utf-8"))
-                config["base_model_name_or_path"] = adapter_base_repo
+                config = {**runs.adapter_config(stage_dir), "base_model_name_or_path": adapter_base_repo}
                 api.upload_file(
                     path_or_fileobj=(json.dumps(config, indent=2) + "\n").encode(),
                     path_in_repo="adapter_config.json",

@@ -223,14 +223,8 @@ def load_config(source: str):
 
 def _adapter_base(source: str) -> str | None:
     """The base model a LoRA adapter folder names; None for a folder with a config.json of its own or a Hub id."""
-    if adapter_task(source) is None:
-        return None
-    try:
-        return json.loads((Path(source) / "adapter_config.json").read_text(encoding="utf-8"))[
-            "base_model_name_or_path"
-        ]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    base = (runs.adapter_config(source) or {}).get("base_model_name_or_path")
+    return str(base) if base else None
 
 
 def refuse_replies_past_the_context(max_new_tokens: int, context: int) -> None:
@@ -339,13 +333,8 @@ class _HeldLoadReport(logging.Filter):
 
 def adapter_task(path: str) -> str | None:
     """The task_type of the LoRA adapter a folder holds (CAUSAL_LM, SEQ_CLS), None for a plain model folder."""
-    adapter = Path(path) / "adapter_config.json"
-    if (Path(path) / "config.json").is_file() or not adapter.is_file():
-        return None
-    try:
-        return str(json.loads(adapter.read_text(encoding="utf-8")).get("task_type"))
-    except (OSError, ValueError, AttributeError):
-        return "unreadable"
+    config = runs.adapter_config(path)
+    return None if config is None else str(config.get("task_type", "unreadable"))
 
 
 def load_score_model(path: str, tokenizer, trained_as: str | None = None):

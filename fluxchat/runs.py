@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from fluxchat.config import REPO_ROOT, UsageError, fail, main_process, resolved_config
+from fluxchat.config import UsageError, command_path, fail, main_process, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 # The stages with --resume: continue from their newest whole checkpoint (TRL's PPOTrainer saves the policy only;
@@ -69,17 +69,37 @@ SUMMARY_FILE = "summary.json"  # pipeline/run_all.py's per-stage summary, in the
 DATA_DIR = "data"  # in the run folder: corpora pipeline/run_all.py writes for its stages
 
 # The command that produces each stage, for "run this first" errors.
-_SCRIPTS = {stage: f"pipeline/{stage}.py" for stage in ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")}
+# Each stage's script, in chain order (run_all.py runs them; "run this first" errors name them).
+SCRIPTS = {
+    "tokenizer": "tokenizer/train.py",
+    "pretrain": "pipeline/pretrain.py",
+    "sft": "pipeline/sft.py",
+    "reward": "pipeline/reward.py",
+    "ppo": "pipeline/ppo.py",
+    "grpo": "pipeline/grpo.py",
+    "dpo": "pipeline/dpo.py",
+}
 
 
 def producer(stage: str, run: str) -> str:
-    """The command that makes `stage` of run `run`, for a hint: the preset (configs/<preset>/ resolves from any
-    folder, a `--config configs/...` path only from the project's), the script by its full path from elsewhere."""
-    script = "tokenizer/train.py" if stage == "tokenizer" else _SCRIPTS[stage]
-    if Path.cwd().resolve() != REPO_ROOT.resolve():
-        script = str(REPO_ROOT / script)
+    """The command that makes `stage` of run `run`, for a hint that runs from the user's folder: the preset (a
+    `--config configs/...` path resolves only in the project folder), the script by `command_path`."""
     launcher = "python" if stage == "tokenizer" else "accelerate launch"
-    return f"{launcher} {script} --preset tiny --run_name {run}"
+    return f"{launcher} {command_path(SCRIPTS[stage])} --preset tiny --run_name {run}"
+
+
+def adapter_config(folder: str | Path) -> dict | None:
+    """The adapter_config.json of a LoRA adapter folder (`--use_peft --no_merge_adapter`: no config.json of its
+    own), None for any other folder; {} where it cannot be read."""
+    folder = Path(folder)
+    path = folder / "adapter_config.json"
+    if (folder / "config.json").is_file() or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def runs_dir() -> Path:

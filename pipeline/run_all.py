@@ -42,6 +42,7 @@ from fluxchat.config import (
     REPO_ROOT,
     Interrupted,
     UsageError,
+    command_path,
     fail,
     load_yaml,
     on_cpu_only,
@@ -51,15 +52,7 @@ from fluxchat.config import (
     run_cli,
 )
 
-SCRIPTS = {
-    "tokenizer": "tokenizer/train.py",
-    "pretrain": "pipeline/pretrain.py",
-    "sft": "pipeline/sft.py",
-    "reward": "pipeline/reward.py",
-    "ppo": "pipeline/ppo.py",
-    "grpo": "pipeline/grpo.py",
-    "dpo": "pipeline/dpo.py",
-}
+SCRIPTS = runs.SCRIPTS  # stage -> its script, in chain order
 TEXT_READERS = ("tokenizer", "pretrain", "sft")  # the stages that read the generated texts in runs/<name>/data/
 REPORT = "report"  # after evaluate: every chat stage on the same held-out items (pipeline/evaluate.py --report)
 CORPORA = ("tinyshakespeare", "embedded")
@@ -210,20 +203,13 @@ def corpus_task_flags(text_file: str | None) -> list[str]:
     return ["--tasks", *OFFLINE_TASKS]
 
 
-def script(relative: str) -> str:
-    """A stage's script as its command names it. Stages run in the user's folder, as run_all does: their relative
-    paths (--train_file, --stage_args files, FLUXCHAT_RUNS_DIR, the runs/ folder and the data run_all writes there)
-    mean what they mean to the user; run from the project root the command reads as the README's."""
-    return relative if Path.cwd().resolve() == REPO_ROOT.resolve() else str(REPO_ROOT / relative)
-
-
 def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
     if stage == "evaluate":
         run = runs.run_dir(args.run_name)
         policy = runs.latest_stage(run) or run / "ppo"
         cmd = [
             sys.executable,
-            script("pipeline/evaluate.py"),
+            command_path("pipeline/evaluate.py"),
             str(policy),
             "--output_file",
             str(run / runs.EVALUATION_FILE),
@@ -233,11 +219,11 @@ def stage_command(args, stage, corpus_files, task_flags, extra) -> list[str]:
         return cmd + task_flags + extra
     if stage == REPORT:
         return (
-            [sys.executable, script("pipeline/evaluate.py"), str(runs.run_dir(args.run_name)), "--report"]
+            [sys.executable, command_path("pipeline/evaluate.py"), str(runs.run_dir(args.run_name)), "--report"]
             + task_flags
             + extra
         )
-    cmd = launcher(args, stage) + [script(SCRIPTS[stage]), "--preset", args.preset, "--run_name", args.run_name]
+    cmd = launcher(args, stage) + [command_path(SCRIPTS[stage]), "--preset", args.preset, "--run_name", args.run_name]
     if stage in ("tokenizer", "pretrain"):
         cmd += ["--train_file", *corpus_files]
     else:
@@ -269,7 +255,7 @@ def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
             fail(f"--stage_args {stage}:{owned[0]}: the chain sets where its stages write; give run_all --run_name")
         path = "pipeline/evaluate.py" if stage in ("evaluate", REPORT) else SCRIPTS[stage]
         if any(f in ("-h", "--help") for f in flags):  # it printed the stage's help as run_all's, and exited 0
-            fail(f"--stage_args {stage}:--help: a stage's flags are listed by `python {script(path)} --help`")
+            fail(f"--stage_args {stage}:--help: a stage's flags are listed by `python {command_path(path)} --help`")
         # By path: run as a script, run_all has pipeline/ on sys.path, not the folder above it.
         spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / path)
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
