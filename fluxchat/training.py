@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,14 +368,30 @@ def train(trainer, run: StageRun):
         signum = stop.signum or signal.SIGINT  # stopped by another process's signal: said as Ctrl-C
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signum", signal.SIGINT)
-    except RuntimeError as err:
+    except (RuntimeError, OSError, EOFError) as err:
         # SIGTERM sent to every process (a cluster's preemption) reaches the data-loader workers too, and torch ends
         # them at once (its own handler): the next batch fails. Stopped all the same, at the last saved checkpoint.
-        if stop is None or stop.signum != signal.SIGTERM or "DataLoader worker" not in str(err):
+        if stop is None or stop.signum != signal.SIGTERM or not _data_loader_failed(err):
             raise
         signum = signal.SIGTERM
     _close_progress_bar(trainer)
     raise Interrupted(next_step_after_interrupt(run), signum) from None
+
+
+def _data_loader_failed(err: BaseException) -> bool:
+    """Whether the error is the data loader losing its workers: torch's own "DataLoader worker (pid N) is killed"
+    or, where a worker died while handing over a batch's shared memory, the socket that carried it failing under
+    the main process (ConnectionResetError in `recvmsg`, seen once in a CI run of the suite). An error a worker
+    raised itself (a file it could not read) reaches the main process re-raised by torch, not through
+    multiprocessing's own frames, and is no stop."""
+    if isinstance(err, RuntimeError) and "DataLoader worker" in str(err):
+        return True
+    files = [frame.filename for frame in traceback.extract_tb(err.__traceback__)]
+    return (
+        isinstance(err, (OSError, EOFError))
+        and any(f.endswith(os.path.join("torch", "utils", "data", "dataloader.py")) for f in files)
+        and any(os.sep + "multiprocessing" + os.sep in f for f in files)
+    )
 
 
 def refuse_diverged(trainer, run: StageRun) -> None:

@@ -430,3 +430,41 @@ def test_workers_killed_by_the_stop_are_not_reported_but_other_unraisable_errors
     assert capsys.readouterr().err == ""
     Loader("something else went wrong")
     assert "Exception ignored" in capsys.readouterr().err
+
+
+def test_a_worker_dying_while_it_hands_over_a_batch_counts_as_the_stop_but_its_own_errors_do_not(monkeypatch):
+    """The race behind a CI failure of the SIGTERM-to-the-group test: the worker died while passing a batch's shared
+    memory, and the main process's socket failed under it (ConnectionResetError in `recvmsg`, not torch's "DataLoader
+    worker is killed"). Reproduced here by making that socket fail; an error the dataset raises in a worker is still
+    the user's error, not a stop."""
+    import multiprocessing.reduction
+
+    from torch.utils.data import DataLoader
+
+    from fluxchat import training
+
+    def first_error(loader):
+        try:
+            next(iter(loader))
+        except (RuntimeError, OSError, EOFError) as err:
+            return err
+        raise AssertionError("the loader did not fail")
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise FileNotFoundError("shard-00.bin")
+
+    own = first_error(DataLoader(Unreadable(), num_workers=1))
+    assert isinstance(own, FileNotFoundError) and not training._data_loader_failed(own)
+
+    def reset(*args, **kwargs):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(multiprocessing.reduction, "recvfds", reset)
+    died = first_error(DataLoader([torch.zeros(4) for _ in range(4)], num_workers=1))
+    assert isinstance(died, ConnectionResetError) and training._data_loader_failed(died)
+    assert training._data_loader_failed(RuntimeError("DataLoader worker (pid 9208) is killed by signal: Terminated."))
+    assert not training._data_loader_failed(RuntimeError("CUDA out of memory"))
