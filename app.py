@@ -351,9 +351,18 @@ class ChatService:
                 f"Message too long: {len(text):,} characters, the limit is {self.max_message_chars:,}. Please shorten it."
             )
 
-    def _stream(self, model: ChatModel, messages: list[dict], sampling: Sampling, session: str) -> Iterator[str]:
+    def _stream(
+        self,
+        model: ChatModel,
+        messages: list[dict],
+        sampling: Sampling,
+        session: str,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
         """The reply so far, growing piece by piece; the prompt is trimmed to the context and rendered once, here.
-        An unexpected failure reaches the user as a plain message; its details go to the server log only."""
+        An unexpected failure reaches the user as a plain message; its details go to the server log only.
+        `stats` receives the reply's numbers (and whether it ended its turn)."""
+        stats = stats if stats is not None else GenerationStats()
         try:
             prompt = model.prepare(messages, sampling.max_new_tokens)
             logger.debug(
@@ -362,7 +371,6 @@ class ChatService:
                     {"session": session, "model": model.source, "messages": prompt.messages}, ensure_ascii=False
                 ),
             )
-            stats = GenerationStats()
             reply = ""
             for piece in model.stream(prompt, sampling, stats):
                 reply += piece
@@ -428,7 +436,8 @@ class ChatService:
         )
 
     def _compare(self, prompt, max_new_tokens, temperature, top_k, top_p, model_a, model_b, request):
-        """compare()'s updates, each with the two models that answer (for the feedback record)."""
+        """compare()'s updates, each with the two models that answer and their replies' stats (for the feedback
+        record)."""
         names = self.check_choice(model_a, "A"), self.check_choice(model_b, "B")
         text = message_text(prompt)
         self.check_message(text)
@@ -436,12 +445,13 @@ class ChatService:
         models = [self.choice_model(name) for name in names]
         messages = self.start + [{"role": "user", "content": text}]
         session = session_of(request)
+        stats = [GenerationStats(), GenerationStats()]
         first = second = ""
-        for first in self._stream(models[0], messages, sampling, session):
-            yield first, second, "", models
-        for second in self._stream(models[1], messages, sampling, session):
-            yield first, second, "", models
-        yield first, second, self.score_table(messages, first, second), models
+        for first in self._stream(models[0], messages, sampling, session, stats[0]):
+            yield first, second, "", models, stats
+        for second in self._stream(models[1], messages, sampling, session, stats[1]):
+            yield first, second, "", models, stats
+        yield first, second, self.score_table(messages, first, second), models, stats
 
     def compare_and_remember(
         self,
@@ -460,12 +470,13 @@ class ChatService:
         update = ()
         for update in self._compare(prompt, max_new_tokens, temperature, top_k, top_p, model_a, model_b, request):
             yield *update[:3], None, *locked
-        first, second, scores, models = update
+        first, second, scores, models, stats = update
         conversation = self.start + [{"role": "user", "content": message_text(prompt)}]
         unlocked = [gr.update(interactive=True)] * len(FEEDBACK_BUTTONS)
         # The id: the feedback buttons run in parallel, and each click reads this same state until one empties it.
         last = {"id": uuid.uuid4().hex, "conversation": conversation, "A": first, "B": second}
         last.update(model_a=models[0].source, model_b=models[1].source)
+        last.update(A_ended=stats[0].ended_turn, B_ended=stats[1].ended_turn)
         yield first, second, scores, last, *unlocked
 
     def pick(self, name, side: str) -> tuple:
@@ -487,7 +498,17 @@ class ChatService:
         """A feedback button: one line in the feedback file; the comparison can be rated once. Clicks on A, B and
         Tie may be handled at the same time, all reading the same comparison: the first claims it, the others are
         refused (a write that fails gives the claim back, so the comparison can still be rated)."""
-        if not last or not self.claim(last.get("id")):
+        if not last or last.get("id") in self.rated:
+            self.refuse(NOTHING_TO_RATE)
+        if choice in ("A", "B"):  # what reward.py and dpo.py would learn to prefer: refused, the comparison kept
+            if not last[choice].strip():
+                self.refuse(f"Not recorded: reply {choice} is empty, and an empty reply cannot be the better one.")
+            if not last.get(f"{choice}_ended"):
+                self.refuse(
+                    f"Not recorded: reply {choice} was cut off at the max new tokens, and would be learned as a "
+                    "finished reply. Raise the limit and compare again, or rate it a tie."
+                )
+        if not self.claim(last.get("id")):
             self.refuse(NOTHING_TO_RATE)
         record = feedback.make_record(
             last["conversation"], last["A"], last["B"], choice, last["model_a"], last["model_b"]

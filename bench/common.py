@@ -19,9 +19,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
+# The workplace's shared copy (../shared/data, or FLUXCHAT_SHARED_DATA) where there is one, else the identical file
+# the project ships: a fresh clone on its own benchmarks too.
 SHAKESPEARE = (
     Path(os.environ.get("FLUXCHAT_SHARED_DATA", REPO.parent / "shared" / "data")) / "pretrain" / "tinyshakespeare.txt"
 )
+if not SHAKESPEARE.is_file():
+    SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 
 # Benchmarks never touch the network (TRL/transformers ping the Hub otherwise).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

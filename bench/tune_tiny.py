@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import SHAKESPEARE
+
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
 TRIALS = REPO / "bench" / "results" / "tuning_trials.jsonl"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,14 +54,24 @@ def default_corpus(flag: str = "--train_file") -> Path:
 
 
 def expand_files(paths: list[str], flag: str = "--train_file", check: bool = True) -> list[Path]:
-    """Files named directly or found in folders; each must exist and be non-empty (and, `check`, be UTF-8)."""
+    """Files named directly or found in folders; each must exist and be non-empty (and, `check`, be UTF-8).
+
+    A folder's hidden files and folders are left out, as git and `datasets` leave them: a Jupyter autosave
+    (`.ipynb_checkpoints/x-checkpoint.txt`) is a copy whose held-out tail would be trained on beside the original's.
+    A file reached twice (named and in its folder) is read once: each reading would double its weight unsaid."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix in TEXT_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
-                fail(f"{flag} {path}: folder has no {'/'.join(TEXT_SUFFIXES)} files")
+                fail(f"{flag} {path}: folder has no {'/'.join(TEXT_SUFFIXES)} files (hidden ones left out)")
             files += found
         elif path.is_file():
             if path.suffix not in TEXT_SUFFIXES:
@@ -68,6 +79,13 @@ def expand_files(paths: list[str], flag: str = "--train_file", check: bool = Tru
             files.append(path)
         else:
             fail(f"{flag} {path}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    for path in files:
+        seen.setdefault(path.resolve(), path)
+    if len(seen) < len(files):
+        twice = next(p for p in files if seen[p.resolve()] is not p)
+        print(f"note: {flag}: {twice} is named more than once; read once", file=sys.stderr, flush=True)
+    files = list(seen.values())
     for path in files:
         if path.stat().st_size == 0:
             fail(f"{flag} {path}: file is empty")
@@ -228,6 +246,15 @@ def text_sources(
         ]
     files = expand_files(train_files, check=False) if train_files else [default_corpus()]
     return [TextSource(str(p), "txt" if p.suffix == ".txt" else "rows", path=p) for p in files]
+
+
+def describe_sources(sources: list[TextSource], shown: int = 3) -> str:
+    """For the stage's log: which text it read ("2 files: a.txt, b.jsonl"), so a folder's surprise is seen."""
+    names = [source.name for source in sources]
+    if len(names) == 1:
+        return names[0]
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"{len(names)} files: {listed}"
 
 
 def check_sources(sources: list[TextSource]) -> None:

@@ -229,6 +229,13 @@ def stage_repos(run_folder: Path, hub_user: str) -> dict[str, str]:
     }
 
 
+def existing_repos(repos: dict[str, str], token: str | None = None) -> dict[str, str]:
+    """Those of `repos` the Hub already holds (pushed by an earlier command)."""
+    api = HfApi()
+    with hub_errors("checking which of the run's repos are on the Hub", token):
+        return {stage: repo for stage, repo in repos.items() if api.repo_exists(repo, token=token)}
+
+
 def base_repo(stage: str, repos: dict[str, str]) -> str | None:
     """The repo of the nearest finished stage this one was trained from (none for tokenizer/pretrain)."""
     parent = cards.PARENT_STAGE.get(stage)
@@ -247,14 +254,20 @@ def _gradio_version() -> str:
     return match.group(1) if match else DEFAULT_GRADIO_VERSION
 
 
+SPACE_VARIABLES = ("FLUXCHAT_MODEL", "FLUXCHAT_COMPARE_MODEL", "FLUXCHAT_REWARD_MODEL")  # what app.py reads
+
+
 def space_variables(repos: dict[str, str]) -> dict[str, str]:
-    """The Space variables app.py reads: the best chat model, the stage before it to compare with, the reward model."""
+    """The Space variables app.py reads, from the repos that are on the Hub: the best chat model, the model to
+    compare it with (SFT, which PPO, GRPO and DPO start from, as app.py picks for a run folder; else the next
+    best), the reward model."""
     served = [s for s in runs.CHAT_STAGES if s in repos]  # what the Space serves, best first
     if not served:
         return {}
     variables = {"FLUXCHAT_MODEL": repos[served[0]]}
-    if len(served) > 1 and served[0] != "pretrain":
-        variables["FLUXCHAT_COMPARE_MODEL"] = repos[served[1]]
+    others = served[1:] if served[0] != "pretrain" else []
+    if others:
+        variables["FLUXCHAT_COMPARE_MODEL"] = repos["sft" if "sft" in others else others[0]]
     if "reward" in repos:
         variables["FLUXCHAT_REWARD_MODEL"] = repos["reward"]
     return variables
@@ -319,8 +332,14 @@ def push_space(
                 token=token,
                 commit_message=f"fluxchat app for {run_name}",
             )
+            present = {}
             for key, value in variables.items():
-                api.add_space_variable(
+                present = api.add_space_variable(
                     space_id, key, value, description="fluxchat model repo app.py serves", token=token
                 )
+            # A variable an earlier push set and this one does not (a compare model no longer pushed) would serve
+            # the old repo beside the new one.
+            for key in SPACE_VARIABLES:
+                if key in present and key not in variables:
+                    api.delete_space_variable(space_id, key, token=token)
     return str(url)

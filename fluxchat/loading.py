@@ -135,10 +135,13 @@ def refuse_score_model(source: str, architectures: list[str] | None = None, hint
         )
 
 
-def refuse_language_model(source: str) -> None:
+def refuse_language_model(source: str, architectures: list[str] | None = None) -> None:
     """The other way round: a language model's folder where a reward model is wanted would load with a fresh,
-    random score head (transformers makes one) and score noise. Its config.json says which it is."""
-    language_models = [name for name in _architectures(source) if name.endswith(("LMHeadModel", "ForCausalLM"))]
+    random score head (transformers makes one) and score noise. Its config.json says which it is (`architectures`
+    None: read from the folder; a Hub id passes, and is checked once loaded)."""
+    if architectures is None:
+        architectures = _architectures(source)
+    language_models = [name for name in architectures if name.endswith(("LMHeadModel", "ForCausalLM"))]
     if language_models:
         fail(
             f"{source} is a language model ({language_models[0]}), not a reward model: give a reward stage's folder, "
@@ -179,6 +182,8 @@ def load_model(source: str, tokenizer=None, reward: bool = False, hint: str = ""
         fail(
             f"cannot load a model from {where} (only safetensors weights are loaded): {held.mismatch() or _one_line(err)}"
         )
+    if reward:  # a Hub id: known only once its config is here, and said before transformers' missing-head table
+        refuse_language_model(source, model.config.architectures or [])
     held.release()  # loaded all the same (missing or unused weights): transformers' table is the warning it means
     if not reward:
         refuse_score_model(
@@ -385,10 +390,12 @@ def load_score_model(path: str, tokenizer, trained_as: str | None = None):
     return model
 
 
-def check_same_tokenizer(tokenizer, other_path: str, what: str) -> None:
+def check_same_tokenizer(tokenizer, other_path: str, what: str, against: str = "the policy") -> None:
+    """A model scoring another's replies reads them as that model's token ids: with another tokenizer (even one of the
+    same size, trained on another corpus) every score is noise."""
     other = AutoTokenizer.from_pretrained(other_path)
     if other.get_vocab() != tokenizer.get_vocab():
-        fail(f"{what} {other_path} uses a different tokenizer than the policy: train it from the same SFT model")
+        fail(f"{what} {other_path} uses a different tokenizer than {against}: train it from the same SFT model")
 
 
 def device_of(model):

@@ -77,6 +77,8 @@ class GenerationStats:
     new_tokens: int = 0
     first_token_seconds: float | None = None  # from the call to the first generated token
     total_seconds: float = 0.0
+    last_token: int | None = None
+    ended_turn: bool = False  # the reply ended with an end-of-turn token, not cut at max_new_tokens (or stopped)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -134,6 +136,8 @@ def _timed_streamer(tokenizer, stats: GenerationStats, start: float):
             if stats.first_token_seconds is None:
                 stats.first_token_seconds = time.perf_counter() - start
             stats.new_tokens += value.numel()
+            if value.numel():
+                stats.last_token = int(value.reshape(-1)[-1])
             return super().put(value)
 
     return TimedStreamer(tokenizer, skip_prompt=True, timeout=STREAM_TIMEOUT_SECONDS, skip_special_tokens=True)
@@ -235,6 +239,7 @@ class ChatModel:
             stats.total_seconds = time.perf_counter() - start
         if failures:
             raise failures[0]
+        stats.ended_turn = stats.last_token in self.stop_ids
 
     def reply(self, messages: list[dict], sampling: Sampling, stats: GenerationStats | None = None) -> str:
         return "".join(self.stream(messages, sampling, stats))

@@ -7,13 +7,16 @@ oldest whole turns through `chat_format.trim_to_context`, the one trimming rule.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
+from pathlib import Path
 from typing import NoReturn
 
+import yaml
 from datasets import Dataset, concatenate_datasets
 
-from fluxchat import chat_format, formats, tasks
+from fluxchat import chat_format, formats, runs, tasks
 from fluxchat.arguments import StageArguments
 from fluxchat.config import UsageError, fail
 
@@ -103,9 +106,11 @@ def _none_fit(max_length: int, counts: dict, held_out: bool) -> NoReturn:
 
 def preference_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: bool = False):
     """Dataset with `chosen_ids` / `rejected_ids` for RewardTrainer. Over-long prompts lose their
-    oldest turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts)."""
+    oldest turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept, with
+    the prompts as trimmed): held-out accuracy is scored on exactly what the eval set holds."""
     columns = {"chosen_ids": [], "rejected_ids": []}
     counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
+    kept = []
     prompts = [list(pair.get("prompt") or []) for pair in pairs]
     rendered = chat_format.render_scored_many(
         tokenizer, [prompt + pair[key] for prompt, pair in zip(prompts, pairs) for key in ("chosen", "rejected")]
@@ -126,12 +131,14 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: 
             counts["trimmed"] += 1
             chosen = chat_format.render_scored(tokenizer, prompt + pair["chosen"])
             rejected = chat_format.render_scored(tokenizer, prompt + pair["rejected"])
+            pair = {**pair, "prompt": prompt}
         columns["chosen_ids"].append(chosen)
         columns["rejected_ids"].append(rejected)
         counts["pairs"] += 1
+        kept.append(pair)
     if not counts["pairs"]:
         _none_fit(max_length, counts, held_out)
-    return Dataset.from_dict(columns), counts
+    return Dataset.from_dict(columns), counts, kept
 
 
 def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: bool = False):
@@ -296,6 +303,32 @@ def split_preferences(stage_args: StageArguments, eval_fraction: float, seed: in
         )
     train_pairs, heldout_pairs = formats.split_heldout(pairs, eval_fraction, seed)
     return train_pairs, heldout_pairs, n_identical
+
+
+def stage_heldout_pairs(stage_dir: Path, source: str) -> list[dict] | None:
+    """The pairs of the preference file `source` that the reward stage in `stage_dir` held out, split again exactly
+    as it split them (its config.yaml's --dataset, --max_train_samples, --eval_fraction and --seed): the ones it
+    never trained on. None where the stage did not read `source`."""
+    try:
+        config = yaml.safe_load((Path(stage_dir) / runs.CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("dataset"), list) or "eval_fraction" not in config:
+        return None
+    target = Path(source).resolve()
+    named = [d for d in config["dataset"] if d != formats.BUILTIN and Path(d).resolve() == target]
+    if not named:
+        return None
+    known = {f.name for f in dataclasses.fields(StageArguments)}
+    try:
+        stage_args = StageArguments(**{key: value for key, value in config.items() if key in known})
+        _, heldout, _ = split_preferences(stage_args, config["eval_fraction"], config["seed"])
+    except (UsageError, ValueError, TypeError) as err:
+        fail(
+            f"--pairs_file {source}: {stage_dir} trained on part of it, but its split cannot be made again ({err}); "
+            "score a file it never read"
+        )
+    return [pair for pair in heldout if pair["source"] in named]
 
 
 def evaluable_tasks(stage_args: StageArguments) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fluxchat import cards, evaluation, formats, loading, runs, tasks
+from fluxchat import cards, evaluation, formats, loading, runs, stage_data, tasks
 from fluxchat import report as stage_reports
 from fluxchat.config import UsageError, fail, parse_config, run_cli
 
@@ -60,7 +60,7 @@ class EvaluateArguments:
     pairs_heldout_fraction: float | None = field(
         default=None,
         metadata={
-            "help": "Score only the held-out part of --pairs_file, split as formats.formats.split_heldout(rows, fraction, --seed) splits it for the reward stage; default all pairs."
+            "help": "Score only this fraction of each --pairs_file, split by --seed; default all pairs. A file the --reward_model's stage trained on is always scored on the pairs that stage held out, split again as it split them."
         },
     )
     max_pairs: int = field(
@@ -136,9 +136,21 @@ def _examples(args) -> list[dict]:
     )
 
 
-def _pairs_from_files(args) -> dict[str, list[dict]]:
+def _pairs_from_files(args, reward_path: str | None) -> dict[str, list[dict]]:
+    """Each --pairs_file's pairs to score. Of a file the reward stage trained on, only those it held out, split
+    again as it split them: a third of a --pairs_heldout_fraction split of the file alone had been trained on."""
     out = {}
     for source in args.pairs_file or []:
+        heldout = stage_data.stage_heldout_pairs(Path(reward_path), source) if reward_path else None
+        if heldout is not None:
+            print(
+                f"note: {source}: scoring the {len(heldout)} pairs {reward_path} held out (it trained on the others)",
+                file=sys.stderr,
+            )
+            if not heldout:
+                fail(f"--pairs_file {source}: {reward_path} held none of its pairs out; score a file it never read")
+            out[source] = heldout[: args.max_pairs]
+            continue
         rows, dropped = formats.load_preferences([source], corpus_file=args.corpus_file)
         if dropped:
             print(f"note: {source}: dropped {dropped} pairs with chosen == rejected", file=sys.stderr)
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> Path:
     model_path = loading.resolve_model(args.model)
     reward_path = loading.resolve_model(args.reward_model, "reward_model") if args.reward_model else None
     examples = _examples(args)
-    file_pairs = _pairs_from_files(args)
+    file_pairs = _pairs_from_files(args, reward_path)
     if args.output_file:
         output_file = Path(args.output_file)
     elif Path(model_path).is_dir():
@@ -191,6 +203,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     evaluated = _identity(model_path)
     tokenizer = loading.load_tokenizer(model_path)
+    if reward_path:  # before the evaluation: its scores of another tokenizer's ids would be noise
+        loading.check_same_tokenizer(tokenizer, reward_path, "--reward_model", against=model_path)
     model = loading.load_model(model_path, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -281,6 +295,9 @@ def stage_report(args) -> Path:
         reward_path = loading.resolve_model(args.reward_model, "reward_model")
     else:
         reward_path = str(run / "reward") if runs.is_finished(run / "reward") else None
+    for stage in stages if reward_path else ():  # before any stage is scored: another tokenizer's ids are noise
+        stage_tokenizer = loading.load_tokenizer(str(run / stage))
+        loading.check_same_tokenizer(stage_tokenizer, reward_path, "--reward_model", against=str(run / stage))
     examples = _examples(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> Path:
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * world
     training.logger.info(
         f"pretrain: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, context {block_size}, "
-        f"{len(train_tokens):,} train / {0 if val_tokens is None else len(val_tokens):,} val tokens, "
+        f"{len(train_tokens):,} train / {0 if val_tokens is None else len(val_tokens):,} val tokens "
+        f"from {data.describe_sources(sources)}, "
         f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es) x {torch.get_num_threads()} thread(s), "
         f"{'bf16 autocast' if args.bf16 else 'fp16 autocast' if args.fp16 else 'fp32'}"
     )
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> Path:
         "tokens_per_second": round(result.global_step * tokens_per_step / max(train_seconds, 1e-9), 1),
         "global_step": result.global_step,
         "ranks": ranks,
+        "sources": [source.name for source in sources],
     }
     training.finish_stage(trainer, run, metrics, push_request=push_request)
     if trainer.is_world_process_zero():

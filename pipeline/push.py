@@ -10,8 +10,9 @@ optionally a Gradio Space that chats with the final model.
 Every finished stage becomes <hub_user>/<run_name>-<stage>; its model card is rewritten first with
 the Hub names (base_model = the previous stage's repo: sft <- pretrain, reward and ppo <- sft).
 Checkpoints, optimizer states, logs and training_args.bin stay local. The Space runs app.py with Space
-variables naming its models: FLUXCHAT_MODEL = the ppo repo (else sft, else pretrain),
-FLUXCHAT_COMPARE_MODEL = the stage before it, FLUXCHAT_REWARD_MODEL = the reward repo.
+variables naming its models, among the repos this command pushes or an earlier one did: FLUXCHAT_MODEL =
+the ppo repo (else grpo, dpo, sft, pretrain), FLUXCHAT_COMPARE_MODEL = the sft repo it started from (else the
+next of those), FLUXCHAT_REWARD_MODEL = the reward repo.
 
 The token comes from the standard login or HF_TOKEN and is never printed or written: errors from the
 Hub are reduced to one line with anything token-shaped removed, and a folder that contains the token
@@ -31,12 +32,16 @@ from fluxchat.hub import (
     REPO_ID_PATTERN,
     base_repo,
     ensure_can_push,
+    existing_repos,
     local_adapter_base,
     push_space,
     push_stage,
     space_variables,
     stage_repos,
 )
+
+# What a Space can serve or score with: the chat models and the reward model.
+SPACE_STAGES = (*runs.CHAT_STAGES, "reward")
 
 
 @dataclass
@@ -116,14 +121,25 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         fail(
             f"{run_folder} has no finished stage to push: run `{runs.producer('tokenizer', run_folder.name)}` and the stages after it"
         )
-    variables = space_variables(repos)
-    model_repo = variables.get("FLUXCHAT_MODEL")
-    if args.space and model_repo is None:
-        fail(f"--space needs a model to serve, but {run_folder} has no finished pretrain, sft or ppo stage")
+    # The Space serves what this command pushes, and what an earlier one did (checked once a push can happen):
+    # variables naming every finished stage sent it, after `--stages tokenizer pretrain sft`, to a ppo repo that
+    # was never pushed, and it stopped at start.
+    pushing = {stage: repos[stage] for stage in selected}
+    if args.space and space_variables(repos).get("FLUXCHAT_MODEL") is None:
+        fail(f"--space needs a model to serve, but {run_folder} has no finished pretrain, sft, ppo, grpo or dpo stage")
     if args.space and not (REPO_ROOT / "app.py").is_file():
         fail(f"--space: {REPO_ROOT / 'app.py'} does not exist; the Space runs app.py")
     adapter_bases = {stage: adapter_base_repo(run_folder, stage, repos) for stage in selected}  # before any push
     ensure_can_push()
+    if args.space:
+        earlier = existing_repos({s: r for s, r in repos.items() if s not in pushing and s in SPACE_STAGES})
+        variables = space_variables({**earlier, **pushing})
+        if "FLUXCHAT_MODEL" not in variables:
+            served = ", ".join(s for s in runs.CHAT_STAGES if s in repos)
+            fail(f"--space: no model for it to serve is on the Hub or in --stages: add one of {served} to --stages")
+    else:
+        variables = space_variables(pushing)
+    model_repo = variables.get("FLUXCHAT_MODEL")
 
     pushed: dict[str, str] = {}
     for stage in selected:
@@ -141,6 +157,12 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     if args.space:
         pushed["space"] = push_space(args.space, variables, run_folder.name, private=args.private)
         print(f"pushed {'space':9s} -> {pushed['space']}  ({', '.join(f'{k}={v}' for k, v in variables.items())})")
+        if args.private:  # else its first start fails: "cannot load the tokenizer ... HF_TOKEN for a private model"
+            print(
+                f"note: the Space and its models are private: add a secret HF_TOKEN (a read token) in the Space's "
+                f"settings (https://huggingface.co/spaces/{args.space}/settings) so it can load them",
+                file=sys.stderr,
+            )
     if model_repo:
         print(f"chat with it: python pipeline/chat.py {model_repo}")
     return pushed

@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> Path:
     train_pairs, heldout_pairs, n_identical = stage_data.split_preferences(
         script_args, script_args.eval_fraction, args.seed
     )
-    train_set, counts = stage_data.preference_dataset(tokenizer, train_pairs, args.max_length)
-    eval_set, eval_counts = stage_data.preference_dataset(tokenizer, heldout_pairs, args.max_length, held_out=True)
+    train_set, counts, _ = stage_data.preference_dataset(tokenizer, train_pairs, args.max_length)
+    eval_set, eval_counts, heldout_pairs = stage_data.preference_dataset(
+        tokenizer, heldout_pairs, args.max_length, held_out=True
+    )
     builtin_pairs = stage_data.task_pairs(script_args)  # the tasks that can run here (see evaluable_tasks)
     if args.eval_strategy == "no":
         eval_set = None

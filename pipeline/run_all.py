@@ -369,12 +369,64 @@ def note_stale_later_stages(args: RunAllArguments, stage: str, extra: dict[str, 
 
 
 def report_is_current(run: Path) -> bool:
-    """report.json exists and covers exactly the chat stages finished now (a stage added later re-runs it)."""
+    """report.json exists, covers exactly the chat stages finished now (a stage added later re-runs it) and is newer
+    than every one of them (a stage redone by its own command re-runs it too)."""
     try:
         report = json.loads((run / stage_reports.REPORT_JSON).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and report.get("stages") == stage_reports.report_stages(run)
+    current = isinstance(report, dict) and report.get("stages") == stage_reports.report_stages(run)
+    return current and newer_than_every_stage(run / stage_reports.REPORT_JSON, run)
+
+
+def newer_than_every_stage(path: Path, run: Path) -> bool:
+    """`path` was written after every finished stage of the run: an evaluation or report from before a stage was
+    redone (`sft.py --overwrite` by hand) describes a model that is no longer there."""
+    finished = [runs.stage_dir(run.name, s) / runs.FINISHED_MARKER for s in SCRIPTS]
+    try:
+        written = path.stat().st_mtime
+        return all(written >= marker.stat().st_mtime for marker in finished if marker.is_file())
+    except OSError:
+        return False
+
+
+def _summary_rows(run: Path) -> list[dict]:
+    try:
+        rows = json.loads((run / runs.SUMMARY_FILE).read_text()).get("stages") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [row for row in rows if isinstance(row, dict) and "stage" in row] if isinstance(rows, list) else []
+
+
+def ran_with(run: Path, stage: str) -> list[str]:
+    """The --stage_args the run's last evaluate or report ran with (as summary.json records them)."""
+    rows = [row for row in _summary_rows(run) if row["stage"] == stage and row.get("status") == "ran"]
+    return list(rows[-1].get("flags") or []) if rows else []
+
+
+def merged_summary(run: Path, rows: list[dict]) -> list[dict]:
+    """This command's rows, and the earlier rows of stages it did not run (`--stages report`, or a rerun that
+    skips finished stages, kept no trace of the chain's timings), in chain order."""
+    by_stage = {row["stage"]: row for row in _summary_rows(run)}
+    by_stage.update({row["stage"]: row for row in rows if row["status"] == "ran" or row["stage"] not in by_stage})
+    order = [*SCRIPTS, "evaluate", REPORT]
+    return sorted(
+        by_stage.values(), key=lambda row: order.index(row["stage"]) if row["stage"] in order else len(order)
+    )
+
+
+def note_unapplied_stage_args(args: RunAllArguments, extra: dict[str, list[str]]) -> None:
+    """--stage_args for a stage this command does not run say so, not silently nothing."""
+    for stage, flags in extra.items():
+        shown = " ".join(flags)
+        if stage not in args.stages:
+            print(f"note: --stage_args {stage}:{shown} not applied: {stage} is not in --stages", flush=True)
+        elif stage in SCRIPTS and runs.is_finished(runs.stage_dir(args.run_name, stage)) and not redo(flags):
+            print(
+                f"note: --stage_args {stage}:{shown} not applied: {stage} is finished and is skipped; add "
+                f"{stage}:--overwrite to train it again with them",
+                flush=True,
+            )
 
 
 def _flatten(d: dict) -> dict:
@@ -412,6 +464,7 @@ def main(argv: list[str] | None = None) -> Path:
             )
         extra.setdefault(stage, []).append(flag)
     check_stage_args(args.preset, extra)
+    note_unapplied_stage_args(args, extra)
 
     if args.accelerate_config:
         check_accelerate_config(args.accelerate_config)
@@ -422,10 +475,12 @@ def main(argv: list[str] | None = None) -> Path:
     ran = []  # the stages this command trains: an evaluation or report from before describes other models
     for stage in args.stages:
         folder = run if stage in ("evaluate", REPORT) else runs.stage_dir(args.run_name, stage)
+        same_flags = ran_with(run, stage) == extra.get(stage, [])  # other evaluate/report flags: made again
         if stage == "evaluate":
-            done = (run / runs.EVALUATION_FILE).is_file() and not ran
+            evaluation = run / runs.EVALUATION_FILE
+            done = evaluation.is_file() and newer_than_every_stage(evaluation, run) and not ran and same_flags
         elif stage == REPORT:
-            done = report_is_current(run) and not ran
+            done = report_is_current(run) and not ran and same_flags
         else:
             done = runs.is_finished(folder) and not redo(extra.get(stage, []))
             if runs.is_finished(folder) and not done:
@@ -443,11 +498,12 @@ def main(argv: list[str] | None = None) -> Path:
             fail(
                 f"stage {stage} failed (exit {code}) after {seconds}s: fix the error above and re-run the same command to continue"
             )
-        summary.append({"stage": stage, "status": "ran", "seconds": seconds, "metric": key_metric(stage, folder)})
+        row = {"stage": stage, "status": "ran", "seconds": seconds, "metric": key_metric(stage, folder)}
+        summary.append({**row, "flags": extra.get(stage, [])})
         if stage in SCRIPTS:
             ran.append(stage)
 
-    runs.write_json(run / runs.SUMMARY_FILE, {"preset": args.preset, "stages": summary})
+    runs.write_json(run / runs.SUMMARY_FILE, {"preset": args.preset, "stages": merged_summary(run, summary)})
     total = sum(s["seconds"] or 0 for s in summary)
     print(f"\n{'stage':<10} {'status':<8} {'wall':>8}  key metric")
     for s in summary:

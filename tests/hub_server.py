@@ -7,7 +7,7 @@
 Implements what huggingface_hub 2.4 calls to create repos and commit small files (see
 /work/shared/HF-NOTES.md): POST /api/repos/create, /api/validate-yaml, /api/<type>s/<id>/preupload/<rev>
 (every file "regular", so no LFS/Xet transfer), /api/<type>s/<id>/commit/<rev> (NDJSON, base64 files),
-/api/spaces/<id>/variables, GET /api/<type>s/<id> (repo info) and HEAD/GET .../resolve/<rev>/<path>.
+/api/spaces/<id>/variables (POST and DELETE), GET /api/<type>s/<id> (repo info) and HEAD/GET .../resolve/<rev>/<path>.
 Records every request (method, path, headers), the repos, their files and Space variables. With a
 `token`, requests without `Authorization: Bearer <token>` get 401, as the Hub answers a bad token.
 """
@@ -180,6 +180,19 @@ class HubHandler(BaseHTTPRequestHandler):
         self._send(404, {"error": f"no route for GET {path}"})
 
     do_HEAD = do_GET
+
+    def do_DELETE(self):
+        path = self._record()
+        body = self._body()
+        if not self._authorized():
+            return
+        if m := re.fullmatch(rf"/api/spaces/{REPO}/variables", path):
+            with self.hub.lock:
+                variables = self.hub.variables.setdefault(m["repo"], {})
+                variables.pop(json.loads(body)["key"], None)
+                answer = {k: {"value": v} for k, v in variables.items()}
+            return self._send(200, answer)
+        self._send(404, {"error": f"no route for DELETE {path}"})
 
     def _create_repo(self, payload: dict):
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]

@@ -163,13 +163,33 @@ def test_a_failed_feedback_write_shows_the_file_name_and_logs_the_path(model, tm
     service = app.ChatService(model, compare_model=model, feedback_log=feedback.FeedbackLog(path))
     *_, (_, _, _, last, *_) = service.compare_and_remember("speak, friend", **SAMPLING)
     with caplog.at_level(logging.INFO, logger="fluxchat.app"), pytest.raises(gr.Error) as raised:
-        service.record_choice("A", last)
+        service.record_choice("tie", last)
     assert raised.value.message == "cannot open the feedback file fb.jsonl: No such file or directory"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors == [f"feedback A not recorded: cannot open the feedback file {path}: No such file or directory"]
+    assert errors == [f"feedback tie not recorded: cannot open the feedback file {path}: No such file or directory"]
     path.parent.mkdir()
-    assert service.record_choice("A", last)[0].startswith("Recorded:")
-    assert json.loads(path.read_text())["choice"] == "A"
+    assert service.record_choice("tie", last)[0].startswith("Recorded:")
+    assert json.loads(path.read_text())["choice"] == "tie"
+
+
+def test_a_blank_or_cut_off_reply_cannot_be_chosen_and_the_comparison_stays_rateable(model, tmp_path):
+    """A whitespace reply chosen as the better one made reward.py and dpo.py refuse the whole feedback file ("field
+    'chosen' is empty"), every later choice included; a reply cut at the token limit was learned as a finished turn
+    (rendered through <|end|>). Both are refused before anything is written; a tie is still recorded."""
+    path = tmp_path / "fb.jsonl"
+    service = app.ChatService(model, compare_model=model, feedback_log=feedback.FeedbackLog(path))
+    *_, (first, second, _, last, *_) = service.compare_and_remember("speak, friend", **SAMPLING)
+    assert first.strip() and not last["A_ended"], "the pretrained model never ends its turn: cut at the limit"
+    with pytest.raises(gr.Error) as cut:
+        service.record_choice("A", last)
+    assert cut.value.message.startswith("Not recorded: reply A was cut off at the max new tokens")
+    with pytest.raises(gr.Error) as blank:
+        service.record_choice("B", {**last, "B": " \t", "B_ended": True})
+    assert blank.value.message == "Not recorded: reply B is empty, and an empty reply cannot be the better one."
+    assert not path.exists()
+    ended = {**last, "A_ended": True}  # as a reply that ended its turn
+    assert service.record_choice("A", ended)[0] == "Recorded: A is better. Thank you!"
+    assert json.loads(path.read_text())["chosen"] == [{"role": "assistant", "content": first}]
 
 
 def test_model_resolution(tiny_run, monkeypatch):
@@ -324,7 +344,9 @@ def test_the_app_compares_any_two_stages_of_a_run(two_stage_run, tmp_path):
         client = Client(url, verbose=False)
         by_default = client.predict(prompt, *greedy, api_name="/compare")  # A: the served sft, B: pretrain
         picked = client.predict(prompt, *greedy, "pretrain", "sft", api_name="/compare")
-        client.predict(api_name="/feedback_a")  # "A is better": A was pretrain
+        with pytest.raises(Exception, match="Not recorded: reply A was cut off"):  # neither model ends its turn
+            client.predict(api_name="/feedback_a")
+        client.predict(api_name="/feedback_tie")  # the same comparison, still rateable
         for junk in ("ppo", stages["sft"]):
             with pytest.raises(Exception, match=r"Unknown model for A: .*Choose one of: sft, pretrain"):
                 client.predict(prompt, *greedy, junk, "sft", api_name="/compare")
@@ -350,5 +372,5 @@ def test_the_app_compares_any_two_stages_of_a_run(two_stage_run, tmp_path):
     assert log.count(f"loading {stages['pretrain']} for the Compare tab") == 1, "loaded on first use, then kept"
     assert "Traceback" not in log, "a refused pick is one message, no traceback"
     line = json.loads((two_stage_run / "feedback.jsonl").read_text())
-    assert (line["model_a"], line["model_b"], line["choice"]) == (stages["pretrain"], stages["sft"], "A")
+    assert (line["model_a"], line["model_b"], line["choice"]) == (stages["pretrain"], stages["sft"], "tie")
     assert line["chosen"][0]["content"] == expected["pretrain"] and line["rejected"][0]["content"] == expected["sft"]

@@ -69,6 +69,20 @@ def test_the_library_has_no_import_cycle():
     )
 
 
+def test_no_library_module_imports_a_command():
+    """The library sits under the commands: a `from pipeline import ...` in fluxchat/ would make a command's
+    module (and its argument parsing) part of every other command."""
+    commands = {"pipeline", "tokenizer", "app", "bench", "tests"}
+    offenders = []
+    for path in sorted(LIBRARY.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] in commands]
+    assert not offenders, offenders
+
+
 def test_no_command_edits_sys_path():
     offenders = []
     for path in COMMANDS + sorted(LIBRARY.glob("*.py")):

@@ -70,6 +70,16 @@ def test_pairs_are_rendered_like_chat_and_cut_at_the_end_of_turn(sft_model):
     for build in (stage_data.dpo_pair_dataset, stage_data.preference_dataset):
         with pytest.raises(UsageError, match=r"^no held-out preference pair fits in 64 tokens .*raise it, or shorten"):
             build(tokenizer, [long], 64, held_out=True)
+    # The reward stage scored its held-out accuracy on every held-out pair, those it had dropped as too long (their
+    # start cut off mid-turn) and those it had trimmed as given: n no longer matched "N held out". It scores the
+    # pairs its eval set holds, with the prompts as trimmed.
+    history = [{"role": "user", "content": "an old turn " * 30}, {"role": "assistant", "content": "yes"}]
+    trimmed = {**pair, "prompt": history + pair["prompt"]}
+    _, counts, kept = stage_data.preference_dataset(tokenizer, [pair, long, trimmed], 64)
+    assert counts == {"pairs": 2, "trimmed": 1, "dropped_too_long": 1} and kept == [
+        pair,
+        {**pair, "prompt": pair["prompt"]},
+    ]
 
 
 def test_dpo_learns_its_pairs_from_builtin_a_trl_file_and_app_feedback(sft_model, isolated_runs, tmp_path):

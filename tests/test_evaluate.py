@@ -430,3 +430,29 @@ def test_a_stage_replaced_while_it_is_evaluated_gets_no_figures_of_the_old_model
     monkeypatch.setattr(evaluation, "evaluate_tasks", real)  # not replaced: written as ever
     assert run_main(evaluate.main, [stage, "--n_per_task", 2, "--max_new_tokens", 4]) == (0, "")
     assert (stage / "evaluation.json").is_file()
+
+
+def test_a_reward_model_of_another_tokenizer_is_refused_before_any_scoring(tiny_run, tmp_path):
+    """Two runs' BPE tokenizers of one size but other corpora map the same ids to other tokens: evaluate.py scored
+    the evaluated model's ids with the other run's reward model and printed noise as its accuracy (PPO and GRPO
+    refused it). Simulated by two tokens trading ids."""
+    from transformers import AutoModelForSequenceClassification
+
+    reward_dir = tmp_path / "reward"
+    AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1).save_pretrained(reward_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_run / "pretrain" / name).is_file():
+            shutil.copy(tiny_run / "pretrain" / name, reward_dir / name)
+    spec = json.loads((reward_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (reward_dir / "tokenizer.json").write_text(json.dumps(spec))
+    output = tmp_path / "evaluation.json"
+    expected = f"--reward_model {reward_dir} uses a different tokenizer than {tiny_run / 'pretrain'}"
+    code, error = run_main(
+        evaluate.main, [tiny_run / "pretrain", "--reward_model", reward_dir, "--output_file", output]
+    )
+    assert code == 2 and error.startswith(expected) and not output.exists(), error
+    code, error = run_main(evaluate.main, [tiny_run, "--report", "--reward_model", reward_dir])
+    assert code == 2 and error.startswith(expected) and not (tiny_run / "report.json").exists(), error

@@ -176,9 +176,11 @@ def test_app_feedback_flags_are_checked(tiny_run, tmp_path):
     assert feedback.feedback_path(str(earlier), str(tiny_run / "pretrain")) == earlier
 
 
-def test_browser_choice_is_appended_and_a_reward_run_reads_it(tiny_run, isolated_runs, tmp_path):
-    """A user compares twice in the Compare tab and clicks 'A is better', then 'B is better' (and 'Tie' once):
-    the file gets one line per click, the buttons lock after a choice, and reward.py trains on the file."""
+def test_browser_choice_is_appended_and_a_reward_run_reads_it(tiny_run, tiny_chat_chain, isolated_runs, tmp_path):
+    """A user compares an SFT model (A, which ends its turns) with the pretrained one (B, cut at the token limit)
+    twice in the Compare tab: "B is better" is refused (a cut-off reply would be learned as a finished one), "A is
+    better" and then "Tie" are recorded, one line per click, the buttons lock after a choice, and reward.py trains
+    on the file."""
     from bench.common import running_app
     from tests.test_browser import CHROMIUM_FLAGS, browser_or_skip
 
@@ -187,38 +189,44 @@ def test_browser_choice_is_appended_and_a_reward_run_reads_it(tiny_run, isolated
 
     from pipeline import reward
 
-    model = tiny_run / "pretrain"
+    model, other = tiny_chat_chain / "sft", tiny_run / "pretrain"
     path = tmp_path / "feedback.jsonl"
-    flags = ["--compare_model", model, "--collect_feedback", "--feedback_file", path, "--max_new_tokens", 8]
-    with running_app(model, tmp_path / "app.log", *flags) as (url, _), sync_playwright() as playwright:
+    flags = ["--compare_model", other, "--collect_feedback", "--feedback_file", path, "--max_new_tokens", 8]
+    with (
+        running_app(model, tmp_path / "app.log", *flags, "--temperature", 0) as (url, _),
+        sync_playwright() as playwright,
+    ):
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
         try:
             page = browser.new_page()
             page.goto(url)
             page.get_by_role("tab", name="Compare").click()
             shown = []
-            for prompt, choice in [
-                ("What is 12+30?", "A is better"),
-                ("Repeat after me: quiet river", "B is better"),
-                ("Hello", "Tie"),
+            for prompt, refused, choice in [
+                ("What is 12+30?", "B is better", "A is better"),
+                ("Hello", None, "Tie"),
             ]:
                 page.get_by_label("Prompt").fill(prompt)
                 page.get_by_role("button", name="Compare", exact=True).click()
                 button = page.get_by_role("button", name=choice)
                 expect(button).to_be_enabled(timeout=60_000)  # unlocked once both replies are in
-                shown.append([page.get_by_label(f"{side}: {model}").input_value() for side in "AB"])
+                boxes = [page.get_by_label(f"A: {model}"), page.get_by_label(f"B: {other}")]
+                shown.append([box.input_value() for box in boxes])
+                if refused:
+                    page.get_by_role("button", name=refused).click()
+                    expect(page.get_by_text("Not recorded: reply B was cut off").first).to_be_visible(timeout=30_000)
+                    expect(button).to_be_enabled()  # the comparison can still be rated
                 button.click()
-                expect(page.get_by_text("Recorded:")).to_be_visible(timeout=30_000)
+                expect(page.get_by_text(f"Recorded: {choice.replace('Tie', 'a tie')}")).to_be_visible(timeout=30_000)
                 expect(button).to_be_disabled()  # each comparison is rated once
         finally:
             browser.close()
 
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [line["choice"] for line in lines] == ["A", "B", "tie"]
+    assert [line["choice"] for line in lines] == ["A", "tie"]
     assert lines[0]["conversation"] == [{"role": "user", "content": "What is 12+30?"}]
     assert lines[0]["chosen"][0]["content"] == shown[0][0] and lines[0]["rejected"][0]["content"] == shown[0][1]
-    assert lines[1]["chosen"][0]["content"] == shown[1][1] and lines[1]["rejected"][0]["content"] == shown[1][0]
-    assert lines[0]["model_a"] == lines[0]["model_b"] == str(model)
+    assert lines[0]["model_a"] == str(model) and lines[0]["model_b"] == str(other)
 
     # Identical models replying greedily give chosen == rejected: such pairs are dropped, so add one real pair.
     feedback.FeedbackLog(path).append(

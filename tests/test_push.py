@@ -288,3 +288,47 @@ def test_a_lora_adapter_is_pushed_naming_its_base_on_the_hub(tiny_run, tmp_path)
         hub.files["alice/demo-sft"]["adapter_model.safetensors"]
         == (run / "sft" / "adapter_model.safetensors").read_bytes()
     )
+
+
+def test_the_space_serves_only_models_on_the_hub_and_compares_with_sft(tiny_run, tmp_path):
+    """`--stages tokenizer pretrain sft --space` named the run's unpushed ppo repo as the Space's model (it stopped
+    at start), and the Space compared PPO with GRPO where app.py compares with SFT, which PPO started from."""
+    run = make_run(tiny_run, tmp_path)
+    for stage in ("ppo", "grpo"):  # finished stages of the run, pushed later or never
+        shutil.copytree(run / "sft", run / stage)
+        runs.mark_finished(run / stage, stage)
+
+    def push_space(hub, *flags):
+        return run_script(
+            PYTHON, "pipeline/push.py", run, "--hub_user", "alice", "--space", "alice/demo-chat", *flags,
+            env=hub_env(hub, tmp_path), timeout=300,
+        )  # fmt: skip
+
+    with LocalHub(token=TOKEN) as hub:
+        refused = push_space(hub, "--stages", "tokenizer")
+        assert refused.returncode == 2 and not hub.repos, refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "error: --space: no model for it to serve is on the Hub or in --stages: add one of ppo, grpo, sft, "
+            "pretrain to --stages"
+        )
+        first = push_space(hub, "--stages", "tokenizer", "pretrain", "sft", "--private")
+        assert first.returncode == 0, first.stderr
+        assert hub.variables["alice/demo-chat"] == {
+            "FLUXCHAT_MODEL": "alice/demo-sft",
+            "FLUXCHAT_COMPARE_MODEL": "alice/demo-pretrain",
+        }
+        assert "chat with it: python pipeline/chat.py alice/demo-sft" in first.stdout
+        assert "note: the Space and its models are private: add a secret HF_TOKEN" in first.stderr
+        second = push_space(hub, "--stages", "ppo", "grpo")  # sft and pretrain are on the Hub from the first
+        assert second.returncode == 0, second.stderr
+        assert hub.variables["alice/demo-chat"] == {
+            "FLUXCHAT_MODEL": "alice/demo-ppo",
+            "FLUXCHAT_COMPARE_MODEL": "alice/demo-sft",
+        }
+        assert "HF_TOKEN" not in second.stderr
+        shutil.rmtree(run / "grpo")
+        shutil.rmtree(run / "sft")
+        shutil.rmtree(run / "pretrain")
+        third = push_space(hub, "--stages", "ppo")  # nothing of the run left to compare with: the old pair goes
+        assert third.returncode == 0, third.stderr
+    assert hub.variables["alice/demo-chat"] == {"FLUXCHAT_MODEL": "alice/demo-ppo"}

@@ -7,11 +7,15 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fluxchat import chat_format, evaluation, tasks
-from pipeline import reward, sft
+from fluxchat import chat_format, evaluation, loading, stage_data, tasks
+from fluxchat.arguments import StageArguments
+from fluxchat.config import UsageError
+from pipeline import evaluate, reward, sft
 from tests.conftest import DATA, SHAKESPEARE, run_main
 
 HH_RLHF = DATA / "pref" / "hh-rlhf_helpful-base_test.jsonl.gz"
@@ -43,7 +47,7 @@ def _write_jsonl(path, rows):
 
 
 def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_accuracy(
-    tiny_run, isolated_runs, tmp_path
+    tiny_run, isolated_runs, tmp_path, capsys
 ):
     shutil.copytree(tiny_run, isolated_runs / "demo")
     code, error = run_main(reward.main, ["--preset", "tiny", "--run_name", "demo"])
@@ -101,9 +105,10 @@ def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_acc
     builtin, heldout = metrics["eval"]["builtin"], metrics["eval"]["heldout"]
     assert builtin["n"] == 14 and 0 <= builtin["accuracy"] <= 1 and metrics["reward_accuracy"] == builtin["accuracy"]
     assert metrics["reward_accuracy_by_flaw"] == builtin["per_flaw"] and sum(builtin["n_per_flaw"].values()) == 14
-    assert heldout["n"] == 5  # 5% of the 98 usable pairs
+    assert heldout["n"] == metrics["data"]["heldout"]["pairs"] <= 5  # 5% of the 98 usable pairs, as many as fit
     by_source = metrics["eval"]["heldout_by_source"]
-    assert set(by_source) == {str(path) for path in sources} and sum(r.get("n", 0) for r in by_source.values()) == 5
+    assert set(by_source) == {str(path) for path in sources}
+    assert sum(r.get("n", 0) for r in by_source.values()) == heldout["n"]
     assert metrics["data"]["train"]["dropped_too_long"] > 0
     history = json.loads((stage / "log_history.json").read_text())
     train_logs = [entry for entry in history if "accuracy" in entry and "loss" in entry]
@@ -123,6 +128,26 @@ def test_reward_model_from_the_run_dir_learns_its_pairs_and_reports_held_out_acc
     assert abs(evaluation.score_conversations(model, tokenizer, [conversation])[0] - float(direct)) < 1e-4
     learned = evaluation.evaluate_reward_model(model, tokenizer, pairs)  # the pairs it trained on
     assert learned["accuracy"] >= 0.7 and learned["margin"] > 0, learned
+
+    # evaluate.py on a file this stage trained on scores only the pairs it held out, split again as it split them
+    # (a --pairs_heldout_fraction split of the file alone had held out pairs the stage trained on); on a file it
+    # never read, the whole file.
+    config = yaml.safe_load((stage / "config.yaml").read_text())
+    stage_args = StageArguments(**{k: config[k] for k in ("dataset", "corpus_file", "max_train_samples")})
+    trained, heldout, _ = stage_data.split_preferences(stage_args, config["eval_fraction"], config["seed"])
+    held_pairs = [p for p in heldout if p["source"] == str(sources[0])]
+    assert 0 < len(held_pairs) < len(pairs) and not [p for p in held_pairs if p in trained]
+    assert stage_data.stage_heldout_pairs(stage, sources[0]) == held_pairs
+    assert stage_data.stage_heldout_pairs(stage, str(HH_RLHF)) is None
+    output = tmp_path / "evaluation.json"
+    evaluated = [stage.parent / "sft", "--reward_model", stage, "--pairs_file", sources[0], str(HH_RLHF)]
+    flags = ["--max_pairs", 30, "--pairs_heldout_fraction", 0.5, "--n_per_task", 1, "--max_new_tokens", 4]
+    code, error = run_main(evaluate.main, [*evaluated, *flags, "--output_file", output])
+    assert code == 0, error
+    scored = json.loads(output.read_text())["reward_pairs"]
+    assert scored[str(sources[0])]["n"] == len(held_pairs) and scored[str(HH_RLHF)]["n"] == 30
+    note = f"note: {sources[0]}: scoring the {len(held_pairs)} pairs {stage} held out (it trained on the others)"
+    assert note in capsys.readouterr().err
 
 
 def test_an_unmerged_lora_reward_model_loads_for_evaluation(tiny_chat_chain, tmp_path):
@@ -204,3 +229,16 @@ def test_an_unmerged_sft_adapter_feeds_the_next_stages(tiny_run, tmp_path):
     argv = ["--preset", "tiny", "--model_name_or_path", adapter, "--output_dir", tmp_path / "dpo", "--max_steps", 2]
     argv += ["--max_train_samples", 64, "--eval_examples", 0, "--eval_strategy", "no", "--save_strategy", "no"]
     assert run_main(dpo.main, [*argv, "--corpus_file", SHAKESPEARE]) == (0, "")
+
+
+def test_a_language_model_named_by_hub_id_is_refused_as_reward_model_in_one_line(tiny_run, monkeypatch, capfd):
+    """A folder's config.json is read before loading; a Hub id's config is not here yet (simulated: nothing to read
+    before loading), so a language model loaded with a random score head, transformers printed its missing-weights
+    table and the line said "it has 2 labels". The loaded config names the language model, before that table."""
+    monkeypatch.setattr(loading, "_architectures", lambda source: [])
+    with pytest.raises(UsageError) as refused:
+        loading.load_model(str(tiny_run / "pretrain"), reward=True)
+    assert str(refused.value).startswith(
+        f"{tiny_run / 'pretrain'} is a language model (GPT2LMHeadModel), not a reward"
+    )
+    assert "LOAD REPORT" not in capfd.readouterr().err

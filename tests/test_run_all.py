@@ -309,3 +309,45 @@ def test_a_hint_from_another_folder_is_a_command_that_runs_there(tmp_path):
         "--preset tiny --run_name nothing` first, or pass a path with the matching flag"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_evaluation_older_than_a_stage_is_made_again_and_the_summary_keeps_earlier_rows(
+    tiny_run, isolated_runs, capsys
+):
+    """After `pretrain.py --overwrite` by hand, run_all skipped evaluate ("already finished") and kept an
+    evaluation.json of a model no longer there; `--stages <subset>` replaced summary.json with the subset's rows;
+    --stage_args for a stage that does not run were dropped without a word."""
+    import shutil
+
+    from pipeline import run_all
+    from tests.conftest import run_main
+
+    shutil.copytree(tiny_run, isolated_runs / "stale")
+    run = isolated_runs / "stale"
+    argv = ["--run_name", "stale", "--stages", "evaluate", "--stage_args", "evaluate:--n_per_task=1"]
+    assert run_main(run_all.main, argv) == (0, "")
+    assert "== evaluate: " in capsys.readouterr().out
+    written = (run / "evaluation.json").stat().st_mtime_ns
+    assert run_main(run_all.main, argv) == (0, "")
+    assert "== evaluate: already finished, skipped" in capsys.readouterr().out  # same flags, no stage since
+    marker = run / "pretrain" / "stage_complete.json"
+    later = (run / "evaluation.json").stat().st_mtime + 5
+    os.utime(marker, (later, later))  # pretrain finished again after the evaluation (redone by hand)
+    assert run_main(run_all.main, [*argv, "--stage_args", "pretrain:--max_steps=2", "grpo:--max_steps=2"]) == (0, "")
+    out = capsys.readouterr().out
+    assert "== evaluate: already finished" not in out and "== evaluate: " in out
+    assert (run / "evaluation.json").stat().st_mtime_ns > written  # written again
+    assert "note: --stage_args grpo:--max_steps=2 not applied: grpo is not in --stages" in out
+    assert "note: --stage_args pretrain:--max_steps=2 not applied: pretrain is not in --stages" in out
+    assert run_main(run_all.main, ["--run_name", "stale", "--stages", "tokenizer"]) == (0, "")
+    summary = json.loads((run / "summary.json").read_text())["stages"]
+    assert [(row["stage"], row["status"]) for row in summary] == [("tokenizer", "skipped"), ("evaluate", "ran")]
+    assert summary[1]["flags"] == ["--n_per_task=1"] and summary[1]["seconds"] > 0
+    capsys.readouterr()
+    assert run_main(
+        run_all.main, ["--run_name", "stale", "--stages", "pretrain", "--stage_args", "pretrain:--max_steps=2"]
+    ) == (0, "")
+    assert (
+        "note: --stage_args pretrain:--max_steps=2 not applied: pretrain is finished and is skipped; add "
+        "pretrain:--overwrite to train it again with them"
+    ) in capsys.readouterr().out

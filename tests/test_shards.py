@@ -194,3 +194,38 @@ def test_streamed_dataset_trains_from_shards(tiny_run, tmp_path):
         n["validation"] == (n["train"] + n["validation"]) // 10 and manifest["fingerprint"]["sources"][0]["streaming"]
     )
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 3
+
+
+def test_a_folder_trains_its_visible_files_once_each_and_the_log_names_them(tiny_run, tmp_path, capsys):
+    """A Jupyter autosave copy in `.ipynb_checkpoints/` was read as a third corpus (its held-out tail then trained on
+    as the original's text), a file named and inside its folder was read twice, and nothing said which files."""
+    folder = tmp_path / "corpus"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
+    (folder / "plays.txt").write_text(text, encoding="utf-8")
+    (folder / ".ipynb_checkpoints" / "plays-checkpoint.txt").write_text(text[:50_000], encoding="utf-8")
+    (folder / ".git" / "notes.txt").write_text("not a corpus\n" * 100, encoding="utf-8")
+    (folder / ".draft.txt").write_text("hidden\n" * 100, encoding="utf-8")
+    output = tmp_path / "out"
+    argv = [
+        *("--preset", "tiny", "--tokenizer_name_or_path", tiny_run / "tokenizer", "--output_dir", output),
+        *("--max_steps", 1, "--eval_strategy", "no", "--token_cache_dir", tmp_path / "cache", *TINY_MODEL_FLAGS),
+        *("--train_file", folder, folder / "plays.txt"),
+    ]
+    code, err = run_main(pretrain.main, argv)
+    assert code == 0, err
+    assert f"note: --train_file: {folder / 'plays.txt'} is named more than once; read once" in capsys.readouterr().err
+    assert json.loads((output / "metrics.json").read_text())["sources"] == [str(folder / "plays.txt")]
+    assert f"tokens from {folder / 'plays.txt'}, " in (output / "train.log").read_text()
+    assert data.describe_sources([data.TextSource(f"{n}.txt", "txt") for n in "abcde"]) == (
+        "5 files: a.txt, b.txt, c.txt and 2 more"
+    )
+    only_hidden = tmp_path / "hidden"
+    (only_hidden / ".ipynb_checkpoints").mkdir(parents=True)
+    (only_hidden / ".ipynb_checkpoints" / "x.txt").write_text(text, encoding="utf-8")
+    code, err = run_main(pretrain.main, [*argv[:-3], "--train_file", only_hidden, "--output_dir", tmp_path / "o2"])
+    assert (code, err) == (
+        2,
+        f"--train_file {only_hidden}: folder has no .txt/.jsonl/.json/.parquet files (hidden ones left out)",
+    )
