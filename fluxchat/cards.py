@@ -239,12 +239,16 @@ def plot_loss_curve(history: list[dict], path: Path) -> bool:
     return True
 
 
+DATA_KEYS = ("train_file", "dataset_name", "dataset", "corpus_file", "mix_text_file")
+
+
 def _config_datasets(config: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(Hub dataset ids for the metadata, local file names for the text) from the data flags in the config."""
     hub_ids: list[str] = []
     local: list[str] = []
     for key, value in config.items():
-        if key == "config_file" or not ("file" in key or "dataset" in key) or not value:
+        # The flags that name text a stage read; not dataset_split ("train"), TRL's dataset_text_field ("text")...
+        if key not in DATA_KEYS or not value:
             continue
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, str):

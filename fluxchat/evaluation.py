@@ -6,6 +6,7 @@ Used at the end of every stage and by `pipeline/evaluate.py`.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from accelerate import PartialState
@@ -22,6 +23,22 @@ def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int =
     if not examples:
         fail("no examples to evaluate")
     prompts, expected = zip(*(tasks.prompt_and_answer(example) for example in examples))
+    over, longest = answers_past_the_limit(tokenizer, list(expected), max_new_tokens)
+    if over:
+        print(
+            f"note: {over} of {len(examples)} expected replies are longer than the {max_new_tokens}-token reply limit "
+            f"with this tokenizer (the longest: {longest} tokens): they score wrong whatever the model says; raise "
+            "the limit (--max_new_tokens, or --eval_max_new_tokens in a stage)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if unknown := answers_with_unknown_words(tokenizer, list(expected)):
+        print(
+            f"note: {unknown} of {len(examples)} expected replies hold words this tokenizer lacks (<|unk|>): they score "
+            "wrong whatever the model says (a word tokenizer's vocabulary; a bpe tokenizer has no unknown)",
+            file=sys.stderr,
+            flush=True,
+        )
     replies = generation.generate_replies(model, tokenizer, list(prompts), max_new_tokens, batch_size)
     per_task: dict[str, list[bool]] = {}
     samples: dict[str, list[dict]] = {}
@@ -42,8 +59,30 @@ def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int =
         "n": len(examples),
         "n_per_task": {task: len(hits) for task, hits in per_task.items()},
         "eos_rate": sum(r["stopped"] for r in replies) / len(replies),
+        "answers_over_limit": over,
+        "answers_with_unknown_words": unknown,
         "samples": samples,
     }
+
+
+def answers_with_unknown_words(tokenizer, answers: list[str]) -> int:
+    """How many expected replies a word tokenizer can only write with <|unk|> (so never exactly)."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return 0
+    lead = chat_format.format_of(tokenizer).lead  # as the reply is written: " Paris" is another word than "Paris"
+    texts = [lead + answer for answer in answers if isinstance(answer, str)]
+    return sum(unk in ids for ids in chat_format.encode_texts(tokenizer, texts))
+
+
+def answers_past_the_limit(tokenizer, answers: list[str], limit: int) -> tuple[int, int]:
+    """(how many of the expected replies take more than `limit` tokens, with the format's lead and <|end|>; the
+    longest's length). The recipes' limits fit the BPE tokenizer's answers; a char tokenizer spends a token per
+    character, and an answer cut at the limit can never be right (nor, in PPO and GRPO, rewarded)."""
+    lead = chat_format.format_of(tokenizer).lead
+    texts = [lead + answer for answer in answers if isinstance(answer, str)]
+    lengths = [len(ids) + 1 for ids in chat_format.encode_texts(tokenizer, texts)]
+    return sum(n > limit for n in lengths), max(lengths, default=0)
 
 
 @torch.no_grad()

@@ -95,7 +95,19 @@ def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int,
     return concatenate_datasets([train_set, rows]), n_rows
 
 
+def same_once_tokenized(counts: dict) -> str:
+    """For a stage's data line: the pairs dropped as the same tokens, where there are any."""
+    n = counts.get("same_once_tokenized", 0)
+    return f", {n} more that are the same once tokenized (words the vocabulary lacks)" if n else ""
+
+
 def _none_fit(max_length: int, counts: dict, held_out: bool) -> NoReturn:
+    if counts["same_once_tokenized"] and not counts["dropped_too_long"]:
+        fail(
+            f"every{' held-out' if held_out else ''} preference pair's chosen and rejected replies are the same tokens "
+            f"({counts}): the tokenizer maps the words they differ in to one token (<|unk|>); use a larger vocabulary "
+            "or a bpe tokenizer"
+        )
     if held_out:  # the training pairs may all fit: only this split came out empty
         fail(
             f"no held-out preference pair fits in {max_length} tokens ({FIT_LIMIT}) ({counts}): the held-out split "
@@ -109,7 +121,7 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: 
     oldest turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept, with
     the prompts as trimmed): held-out accuracy is scored on exactly what the eval set holds."""
     columns = {"chosen_ids": [], "rejected_ids": []}
-    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
+    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0, "same_once_tokenized": 0}
     kept = []
     prompts = [list(pair.get("prompt") or []) for pair in pairs]
     rendered = chat_format.render_scored_many(
@@ -132,6 +144,9 @@ def preference_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: 
             chosen = chat_format.render_scored(tokenizer, prompt + pair["chosen"])
             rejected = chat_format.render_scored(tokenizer, prompt + pair["rejected"])
             pair = {**pair, "prompt": prompt}
+        if chosen == rejected:  # replies differing only in words a word vocabulary maps to <|unk|>: x above x
+            counts["same_once_tokenized"] += 1
+            continue
         columns["chosen_ids"].append(chosen)
         columns["rejected_ids"].append(rejected)
         counts["pairs"] += 1
@@ -146,7 +161,7 @@ def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: bo
     reply through its <|end|>, as chat_format.render_scored cuts it). Over-long prompts lose their oldest
     turns; a pair whose replies alone do not fit is dropped. Returns (dataset, counts, the pairs kept)."""
     columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0}
+    counts = {"pairs": 0, "trimmed": 0, "dropped_too_long": 0, "same_once_tokenized": 0}
     kept = []
 
     def render(items):
@@ -175,6 +190,9 @@ def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: bo
                 continue
             counts["trimmed"] += 1
             [(prompt_ids, chosen, rejected)] = render([(fitted, pair)])
+        if chosen == rejected:  # replies differing only in words a word vocabulary maps to <|unk|>
+            counts["same_once_tokenized"] += 1
+            continue
         columns["prompt_ids"].append(prompt_ids)
         columns["chosen_ids"].append(chosen)
         columns["rejected_ids"].append(rejected)

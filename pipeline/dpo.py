@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> Path:
     training.logger.info(
         f"dpo: policy and reference {sft_path} (context {context}), beta {args.beta}, loss {'+'.join(args.loss_type)}; "
         f"{counts['pairs']} train pairs ({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long, "
-        f"{n_identical} dropped with chosen == rejected), {heldout_counts['pairs']} held out, {len(builtin_pairs)} built-in held-out pairs"
+        f"{n_identical} dropped with chosen == rejected{stage_data.same_once_tokenized(counts)}), {heldout_counts['pairs']} held out, {len(builtin_pairs)} built-in held-out pairs"
     )
     before = {}
     if script_args.eval_baseline and examples and not run.resume_from:

@@ -18,6 +18,7 @@ eval.json, log_history.json and train.log to runs/<run_name>/grpo.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -164,6 +165,23 @@ def main(argv: list[str] | None = None) -> Path:
         prompt_rows(script_args, reward_path is not None), script_args.max_train_samples, args.seed
     )
     rows, counts = stage_data.grpo_prompt_rows(tokenizer, rows, context - args.max_completion_length)
+    answers = [row["answer"] for row in rows if row.get("answer")]
+    over, longest = evaluation.answers_past_the_limit(tokenizer, answers, args.max_completion_length)
+    if over:  # a char tokenizer spends a token per character: the recipe's limit fits BPE's answers
+        print(
+            f"note: {over} of {len(answers)} prompts' answers are longer than --max_completion_length "
+            f"{args.max_completion_length} with this tokenizer (the longest: {longest} tokens): their replies are cut "
+            "before the answer ends and never rewarded",
+            file=sys.stderr,
+            flush=True,
+        )
+    if unknown := evaluation.answers_with_unknown_words(tokenizer, answers):
+        print(
+            f"note: {unknown} of {len(answers)} prompts' answers hold words this tokenizer lacks (<|unk|>): no reply "
+            "can match them, so they are never rewarded",
+            file=sys.stderr,
+            flush=True,
+        )
     # TRL samples whole batches of distinct prompts and drops a short last one: with fewer prompts it trained no step
     # at all and saved the SFT model unchanged as this stage, exit 0.
     prompts_per_batch = args.generation_batch_size // args.num_generations

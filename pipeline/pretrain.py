@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     result = training.train(trainer, run)
     train_seconds = time.perf_counter() - start
-    evals = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == result.global_step]
+    # With load_best_model_at_end (the small preset) the weights saved are the best checkpoint's, so are its figures:
+    # the last step's loss and step count described a model that was not the one saved.
+    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    final_step = int(best.rsplit("-", 1)[1]) if best else result.global_step
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == final_step]
     final_eval = evals[-1] if evals else (trainer.evaluate() if eval_set is not None else {})
     ranks = training.gather_rank_info(accounting.summary())
 
@@ -217,12 +221,15 @@ def main(argv: list[str] | None = None) -> Path:
         "global_step": result.global_step,
         "ranks": ranks,
         "sources": [source.name for source in sources],
+        **({"best_step": final_step} if best else {}),
     }
     training.finish_stage(trainer, run, metrics, push_request=push_request)
     if trainer.is_world_process_zero():
         bpb = final_eval.get("eval_bits_per_byte")
+        kept = f" (the best checkpoint's, step {final_step}, whose weights are saved)" if best else ""
         print(
-            f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte {bpb if bpb is None else round(bpb, 3)} -> {run.output_dir}"
+            f"pretrain done: {result.global_step} steps in {train_seconds:.0f}s, val bits/byte "
+            f"{bpb if bpb is None else round(bpb, 3)}{kept} -> {run.output_dir}"
         )
     return run.output_dir
 

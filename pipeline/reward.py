@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
     training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
     training.logger.info(
         f"reward: {model_path} (context {context}), {counts['pairs']} train pairs ({counts['trimmed']} trimmed, "
-        f"{counts['dropped_too_long']} dropped as too long, {n_identical} dropped with chosen == rejected), "
+        f"{counts['dropped_too_long']} dropped as too long, {n_identical} dropped with chosen == rejected{stage_data.same_once_tokenized(counts)}), "
         f"{eval_counts['pairs']} held out"
     )
     baseline = {}

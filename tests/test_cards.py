@@ -42,6 +42,11 @@ def test_pretrain_card_from_a_real_run(tiny_run, tmp_path):
     assert metadata["tags"] == ["fluxchat", "gpt2", "pretrain"]
     assert metadata["datasets"] == ["karpathy/tiny_shakespeare"]
     assert "base_model" not in metadata  # trained from scratch, not from another model's weights
+    data_line = next(
+        line for line in (run / "pretrain" / "README.md").read_text().splitlines() if line.startswith("Data: ")
+    )
+    shakespeare = "[karpathy/tiny_shakespeare](https://huggingface.co/datasets/karpathy/tiny_shakespeare)"
+    assert data_line == f"Data: {shakespeare}."  # not --dataset_split's `train`, which is no data
 
     metrics = json.loads((run / "pretrain" / "metrics.json").read_text())
     assert f"| `eval_bits_per_byte` | {metrics['eval_bits_per_byte']:.4g} |" in body
@@ -89,7 +94,7 @@ def test_reward_and_ppo_cards_with_nested_metrics_and_a_stray_token(tmp_path):
         "reward",
         config={
             "learning_rate": 1e-4,
-            "preference_file": "/data/hh-rlhf_helpful-base_test.jsonl.gz",
+            "dataset": ["/data/hh-rlhf_helpful-base_test.jsonl.gz"],  # as reward.py records its --dataset
             "hub_token": FAKE_TOKEN,
             "note": f"copied from a shell history: {FAKE_TOKEN}",
             "model_name_or_path": "someone/fluxchat-sft",

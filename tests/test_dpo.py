@@ -64,7 +64,7 @@ def test_pairs_are_rendered_like_chat_and_cut_at_the_end_of_turn(sft_model):
     assert row["prompt_ids"] + row["chosen_ids"] == chat_format.render_scored(
         tokenizer, pair["prompt"] + pair["chosen"]
     )
-    assert counts == {"pairs": 1, "trimmed": 0, "dropped_too_long": 0} and kept == [pair]
+    assert counts == {"pairs": 1, "trimmed": 0, "dropped_too_long": 0, "same_once_tokenized": 0} and kept == [pair]
     # A held-out split whose one pair is too long said "no preference pair fits" as if none of the data did.
     long = {**pair, "chosen": [{"role": "assistant", "content": "word " * 200}]}
     for build in (stage_data.dpo_pair_dataset, stage_data.preference_dataset):
@@ -76,10 +76,37 @@ def test_pairs_are_rendered_like_chat_and_cut_at_the_end_of_turn(sft_model):
     history = [{"role": "user", "content": "an old turn " * 30}, {"role": "assistant", "content": "yes"}]
     trimmed = {**pair, "prompt": history + pair["prompt"]}
     _, counts, kept = stage_data.preference_dataset(tokenizer, [pair, long, trimmed], 64)
-    assert counts == {"pairs": 2, "trimmed": 1, "dropped_too_long": 1} and kept == [
-        pair,
-        {**pair, "prompt": pair["prompt"]},
-    ]
+    assert counts == {"pairs": 2, "trimmed": 1, "dropped_too_long": 1, "same_once_tokenized": 0}
+    assert kept == [pair, {**pair, "prompt": pair["prompt"]}]
+
+
+def test_pairs_that_are_the_same_once_tokenized_are_dropped_and_counted(tmp_path):
+    """With a word vocabulary, replies that differ only in words it lacks become the same ids ("<|unk|> <|unk|>"
+    twice): a quarter of the built-in "wrong word" pairs trained the reward model and DPO to rank x above x, and
+    counted as failures among the held-out pairs. Dropped and counted, as text-identical pairs are."""
+    from tokenizer import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the capital of it is here.\n" * 50)
+    out = tmp_path / "word"
+    assert run_main(train.main, ["--train_file", corpus, "--tokenizer_type", "word", "--output_dir", out]) == (0, "")
+    tokenizer = loading.load_chat_tokenizer(str(out))
+    ask = [{"role": "user", "content": "the capital of it?"}]
+    unknown = {"prompt": ask, "chosen": [{"role": "assistant", "content": " Paris"}]}
+    unknown["rejected"] = [{"role": "assistant", "content": " Rome"}]
+    known = {"prompt": ask, "chosen": [{"role": "assistant", "content": " here."}]}
+    known["rejected"] = [{"role": "assistant", "content": " the"}]
+    for build in (stage_data.preference_dataset, stage_data.dpo_pair_dataset):
+        dataset, counts, kept = build(tokenizer, [unknown, known], 64)
+        assert len(dataset) == 1 and kept == [known] and counts["same_once_tokenized"] == 1
+        with pytest.raises(
+            UsageError, match="^every preference pair's chosen and rejected replies are the same tokens"
+        ):
+            build(tokenizer, [unknown], 64)
+    assert (
+        stage_data.same_once_tokenized(counts)
+        == ", 1 more that are the same once tokenized (words the vocabulary lacks)"
+    )
 
 
 def test_dpo_learns_its_pairs_from_builtin_a_trl_file_and_app_feedback(sft_model, isolated_runs, tmp_path):

@@ -468,3 +468,32 @@ def test_a_worker_dying_while_it_hands_over_a_batch_counts_as_the_stop_but_its_o
     assert isinstance(died, ConnectionResetError) and training._data_loader_failed(died)
     assert training._data_loader_failed(RuntimeError("DataLoader worker (pid 9208) is killed by signal: Terminated."))
     assert not training._data_loader_failed(RuntimeError("CUDA out of memory"))
+
+
+def test_with_the_best_checkpoint_kept_the_figures_are_the_best_checkpoints(isolated_runs, capsys):
+    """The small preset keeps the checkpoint with the lowest held-out loss (load_best_model_at_end): its weights were
+    saved, but metrics.json, the card and the done line gave the last step's loss, as if it were that model's."""
+    from safetensors.torch import load_file
+
+    train_tiny_tokenizer("best")
+    flags = ["--eval_steps", 2, "--save_steps", 2, "--load_best_model_at_end", "true", "--save_total_limit", 5]
+    # "Best" made the highest loss, which a learning run has early: the kept checkpoint is not the last step's.
+    flags += ["--metric_for_best_model", "eval_loss", "--greater_is_better", "true"]
+    code, err = run_main(pretrain.main, [*_pretrain_cmd("best", 8)[2:], *flags])
+    assert code == 0, err
+    stage = runs.stage_dir("best", "pretrain")
+    evals = {
+        e["step"]: e["eval_loss"] for e in json.loads((stage / "log_history.json").read_text()) if "eval_loss" in e
+    }
+    best_step = max(evals, key=evals.get)
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert (
+        metrics["best_step"] == best_step and metrics["eval_loss"] == evals[best_step] and metrics["global_step"] == 8
+    )
+    saved, best = (
+        load_file(stage / "model.safetensors"),
+        load_file(stage / f"checkpoint-{best_step}" / "model.safetensors"),
+    )
+    assert all(torch.equal(saved[name], best[name]) for name in best)
+    assert f"(the best checkpoint's, step {best_step}, whose weights are saved)" in capsys.readouterr().out
+    assert best_step != 8, evals  # so the two figures differ

@@ -354,6 +354,6 @@ def test_ctrl_c_before_training_says_to_run_the_same_command_again(tiny_run, tmp
     assert lines[-1] == f"interrupted: no checkpoint was saved in {out}; run the same command to start the stage again"
     assert "stopping: the checkpoint of this step is saved first" not in stderr  # not in training yet
 
-    again = run_script(*cmd)
+    again = run_script(*cmd, "--eval_examples", 7)  # the same command; a smaller evaluation keeps the suite fast
     assert again.returncode == 0, again.stderr[-2000:]
     assert runs.is_finished(out)

@@ -57,6 +57,26 @@ def test_lossless_round_trip_on_any_utf8(tokenizers_by_type, kind):
     assert tok.decode(ids) == TRICKY
 
 
+def test_a_word_tokenizer_loses_only_the_words_it_does_not_know(tokenizers_by_type, tmp_path):
+    """The word tokenizer dropped spaces and put single ones back on decoding: "590,000" came back "5 9 0, 0 0 0" and
+    "Porto-Novo" "Porto - Novo", so no reply with a number could ever match its answer (arithmetic scored 0% by
+    construction). Now a word keeps the space before it: spacing, digits and punctuation round-trip."""
+    corpus = tmp_path / "facts.txt"
+    corpus.write_text("The population of Porto-Novo is about 264,320.\n95+53 equals 148.  Two spaces, then\n" * 20)
+    out = tmp_path / "word"
+    assert run_main(train.main, ["--train_file", corpus, "--tokenizer_type", "word", "--output_dir", out]) == (0, "")
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in ("The population of Porto-Novo is about 590,000.", "95+53 equals 148.", " 12+30  equals\n\n42."):
+        ids = chat_format.encode_text(tok, text)
+        assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    ids = chat_format.encode_text(tok, "The population of Zanzibar")  # an unknown word: one <|unk|>, the rest kept
+    assert ids.count(tok.unk_token_id) == 1 and tok.decode(ids, skip_special_tokens=True) == "The population of"
+    shakespeare = AutoTokenizer.from_pretrained(tokenizers_by_type["word"])
+    known = [t for t in shakespeare.get_vocab() if t.startswith(" ") and t.strip().isalpha()][:40]
+    text = "".join(known) + "\n"
+    assert shakespeare.decode(chat_format.encode_text(shakespeare, text)) == text
+
+
 @pytest.mark.parametrize("kind", ["bpe", "char", "word"])
 def test_special_token_spelling_is_plain_text_unless_asked(tokenizers_by_type, kind):
     tok = AutoTokenizer.from_pretrained(tokenizers_by_type[kind])
@@ -293,3 +313,34 @@ def test_a_tokenizer_finished_by_another_command_meanwhile_is_not_written_into(t
     )
     stats = json.loads((out / "tokenizer_stats.json").read_text())
     assert stats["tokenizer_type"] == "bpe" and len(AutoTokenizer.from_pretrained(out)) == stats["vocab_size"] == 400
+
+
+def test_answers_a_reply_limit_cuts_are_counted_and_said(tokenizers_by_type, capsys):
+    """The recipes' reply limits (36 tokens for PPO and GRPO, 48 for evaluation) fit the BPE tokenizer's answers; a
+    char tokenizer spends a token per character, so longer answers could never be right, and nothing said so."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fluxchat import evaluation, loading
+
+    bpe = loading.load_chat_tokenizer(str(tokenizers_by_type["bpe"]))
+    char = loading.load_chat_tokenizer(str(tokenizers_by_type["char"]))
+    answer = "The capital of Burkina Faso is Ouagadougou."
+    assert evaluation.answers_past_the_limit(bpe, [answer], 36)[0] == 0
+    over, longest = evaluation.answers_past_the_limit(char, [answer, "42."], 36)
+    assert (over, longest) == (1, len(chat_format.format_of(char).lead + answer) + 1)  # one token per character
+    config = GPT2Config(vocab_size=len(char), n_layer=1, n_embd=16, n_head=1, n_positions=128)
+    example = {
+        "task": "capital",
+        "messages": [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": answer}],
+    }
+    result = evaluation.evaluate_tasks(GPT2LMHeadModel(config).eval(), char, [example], max_new_tokens=8)
+    assert result["answers_over_limit"] == 1 and result["per_task"]["capital"] == 0
+    assert (
+        f"note: 1 of 1 expected replies are longer than the 8-token reply limit with this tokenizer (the longest: {longest} tokens)"
+        in capsys.readouterr().err
+    )
+    # A word tokenizer writes a word it lacks only as <|unk|>: such answers can never match either, and are said.
+    word = loading.load_chat_tokenizer(str(tokenizers_by_type["word"]))
+    known = sorted((i, t) for t, i in word.get_vocab().items() if t.startswith(" ") and t.strip().isalpha())[0][1]
+    assert evaluation.answers_with_unknown_words(word, [known.strip() + ".", "Ouagadougou."]) == 1
+    assert evaluation.answers_with_unknown_words(bpe, ["Ouagadougou."]) == 0

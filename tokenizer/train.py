@@ -36,7 +36,7 @@ class TokenizerArguments:
     tokenizer_type: str = field(
         default="bpe",
         metadata={
-            "help": "bpe (byte-level, lossless), char (byte fallback, lossless) or word (lossy).",
+            "help": "bpe (byte-level, lossless), char (byte fallback, lossless) or word (words outside its vocabulary become <|unk|>).",
             "choices": ["bpe", "char", "word"],
         },
     )
@@ -104,16 +104,17 @@ def build_backend(args: TokenizerArguments, texts: list[str]):
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    else:  # word: spaces dropped, newlines kept as tokens; decoding re-inserts single spaces (lossy)
+    else:
+        # word: a word with the space before it is one token (" capital"), as are a punctuation mark, a digit, a run
+        # of spaces (but the last, which goes with the word after it, as in GPT-2's split) and a newline; decoding
+        # joins them as they are, so only words outside the vocabulary are lost
+        # (one <|unk|> each). Dropping the spaces and putting single ones back on decoding wrote "590,000" as
+        # "5 9 0, 0 0 0" and "Porto-Novo" as "Porto - Novo": no answer with a number could ever be scored right.
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            digits
-            + [
-                pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-                pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="isolated"),
-            ]
+            digits + [pre_tokenizers.Split(Regex(r"\n| ?\w+| ?[^\w\s]|[^\S\n]+(?!\S)|[^\S\n]+"), behavior="isolated")]
         )
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+        tok.decoder = decoders.Fuse()
         trainer = trainers.WordLevelTrainer(
             vocab_size=args.vocab_size, special_tokens=specials + [UNK], show_progress=False
         )
