@@ -365,6 +365,11 @@ class ChatService:
         stats = stats if stats is not None else GenerationStats()
         try:
             prompt = model.prepare(messages, sampling.max_new_tokens)
+            if dropped := len(messages) - len(prompt.messages):  # else the page shows turns the model never sees
+                gr.Info(
+                    f"The {dropped} oldest message{'s were' if dropped > 1 else ' was'} left out to fit the model's "
+                    f"{model.context_length}-token context: it does not see {'them' if dropped > 1 else 'it'}."
+                )
             logger.debug(
                 "prompt %s",
                 json.dumps(
@@ -568,7 +573,8 @@ class ChatService:
                             *SAMPLING_BOUNDS["max_new_tokens"],
                             value=defaults.max_new_tokens,
                             step=1,
-                            label="Max new tokens",
+                            # replies are capped at half the context, whatever is asked
+                            label=f"Max new tokens (this model writes at most {self.model.reply_budget(10**9)})",
                         ),
                         gr.Slider(
                             *SAMPLING_BOUNDS["temperature"],

@@ -178,6 +178,10 @@ class ChatModel:
         start = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
         if chat_format.trim_to_context(self.tokenizer, start, self.context_length, budget, required=False) is None:
             size = len(chat_format.render_prompt(self.tokenizer, start[:1]))
+            if size >= self.context_length:  # no reply length makes room: "or lower --max_new_tokens" misled
+                fail(
+                    f"--system is {size} tokens, longer than the model's context of {self.context_length}: shorten it"
+                )
             fail(
                 f"--system is {size} tokens: with a {budget}-token reply it leaves no room for a message in the "
                 f"model's context of {self.context_length}; shorten it or lower --max_new_tokens"

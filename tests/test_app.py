@@ -74,6 +74,27 @@ def test_chat_streams_a_growing_reply_and_uses_browser_style_history(model, capl
     ]
 
 
+def test_the_page_is_told_when_the_oldest_turns_no_longer_fit(model, monkeypatch, caplog):
+    """The page kept showing every turn while the model saw only the last ones (chat.py said so, the app did not)."""
+    shown = []
+    monkeypatch.setattr(app.gr, "Info", shown.append)
+    service = app.ChatService(model, system="Be brief.")
+    turn = "tell me more about the history of the old kingdom " * 2
+    history = [{"role": role, "content": turn} for _ in range(4) for role in ("user", "assistant")]
+    with caplog.at_level(logging.DEBUG, logger="fluxchat.app"):
+        list(service.chat(turn, history, **SAMPLING))
+    seen = prompts_logged(caplog)[-1]
+    dropped = len(history) + 2 - len(seen)  # the system message, the history and the new message
+    assert dropped > 1 and seen[0] == {"role": "system", "content": "Be brief."}, seen
+    assert shown == [
+        f"The {dropped} oldest messages were left out to fit the model's {model.context_length}-token context: it "
+        "does not see them."
+    ]
+    shown.clear()
+    list(service.chat("hi", [], **SAMPLING))
+    assert shown == []  # nothing left out, nothing said
+
+
 def test_limits_are_enforced_on_the_server(model):
     service = app.ChatService(model, max_message_chars=100, max_turns=3)
     with pytest.raises(gr.Error, match="Message too long: 101 characters, the limit is 100"):

@@ -1018,15 +1018,22 @@ CASES = [
     Case(
         "chat --system longer than the context",
         "chat",
-        lambda i, d: [i.shared, "--system", "word " * 200],
+        lambda i, d: [i.shared, "--system", "word " * 40],  # within the 64-token context, but no room left
         ("--system is", "leaves no room for a message"),
         stdin="hello\n",
     ),
     Case(
         "app --system longer than the context",
         "app",
-        lambda i, d: ["--model", i.shared / "pretrain", "--system", "word " * 200],
+        lambda i, d: ["--model", i.shared / "pretrain", "--system", "word " * 40],
         ("--system is", "leaves no room for a message"),
+    ),
+    Case(  # "shorten it or lower --max_new_tokens", though no reply length could make room (2026-12-07)
+        "chat --system longer than the whole context",
+        "chat",
+        lambda i, d: [i.shared, "--system", "word " * 200],
+        ("--system is", "longer than the model's context of 64: shorten it"),
+        stdin="hello\n",
     ),
     Case(
         "run_all --accelerate_config without a distributed_type",

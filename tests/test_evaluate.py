@@ -353,7 +353,8 @@ def test_an_output_that_cannot_be_shown_keeps_the_file_and_a_reader_that_leaves_
     from conftest import REPO
 
     command = [PYTHON, "pipeline/evaluate.py", tiny_run / "pretrain", "--tasks", "copy", "--n_per_task", "2"]
-    command += ["--max_new_tokens", "4", "--corpus_file", SHAKESPEARE, "--output_file", tmp_path / "eval.json"]
+    # 16 tokens hold the copy answers (a shorter limit adds a note that they cannot be right)
+    command += ["--max_new_tokens", "16", "--corpus_file", SHAKESPEARE, "--output_file", tmp_path / "eval.json"]
     with open("/dev/full", "w") as full:
         result = subprocess.run([str(a) for a in command], cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from fluxchat import chat_format, pretraining
+from fluxchat import chat_format, loading, pretraining
 from tests.conftest import SHAKESPEARE, run_main
 from tokenizer import train
 
@@ -344,3 +344,14 @@ def test_answers_a_reply_limit_cuts_are_counted_and_said(tokenizers_by_type, cap
     known = sorted((i, t) for t, i in word.get_vocab().items() if t.startswith(" ") and t.strip().isalpha())[0][1]
     assert evaluation.answers_with_unknown_words(word, [known.strip() + ".", "Ouagadougou."]) == 1
     assert evaluation.answers_with_unknown_words(bpe, ["Ouagadougou."]) == 0
+
+
+def test_a_word_vocabulary_holds_the_chat_formats_headers(tmp_path, corpus):
+    """With --chat_format instruction, a word tokenizer trained on Shakespeare had no "Instruction" or "Response":
+    both turns' headers rendered as <|unk|> x4, so the model could not tell whose turn it was."""
+    out = tmp_path / "word"
+    argv = ["--train_file", corpus, "--tokenizer_type", "word", "--chat_format", "instruction", "--output_dir", out]
+    assert run_main(train.main, argv) == (0, "")
+    tok = loading.load_chat_tokenizer(str(out))
+    ids = chat_format.render_prompt(tok, [{"role": "user", "content": "the"}])
+    assert tok.unk_token_id not in ids and tok.decode(ids) == "### Instruction:\nthe\n\n### Response:\n"

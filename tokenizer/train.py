@@ -77,6 +77,11 @@ def minimum_vocab_size(tokenizer_type: str) -> int:
     return specials + 2 if tokenizer_type == "word" else specials + 256 + 1  # 256 byte symbols
 
 
+# How often the chat format's headers are counted for a word vocabulary: more than any word a vocabulary of a
+# few hundred drops, so they are always kept.
+HEADER_REPEATS = 10_000
+
+
 def build_backend(args: TokenizerArguments, texts: list[str]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -118,7 +123,12 @@ def build_backend(args: TokenizerArguments, texts: list[str]):
         trainer = trainers.WordLevelTrainer(
             vocab_size=args.vocab_size, special_tokens=specials + [UNK], show_progress=False
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        # The chat format's plain-text headers ("### Response:") must be words of the vocabulary: a corpus without
+        # them rendered every turn's header as <|unk|> x4, and the model could not tell whose turn it was.
+        fmt = chat_format.FORMATS[args.chat_format]
+        headers = [piece for parts in (*fmt.prefix.values(), *fmt.end.values()) for piece in parts]
+        headers = "".join(piece + fmt.separator for piece in headers if piece not in specials)
+        tok.train_from_iterator([*texts, *([headers] * HEADER_REPEATS if headers.strip() else [])], trainer=trainer)
     tok.add_special_tokens(specials)  # marks them special (never split, skippable on decode)
     return tok
 
