@@ -275,6 +275,25 @@ def infer_base_model(stage_dir: Path, config: dict[str, Any]) -> str | None:
     return None
 
 
+def foreign_parent(stage_dir: Path, stage: str, config: dict[str, Any]) -> str | None:
+    """The model a stage was trained from when it is not its run's own parent stage (`--model_name_or_path` naming
+    another run's folder or a Hub id), else None. push.py then names no sibling as its `base_model`: an SFT trained
+    from another run's pretrain was published as based on this run's."""
+    if stage not in PARENT_STAGE:
+        return None
+    value = config.get("model_name_or_path") or config.get("sft_model_path")
+    if not isinstance(value, str) or not value:
+        return None  # the default: the run's own parent stage
+    parent = Path(stage_dir).parent / PARENT_STAGE[stage]
+    try:
+        same = Path(value).exists() and Path(value).resolve() == parent.resolve()
+    except OSError:
+        same = False
+    # A relative path from where the stage ran, read from elsewhere: runs/<run>/<parent> is still the parent.
+    same = same or Path(value).parts[-2:] == parent.parts[-2:]
+    return None if same else value
+
+
 def hub_url(repo_id: str) -> str:
     return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
 
@@ -438,6 +457,8 @@ def write_model_card(
         lines += ["This model: " + ", ".join(facts) + ".", ""]
     if base_model:
         lines += [f"Trained from [{base_model}]({hub_url(base_model)}).", ""]
+    elif source := foreign_parent(stage_dir, stage, config):
+        lines += [f"Trained from `{source}`, not this run's {PARENT_STAGE[stage]} stage.", ""]
     if hub_datasets or local_files:
         data = [f"[{d}]({hub_url('datasets/' + d)})" for d in hub_datasets] + [f"`{f}`" for f in local_files]
         lines += ["Data: " + ", ".join(data) + ".", ""]

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-import yaml
 from datasets import Dataset, concatenate_datasets
 
-from fluxchat import chat_format, formats, runs, tasks
+from fluxchat import cards, chat_format, formats, tasks
 from fluxchat.arguments import StageArguments
 from fluxchat.config import UsageError, fail
 
@@ -327,11 +326,8 @@ def stage_heldout_pairs(stage_dir: Path, source: str) -> list[dict] | None:
     """The pairs of the preference file `source` that the reward stage in `stage_dir` held out, split again exactly
     as it split them (its config.yaml's --dataset, --max_train_samples, --eval_fraction and --seed): the ones it
     never trained on. None where the stage did not read `source`."""
-    try:
-        config = yaml.safe_load((Path(stage_dir) / runs.CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    if not isinstance(config, dict) or not isinstance(config.get("dataset"), list) or "eval_fraction" not in config:
+    config = cards.read_config(Path(stage_dir))
+    if not isinstance(config.get("dataset"), list) or "eval_fraction" not in config:
         return None
     target = Path(source).resolve()
     named = [d for d in config["dataset"] if d != formats.BUILTIN and Path(d).resolve() == target]

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxchat import runs
+from fluxchat import cards, runs
 from fluxchat.config import REPO_ROOT, fail, parse_config, run_cli
 from fluxchat.hub import (
     REPO_ID_PATTERN,
@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
     pushed: dict[str, str] = {}
     for stage in selected:
-        base = base_repo(stage, repos)
+        # A stage trained from a model outside the run is not based on the run's parent repo (a Hub id it named is
+        # found by the card itself; a local folder elsewhere has no repo to name).
+        config = cards.read_config(run_folder / stage)
+        base = None if cards.foreign_parent(run_folder / stage, stage, config) else base_repo(stage, repos)
         url = push_stage(
             run_folder / stage,
             repos[stage],

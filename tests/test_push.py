@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, REPO, run_main, run_script
 
-from fluxchat import hub, runs
+from fluxchat import cards, hub, runs
 from fluxchat.config import UsageError
 from pipeline import push
 from tests.hub_server import LocalHub, split_front_matter
@@ -332,3 +332,27 @@ def test_the_space_serves_only_models_on_the_hub_and_compares_with_sft(tiny_run,
         third = push_space(hub, "--stages", "ppo")  # nothing of the run left to compare with: the old pair goes
         assert third.returncode == 0, third.stderr
     assert hub.variables["alice/demo-chat"] == {"FLUXCHAT_MODEL": "alice/demo-ppo"}
+
+
+def test_a_stage_trained_from_another_runs_model_is_not_published_as_based_on_this_runs(tiny_run, tmp_path):
+    """An SFT trained with --model_name_or_path another run's pretrain (another tokenizer, even) was pushed with
+    base_model = this run's pretrain repo: the Hub's model tree named the wrong parent."""
+    import yaml
+
+    run = make_run(tiny_run, tmp_path)
+    elsewhere = tmp_path / "other-run" / "pretrain"
+    shutil.copytree(run / "pretrain", elsewhere)
+    config = yaml.safe_load((run / "sft" / "config.yaml").read_text())
+    (run / "sft" / "config.yaml").write_text(yaml.safe_dump({**config, "model_name_or_path": str(elsewhere)}))
+    with LocalHub(token=TOKEN) as hub:
+        result = run_script(
+            PYTHON, "pipeline/push.py", run, "--hub_user", "alice", "--stages", "pretrain", "sft",
+            env=hub_env(hub, tmp_path), timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    metadata, body = hub.card("alice/demo-sft")
+    assert "base_model" not in metadata and "(base_model:" not in result.stdout
+    assert f"Trained from `{elsewhere}`, not this run's pretrain stage." in body
+    relative = {**config, "model_name_or_path": "runs/demo/pretrain"}  # the run's own, named from where it ran
+    (run / "sft" / "config.yaml").write_text(yaml.safe_dump(relative))
+    assert cards.foreign_parent(run / "sft", "sft", relative) is None
