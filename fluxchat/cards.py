@@ -366,8 +366,10 @@ def _facts(metrics: dict[str, Any]) -> list[str]:
     if isinstance(steps, int):
         facts.append(f"{steps:,} optimizer steps")
     seconds = metrics.get("train_wall_seconds") or metrics.get("train_runtime")
+    resumed = metrics.get("resumed_from_step")
     if isinstance(seconds, (int, float)):
-        facts.append(f"{seconds:,.0f} s of training")
+        since = f" since the resume at step {resumed:,}" if isinstance(resumed, int) else ""
+        facts.append(f"{seconds:,.0f} s of training{since}")
     return facts
 
 

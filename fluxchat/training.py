@@ -650,6 +650,8 @@ def finish_stage(
     if not trainer.is_world_process_zero():
         return
     runs.write_json(run.work_dir / runs.LOG_HISTORY_FILE, trainer.state.log_history)
+    if run.resume_from is not None:
+        metrics = {**metrics, **resumed_figures(trainer.state.log_history, run.resume_from, metrics)}
     if evaluation is not None:
         runs.write_json(run.work_dir / runs.EVAL_FILE, evaluation)
         metrics = {**metrics, "eval": evaluation}
@@ -662,6 +664,18 @@ def finish_stage(
         runs.commit(run.work_dir, run.output_dir)
         after_interrupt(None)  # finished: nothing to run again
         hub.maybe_push(push_request, run.output_dir, run.stage)
+
+
+def resumed_figures(log_history: list[dict], checkpoint: Path, metrics: dict) -> dict:
+    """The Trainer's figures of a resumed stage cover only the steps since the resume: its train_loss was the mean
+    of the last 13 of 40 steps (4.65, where the same run uninterrupted gave 5.65). train_loss is made the mean of
+    every logged loss (the log history holds the steps before the resume too), the resumed session's kept beside
+    it, and the step it resumed at is recorded (the card then says the time is since then)."""
+    losses = [e["loss"] for e in log_history if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
+    figures: dict = {"resumed_from_step": int(checkpoint.name.rsplit("-", 1)[-1])}
+    if "train_loss" in metrics and losses:
+        figures.update(train_loss_since_resume=metrics["train_loss"], train_loss=sum(losses) / len(losses))
+    return figures
 
 
 def train_metrics(result, seconds: float) -> dict:

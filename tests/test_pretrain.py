@@ -211,6 +211,10 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_pat
     ref = json.loads((runs.stage_dir("ref", "pretrain") / "metrics.json").read_text())
     got = json.loads((stage / "metrics.json").read_text())
     assert got["global_step"] == ref["global_step"] == 60
+    # The Trainer's train_loss covered only the steps since the resume; now every step's, as the reference's is.
+    assert got["resumed_from_step"] == int(resumed_from.name.split("-")[1])
+    assert got["train_loss"] == pytest.approx(ref["train_loss"], abs=0.02) != got["train_loss_since_resume"]
+    assert f"s of training since the resume at step {got['resumed_from_step']}" in (stage / "README.md").read_text()
     # Same optimizer/scheduler/RNG/data position restored: the final validation loss matches closely,
     # and the resumed run drew exactly the windows the uninterrupted one drew at the same steps.
     assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.05)
