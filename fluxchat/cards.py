@@ -113,6 +113,15 @@ KNOWN_DATASETS = {
     "hh-rlhf": "Anthropic/hh-rlhf",
 }
 
+# The licences of the datasets a card can name: the card's own `license` is the project's, and a model trained on
+# share-alike data (dolly) must say so (../shared/data/README.md and licenses/ hold the sources).
+DATASET_LICENSES = {
+    "karpathy/tiny_shakespeare": "public domain text (published under MIT in karpathy/char-rnn)",
+    "yizhongw/self_instruct": "Apache-2.0",
+    "databricks/databricks-dolly-15k": "CC BY-SA 3.0: a model trained on it carries its share-alike terms",
+    "Anthropic/hh-rlhf": "MIT",
+}
+
 # Curves worth plotting, in log_history keys: losses left, what PPO/reward training optimise right.
 LOSS_SERIES = (
     ("loss", "train loss"),
@@ -464,6 +473,9 @@ def write_model_card(
     if hub_datasets or local_files:
         data = [f"[{d}]({hub_url('datasets/' + d)})" for d in hub_datasets] + [f"`{f}`" for f in local_files]
         lines += ["Data: " + ", ".join(data) + ".", ""]
+        licenses = [f"{d}: {DATASET_LICENSES[d]}" for d in hub_datasets if d in DATASET_LICENSES]
+        if licenses:
+            lines += ["Data licences: " + "; ".join(licenses) + ".", ""]
     lines += ["## Lineage", "", _lineage(location, stage, lineage_repos or {}), ""]
 
     lines += ["## Results", ""]

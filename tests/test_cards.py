@@ -47,6 +47,8 @@ def test_pretrain_card_from_a_real_run(tiny_run, tmp_path):
     )
     shakespeare = "[karpathy/tiny_shakespeare](https://huggingface.co/datasets/karpathy/tiny_shakespeare)"
     assert data_line == f"Data: {shakespeare}."  # not --dataset_split's `train`, which is no data
+    body_text = (run / "pretrain" / "README.md").read_text()
+    assert "Data licences: karpathy/tiny_shakespeare: public domain text (published under MIT" in body_text
 
     metrics = json.loads((run / "pretrain" / "metrics.json").read_text())
     assert f"| `eval_bits_per_byte` | {metrics['eval_bits_per_byte']:.4g} |" in body
@@ -132,6 +134,7 @@ def test_reward_and_ppo_cards_with_nested_metrics_and_a_stray_token(tmp_path):
     assert metadata["pipeline_tag"] == "text-classification"
     assert metadata["base_model"] == "someone/fluxchat-sft"  # a Hub id in the config is a known base model
     assert metadata["datasets"] == ["Anthropic/hh-rlhf"]
+    assert "Data licences: Anthropic/hh-rlhf: MIT." in body
     assert "| `eval_accuracy` | 0.71 |" in body and "| `eval/per_task/addition/accuracy` | 0.5 |" in body
     assert body.index("`eval_accuracy`") < body.index("`eval_margin`")
     assert "AutoModelForSequenceClassification" in body and 'from_pretrained("alice/demo-reward")' in body
@@ -191,3 +194,14 @@ def test_cards_cli_rewrites_a_card(tiny_run, tmp_path):
     (folder / "README.md" / "x").mkdir(parents=True)
     code, error = run_main(cards_command.main, [folder])
     assert code == 2 and error.startswith(f"cannot write the model card into {folder} (Is a directory"), error
+
+
+def test_a_card_says_the_licence_of_share_alike_data(tmp_path):
+    """Every card says `license: mit` (the project's); an SFT on dolly (CC BY-SA 3.0) said nothing of its terms."""
+    stage = tmp_path / "demo" / "sft"
+    dolly = "/data/sft/dolly_open_qa.instruction_response.jsonl"
+    write_stage(stage, "sft", config={"dataset": ["builtin", dolly]}, metrics={}, log_history=[])
+    cards.write_model_card(stage, "sft")
+    metadata, body = read_card(stage)
+    assert metadata["datasets"] == ["databricks/databricks-dolly-15k"]
+    assert "Data licences: databricks/databricks-dolly-15k: CC BY-SA 3.0: a model trained on it carries its" in body
