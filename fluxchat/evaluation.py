@@ -23,7 +23,7 @@ def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int =
     if not examples:
         fail("no examples to evaluate")
     prompts, expected = zip(*(tasks.prompt_and_answer(example) for example in examples))
-    over, longest = answers_past_the_limit(tokenizer, list(expected), max_new_tokens)
+    over, longest, unknown = answer_fit(tokenizer, list(expected), max_new_tokens)
     if over:
         print(
             f"note: {over} of {len(examples)} expected replies are longer than the {max_new_tokens}-token reply limit "
@@ -32,7 +32,7 @@ def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int =
             file=sys.stderr,
             flush=True,
         )
-    if unknown := answers_with_unknown_words(tokenizer, list(expected)):
+    if unknown:
         print(
             f"note: {unknown} of {len(examples)} expected replies hold words this tokenizer lacks (<|unk|>): they score "
             "wrong whatever the model says (a word tokenizer's vocabulary; a bpe tokenizer has no unknown)",
@@ -65,24 +65,17 @@ def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int =
     }
 
 
-def answers_with_unknown_words(tokenizer, answers: list[str]) -> int:
-    """How many expected replies a word tokenizer can only write with <|unk|> (so never exactly)."""
-    unk = tokenizer.unk_token_id
-    if unk is None:
-        return 0
+def answer_fit(tokenizer, answers: list[str], limit: int) -> tuple[int, int, int]:
+    """(how many expected replies take more than `limit` tokens, with the format's lead and <|end|>; the longest's
+    length; how many a word tokenizer can only write with <|unk|>), from one encoding of the replies as written.
+    The recipes' limits fit the BPE tokenizer's answers; a char tokenizer spends a token per character, and an answer
+    cut at the limit, or spelled with <|unk|>, can never be right (nor, in PPO and GRPO, rewarded)."""
     lead = chat_format.format_of(tokenizer).lead  # as the reply is written: " Paris" is another word than "Paris"
-    texts = [lead + answer for answer in answers if isinstance(answer, str)]
-    return sum(unk in ids for ids in chat_format.encode_texts(tokenizer, texts))
-
-
-def answers_past_the_limit(tokenizer, answers: list[str], limit: int) -> tuple[int, int]:
-    """(how many of the expected replies take more than `limit` tokens, with the format's lead and <|end|>; the
-    longest's length). The recipes' limits fit the BPE tokenizer's answers; a char tokenizer spends a token per
-    character, and an answer cut at the limit can never be right (nor, in PPO and GRPO, rewarded)."""
-    lead = chat_format.format_of(tokenizer).lead
-    texts = [lead + answer for answer in answers if isinstance(answer, str)]
-    lengths = [len(ids) + 1 for ids in chat_format.encode_texts(tokenizer, texts)]
-    return sum(n > limit for n in lengths), max(lengths, default=0)
+    encoded = chat_format.encode_texts(tokenizer, [lead + answer for answer in answers if isinstance(answer, str)])
+    lengths = [len(ids) + 1 for ids in encoded]
+    unk = tokenizer.unk_token_id
+    unknown = 0 if unk is None else sum(unk in ids for ids in encoded)
+    return sum(n > limit for n in lengths), max(lengths, default=0), unknown
 
 
 @torch.no_grad()

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     rows, counts = stage_data.grpo_prompt_rows(tokenizer, rows, context - args.max_completion_length)
     answers = [row["answer"] for row in rows if row.get("answer")]
-    over, longest = evaluation.answers_past_the_limit(tokenizer, answers, args.max_completion_length)
+    over, longest, unknown = evaluation.answer_fit(tokenizer, answers, args.max_completion_length)
     if over:  # a char tokenizer spends a token per character: the recipe's limit fits BPE's answers
         print(
             f"note: {over} of {len(answers)} prompts' answers are longer than --max_completion_length "
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> Path:
             file=sys.stderr,
             flush=True,
         )
-    if unknown := evaluation.answers_with_unknown_words(tokenizer, answers):
+    if unknown:
         print(
             f"note: {unknown} of {len(answers)} prompts' answers hold words this tokenizer lacks (<|unk|>): no reply "
             "can match them, so they are never rewarded",

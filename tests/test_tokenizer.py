@@ -325,8 +325,8 @@ def test_answers_a_reply_limit_cuts_are_counted_and_said(tokenizers_by_type, cap
     bpe = loading.load_chat_tokenizer(str(tokenizers_by_type["bpe"]))
     char = loading.load_chat_tokenizer(str(tokenizers_by_type["char"]))
     answer = "The capital of Burkina Faso is Ouagadougou."
-    assert evaluation.answers_past_the_limit(bpe, [answer], 36)[0] == 0
-    over, longest = evaluation.answers_past_the_limit(char, [answer, "42."], 36)
+    assert evaluation.answer_fit(bpe, [answer], 36)[0] == 0
+    over, longest, _ = evaluation.answer_fit(char, [answer, "42."], 36)
     assert (over, longest) == (1, len(chat_format.format_of(char).lead + answer) + 1)  # one token per character
     config = GPT2Config(vocab_size=len(char), n_layer=1, n_embd=16, n_head=1, n_positions=128)
     example = {
@@ -342,8 +342,8 @@ def test_answers_a_reply_limit_cuts_are_counted_and_said(tokenizers_by_type, cap
     # A word tokenizer writes a word it lacks only as <|unk|>: such answers can never match either, and are said.
     word = loading.load_chat_tokenizer(str(tokenizers_by_type["word"]))
     known = sorted((i, t) for t, i in word.get_vocab().items() if t.startswith(" ") and t.strip().isalpha())[0][1]
-    assert evaluation.answers_with_unknown_words(word, [known.strip() + ".", "Ouagadougou."]) == 1
-    assert evaluation.answers_with_unknown_words(bpe, ["Ouagadougou."]) == 0
+    assert evaluation.answer_fit(word, [known.strip() + ".", "Ouagadougou."], 48)[2] == 1
+    assert evaluation.answer_fit(bpe, ["Ouagadougou."], 48)[2] == 0
 
 
 def test_a_word_vocabulary_holds_the_chat_formats_headers(tmp_path, corpus):
