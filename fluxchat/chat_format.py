@@ -148,6 +148,24 @@ def clean_text(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text)
 
 
+def hidden_token_ids(tokenizer) -> set[int] | None:
+    """The ids a reply shown to a person leaves out: every special token but a word tokenizer's <|unk|>, which
+    `skip_special_tokens` dropped silently too, so a reply the model wrote with a word its vocabulary lacks
+    ("42+62 <|unk|> 104.") read as if it had said nothing there. None: no <|unk|>, skip every special token."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return None
+    return {i for i, token in tokenizer.added_tokens_decoder.items() if token.special and i != unk}
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """Generated ids as the text a person reads (see `hidden_token_ids`)."""
+    hidden = hidden_token_ids(tokenizer)
+    if hidden is None:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode([i for i in ids if i not in hidden], skip_special_tokens=False)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Plain text to ids; spellings of control tokens stay plain text."""
     return encode_texts(tokenizer, [text])[0]

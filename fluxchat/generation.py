@@ -49,7 +49,7 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 100, seed: int =
         generation_config=config,
     )
     model.train(was_training)
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    return chat_format.decode_text(tokenizer, out[0, len(ids) :].tolist())
 
 
 def pad_id(tokenizer) -> int:
@@ -95,7 +95,7 @@ def generate_replies(
             end = next((k for k, token in enumerate(new_tokens) if token in stops), None)
             reply_tokens = new_tokens if end is None else new_tokens[:end]
             results[i] = {
-                "reply": chat_format.reply_text(tokenizer, tokenizer.decode(reply_tokens, skip_special_tokens=True)),
+                "reply": chat_format.reply_text(tokenizer, chat_format.decode_text(tokenizer, reply_tokens)),
                 "response_tokens": len(reply_tokens),
                 "stopped": end is not None,
             }

@@ -138,9 +138,16 @@ def _timed_streamer(tokenizer, stats: GenerationStats, start: float):
             stats.new_tokens += value.numel()
             if value.numel():
                 stats.last_token = int(value.reshape(-1)[-1])
+            if hidden is not None:  # as chat_format.decode_text: control tokens left out, <|unk|> shown
+                value = value.reshape(-1)[~torch.isin(value.reshape(-1), hidden)]
             return super().put(value)
 
-    return TimedStreamer(tokenizer, skip_prompt=True, timeout=STREAM_TIMEOUT_SECONDS, skip_special_tokens=True)
+    hidden = chat_format.hidden_token_ids(tokenizer)
+    if hidden is not None:
+        hidden = torch.tensor(sorted(hidden), dtype=torch.long)
+    return TimedStreamer(
+        tokenizer, skip_prompt=True, timeout=STREAM_TIMEOUT_SECONDS, skip_special_tokens=hidden is None
+    )
 
 
 class ChatModel:

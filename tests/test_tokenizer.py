@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from fluxchat import chat_format, loading, pretraining
+from fluxchat import chat_format, loading, pretraining, serving
 from tests.conftest import SHAKESPEARE, run_main
 from tokenizer import train
 
@@ -71,6 +72,16 @@ def test_a_word_tokenizer_loses_only_the_words_it_does_not_know(tokenizers_by_ty
         assert tok.unk_token_id not in ids and tok.decode(ids) == text
     ids = chat_format.encode_text(tok, "The population of Zanzibar")  # an unknown word: one <|unk|>, the rest kept
     assert ids.count(tok.unk_token_id) == 1 and tok.decode(ids, skip_special_tokens=True) == "The population of"
+    # A reply shown to a person keeps the <|unk|> (skip_special_tokens dropped it: the reply read as if the model had
+    # said nothing there) and leaves the turn's control tokens out, whole or streamed a token at a time.
+    reply = ids + [tok.convert_tokens_to_ids(chat_format.END_OF_TURN), tok.pad_token_id]
+    assert chat_format.decode_text(tok, reply) == "The population of<|unk|>"
+    streamer = serving._timed_streamer(tok, serving.GenerationStats(), start=0.0)
+    streamer.put(torch.tensor([[tok.bos_token_id]]))  # the prompt, skipped
+    for token in reply:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(streamer) == "The population of<|unk|>"
     shakespeare = AutoTokenizer.from_pretrained(tokenizers_by_type["word"])
     known = [t for t in shakespeare.get_vocab() if t.startswith(" ") and t.strip().isalpha()][:40]
     text = "".join(known) + "\n"
