@@ -163,6 +163,18 @@ def main(argv: list[str] | None = None) -> Path:
     conversations = stage_data.load_conversations(script_args)
     conversations = stage_data.sample_rows(conversations, script_args.max_train_samples, args.seed)
     train_set, counts = stage_data.prompt_dataset(tokenizer, conversations, context - args.response_length)
+    # A char tokenizer spends a token per character: the recipe's limit fits BPE's replies, and a reply cut at it is
+    # one the reward model ranks low (it learned cut-short replies are the rejected ones) however right it was.
+    replies = [c["messages"][-1]["content"] for c in conversations if c["messages"][-1]["role"] == "assistant"]
+    over, longest, _ = evaluation.answer_fit(tokenizer, replies, args.response_length)
+    if over:
+        print(
+            f"note: {over} of {len(replies)} conversations' replies are longer than --response_length "
+            f"{args.response_length} with this tokenizer (the longest: {longest} tokens): the policy's replies to "
+            "them are cut before they can end, and scored as cut",
+            file=sys.stderr,
+            flush=True,
+        )
     # TRL's rollout loader drops a short last batch and repeats itself forever: with fewer prompts than one rollout
     # it yielded nothing, and PPO hung at its first step.
     processes = PartialState().num_processes  # PPOConfig's own world_size is filled in by the trainer, later

@@ -3,6 +3,7 @@ causal LM and answers a chat prompt; the log carries reward, KL, entropy, reply 
 collapse detection stops a run without marking it finished; LoRA policies are merged on save."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def chain(tiny_chat_chain):
     return tiny_chat_chain
 
 
-def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs):
+def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs, capsys):
     argv = [
         *PPO_FAST,
         "--run_name",
@@ -58,6 +59,11 @@ def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs):
     assert code == 0, error
     stage = isolated_runs / "rl" / "ppo"
     assert_chat_stage_files(stage)
+    # 12 tokens cut many of the tasks' replies: said, as GRPO and evaluation say it (their replies score as cut).
+    note = re.search(
+        r"note: (\d+) of (\d+) conversations' replies are longer than --response_length 12", capsys.readouterr().err
+    )
+    assert note and 0 < int(note[1]) < int(note[2]) <= 200
 
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["updates"] == 4 and metrics["episodes"] == 16  # 16 episodes / (2 x 2 prompts per update)
