@@ -48,7 +48,15 @@ from starlette.middleware import Middleware
 
 from fluxchat import chat_format, feedback, runs
 from fluxchat.config import UsageError, fail, parse_config, run_cli
-from fluxchat.serving import SAMPLING_BOUNDS, ChatModel, GenerationStats, RewardScorer, Sampling, resolve_model
+from fluxchat.serving import (
+    SAMPLING_BOUNDS,
+    ChatModel,
+    GenerationStats,
+    RewardScorer,
+    Sampling,
+    empty_reply_note,
+    resolve_model,
+)
 
 logger = logging.getLogger("fluxchat.app")
 # The app takes no files, but Gradio's upload route is open to any client: 0 is the smallest limit it accepts
@@ -380,6 +388,8 @@ class ChatService:
             for piece in model.stream(prompt, sampling, stats):
                 reply += piece
                 yield reply
+            if not reply.strip():  # else an empty bubble, which reads like a hang or a lost reply
+                gr.Info(empty_reply_note(stats))
         except UsageError as err:
             self.refuse(str(err))
         except gr.Error:

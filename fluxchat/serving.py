@@ -150,6 +150,12 @@ def _timed_streamer(tokenizer, stats: GenerationStats, start: float):
     )
 
 
+def empty_reply_note(stats: GenerationStats) -> str:
+    """What the chat and the app say when a reply holds no text (only control tokens, or only spaces)."""
+    how = "ended its turn before writing anything" if stats.ended_turn else "wrote no text (only control tokens)"
+    return f"(the reply is empty: the model {how})"
+
+
 class ChatModel:
     """A causal LM with its tokenizer, rendering conversations through fluxchat.chat_format."""
 

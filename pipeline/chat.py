@@ -27,7 +27,7 @@ import torch
 
 from fluxchat import chat_format
 from fluxchat.config import UsageError, parse_config, run_cli, terminal_output
-from fluxchat.serving import ChatModel, GenerationStats, Sampling
+from fluxchat.serving import ChatModel, GenerationStats, Sampling, empty_reply_note
 
 COMMANDS = "/reset /history /quit"
 
@@ -136,6 +136,8 @@ def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactiv
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print(flush=True)
+        if not "".join(pieces).strip():  # else an empty line, which reads like a hang or a lost reply
+            print(empty_reply_note(stats), file=info)
         messages.append({"role": "assistant", "content": "".join(pieces)})
         if show_stats:
             print(stats.summary(), file=sys.stderr, flush=True)

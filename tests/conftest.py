@@ -139,6 +139,29 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def silent_model(tiny_chat_chain, tmp_path_factory) -> Path:
+    """The shared SFT model made to end every turn at once: its final layer norm outputs the <|end|> embedding
+    whatever it reads, so with tied embeddings <|end|> is always the likeliest token (its row made the longest)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fluxchat import chat_format
+
+    out = tmp_path_factory.mktemp("silent")
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_chain / "sft")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_chain / "sft")
+    end = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[end] = embeddings[end] / embeddings[end].norm() * 10 * embeddings.norm(dim=1).max()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(embeddings[end])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_chain(tiny_run, tmp_path_factory) -> Path:
     """<root>/{sft,reward}: an SFT model of the tiny run and a reward model from it, trained once per session
     into explicit folders (no run directory involved) and shared read-only by the PPO, GRPO and DPO tests."""

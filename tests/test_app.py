@@ -95,6 +95,15 @@ def test_the_page_is_told_when_the_oldest_turns_no_longer_fit(model, monkeypatch
     assert shown == []  # nothing left out, nothing said
 
 
+def test_an_empty_reply_is_said_on_the_page(silent_model, monkeypatch):
+    """An empty reply left an empty bubble, which reads like a hang or a lost reply."""
+    shown = []
+    monkeypatch.setattr(app.gr, "Info", shown.append)
+    service = app.ChatService(ChatModel.load(str(silent_model)))
+    assert list(service.chat("hi", [], **{**SAMPLING, "temperature": 0})) in ([], [""])
+    assert shown == ["(the reply is empty: the model ended its turn before writing anything)"]
+
+
 def test_limits_are_enforced_on_the_server(model):
     service = app.ChatService(model, max_message_chars=100, max_turns=3)
     with pytest.raises(gr.Error, match="Message too long: 101 characters, the limit is 100"):

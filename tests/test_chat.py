@@ -264,3 +264,12 @@ def test_replies_come_back_without_the_lead_the_model_generates(tiny_chat_chain,
     greedy = serving.Sampling(max_new_tokens=6, temperature=0)
     streamed = "".join(serving.ChatModel(model, tokenizer).stream(conversation, greedy))
     assert reply["reply"] == streamed == "quiet river"  # what evaluation, the chat and the app see
+
+
+def test_an_empty_reply_is_said_not_left_as_a_blank_line(silent_model):
+    """A model that ends its turn at once printed nothing (piped: an empty line), which reads like a hang or a lost
+    reply. The line stays (replies stay paired with messages) and stderr says why it is empty."""
+    result = run_script(PYTHON, REPO / "pipeline" / "chat.py", silent_model, "--temperature", "0", input="hi\nhello\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "\n\n"
+    assert result.stderr.count("(the reply is empty: the model ended its turn before writing anything)") == 2
