@@ -217,6 +217,16 @@ CASES = [
             "mixed.jsonl", '{"text": "To be, or not to be"}\n{"text": 42}\n{"text": "that is the question"}\n'
         ),
     ),
+    Case(  # Python's json takes an escaped lone surrogate, Arrow's reader does not: it said "Trailing data" on line 1
+        "a lone surrogate escape in a jsonl text row",
+        "tokenizer",
+        lambda i, d: ["--train_file", d / "surrogate.jsonl", "--output_dir", d / "tok"],
+        ("surrogate.jsonl: could not be read as json (line 3 holds a lone surrogate escape",),
+        prepare=write_yaml(
+            "surrogate.jsonl",
+            '{"text": "To be"}\n{"text": "or not \\ud83d\\ude00 to be"}\n{"text": "bad \\ud800 half"}\n',
+        ),
+    ),
     Case(
         "vocab too small",
         "tokenizer",
