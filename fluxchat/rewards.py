@@ -138,13 +138,15 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
         if isinstance(value, str):
             if not value.strip():
                 fail(f"{name}: {label}: field '{column}' is empty")
-            prompt = [{"role": "user", "content": value}]
+            prompt = [{"role": "user", "content": chat_format.clean_text(value)}]
         elif isinstance(value, list):
             try:
                 chat_format.validate_messages(value)
             except UsageError as err:  # add the file and line
                 fail(f"{name}: {label}: field '{column}': {err}")
-            prompt = [{"role": m["role"], "content": m["content"]} for m in value]
+            # Lone surrogates (JSON lets "\ud800" stand alone) become U+FFFD, as every reader of text makes them:
+            # Arrow refuses them, in a traceback from the dataset TRL is given.
+            prompt = [{"role": m["role"], "content": chat_format.clean_text(m["content"])} for m in value]
             while prompt and prompt[-1]["role"] == "assistant":
                 prompt.pop()
             if not prompt or prompt[-1]["role"] != "user":
@@ -181,7 +183,7 @@ def _answer_text(name: str, label: str, column: str, answer) -> str | None:
             fail(f"{name}: {label}: field '{column}' is {answer}: give a finite number or text")
         # An integer column holding a null reads as floats (pandas, parquet): 4.0 must match a reply "4".
         answer = int(answer) if answer.is_integer() else answer
-    text = str(answer)
+    text = chat_format.clean_text(str(answer))
     if not normalise_answer(text):  # blank or punctuation only: no reply earns it, so it gives no signal
         fail(
             f"{name}: {label}: field '{column}' is empty ({text!r:.40} once case, spaces and punctuation are "

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
@@ -323,3 +324,17 @@ def test_a_blank_message_in_a_prompt_is_refused(tmp_path):
     path = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": "  "}], "answer": "x"}])
     with pytest.raises(UsageError, match=r"prompts\.jsonl: line 1: prompt\[0\]\.content is empty"):
         rewards.load_prompt_file(str(path), "exact", need_answers=True)
+
+
+def test_lone_surrogates_in_a_prompt_file_become_replacement_characters(tmp_path):
+    """JSON lets an escaped half of a surrogate pair stand alone; Arrow refuses it, so the dataset handed to TRL
+    ended the stage in a UnicodeEncodeError traceback. It becomes U+FFFD, as every other reader of text makes it."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        '{"prompt": "x \\ud800", "answer": "1"}\n'
+        '{"prompt": [{"role": "user", "content": "y \\udc00"}], "answer": "2 \\ud83d"}\n'
+    )
+    rows = rewards.load_prompt_file(str(path), "exact", need_answers=True)
+    assert [row["prompt"][0]["content"] for row in rows] == ["x \ufffd", "y \ufffd"]
+    assert [row["answer"] for row in rows] == ["1", "2 \ufffd"]
+    assert len(Dataset.from_list(rows)) == 2  # what grpo.py hands to GRPOTrainer
