@@ -370,7 +370,9 @@ def _json_fault(path: Path) -> str | None:
                     # Python's parser takes an escaped half of a surrogate pair ("\ud800") alone; Arrow's does not,
                     # and said "Trailing data" at the end of line 1.
                     if "\\u" in line and _has_lone_surrogate(row):
-                        return f"line {number} holds a lone surrogate escape (\\udXXX without its pair): not valid text"
+                        return (
+                            f"line {number} holds a lone surrogate escape (\\udXXX without its pair): not valid text"
+                        )
     except (UnicodeDecodeError, OSError):
         pass
     return None

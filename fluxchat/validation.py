@@ -95,6 +95,11 @@ RULES: dict[str, Rule] = {
     "top_p": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
     # GRPO and DPO
     "max_completion_length": at_least(1),
+    "steps_per_generation": at_least(
+        1
+    ),  # GRPO (checked by its stage first: TRL derives generation_batch_size from it)
+    "generation_batch_size": at_least(1),
+    "num_iterations": at_least(1),
     "beta": at_least(0),  # GRPO's KL weight (0: none); DPO's, which must be above 0, is checked by its stage
     "precompute_ref_batch_size": at_least(1),  # DPO; TRL reads 0 as unset and uses the training batch size
     # PPO and its monitor

@@ -102,6 +102,9 @@ class StageGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"--num_generations {self.num_generations}: GRPO compares replies within a group, so it needs at least 2"
             )
+        # TRL derives the generation batch from it: at 0 or below torch's data loader failed once training started
+        if self.steps_per_generation is not None and self.steps_per_generation < 1:
+            raise ValueError(f"--steps_per_generation must be >= 1, got {self.steps_per_generation}")
         if self.temperature <= 0:  # transformers would refuse it at the first step, in a traceback
             raise ValueError(
                 f"--temperature must be > 0, got {self.temperature:g}: GRPO samples each group (at 0 its replies would all be one)"

@@ -270,6 +270,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
     assert code == 2 and "--max_completion_length" in error
     code, error = run_main(grpo.main, [*base, "--max_completion_length", 0])
     assert code == 2 and "--max_completion_length must be >= 1, got 0" in error
+    for flag in ("--steps_per_generation", "--num_iterations"):  # torch's data loader failed once training started
+        code, error = run_main(grpo.main, [*base, flag, 0])
+        assert code == 2 and f"{flag} must be >= 1, got 0" in error
     code, error = run_main(grpo.main, [*base, "--temperature", 0])  # transformers refused it mid-step, in a traceback
     assert code == 2 and "--temperature must be > 0, got 0" in error
     # A language model's folder as the reward model: its score head would be random, GRPO would chase noise.
