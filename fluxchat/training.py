@@ -84,13 +84,17 @@ def plan_stage(training_args, stage: str, *, overwrite: bool, resume: bool = Fal
     return StageRun(stage, output_dir, runs.work_dir(output_dir, overwrite), overwrite, resume_from)
 
 
-def start_stage(run: StageRun, training_args, *config_objs, config_file: Path | None = None) -> None:
+def start_stage(
+    run: StageRun, training_args, *config_objs, config_file: Path | None = None, model=None, tokenizer=None
+) -> None:
     """Create the work folder, log into its train.log and save the resolved config there. Call once the inputs
     are loaded, so that a broken input leaves no trace. The folder is prepared on the main process only, the
-    others waiting: with several processes an --overwrite on each would delete what the first had written."""
+    others waiting: with several processes an --overwrite on each would delete what the first had written.
+    `model` and `tokenizer`, those about to train, are checked against the checkpoint a --resume continues."""
     state = PartialState()
     if run.resume_from is not None:  # before anything is written: a refused resume leaves config.yaml as it was
         refuse_unresumable_changes(run, resolved_config(*config_objs, config_file=config_file))
+        refuse_another_model(run, model, tokenizer)
     with state.main_process_first():
         if state.is_main_process:
             runs.begin(run.output_dir, run.stage, overwrite=run.overwrite, resume=run.resume_from is not None)
@@ -140,6 +144,37 @@ def refuse_unresumable_changes(run: StageRun, current: dict) -> None:
             f"--resume with --{key} {current[key]}: the checkpoints in {run.output_dir} were trained with {key} "
             f"{previous[key]}; resume with that, or start again with --overwrite"
         )
+
+
+# What a checkpoint's weights must share with the model a --resume loads them into.
+SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+def refuse_another_model(run: StageRun, model, tokenizer) -> None:
+    """The same flags can build another model: a tokenizer retrained with --overwrite under an interrupted pretrain,
+    or a parent stage redone. Loading the checkpoint then ended in torch's size-mismatch traceback once the stage had
+    started, or, where the shapes matched (another vocabulary of the same size), went on with every id meaning
+    another token."""
+    checkpoint = run.resume_from
+    if tokenizer is not None and (checkpoint / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(checkpoint).get_vocab() != tokenizer.get_vocab():
+            fail(
+                f"--resume: {checkpoint} was trained with another tokenizer than this command's (retrained since, or "
+                "another one named): resume with that one, or start again with --overwrite"
+            )
+    try:
+        saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a LoRA checkpoint holds an adapter, no config.json: its own load says what is wrong
+    for key in SHAPE_KEYS if model is not None else ():
+        if key in saved and getattr(model.config, key, saved[key]) != saved[key]:
+            fail(
+                f"--resume: {checkpoint} has {key} {saved[key]}, but the model this command builds has "
+                f"{getattr(model.config, key)} (its tokenizer or starting model changed since): start again with "
+                "--overwrite"
+            )
 
 
 def note_changed_settings(previous_config: Path, current: dict) -> None:

@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> Path:
     # The reference is the SFT model reloaded from its folder: a separate object (TRL refuses the policy itself).
     reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)
     peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", policy)
-    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
+    training.start_stage(
+        run, args, script_args, peft_args, args, config_file=config_file, model=policy, tokenizer=tokenizer
+    )
     training.logger.info(
         f"dpo: policy and reference {sft_path} (context {context}), beta {args.beta}, loss {'+'.join(args.loss_type)}; "
         f"{counts['pairs']} train pairs ({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long, "

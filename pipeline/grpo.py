@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> Path:
     args.reward_weights = weights
 
     peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", policy)
-    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
+    training.start_stage(
+        run, args, script_args, peft_args, args, config_file=config_file, model=policy, tokenizer=tokenizer
+    )
     names = [rewards.training_name(func) for func in reward_funcs]
     training.logger.info(
         f"grpo: policy {sft_path}{f', reward model {reward_path}' if reward_path else ''}; {counts['prompts']} prompts "

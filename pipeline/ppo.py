@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> Path:
     value_model = loading.load_score_model(value_path, tokenizer)
 
     peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", policy)
-    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
+    training.start_stage(
+        run, args, script_args, peft_args, args, config_file=config_file, model=policy, tokenizer=tokenizer
+    )
     training.logger.info(
         f"ppo: policy {sft_path}, reward {reward_path}, value {value_path}; {counts['prompts']} prompts "
         f"({counts['trimmed']} trimmed, {counts['dropped_too_long']} dropped as too long), replies up to {args.response_length} tokens"

@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> Path:
     args.prediction_loss_only = True
     bytes_per_token = corpus.validation_bytes / len(val_tokens) if eval_set else 1.0
 
-    training.start_stage(run, args, model_args, data_args, args, config_file=config_file)
+    training.start_stage(
+        run, args, model_args, data_args, args, config_file=config_file, model=model, tokenizer=tokenizer
+    )
     n_params = sum(p.numel() for p in model.parameters())
     world = args.world_size
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * world

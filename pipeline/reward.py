@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> Path:
     model = loading.load_score_model(model_path, tokenizer)
 
     peft_config = arguments.lora_config(peft_args, "SEQ_CLS", model)
-    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
+    training.start_stage(
+        run, args, script_args, peft_args, args, config_file=config_file, model=model, tokenizer=tokenizer
+    )
     training.logger.info(
         f"reward: {model_path} (context {context}), {counts['pairs']} train pairs ({counts['trimmed']} trimmed, "
         f"{counts['dropped_too_long']} dropped as too long, {n_identical} dropped with chosen == rejected{stage_data.same_once_tokenized(counts)}), "

@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> Path:
     model = loading.load_causal_lm(model_path, tokenizer)
 
     peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", model)
-    training.start_stage(run, args, script_args, peft_args, args, config_file=config_file)
+    training.start_stage(
+        run, args, script_args, peft_args, args, config_file=config_file, model=model, tokenizer=tokenizer
+    )
     training.logger.info(
         f"sft: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, context {context}), "
         f"chat format {format_name}, {counts['examples']} train conversations ({counts['trimmed']} trimmed, "

@@ -204,6 +204,16 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_pat
     assert lines[-1] == f"interrupted: run the same command with --resume to continue from {resumed_from}"
     assert "mtime may not be reliable" not in text  # two checkpoints a second apart rotate quietly
 
+    # Its checkpoint is refused for another tokenizer's model (a tokenizer retrained with --overwrite since: torch's
+    # size-mismatch traceback; of the same size, every id another token), before anything is written.
+    other = train_tiny_tokenizer("other", "--vocab_size", 512)
+    config = (stage / runs.CONFIG_FILE).read_text()
+    code, error = run_main(
+        pretrain.main, [*_pretrain_cmd("killed", 60, "--resume")[2:], "--tokenizer_name_or_path", other]
+    )
+    assert code == 2 and error.startswith(f"--resume: {resumed_from} was trained with another tokenizer"), error
+    assert (stage / runs.CONFIG_FILE).read_text() == config and runs.latest_checkpoint(stage) == resumed_from
+
     result = run_script(*_pretrain_cmd("killed", 60, "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "note: resuming" not in result.stderr  # the same command: no setting changed
