@@ -143,6 +143,16 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TURN, END_OF_TEXT)]
 
 
+# C0 controls but tab and newline, DEL, and the C1 range (0x9b opens a terminal command like ESC [ does).
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09, 0x0A)}
+
+
+def visible_text(text: str) -> str:
+    """Model output as written to a terminal or log: control characters a byte-level model emits (NUL, ESC, which
+    would drive the terminal) shown as `\\x1b` and the like; tabs and newlines kept."""
+    return text.translate(CONTROL_ESCAPES)
+
+
 def clean_text(text: str) -> str:
     """`text` with lone surrogates replaced by U+FFFD: what every consumer may safely tokenize, print or log."""
     return _LONE_SURROGATE.sub("\ufffd", text)

@@ -229,7 +229,7 @@ class SampleCallback(TrainerCallback):
         for i, prompt in enumerate(self.prompts):
             text = generation.sample(model, self.tokenizer, prompt, self.max_new_tokens, seed=i)
             logger.info(f"sample @ step {state.global_step} | {prompt!r} -> {text!r}")
-            print(f"--- sample @ step {state.global_step}\n{prompt}{text}\n---", flush=True)
+            print(f"--- sample @ step {state.global_step}\n{chat_format.visible_text(prompt + text)}\n---", flush=True)
 
 
 class RankAccounting:

@@ -64,14 +64,12 @@ def show_history(messages: list[dict], out) -> None:
         print(f"{message['role']}: {shown(message['content'], interactive=True)}", file=out)
 
 
-# C0 controls but tab and newline, DEL, and the C1 range (0x9b opens a terminal command like ESC [ does).
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09, 0x0A)}
-_PIPED = {**_CONTROL, ord("\\"): "\\\\", 0x0A: "\\n", 0x0D: "\\r"}
+_PIPED = {**chat_format.CONTROL_ESCAPES, ord("\\"): "\\\\", 0x0A: "\\n", 0x0D: "\\r"}
 
 
 def shown(piece: str, interactive: bool) -> str:
     """A piece of a reply as written to stdout: controls visible; piped, on one line and reversible."""
-    return piece.translate(_CONTROL if interactive else _PIPED)
+    return chat_format.visible_text(piece) if interactive else piece.translate(_PIPED)
 
 
 def read_message(interactive: bool) -> str | None:

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         texts = []
         for i in range(args.num_samples):
             text = generation.sample(model, tokenizer, prompt, args.max_new_tokens, seed=args.seed + i, **sampling)
-            print(prompt + text, flush=True)
+            print(chat_format.visible_text(prompt + text), flush=True)  # a byte-level model can emit ESC
             if args.num_samples > 1:
                 print("-" * 40, flush=True)
             texts.append(text)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fluxchat import runs
+from fluxchat import chat_format, runs
 from pipeline import pretrain
 from tests.conftest import (
     PYTHON,
@@ -83,7 +83,7 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
             "--interactive",
             "--max_new_tokens",
             "10",
-            input="ROMEO:\nJULIET:\n",
+            input="ROMEO:\x1b[2J\nJULIET:\n",  # an escape sequence would drive the terminal (clear it, here)
         ),
         lambda: run_script(PYTHON, "pipeline/generate.py", tiny_run / "pretrain", "--prompt", "   "),
         lambda: run_script(*argv, "--temperature", 0),
@@ -91,7 +91,9 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("To be")
     assert loop.returncode == 0, loop.stderr
-    assert "ROMEO:" in loop.stdout and "JULIET:" in loop.stdout
+    assert "ROMEO:\\x1b[2J" in loop.stdout and "JULIET:" in loop.stdout
+    # Control characters are shown, not written, whoever wrote them (a byte-level model emits NUL, ESC and the like).
+    assert not set(loop.stdout) & {chr(c) for c in chat_format.CONTROL_ESCAPES}
     assert bad.returncode == 2 and "whitespace" in bad.stderr and "Traceback" not in bad.stderr
     # Greedy, without transformers' warning that `temperature` "may be ignored" (it said so of the flag just given).
     assert greedy.returncode == 0 and greedy.stderr == "" and greedy.stdout.startswith("To be"), greedy.stderr
