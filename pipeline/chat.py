@@ -92,7 +92,9 @@ def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactiv
         line = read_message(interactive)
         if line is None:
             break
-        text = chat_format.clean_text(line).strip()  # e.g. a lone surrogate from argv-style surrogateescape input
+        # A lone surrogate (argv-style surrogateescape input) made safe; a byte-order mark (a file saved by a Windows
+        # editor) dropped, else a first-line /quit was sent to the model as "\ufeff/quit" and answered.
+        text = chat_format.clean_text(line).lstrip("\ufeff").strip()
         if not text:
             continue
         if text == "/quit":

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         for line in sys.stdin:
             if not line.strip():
                 break
-            outputs += continue_text(chat_format.clean_text(line.rstrip("\n")))
+            outputs += continue_text(chat_format.clean_text(line.rstrip("\n")).lstrip("\ufeff"))  # a file's BOM
         return outputs
 
 
