@@ -62,7 +62,9 @@ def expand_files(paths: list[str], flag: str = "--train_file", check: bool = Tru
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if path.is_dir() and is_saved_dataset(path, flag):
+            files.append(path)
+        elif path.is_dir():
             found = sorted(
                 p
                 for p in path.rglob("*")
@@ -70,6 +72,9 @@ def expand_files(paths: list[str], flag: str = "--train_file", check: bool = Tru
                 and p.suffix in TEXT_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
+            # A saved dataset inside is one source: its state.json and dataset_info.json are no rows of text.
+            saved = {p.parent for p in found if p.name == "state.json" and is_saved_dataset(p.parent, flag)}
+            found = [p for p in found if not saved & set(p.parents)] + sorted(saved)
             if not found:
                 fail(f"{flag} {path}: folder has no {'/'.join(TEXT_SUFFIXES)} files (hidden ones left out)")
             files += found
@@ -89,9 +94,32 @@ def expand_files(paths: list[str], flag: str = "--train_file", check: bool = Tru
     for path in files:
         if path.stat().st_size == 0:
             fail(f"{flag} {path}: file is empty")
-        if check and path.suffix != ".parquet":
+        if check and path.suffix != ".parquet" and not path.is_dir():
             check_utf8(path, flag)
     return files
+
+
+def is_saved_dataset(path: Path, flag: str) -> bool:
+    """Whether `path` is a folder written by datasets' `save_to_disk` (read with `load_from_disk`). Its metadata
+    files were read as rows of text before ("no 'text' column (columns: citation, description, ...)"). A saved
+    DatasetDict (one folder per split) is refused naming its splits: which one to read is the user's call."""
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if is_saved_dataset(p, flag))
+        fail(
+            f"{f'{flag} ' if flag else ''}{path} holds the splits {', '.join(splits) or '(none)'} of a saved DatasetDict: name one, e.g. "
+            f"{path / ('train' if 'train' in splits or not splits else splits[0])}"
+        )
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def load_saved_dataset(path: Path):
+    """A `save_to_disk` folder's rows, memory-mapped from its own Arrow files."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises several types for a damaged folder
+        fail(f"{path}: could not be read as a saved dataset ({_cause(err)})")
 
 
 READ_CHUNK = 1 << 20  # bytes (or characters) read at a time: a 1 GB file never sits in memory whole
@@ -184,6 +212,8 @@ def load_hub_dataset(name: str, config_name: str | None, split: str, streaming: 
         + (f" --dataset_config_name {config_name}" if config_name else "")
         + f" (split {split!r})"
     )
+    if Path(name).is_dir() and is_saved_dataset(Path(name), "--dataset_name"):  # datasets: "use load_from_disk"
+        fail(f"--dataset_name {name} is a dataset saved with save_to_disk: pass it as --train_file {name}")
     try:
         return datasets.load_dataset(name, config_name, split=split, streaming=streaming)
     except Exception as err:  # the Hub client raises many types; the user needs one line
@@ -204,22 +234,31 @@ class TextSource:
     def fingerprint(self) -> dict:
         """What identifies this source's content for a cache: path, size and mtime of a file; the
         dataset's name/config/split (plus its files' sizes and mtimes when it is a local folder)."""
+        if self.path is not None and self.path.is_dir():  # a saved dataset: its files say what it holds
+            return {"path": str(self.path.resolve()), "files": _file_stats(self.path)}
         if self.path is not None:
             stat = self.path.stat()
             return {"path": str(self.path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         name, config, split, streaming = self.dataset
         local = Path(name)
-        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
         return {
             "dataset": name,
             "config": config,
             "split": split,
             "streaming": streaming,
-            "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            "files": _file_stats(local) if local.is_dir() else [],
         }
 
     def size_bytes(self) -> int | None:
+        if self.path is not None and self.path.is_dir():
+            return sum(size for _, size, _ in _file_stats(self.path))
         return self.path.stat().st_size if self.path is not None else None
+
+
+def _file_stats(folder: Path) -> list[list]:
+    return [
+        [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.rglob("*")) if p.is_file()
+    ]
 
 
 def text_sources(
@@ -260,7 +299,7 @@ def describe_sources(sources: list[TextSource], shown: int = 3) -> str:
 def check_sources(sources: list[TextSource]) -> None:
     """The content checks `expand_files` skipped: run them before reading (not on a cache hit)."""
     for source in sources:
-        if source.path is not None and source.path.suffix != ".parquet":
+        if source.path is not None and source.path.suffix != ".parquet" and not source.path.is_dir():
             check_utf8(source.path, "--train_file")
 
 
@@ -321,6 +360,8 @@ def load_rows_file(path: Path):
     import datasets  # heavy: see load_hub_dataset
     from datasets.utils import logging as datasets_logging
 
+    if path.is_dir():  # expand_files lets only a saved dataset's folder through
+        return load_saved_dataset(path)
     datasets.disable_progress_bars()
     builder = "parquet" if path.suffix == ".parquet" else "json"
     if builder == "parquet" and _parquet_row_count(path) == 0:  # else Arrow's "BatchSize must be greater than 0"

@@ -50,13 +50,17 @@ def _read_rows(source: str):
         except Exception as err:  # the Hub client raises many types; the user needs one line
             fail(f"{source}: could not load as a local file or Hub dataset ({str(err).splitlines()[0][:200]})")
         return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
+    if path.is_dir() and data.is_saved_dataset(path, flag=""):
+        rows = data.load_saved_dataset(path)
+        return name, ((f"row {i + 1}", row) for i, row in enumerate(rows))
     if path.is_dir():  # e.g. a cloned dataset repo: its data files are named one by one, never guessed
         found = sorted(
             p.name for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet"))
         )
         holds = f"it holds {', '.join(found[:5])}: name one of them" if found else "it holds none"
         fail(
-            f"{source} is a folder: a data source is one .jsonl, .json or .parquet file (or a Hub dataset id); {holds}"
+            f"{source} is a folder: a data source is one .jsonl, .json or .parquet file, a folder saved with "
+            f"datasets' save_to_disk, or a Hub dataset id; {holds}"
         )
     if not path.is_file():
         fail(f"{source}: no such file (give a .jsonl/.json/.parquet file, a Hub dataset id, or '{BUILTIN}')")

@@ -402,3 +402,36 @@ def test_an_empty_rejected_reply_is_a_pair():
     """hh-rlhf itself holds a few ("saying nothing is worse"): they stay pairs."""
     rows, _ = load_preferences([str(HH_RLHF)])
     assert sum(not pair["rejected"][-1]["content"] for pair in rows) == 4
+
+
+def test_a_dataset_saved_with_save_to_disk_is_read_as_rows(tmp_path):
+    """A `save_to_disk` folder is how `datasets` users keep a dataset; its metadata files were read as rows of text
+    ("no 'text' column (columns: citation, description, ...)"), and a preference source told to name state.json."""
+    from datasets import Dataset, DatasetDict
+
+    corpus = tmp_path / "corpus"
+    Dataset.from_list([{"text": f"line {i} of the saved corpus."} for i in range(20)]).save_to_disk(corpus)
+    pairs = tmp_path / "pairs"
+    Dataset.from_list([{"prompt": f"Q{i}?", "chosen": f"Yes {i}.", "rejected": "No."} for i in range(5)]).save_to_disk(
+        pairs
+    )
+    train, validation = data.load_text([str(corpus)], None)
+    assert len(train) == 18 and validation == ["line 18 of the saved corpus.", "line 19 of the saved corpus."]
+    sources = data.text_sources([str(corpus)], None)
+    streamed = [chunk for split, chunk, _ in data.iter_text(sources, "text", 0.1) if split == "train"]
+    assert streamed == train and sources[0].size_bytes() > 0
+    # In a folder beside text files it is one source, not its state.json and dataset_info.json.
+    (tmp_path / "notes.txt").write_text("some notes\n")
+    assert data.expand_files([str(tmp_path)]) == [tmp_path / "notes.txt", corpus, pairs]
+    rows, dropped = load_preferences([str(pairs)])
+    assert len(rows) == 5 and dropped == 0 and rows[0]["chosen"][-1]["content"] == "Yes 0."
+    # A saved DatasetDict: which split to read is the user's call; --dataset_name is for the Hub.
+    DatasetDict(train=Dataset.from_list([{"text": "a"}]), test=Dataset.from_list([{"text": "b"}])).save_to_disk(
+        tmp_path / "splits"
+    )
+    with pytest.raises(
+        UsageError, match=r"splits holds the splits test, train of a saved DatasetDict: name one, e\.g\. "
+    ):
+        data.load_text([str(tmp_path / "splits")], None)
+    with pytest.raises(UsageError, match=r"is a dataset saved with save_to_disk: pass it as --train_file"):
+        data.load_text(None, str(corpus))
