@@ -114,7 +114,7 @@ def is_saved_dataset(path: Path, flag: str) -> bool:
 
 def load_saved_dataset(path: Path):
     """A `save_to_disk` folder's rows, memory-mapped from its own Arrow files."""
-    import datasets
+    import datasets  # heavy: see load_hub_dataset
 
     try:
         return datasets.load_from_disk(str(path))

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from accelerate import PartialState
-from transformers import ProgressCallback, TrainerCallback, TrainerState
+from transformers import AutoTokenizer, ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluxchat import cards, generation, hub, runs
@@ -157,8 +157,6 @@ def refuse_another_model(run: StageRun, model, tokenizer) -> None:
     another token."""
     checkpoint = run.resume_from
     if tokenizer is not None and (checkpoint / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
         if AutoTokenizer.from_pretrained(checkpoint).get_vocab() != tokenizer.get_vocab():
             fail(
                 f"--resume: {checkpoint} was trained with another tokenizer than this command's (retrained since, or "
