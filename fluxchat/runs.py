@@ -26,6 +26,7 @@ import os
 import re
 import resource
 import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -313,6 +314,8 @@ def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = Fal
             f"{folder} was finished by another command while this one ran: pass --overwrite to replace it, or choose "
             "another --run_name/--output_dir"
         )
+    if overwrite and is_finished(folder):
+        note_later_stages(folder, stage)
     work = work_dir(folder, overwrite)
     if work != folder:
         _remove(work)  # what an earlier, killed overwrite left
@@ -327,6 +330,25 @@ def begin(folder: str | Path, stage: str, *, overwrite: bool, resume: bool = Fal
     shutil.rmtree(work / STAGING, ignore_errors=True)
     write_json(work / STARTED_MARKER, {"stage": stage})
     return work
+
+
+# Set by run_all.py for its stages: it says which later stages stay as they are itself, knowing which it redoes.
+LATER_STAGES_NOTED = "FLUXCHAT_LATER_STAGES_NOTED"
+
+
+def note_later_stages(folder: Path, stage: str) -> None:
+    """A stage replaced with --overwrite leaves the run's later stages as they were, made from the one replaced (the
+    reward model and PPO of the old SFT model, say): said, as run_all.py says it, else nothing did."""
+    if stage not in STAGES or folder.name != stage or os.environ.get(LATER_STAGES_NOTED):
+        return
+    later = [s for s in STAGES[STAGES.index(stage) + 1 :] if is_finished(folder.parent / s)]
+    if later:
+        print(
+            f"note: {stage} is replaced (--overwrite); {', '.join(later)} in {folder.parent} came after it, perhaps "
+            f"from it, and stay as they are unless redone too (with --overwrite)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _remove(path: Path) -> None:

@@ -1,12 +1,13 @@
 """Tokenizer training: all three types, special tokens, chat template, round trips, bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fluxchat import chat_format, loading, pretraining, serving
+from fluxchat import chat_format, loading, pretraining, runs, serving
 from tests.conftest import SHAKESPEARE, run_main
 from tokenizer import train
 
@@ -258,6 +259,24 @@ def test_finished_output_is_kept_unless_overwrite(tmp_path, corpus):
         run_main(train.main, ["--train_file", corpus, "--vocab_size", 400, "--output_dir", out, "--overwrite"])[0] == 0
     )
     assert len(AutoTokenizer.from_pretrained(out)) == 400
+
+
+def test_replacing_a_stage_says_which_later_stages_came_from_the_old_one(
+    tmp_path, corpus, tiny_run, capsys, monkeypatch
+):
+    """A tokenizer (or any stage) replaced with --overwrite left the run's later stages, made from the old one, as they
+    were, without a word (run_all.py said so, a stage run alone did not)."""
+    run = tmp_path / "run"
+    argv = ["--train_file", corpus, "--vocab_size", 300, "--output_dir", run / "tokenizer"]
+    assert run_main(train.main, argv)[0] == 0
+    shutil.copytree(tiny_run / "pretrain", run / "pretrain")  # a finished stage after it
+    capsys.readouterr()
+    assert run_main(train.main, [*argv, "--overwrite"])[0] == 0
+    note = f"note: tokenizer is replaced (--overwrite); pretrain in {run} came after it, perhaps from it"
+    assert note in capsys.readouterr().err
+    monkeypatch.setenv(runs.LATER_STAGES_NOTED, "1")  # run_all says it itself, knowing which stages it redoes
+    assert run_main(train.main, [*argv, "--overwrite"])[0] == 0
+    assert "note: tokenizer is replaced" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char", "word"])
