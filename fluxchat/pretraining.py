@@ -163,7 +163,9 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
     if model_args.model_name_or_path:
         loading.refuse_pickle_only(model_args.model_name_or_path, "model_name_or_path")
         loading.refuse_score_model(model_args.model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
+        model = loading.count_predicted_tokens(
+            AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
+        )
         if model.config.vocab_size < len(tokenizer):
             fail(
                 f"--tokenizer_name_or_path has {len(tokenizer)} tokens but --model_name_or_path "
@@ -188,7 +190,8 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
         activation_function="gelu_pytorch_tanh",
         **ids,
     )
-    return GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
+    model = GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
+    return loading.count_predicted_tokens(model)
 
 
 class BitsPerByteTrainer(Trainer):
@@ -222,7 +225,7 @@ class SampleCallback(TrainerCallback):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        if not state.is_world_process_zero or not self.prompts:
+        if not state.is_world_process_zero or not self.prompts or self.max_new_tokens < 1:
             return
         if not math.isfinite((metrics or {}).get("eval_loss", 0.0)):  # diverged: nothing to sample from NaN
             return

@@ -69,7 +69,7 @@ RULES: dict[str, Rule] = {
     "save_steps": positive(),
     "max_length": at_least(1),
     # the model (pretrain)
-    "block_size": at_least(1),
+    "block_size": at_least(2),  # a 1-token block predicts nothing (its one token has no token before it)
     "n_layer": at_least(1),
     "n_embd": at_least(1),
     "n_head": at_least(1),

@@ -108,7 +108,7 @@ class DataArguments:
         default=0, metadata={"help": "Threads tokenizing a new corpus (the tokenizer's own); 0 = one per CPU core."}
     )
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts sampled after each evaluation."})
-    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples (0: no samples)."})
     resume: bool = field(
         default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
     )

@@ -1,6 +1,7 @@
 """Pretraining end to end through the real entry points: learning, artifacts, resume, 2 processes, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -520,3 +521,22 @@ def test_with_the_best_checkpoint_kept_the_figures_are_the_best_checkpoints(isol
     assert all(torch.equal(saved[name], best[name]) for name in best)
     assert f"(the best checkpoint's, step {best_step}, whose weights are saved)" in capsys.readouterr().out
     assert best_step != 8, evals  # so the two figures differ
+
+
+def test_losses_average_over_the_tokens_predicted(tiny_run, tmp_path):
+    """GPT2LMHeadModel's name matches no loss in transformers' LOSS_MAPPING, so the Trainer counted the first token
+    of every block, which no position predicts: an untrained model's validation loss came out at half of ln(vocab)
+    with 2-token blocks, (block_size - 1) / block_size of it in general, and bits/byte with it."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    vocab = len(AutoTokenizer.from_pretrained(tiny_run / "tokenizer"))
+    losses = {}
+    for block_size in (2, 16):
+        out = tmp_path / f"block{block_size}"
+        argv = ["--preset", "tiny", "--train_file", corpus, "--tokenizer_name_or_path", tiny_run / "tokenizer"]
+        argv += ["--output_dir", out, "--max_steps", 1, "--learning_rate", 1e-9, "--eval_strategy", "no"]
+        argv += ["--n_layer", 1, "--n_embd", 32, "--n_head", 2, "--block_size", block_size, "--bf16", "false"]
+        assert run_main(pretrain.main, [*argv, "--sample_max_new_tokens", 0]) == (0, "")
+        losses[block_size] = json.loads((out / "metrics.json").read_text())["eval_loss"]
+    # N(0, 0.02) weights: every next token about equally likely, so about ln(vocab) nats, whatever the block size.
+    assert losses[2] == pytest.approx(math.log(vocab), rel=0.02) and losses[16] == pytest.approx(losses[2], rel=0.02)
