@@ -167,9 +167,25 @@ def resolve_input(value: str | None, run_name: str, stage: str) -> str:
     if not folder.exists():
         hint = producer(stage, run_name)
         fail(f"{folder} does not exist: run `{hint}` first, or pass a path with the matching flag")
-    if not is_finished(folder) and not (
-        value and _is_plain_model_dir(folder)
-    ):  # the run's own stage folder must be finished
+    if value and not folder.is_dir():
+        fail(
+            f"{folder} is a file: give the folder of a finished {stage} stage (or a model saved with save_pretrained)"
+        )
+    if value and any(is_finished(folder / s) for s in STAGES):  # a run folder; the hint below names this command's run
+        fail(
+            f"{folder} is a run folder: give its {stage} stage, "
+            + (
+                str(folder / stage)
+                if is_finished(folder / stage)
+                else f"which it does not hold finished ({folder / stage})"
+            )
+        )
+    if value and not is_finished(folder) and not _is_plain_model_dir(folder):
+        fail(
+            f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}) and no saved model (no tokenizer.json): "
+            "give a finished stage's folder"
+        )
+    if not is_finished(folder):  # the run's own stage folder must be finished
         hint = producer(stage, run_name)
         fail(f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}): finish it with `{hint}`")
     return str(folder)

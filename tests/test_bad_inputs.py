@@ -540,6 +540,25 @@ CASES = [
         ppo_rewarded_by(lambda i: i.shared / "pretrain"),
         ("--reward_model_path", "is not a reward model", "score head (score.weight) would start random"),
     ),
+    Case(  # the run's own folder, a file: "finish it with ... --run_name default", naming another run
+        "ppo --reward_model_path naming a run folder",
+        "ppo",
+        ppo_rewarded_by(lambda i: i.shared),
+        ("is a run folder: give its reward stage, which it does not hold finished",),
+    ),
+    Case(
+        "ppo --reward_model_path naming a file",
+        "ppo",
+        ppo_rewarded_by(lambda i: i.shared / "pretrain" / "config.json"),
+        ("config.json is a file: give the folder of a finished reward stage",),
+    ),
+    Case(
+        "ppo --reward_model_path naming an empty folder",
+        "ppo",
+        lambda i, d: ppo_rewarded_by(lambda _: d / "empty")(i, d),
+        ("holds no finished reward output (no stage_complete.json) and no saved model",),
+        prepare=lambda i, d: (d / "empty").mkdir(),
+    ),
     # ---- pipeline/evaluate.py
     Case(
         "evaluate a missing model",
