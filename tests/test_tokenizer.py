@@ -59,7 +59,7 @@ def test_lossless_round_trip_on_any_utf8(tokenizers_by_type, kind):
     assert tok.decode(ids) == TRICKY
 
 
-def test_a_word_tokenizer_loses_only_the_words_it_does_not_know(tokenizers_by_type, tmp_path):
+def test_a_word_tokenizer_loses_only_the_words_it_does_not_know(tokenizers_by_type, tmp_path, capsys):
     """The word tokenizer dropped spaces and put single ones back on decoding: "590,000" came back "5 9 0, 0 0 0" and
     "Porto-Novo" "Porto - Novo", so no reply with a number could ever match its answer (arithmetic scored 0% by
     construction). Now a word keeps the space before it: spacing, digits and punctuation round-trip."""
@@ -67,6 +67,9 @@ def test_a_word_tokenizer_loses_only_the_words_it_does_not_know(tokenizers_by_ty
     corpus.write_text("The population of Porto-Novo is about 264,320.\n95+53 equals 148.  Two spaces, then\n" * 20)
     out = tmp_path / "word"
     assert run_main(train.main, ["--train_file", corpus, "--tokenizer_type", "word", "--output_dir", out]) == (0, "")
+    # Its held-out text holds no word it lacks: said as lossless (it always said "lossy", even at 0.0% unknown).
+    assert "round trip lossless on the held-out text" in capsys.readouterr().out
+    assert json.loads((out / "tokenizer_stats.json").read_text())["lossless_round_trip"] is True
     tok = AutoTokenizer.from_pretrained(out)
     for text in ("The population of Porto-Novo is about 590,000.", "95+53 equals 148.", " 12+30  equals\n\n42."):
         ids = chat_format.encode_text(tok, text)

@@ -161,8 +161,7 @@ def compression_stats(tokenizer, texts: list[str], tokenizer_type: str) -> dict:
         stats["unknown_token_fraction"] = round(
             sum(i.count(tokenizer.unk_token_id) for i in ids) / max(n_tokens, 1), 4
         )
-    else:
-        stats["lossless_round_trip"] = all(tokenizer.decode(i) == t for i, t in zip(ids, texts))
+    stats["lossless_round_trip"] = all(tokenizer.decode(i) == t for i, t in zip(ids, texts))
     return stats
 
 
@@ -214,10 +213,14 @@ def main(argv: list[str] | None = None) -> Path:
     cards.write_model_card(work, "tokenizer", location=output_dir)
     runs.mark_finished(work, "tokenizer", **stats)
     runs.commit(work, output_dir)
-    round_trip = {True: "lossless", False: "LOSSY"}.get(
-        stats.get("lossless_round_trip"),
-        f"lossy (word, {stats.get('unknown_token_fraction', 0):.1%} of tokens unknown)",
-    )
+    if args.tokenizer_type == "word":  # lossless only where the held-out text holds no word outside its vocabulary
+        round_trip = (
+            "lossless on the held-out text (a word outside the vocabulary would become <|unk|>)"
+            if stats["lossless_round_trip"]
+            else f"lossy (word, {stats['unknown_token_fraction']:.1%} of tokens unknown)"
+        )
+    else:
+        round_trip = "lossless" if stats["lossless_round_trip"] else "LOSSY"
     print(
         f"tokenizer: {args.tokenizer_type}, {len(tokenizer)} tokens, {stats['bytes_per_token']} bytes/token on held-out "
         f"text, round trip {round_trip} -> {output_dir}"
