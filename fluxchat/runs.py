@@ -185,7 +185,7 @@ def resolve_input(value: str | None, run_name: str, stage: str) -> str:
             f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}) and no saved model (no tokenizer.json): "
             "give a finished stage's folder"
         )
-    if not is_finished(folder):  # the run's own stage folder must be finished
+    if not value and not is_finished(folder):  # the run's own stage folder must be finished
         hint = producer(stage, run_name)
         fail(f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}): finish it with `{hint}`")
     return str(folder)

@@ -75,6 +75,18 @@ def assert_chat_stage_files(stage: Path, *extra: str) -> None:
 
 
 @pytest.fixture(autouse=True)
+def same_torch_threads():
+    """Each test leaves torch's thread count as it found it. Loading a tiny chat model goes single-threaded
+    (ChatModel.warm_up); left so, every later test that trains in-process ran on one core and computed other floats
+    (a DPO test's margin changed sign)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def isolated_runs(tmp_path, monkeypatch):
     """Every test writes its runs under its own temporary folder."""
     monkeypatch.setenv("FLUXCHAT_RUNS_DIR", str(tmp_path / "runs"))
@@ -139,17 +151,19 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def silent_model(tiny_chat_chain, tmp_path_factory) -> Path:
-    """The shared SFT model made to end every turn at once: its final layer norm outputs the <|end|> embedding
-    whatever it reads, so with tied embeddings <|end|> is always the likeliest token (its row made the longest)."""
+def silent_model(tiny_run, tmp_path_factory) -> Path:
+    """The shared pretrained model made to end every turn at once: its final layer norm outputs the <|end|> embedding
+    whatever it reads, so with tied embeddings <|end|> is always the likeliest token (its row made the longest).
+    (Not from the SFT fixture: requested first from within test_app's single-threaded module, that fixture would be
+    trained on one thread, into other weights than the PPO, GRPO and DPO tests are tuned on.)"""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fluxchat import chat_format
 
     out = tmp_path_factory.mktemp("silent")
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_chain / "sft")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_chain / "sft")
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "pretrain")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "pretrain")
     end = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
     with torch.no_grad():
         embeddings = model.get_input_embeddings().weight

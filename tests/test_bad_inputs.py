@@ -793,7 +793,7 @@ CASES = [
         "zero block size",
         "pretrain",
         lambda i, d: [*tiny_pretrain(i, d), "--block_size", 0],
-        ("--block_size must be >= 1, got 0",),
+        ("--block_size must be >= 2, got 0",),
     ),
     Case(  # accepted before: it trained for minutes on 18 GB, its validation (shorter than one block) skipped unsaid
         "block longer than the validation text",
