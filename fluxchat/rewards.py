@@ -44,14 +44,26 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .,;:!?\"'")
 
 
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
 def is_correct(reply: str, answer: str, match: str = "task") -> bool:
     if match == "task":
         return tasks.check({"messages": [{"role": "assistant", "content": answer}]}, reply)
-    if match == "exact":
-        return normalise_answer(reply) == normalise_answer(answer)
+    if match == "exact":  # a number however written: "1,000" is 1000, "42.0" is 42
+        got, wanted = normalise_answer(reply), normalise_answer(answer)
+        return got == wanted or (_as_number(got) is not None and _as_number(got) == _as_number(wanted))
     if match == "contains":
+        # As a whole word or number: a substring test rewarded "142", "-42" and "0042" for 42, "Parisian" for Paris.
         wanted = normalise_answer(answer)
-        return bool(wanted) and wanted in normalise_answer(reply)
+        return (
+            bool(wanted)
+            and re.search(rf"(?<![\w.,-]){re.escape(wanted)}(?![\w]|[.,]\d)", normalise_answer(reply)) is not None
+        )
     raise ValueError(f"unknown match mode {match!r}: choose from {', '.join(MATCH_MODES)}")
 
 
@@ -66,8 +78,8 @@ def answer_reward(prompts, completions, answer=None, match=None, **_) -> list[fl
 
 
 def format_reward_for(tokenizer):
-    """TRL reward function: 1.0 when a reply ends with the end-of-turn token and holds no invented turn
-    (no control token of any kind inside it, no `User:`-style line), else 0.0.
+    """TRL reward function: 1.0 when a reply says something, ends with the end-of-turn token and holds no invented
+    turn (no control token of any kind inside it, no `User:`-style line), else 0.0.
 
     GRPO cuts a completion right after its first <|end|>, so "ends its turn" is "its last id is <|end|>";
     the text is checked too, because decoding drops special tokens and a typed-out `<|user|>` is plain text."""
@@ -82,7 +94,8 @@ def format_reward_for(tokenizer):
             clean = not any(token in control_ids for token in ids[:-1]) and not INVENTED_TURN.search(
                 completion_text(completion)
             )
-            rewards.append(float(ended and clean))
+            said = bool(completion_text(completion).strip())  # an empty reply is no well-formed answer
+            rewards.append(float(ended and clean and said))
         return rewards
 
     return format_reward

@@ -68,6 +68,14 @@ def test_answer_reward_uses_the_task_checker_and_the_users_answers():
     exact = rewards.answer_reward([[]] * 4, file_replies, answer=["Paris"] * 4, match=["exact"] * 4)
     contains = rewards.answer_reward([[]] * 4, file_replies, answer=["Paris"] * 4, match=["contains"] * 4)
     assert exact == [1.0, 1.0, 0.0, 0.0] and contains == [1.0, 1.0, 1.0, 0.0]
+    # A number is matched as a number: a substring test rewarded 142, -42 and 0042 for 42 ("contains"), and "exact"
+    # refused 42.0 and 1000 for 42 and 1,000.
+    numbers = ["It is 42.", "(42)", "142", "-42", "0042", "42,000", "3.42", "42.5", "Parisian"]
+    contains = rewards.answer_reward([[]] * 9, numbers, answer=["42"] * 8 + ["Paris"], match=["contains"] * 9)
+    assert contains == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert rewards.answer_reward(
+        [[]] * 4, ["42.0", "1000", "-42", "42.5"], answer=["42", "1,000", "42", "42"], match=["exact"] * 4
+    ) == [1.0, 1.0, 0.0, 0.0]
     assert rewards.answer_reward([[]], ["anything"], answer=[None], match=["exact"]) == [None]  # a reward model's row
 
 
@@ -87,16 +95,11 @@ def test_format_reward_wants_an_ended_turn_and_no_invented_next_turn(tokenizer):
         case("42. <|user|> and 5+5?"),  # types a control token's spelling
         case("42.", extra_ids=[user]),  # emits the real control token mid-reply
         case("42.\n\nHuman: thanks"),  # hh-rlhf's transcript style
+        case(""),  # ends its turn having said nothing: it was rewarded as well-formed
+        case("  \n"),
     ]
     completions, ids = zip(*cases)
-    assert format_reward([[]] * len(cases), list(completions), completion_ids=list(ids)) == [
-        1.0,
-        0.0,
-        0.0,
-        0.0,
-        0.0,
-        0.0,
-    ]
+    assert format_reward([[]] * len(cases), list(completions), completion_ids=list(ids)) == [1.0] + [0.0] * 7
 
 
 def test_grpo_trains_on_tasks_and_a_prompt_file_and_saves_a_chat_policy(chain, isolated_runs, tmp_path):
