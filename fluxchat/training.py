@@ -228,6 +228,14 @@ class DenseProgress(ProgressCallback):
         super().__init__()
         self.tokens_per_step = tokens_per_step
         self._window = None  # (time, step) at the start of the current measuring window
+        self.measured_steps, self.measured_seconds = 0, 0.0  # every window of this session, for `tokens_per_second`
+
+    def tokens_per_second(self) -> float | None:
+        """This session's training throughput over every measured window (evaluation, samples and checkpoints
+        excluded), as the log lines give it window by window."""
+        if not self.tokens_per_step or self.measured_seconds <= 0:
+            return None
+        return round(self.measured_steps * self.tokens_per_step / self.measured_seconds, 1)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._window is None:
@@ -244,6 +252,8 @@ class DenseProgress(ProgressCallback):
             elapsed = time.perf_counter() - start
             if state.global_step > step and elapsed > 0:
                 logs["tokens_per_second"] = (state.global_step - step) * self.tokens_per_step / elapsed
+                self.measured_steps += state.global_step - step
+                self.measured_seconds += elapsed
                 state.log_history[-1]["tokens_per_second"] = round(logs["tokens_per_second"], 1)
             self._window = (time.perf_counter(), state.global_step)
         if not state.is_world_process_zero:
@@ -689,7 +699,10 @@ def finish_stage(
         return
     runs.write_json(run.work_dir / runs.LOG_HISTORY_FILE, trainer.state.log_history)
     if run.resume_from is not None:
-        metrics = {**metrics, **resumed_figures(trainer.state.log_history, run.resume_from, metrics)}
+        metrics = {
+            **metrics,
+            **resumed_figures(trainer.state.log_history, run.resume_from, metrics, trainer.state.global_step),
+        }
     if evaluation is not None:
         runs.write_json(run.work_dir / runs.EVAL_FILE, evaluation)
         metrics = {**metrics, "eval": evaluation}
@@ -704,15 +717,29 @@ def finish_stage(
         hub.maybe_push(push_request, run.output_dir, run.stage)
 
 
-def resumed_figures(log_history: list[dict], checkpoint: Path, metrics: dict) -> dict:
+def resumed_step(run: StageRun) -> int:
+    """The step this session started from: 0, or the checkpoint's a --resume continues."""
+    return int(run.resume_from.name.rsplit("-", 1)[-1]) if run.resume_from is not None else 0
+
+
+def resumed_figures(log_history: list[dict], checkpoint: Path, metrics: dict, global_step: int) -> dict:
     """The Trainer's figures of a resumed stage cover only the steps since the resume: its train_loss was the mean
-    of the last 13 of 40 steps (4.65, where the same run uninterrupted gave 5.65). train_loss is made the mean of
-    every logged loss (the log history holds the steps before the resume too), the resumed session's kept beside
-    it, and the step it resumed at is recorded (the card then says the time is since then)."""
-    losses = [e["loss"] for e in log_history if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
-    figures: dict = {"resumed_from_step": int(checkpoint.name.rsplit("-", 1)[-1])}
-    if "train_loss" in metrics and losses:
-        figures.update(train_loss_since_resume=metrics["train_loss"], train_loss=sum(losses) / len(losses))
+    of the last 13 of 40 steps (4.65, where the same run uninterrupted gave 5.65). train_loss is made the mean over
+    every step whose loss is known: each loss logged before the resume weighs as many steps as it covers, the
+    resumed session's train_loss its own steps (the steps between the last log and the checkpoint are in no figure:
+    `train_loss_steps` says how many are). The resumed session's figure is kept beside it, and the step it resumed
+    at is recorded (the card then says the time is since then)."""
+    resumed = int(checkpoint.name.rsplit("-", 1)[-1])  # as resumed_step()
+    figures: dict = {"resumed_from_step": resumed}
+    since = metrics.get("train_loss")
+    if not isinstance(since, (int, float)) or not math.isfinite(since):
+        return figures
+    total, steps, last = since * (global_step - resumed), global_step - resumed, 0
+    for entry in log_history:  # before the resume: each logged loss is the mean since the log before it
+        loss, step = entry.get("loss"), entry.get("step")
+        if isinstance(loss, (int, float)) and math.isfinite(loss) and isinstance(step, int) and last < step <= resumed:
+            total, steps, last = total + loss * (step - last), steps + step - last, step
+    figures.update(train_loss_since_resume=since, train_loss=total / max(steps, 1), train_loss_steps=steps)
     return figures
 
 

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
         data_collator=default_data_collator,  # blocks are full-length: the tokenizer's padding collator only costs time
         bytes_per_token=bytes_per_token,
     )
-    training.use_dense_progress(trainer, tokens_per_step)
+    progress = training.use_dense_progress(trainer, tokens_per_step)
     trainer.add_callback(
         pretraining.SampleCallback(
             tokenizer, data_args.sample_prompts or DEFAULT_PROMPTS, data_args.sample_max_new_tokens
@@ -219,7 +219,12 @@ def main(argv: list[str] | None = None) -> Path:
         **training.train_metrics(result, train_seconds),
         **final_eval,
         "parameters": n_params,
-        "tokens_per_second": round(result.global_step * tokens_per_step / max(train_seconds, 1e-9), 1),
+        # On training time, as the log lines measure it; the wall figure also holds evaluations, samples and
+        # checkpoints. Both over this session's steps: after a --resume the steps before it took no time here.
+        "tokens_per_second": progress.tokens_per_second(),
+        "tokens_per_second_wall": round(
+            (result.global_step - training.resumed_step(run)) * tokens_per_step / max(train_seconds, 1e-9), 1
+        ),
         "global_step": result.global_step,
         "ranks": ranks,
         "sources": [source.name for source in sources],

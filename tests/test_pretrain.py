@@ -227,6 +227,13 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_pat
     # The Trainer's train_loss covered only the steps since the resume; now every step's, as the reference's is.
     assert got["resumed_from_step"] == int(resumed_from.name.split("-")[1])
     assert got["train_loss"] == pytest.approx(ref["train_loss"], abs=0.02) != got["train_loss_since_resume"]
+    # Each logged loss weighs the steps it covers; the steps between the last log and the checkpoint are in none.
+    assert 60 - 10 < got["train_loss_steps"] <= 60  # logging every 10 steps
+    # Throughput over this session's steps: it counted the steps before the resume too, 2-3x too high.
+    session_tokens = (60 - got["resumed_from_step"]) * 16 * 64
+    wall = got["train_wall_seconds"]  # rounded to 0.1 s
+    assert session_tokens / (wall + 0.05) <= got["tokens_per_second_wall"] <= session_tokens / (wall - 0.05)
+    assert got["tokens_per_second"] > got["tokens_per_second_wall"]  # on training time: no evaluation, no saving
     assert f"s of training since the resume at step {got['resumed_from_step']}" in (stage / "README.md").read_text()
     # Same optimizer/scheduler/RNG/data position restored: the final validation loss matches closely,
     # and the resumed run drew exactly the windows the uninterrupted one drew at the same steps.
