@@ -319,6 +319,11 @@ def split_preferences(stage_args: StageArguments, eval_fraction: float, seed: in
             f"only {len(pairs)} usable preference pair(s) in {', '.join(stage_args.dataset)}: need at least 2 (one to hold out)"
         )
     train_pairs, heldout_pairs = formats.split_heldout(pairs, eval_fraction, seed)
+    if not heldout_pairs:
+        fail(
+            f"every held-out pair of {', '.join(stage_args.dataset)} is also a training pair (the data repeats its "
+            "pairs), so no accuracy could be measured on unseen pairs: add distinct pairs, or raise --eval_fraction"
+        )
     return train_pairs, heldout_pairs, n_identical
 
 

@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> Path:
     held_out = []
     if script_args.eval_fraction and args.eval_strategy != "no" and len(conversations) > 1:
         conversations, held_out = formats.split_heldout(conversations, script_args.eval_fraction, args.seed)
+        if not held_out:
+            print(
+                "note: every held-out conversation is also a training conversation (the data repeats them): no eval loss",
+                file=sys.stderr,
+            )
     train_set, counts = stage_data.sft_dataset(tokenizer, conversations, args.max_length)
     if script_args.mix_text_file and script_args.mix_text_fraction:
         train_set, counts["text_rows"] = stage_data.mix_text_rows(

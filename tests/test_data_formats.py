@@ -229,9 +229,12 @@ def test_builtin_preferences_and_heldout_split():
     rows, dropped = load_preferences(["builtin"], corpus_file=str(SHAKESPEARE))
     assert dropped == 0 and len(rows) == tasks.DEFAULT_TRAIN_SIZE and set(rows[0]) == {"prompt", "chosen", "rejected"}
     train, heldout = split_heldout(rows, 0.1, seed=3)
-    assert len(heldout) == 600 and len(train) == 5400
+    # 600 held out, less the 14 that are training pairs too (the built-in pairs are drawn with replacement): held-out
+    # figures were partly measured on pairs trained on (SFT's held-out conversations: 23%).
+    assert len(heldout) == 586 and len(train) == 5400
     assert (train, heldout) == split_heldout(rows, 0.1, seed=3)
-    assert {id(r) for r in train}.isdisjoint(id(r) for r in heldout)
+    as_text = {json.dumps(r, sort_keys=True) for r in train}
+    assert not any(json.dumps(r, sort_keys=True) in as_text for r in heldout)
     with pytest.raises(UsageError, match="between 0 and 1"):
         split_heldout(rows, 1.5)
 
