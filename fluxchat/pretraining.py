@@ -236,8 +236,10 @@ class SampleCallback(TrainerCallback):
 
 
 class RankAccounting:
-    """What this rank trained on, recorded by the training dataset; gathered at the end to prove
-    every data-parallel rank took part (each draws different windows)."""
+    """What this rank's data loader drew, recorded by the training dataset; gathered at the end to prove
+    every data-parallel rank took part (each draws different windows). The loader reads a batch ahead of training, so
+    `samples` and `tokens` hold one batch more than was trained on (5 steps of 16: 96 samples), and `last_offsets`
+    end on it: they say where the data position is, not what the last step saw."""
 
     def __init__(self):
         self.samples = 0
