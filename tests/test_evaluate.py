@@ -272,6 +272,12 @@ def test_report_markdown_compares_later_stages_with_sft_item_by_item():
     assert "| task | n | grpo |" in markdown  # against sft: pretrain is not an alignment stage
     assert "| copy | 4 | +25 (+2/-1; " in markdown and "| mean over tasks | | +25.0 (" in markdown
     assert "| mean reward | | +0.100 (" in markdown
+    # No item changed: the mean over tasks is +0.0 with an interval as wide as the task's own, not "(+0.0 to +0.0)".
+    report["results"]["grpo"] = stage([True, True, False, False], [0.5, 0.5, 0.0, 0.0])
+    unchanged = to_markdown(report)
+    assert "| copy | 4 | +0 (+0/-0; " in unchanged and "| mean over tasks | | +0.0 (+0.0 to +0.0)" not in unchanged
+    task_low = unchanged.split("| copy | 4 | +0 (+0/-0; ")[1].split(" to ")[0]
+    assert f"| mean over tasks | | +0.0 ({task_low}" in unchanged  # one task: its own interval
     del report["results"]["sft"]["per_task"]["copy"]["outcomes"]  # a report.json from before outcomes were kept
     assert "Change against" not in to_markdown(report)
 
