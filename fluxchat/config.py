@@ -146,7 +146,7 @@ def _leave_process_group() -> None:
     exception", exit -6) after the stage had finished and saved, and the launcher reported the run as failed."""
     if "torch.distributed" not in sys.modules:  # a command that never trained: nothing to leave, no torch to import
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # already imported (above): config.py itself never imports torch
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
