@@ -701,7 +701,7 @@ def finish_stage(
     if run.resume_from is not None:
         metrics = {
             **metrics,
-            **resumed_figures(trainer.state.log_history, run.resume_from, metrics, trainer.state.global_step),
+            **resumed_figures(trainer.state.log_history, resumed_step(run), metrics, trainer.state.global_step),
         }
     if evaluation is not None:
         runs.write_json(run.work_dir / runs.EVAL_FILE, evaluation)
@@ -722,14 +722,13 @@ def resumed_step(run: StageRun) -> int:
     return int(run.resume_from.name.rsplit("-", 1)[-1]) if run.resume_from is not None else 0
 
 
-def resumed_figures(log_history: list[dict], checkpoint: Path, metrics: dict, global_step: int) -> dict:
+def resumed_figures(log_history: list[dict], resumed: int, metrics: dict, global_step: int) -> dict:
     """The Trainer's figures of a resumed stage cover only the steps since the resume: its train_loss was the mean
     of the last 13 of 40 steps (4.65, where the same run uninterrupted gave 5.65). train_loss is made the mean over
     every step whose loss is known: each loss logged before the resume weighs as many steps as it covers, the
     resumed session's train_loss its own steps (the steps between the last log and the checkpoint are in no figure:
     `train_loss_steps` says how many are). The resumed session's figure is kept beside it, and the step it resumed
     at is recorded (the card then says the time is since then)."""
-    resumed = int(checkpoint.name.rsplit("-", 1)[-1])  # as resumed_step()
     figures: dict = {"resumed_from_step": resumed}
     since = metrics.get("train_loss")
     if not isinstance(since, (int, float)) or not math.isfinite(since):
