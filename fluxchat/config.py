@@ -11,6 +11,7 @@ Errors the user can fix are raised as `UsageError` and printed as one line by `r
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -339,13 +340,46 @@ def _field_names(dataclass_types) -> set[str]:
     return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
 
+# transformers' TrainingArguments help for `run_name` names its logging integrations; here it is the output folder too.
+RUN_NAME_HELP = "Outputs go to runs/<run_name>/<stage> unless --output_dir is given (also the run's name for loggers)."
+
+
+def _explain_in_help(parser, stage: str, preset_help: str | None) -> None:
+    """What `--help` lists beside the dataclasses' fields: the recipe flags (taken off argv before parsing, so
+    SUPPRESS keeps them out of the parsed namespace), `--no_<switch>` said as turning the switch off (transformers
+    repeats the switch's own help on it, which reads as the opposite), and run_name as our commands use it."""
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument(
+        "--config",
+        metavar="YAML",
+        default=argparse.SUPPRESS,
+        help="A YAML file of defaults for these flags; flags given here override it.",
+    )
+    if preset_help is None and any((CONFIGS_DIR / p / f"{stage}.yaml").is_file() for p in presets()):
+        preset_help = f"The recipe configs/<preset>/{stage}.yaml ({', '.join(presets())}); instead of --config."
+    if preset_help:
+        recipe.add_argument("--preset", metavar="NAME", default=argparse.SUPPRESS, help=preset_help)
+    for action in parser._actions:
+        negated = next((o for o in action.option_strings if o.startswith("--no_")), None)
+        if negated and isinstance(action, argparse._StoreFalseAction):
+            action.help = f"Turn off --{action.dest} (on by default)."
+            action.default = argparse.SUPPRESS  # else "(default: False)"; the switch's own action sets the default
+        elif action.dest == "run_name" and (action.help or "").startswith("An optional descriptor"):
+            action.help = RUN_NAME_HELP
+
+
 def parse_config(
-    stage: str, dataclass_types: tuple[type, ...], argv: list[str] | None = None, positional: str | None = None
+    stage: str,
+    dataclass_types: tuple[type, ...],
+    argv: list[str] | None = None,
+    positional: str | None = None,
+    preset_help: str | None = None,
 ):
     """Parse `--config`/`--preset` YAML plus CLI flags into instances of `dataclass_types`.
 
     `positional`: a field that may also be given as the first bare argument
     (`generate.py runs/demo/pretrain` == `generate.py --model_name_or_path runs/demo/pretrain`).
+    `preset_help`: `--preset`'s line in `--help` where the command reads it itself (run_all).
     Returns the instances in order, with `config_file` (Path or None) appended.
     """
     # transformers only when parsing: this module is imported by every command, some of which never need it
@@ -378,6 +412,7 @@ def parse_config(
         if key not in known:
             fail(f"{config_file}: unknown key '{validation.short(key)}'{_did_you_mean(str(key), known)}")
     parser = StrictParser(dataclass_types, allow_abbrev=False)
+    _explain_in_help(parser, stage, preset_help)
     # Every flag `--help` lists, `--no_<switch>` included (HfArgumentParser adds one for each switch that is on by default)
     flags = {option[2:].replace("-", "_") for option in parser._option_string_actions if option.startswith("--")}
     for arg in argv:
@@ -444,10 +479,11 @@ def _cpu_only_flags(argv: list[str]) -> list[str]:
 
         torch.set_num_threads(cores // processes)
     elif os.environ.get("OMP_NUM_THREADS") == "1" and processes < cores and main_process():
-        # `accelerate launch` without a config sets this for its child: the run would use one core
+        # Set by the user, or by torchrun for each of several processes: inherited by `python` too, so the
+        # remedy is the variable itself
         print(
-            f"note: OMP_NUM_THREADS=1, so this process trains on 1 of {cores} CPU cores; to use them all, run "
-            f"`accelerate launch --num_cpu_threads_per_process {cores // processes} ...` or `python pipeline/<stage>.py ...`",
+            f"note: OMP_NUM_THREADS=1, so this process trains on 1 of {cores} CPU cores; to use "
+            f"{'them all' if processes == 1 else 'its share'}, set OMP_NUM_THREADS={cores // processes}",
             file=sys.stderr,
         )
     return ["--bf16", str(bf16).lower(), "--fp16", "false", "--use_cpu", "true"]

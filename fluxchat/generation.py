@@ -58,9 +58,16 @@ def pad_id(tokenizer) -> int:
 
 @torch.no_grad()
 def generate_replies(
-    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 32
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    temperature: float = 0.0,
 ) -> list[dict]:
-    """Greedy replies to each conversation: [{"reply", "response_tokens", "stopped"}] in input order.
+    """Greedy replies to each conversation: [{"reply", "response_tokens", "stopped", "prompt_ids", "reply_ids"}] in
+    input order (`reply_ids`: the new tokens, the stop token included). With `temperature` > 0, replies sampled
+    from the whole distribution at that temperature (no top-k), as PPO samples them.
 
     Prompts are sorted by length and left-padded in batches (the KV cache makes each new token one
     forward step). A prompt longer than the context keeps its newest tokens; near the context limit
@@ -83,7 +90,9 @@ def generate_replies(
         for row, i in enumerate(batch):
             input_ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
             attention_mask[row, longest - len(prompts[i]) :] = 1
-        config = generation_config(tokenizer, max(1, min(max_new_tokens, context - longest)), temperature=0)
+        config = generation_config(
+            tokenizer, max(1, min(max_new_tokens, context - longest)), temperature=temperature, top_k=0
+        )
         # generate() merges the model's own (sampling) defaults into a passed config; swap it instead.
         saved_config, model.generation_config = model.generation_config, config
         try:
@@ -98,6 +107,8 @@ def generate_replies(
                 "reply": chat_format.reply_text(tokenizer, chat_format.decode_text(tokenizer, reply_tokens)),
                 "response_tokens": len(reply_tokens),
                 "stopped": end is not None,
+                "prompt_ids": prompts[i],
+                "reply_ids": new_tokens if end is None else new_tokens[: end + 1],
             }
     model.train(was_training)
     return results

@@ -81,19 +81,24 @@ def _remedy(source: str) -> str:
     """What to do about a source that would not load: a folder here was written by a stage; a Hub id is fetched."""
     if Path(source).exists() or not runs.looks_like_hub_id(str(source)):
         return "re-run the stage that wrote it"
+    # `runs/dmeo` (a mistyped run folder) has a Hub id's shape too: say there is no such folder first
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return (
-            "a Hub id, and HF_HUB_OFFLINE=1 keeps the Hub out: fetch it where the Hub is reachable, or pass a folder"
+            "no such folder here, and as a Hub id HF_HUB_OFFLINE=1 keeps the Hub out: check the path, fetch the "
+            "model where the Hub is reachable, or pass a folder"
         )
-    return "a Hub id this machine could not fetch: check the id, the network, and HF_TOKEN for a private model"
+    return "no such folder here, and as a Hub id this machine could not fetch it: check the path or the id, the network, and HF_TOKEN for a private model"
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, flag: str | None = None):
+    """`flag`: the option that named `source` (`--reward_model`), said first in the error."""
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as err:  # a truncated tokenizer.json raises JSON/Rust errors of several types
         where = _broken_json(source) or (Path(source) / "tokenizer.json" if Path(source).is_dir() else source)
-        fail(f"cannot load the tokenizer {where} ({_one_line(err)}): {_remedy(source)}")
+        fail(
+            f"{f'{flag} {source}: ' if flag else ''}cannot load the tokenizer {where} ({_one_line(err)}): {_remedy(source)}"
+        )
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -403,7 +408,7 @@ def load_score_model(path: str, tokenizer, trained_as: str | None = None):
 def check_same_tokenizer(tokenizer, other_path: str, what: str, against: str = "the policy") -> None:
     """A model scoring another's replies reads them as that model's token ids: with another tokenizer (even one of the
     same size, trained on another corpus) every score is noise."""
-    other = AutoTokenizer.from_pretrained(other_path)
+    other = load_tokenizer(other_path, what)  # a mistyped path was OSError's traceback
     if other.get_vocab() != tokenizer.get_vocab():
         fail(f"{what} {other_path} uses a different tokenizer than {against}: train it from the same SFT model")
 

@@ -228,6 +228,7 @@ class DenseProgress(ProgressCallback):
         super().__init__()
         self.tokens_per_step = tokens_per_step
         self._window = None  # (time, step) at the start of the current measuring window
+        self._last_step_end = None  # (time, step) when the newest step ended, before its evaluation or checkpoint
         self.measured_steps, self.measured_seconds = 0, 0.0  # every window of this session, for `tokens_per_second`
 
     def tokens_per_second(self) -> float | None:
@@ -241,9 +242,27 @@ class DenseProgress(ProgressCallback):
         if self._window is None:
             self._window = (time.perf_counter(), state.global_step)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self._last_step_end = (time.perf_counter(), state.global_step)
+
+    def _close_window(self) -> None:
+        """Count the steps since the last log line up to the newest step's end: an evaluation (or the end of
+        training) closes the window, else a run shorter than one logging interval measured nothing."""
+        if self._window is not None and self._last_step_end is not None:
+            (start, step), (end, last) = self._window, self._last_step_end
+            if last > step and end > start:
+                self.measured_steps += last - step
+                self.measured_seconds += end - start
+        self._window = None
+
     def on_evaluate(self, args, state, control, **kwargs):
         super().on_evaluate(args, state, control, **kwargs)
-        self._window = None  # restart the clock after evaluation
+        self._close_window()  # and restart the clock after evaluation
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        self._close_window()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})

@@ -37,7 +37,7 @@ class ChatArguments:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Model folder, run folder (runs/<name>: its ppo > grpo > dpo > sft > pretrain stage) or Hub id; may also be the first argument. Default: the newest run."
+            "help": "Model folder, run folder (runs/<name>: its ppo > grpo > dpo > sft > pretrain stage) or Hub id; may also be the first argument. Default: the most recently finished run."
         },
     )
     system: str | None = field(

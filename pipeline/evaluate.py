@@ -1,7 +1,7 @@
 """Evaluate a model on the held-out built-in tasks, a reward model on held-out preference pairs, and
 the mean reward of a policy's replies. Every stage calls these functions at its end; this is also a CLI.
 
-    python pipeline/evaluate.py runs/demo                        # newest finished stage: ppo > grpo > dpo > sft > pretrain
+    python pipeline/evaluate.py runs/demo                        # most aligned finished stage: ppo > grpo > dpo > sft > pretrain
     python pipeline/evaluate.py runs/demo/sft --n_per_task 20 --output_file sft_eval.json
     python pipeline/evaluate.py runs/demo/ppo --reward_model runs/demo/reward
     python pipeline/evaluate.py runs/demo/sft --reward_model runs/demo/reward \
@@ -42,7 +42,7 @@ class EvaluateArguments:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Model folder, run folder (its newest finished stage: ppo > grpo > dpo > sft > pretrain) or Hub id; may be given as the first argument."
+            "help": "Model folder, run folder (its most aligned finished stage: ppo > grpo > dpo > sft > pretrain) or Hub id; may be given as the first argument."
         },
     )
     reward_model: str | None = field(

@@ -2,7 +2,7 @@
 
     python pipeline/generate.py runs/demo/pretrain --prompt "To be, or not to be" --max_new_tokens 200
     python pipeline/generate.py runs/demo/pretrain --prompt "ROMEO:" --temperature 0.7 --top_k 40 --num_samples 3
-    python pipeline/generate.py runs/demo --interactive          # a run folder picks its newest stage
+    python pipeline/generate.py runs/demo --interactive          # a run folder: its most aligned finished stage
 
 Plain continuation, no chat template: for conversations use pipeline/chat.py.
 """

@@ -117,6 +117,7 @@ class StagePPOConfig(PPOConfig):
 
 # What --preset's ppo.yaml and the flags fill (tests parse every preset's recipe with it).
 ARGUMENTS = (PPOArguments, PeftArguments, StagePPOConfig)
+KL_PROMPTS = 64  # training prompts the final KL is measured on when the data has no held-out task items
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -254,8 +255,14 @@ def main(argv: list[str] | None = None) -> Path:
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
     policy = training.save_model(trainer, policy, tokenizer, run.work_dir, peft_args.merge_adapter, direct=True)
     after = measure(policy)
+    # The KL of the policy saved, measured on its own sampled replies: TRL's log holds one rollout's noisy estimate
+    # per update (the last one was this figure before, and came out negative at times).
+    kl_prompts = examples or [stage_data.prompt_of(c["messages"]) for c in conversations[:KL_PROMPTS]]
+    kl_reference = reference if reference is not None else loading.load_causal_lm(sft_path, tokenizer)
+    kl = evaluation.policy_kl(policy, kl_reference, tokenizer, kl_prompts, args.response_length, args.temperature)
     updates = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
-    kl = {"first_update": updates[0]["objective/kl"], "last_update": updates[-1]["objective/kl"]} if updates else {}
+    if updates:
+        kl["training_log"] = {"first_update": updates[0]["objective/kl"], "last_update": updates[-1]["objective/kl"]}
     report = {**after, "kl": kl, "before": before, "warnings": monitor.warnings}
     metrics = {
         **training.train_metrics(None, seconds),
@@ -263,7 +270,8 @@ def main(argv: list[str] | None = None) -> Path:
         "task_accuracy_before": before.get("tasks", {}).get("overall"),
         "mean_reward": after.get("reward", {}).get("mean_reward"),
         "mean_reward_before": before.get("reward", {}).get("mean_reward"),
-        "kl": kl.get("last_update"),
+        "kl": kl.get("mean"),
+        "kl_interval": kl.get("interval"),
         "updates": trainer.state.global_step,
         "episodes": trainer.state.episode,
         "data": counts,
@@ -273,7 +281,10 @@ def main(argv: list[str] | None = None) -> Path:
     reward_change = ""
     if before and after:
         reward_change = f", mean reward {before['reward']['mean_reward']:.3f} -> {after['reward']['mean_reward']:.3f}"
-    summary = f"held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}{reward_change}, KL {kl.get('last_update', float('nan')):.3f}"
+    summary = f"held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}{reward_change}"
+    if kl:
+        low, high = kl["interval"]
+        summary += f", KL to SFT {kl['mean']:.3f} ({low:.3f} to {high:.3f}, n={kl['n']} sampled replies)"
     training.logger.info(f"after ppo: {summary}")
     if trainer.is_world_process_zero():
         print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {run.output_dir}")

@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> Path:
     preset = pop_flag(argv, "preset") or "tiny"  # one recipe folder for every stage, not a run_all.yaml
     if preset not in presets():
         fail(f"unknown preset '{preset}': choose from {', '.join(presets())}")
-    args, _ = parse_config("run_all", (RunAllArguments,), argv)
+    preset_help = f"Recipe folder for every stage: configs/<preset>/ ({', '.join(presets())}; default tiny)."
+    args, _ = parse_config("run_all", (RunAllArguments,), argv, preset_help=preset_help)
     args.preset = preset
     unknown = [s for s in args.stages if s not in (*SCRIPTS, "evaluate", REPORT)]
     if unknown:

@@ -150,3 +150,7 @@ def test_every_command_prints_its_help(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:"), out[:300]
+    # The recipe flags are taken off before parsing, so no `--help` listed them; and no line says what
+    # transformers' TrainingArguments means by run_name (its loggers' label) where ours is the output folder.
+    if "options:" in out:  # a command with flags (pipeline/cards.py takes a folder only)
+        assert "--config YAML" in out and "An optional descriptor for the run" not in out

@@ -546,6 +546,18 @@ CASES = [
         ppo_rewarded_by(lambda i: i.shared),
         ("is a run folder: give its reward stage, which it does not hold finished",),
     ),
+    Case(  # `runs/dmeo`: the shape of a Hub id, so it reached AutoTokenizer and its OSError traceback
+        "ppo --reward_model_path naming a mistyped run folder",
+        "ppo",
+        ppo_rewarded_by(lambda i: "runs/no-such-run"),
+        ("--reward_model_path runs/no-such-run: cannot load the tokenizer", "no such folder here"),
+    ),
+    Case(
+        "evaluate --reward_model naming a mistyped run folder",
+        "evaluate",
+        lambda i, d: [i.shared / "pretrain", "--reward_model", "runs/no-such-run", "--output_file", d / "e.json"],
+        ("--reward_model runs/no-such-run: cannot load the tokenizer", "no such folder here"),
+    ),
     Case(
         "ppo --reward_model_path naming a file",
         "ppo",

@@ -7,9 +7,10 @@ import re
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fluxchat import chat_format
+from fluxchat import chat_format, evaluation
 from pipeline import ppo
 from tests.conftest import SHAKESPEARE, assert_chat_stage_files, run_main
 
@@ -70,6 +71,18 @@ def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs, capsys)
     for key in ("task_accuracy", "task_accuracy_before", "mean_reward", "mean_reward_before", "kl"):
         assert isinstance(metrics[key], float), key
     assert metrics["eval"]["tasks"]["n"] == 7 and metrics["eval"]["reward"]["n"] == 7
+    # The KL is the saved policy's, on 2 sampled replies to each held-out prompt (it was the last rollout's noisy
+    # estimate from TRL's log, negative at times), and it is what the policy's own replies give again.
+    kl = metrics["eval"]["kl"]
+    recipe = yaml.safe_load((stage / "config.yaml").read_text())
+    held_out = ppo.PPOArguments(eval_examples=7, corpus_file=str(SHAKESPEARE), tasks=recipe["tasks"])  # the stage's
+    assert kl["n"] == 14 and kl["temperature"] == 0.7 and metrics["kl"] == kl["mean"]
+    assert 0 < kl["interval"][0] <= kl["mean"] <= kl["interval"][1]
+    policy, sft = (AutoModelForCausalLM.from_pretrained(p, use_safetensors=True) for p in (stage, chain / "sft"))
+    tok, prompts = AutoTokenizer.from_pretrained(stage), ppo.stage_data.task_examples(held_out)
+    assert evaluation.policy_kl(policy, sft, tok, prompts, 12, 0.7)["mean"] == pytest.approx(kl["mean"], rel=1e-4)
+    assert evaluation.policy_kl(sft, sft, tok, prompts, 12, 0.7)["mean"] == 0  # a model against itself
+    assert f"KL to SFT {kl['mean']:.3f}" in (stage / "train.log").read_text()
     history = [entry for entry in json.loads((stage / "log_history.json").read_text()) if "objective/kl" in entry]
     assert len(history) == 4
     for key in ("objective/scores", "objective/entropy", "eos_rate"):

@@ -67,6 +67,10 @@ def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_r
     with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
         parse_config("sft", sft.ARGUMENTS, ["--help"])
     assert "--no_eval_baseline" in out.getvalue() and "--no_merge_adapter" in out.getvalue()
+    # Said as what it does: transformers repeats the switch's own help on it ("Save the adapter merged ...").
+    help_text = " ".join(out.getvalue().split())
+    assert "--no_merge_adapter, --no-merge-adapter Turn off --merge_adapter (on by default)." in help_text
+    assert "--preset NAME The recipe configs/<preset>/sft.yaml" in help_text
     script, peft, *_ = parse_config(
         "sft", sft.ARGUMENTS, ["--preset", "tiny", "--no_eval_baseline", "--no-merge-adapter"]
     )

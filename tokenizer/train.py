@@ -45,7 +45,8 @@ class TokenizerArguments:
         default=True, metadata={"help": "One token per digit (as LLaMA): arithmetic gets much easier to learn."}
     )
     chat_format: str = field(
-        default=chat_format.DEFAULT_FORMAT, metadata={"help": "Chat template to bake in: fluxchat or instruction."}
+        default=chat_format.DEFAULT_FORMAT,
+        metadata={"help": "Chat template to bake in: " + ", ".join(chat_format.FORMATS) + "."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished tokenizer in the output folder."})
 
