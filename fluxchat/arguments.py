@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from fluxchat.config import fail, main_process
-from fluxchat.tasks import parse_task_weights
+from fluxchat.tasks import corpus_file_problem, parse_task_weights
 
 
 @dataclass
@@ -68,6 +68,8 @@ class StageArguments:
         if self.builtin_examples < 1:
             raise ValueError(f"--builtin_examples must be at least 1, got {self.builtin_examples}")
         parse_task_weights(self.task_weights)  # a malformed entry fails here, before any folder is made
+        if problem := corpus_file_problem(self.corpus_file):
+            raise ValueError(problem)
         if self.eval_examples < 0 or self.eval_max_new_tokens < 1:
             raise ValueError("--eval_examples must be >= 0 and --eval_max_new_tokens >= 1")
 

@@ -382,6 +382,15 @@ def _corpus_items(corpus_path: str):
     return tuple(quotes), tuple(speaker_items), frequent
 
 
+def corpus_file_problem(corpus_file: str | None) -> str | None:
+    """What is wrong with a given --corpus_file, checked when the flags are parsed: it was read only when a
+    quote/speaker task drew from it, so a mistyped path passed unseen wherever those tasks were left out."""
+    if corpus_file is not None and not Path(corpus_file).is_file():
+        what = "is a folder" if Path(corpus_file).is_dir() else "does not exist"
+        return f"--corpus_file {corpus_file} {what}: give the text file the quote/speaker tasks draw lines from"
+    return None
+
+
 def resolve_corpus(corpus_file) -> str:
     if corpus_file is None:
         corpus_file = default_corpus("--corpus_file")  # the flag every command using the tasks has

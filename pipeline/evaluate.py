@@ -113,6 +113,8 @@ class EvaluateArguments:
                 raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
         if self.split not in SPLITS:
             raise ValueError(f"--split {self.split}: choose {' or '.join(SPLITS)}")
+        if problem := tasks.corpus_file_problem(self.corpus_file):
+            raise ValueError(problem)
         if self.pairs_heldout_fraction is not None and not 0 < self.pairs_heldout_fraction < 1:
             raise ValueError(f"--pairs_heldout_fraction must be between 0 and 1, got {self.pairs_heldout_fraction}")
 

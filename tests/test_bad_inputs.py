@@ -370,6 +370,18 @@ CASES = [
         prepare=killed_tokenizer,
     ),
     # ---- pipeline/sft.py: instruction data, line by line
+    Case(  # read only by the quote/speaker tasks: a mistyped path passed unseen wherever they were left out
+        "a missing --corpus_file without the tasks that read it",
+        "sft",
+        lambda i, d: [*sft_of_shared(i), "--tasks", "copy", "--corpus_file", d / "nope.txt", "--output_dir", d / "o"],
+        ("--corpus_file", "nope.txt does not exist: give the text file the quote/speaker tasks draw lines from"),
+    ),
+    Case(
+        "a folder as --corpus_file (evaluate)",
+        "evaluate",
+        lambda i, d: [i.shared / "pretrain", "--tasks", "copy", "--corpus_file", d, "--output_file", d / "e.json"],
+        ("--corpus_file", "is a folder: give the text file"),
+    ),
     Case(
         "JSONL with one malformed line",
         "sft",

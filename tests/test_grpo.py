@@ -153,6 +153,10 @@ def test_grpo_trains_on_tasks_and_a_prompt_file_and_saves_a_chat_policy(chain, i
     ):
         assert all(key in entry for entry in history), key
     assert all(entry["completions/max_length"] <= 12 for entry in history)
+    # The trend names the logging windows it compares (a one-window run has no "first" to read as unchanged).
+    trend = metrics["eval"]["training"]
+    assert trend["logged_at_steps"] == [history[0]["step"], history[-1]["step"]]
+    assert trend["reward"] == {"first": history[0]["reward"], "last": history[-1]["reward"]}
     assert "grpo:" in (stage / "train.log").read_text() and "GRPO" in (stage / "README.md").read_text()
 
     # A plain causal LM with the chat tokenizer; replies stop at <|end|>.
