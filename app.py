@@ -323,7 +323,7 @@ class ChatService:
 
     @property
     def longest_reply_chars(self) -> int:
-        return REPLY_CHARS_PER_TOKEN * self.model.context_length  # a reply has at most half the context in tokens
+        return REPLY_CHARS_PER_TOKEN * self.model.context_length  # a reply has at most the context in tokens
 
     @property
     def max_request_bytes(self) -> int:

@@ -177,7 +177,8 @@ def prepare(stage: str, work: Path, smoke: bool) -> None:
 
 
 def checkpoint_step(folder: Path | None) -> int:
-    return int(folder.name.split("-")[-1]) if folder else 0
+    """runs.checkpoint_step, with 0 for no checkpoint (the steps a resume from nothing starts at)."""
+    return (runs.checkpoint_step(folder) or 0) if folder else 0
 
 
 def saves_in_progress(output_dir: Path) -> set[str]:

@@ -23,7 +23,7 @@ import yaml
 from huggingface_hub import constants
 
 from fluxchat import runs
-from fluxchat.config import redact_secrets, scrub_secrets
+from fluxchat.config import scrub_secrets
 from fluxchat.runs import CARD_FILE, PLOT_FILE
 
 DEFAULT_LICENSE = "mit"
@@ -143,14 +143,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def read_config(stage_dir: Path) -> dict[str, Any]:
-    try:
-        config = yaml.safe_load((stage_dir / runs.CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return {}
-    return redact_secrets(config) if isinstance(config, dict) else {}
 
 
 def read_log_history(stage_dir: Path) -> list[dict]:
@@ -437,7 +429,7 @@ def write_model_card(
     """
     stage_dir = Path(stage_dir)
     location = Path(location) if location else stage_dir
-    config = read_config(stage_dir)
+    config = runs.read_config(stage_dir)
     metrics = _read_json(stage_dir / runs.METRICS_FILE)
     metrics = metrics if isinstance(metrics, dict) else {}
     if stage == "tokenizer":

@@ -24,6 +24,7 @@ PAD = "<|pad|>"  # distinct from EOS: PPO masks on `ids != pad_token_id`
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 END_OF_TURN = "<|end|>"  # closes every turn; the chat model's EOS from SFT on
 SPECIAL_TOKENS = (END_OF_TEXT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN)
+UNK = "<|unk|>"  # only the word tokenizer has one (bpe and char fall back to bytes), so not among SPECIAL_TOKENS
 ROLES = ("system", "user", "assistant")
 # Lone surrogates (a pasted half emoji, invalid UTF-8 read with surrogateescape) make the tokenizer raise
 # TypeError; they become U+FFFD, the replacement character, like any other undecodable text.

@@ -201,7 +201,7 @@ def policy_kl(
     policy.eval(), reference.eval()
     torch.manual_seed(seed)
     replies = generation.generate_replies(policy, tokenizer, conversations, max_new_tokens, batch_size, temperature)
-    replies = [r for r in replies if r["reply_ids"]]  # none is empty: a reply holds at least its stop token
+    # generate_replies makes at least one new token a reply: no reply_ids is empty
     pad, kls = generation.pad_id(tokenizer), []
     for start in range(0, len(replies), batch_size):
         batch = replies[start : start + batch_size]

@@ -293,7 +293,7 @@ def space_readme(variables: dict[str, str], run_name: str) -> str:
         f"---\n{yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip()}\n---\n\n"
         f"# fluxchat: {run_name}\n\n"
         f"Chat with [{model_repo}]({cards.hub_url(model_repo)}), a small GPT-2 trained from scratch "
-        "(tokenizer -> pretraining -> SFT -> reward model -> PPO) with fluxchat.\n\n"
+        "(tokenizer -> pretraining -> SFT -> reward model -> PPO, GRPO, DPO) with fluxchat.\n\n"
         "app.py reads its models from the Space variables (Settings -> Variables and secrets): "
         + ", ".join(f"`{k}` = `{v}`" for k, v in variables.items())
         + ". Point them at other fluxchat repos to serve those. A private model repo also needs an `HF_TOKEN` "

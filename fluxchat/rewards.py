@@ -27,7 +27,8 @@ ANSWER_COLUMNS = ("answer", "solution", "completion")
 # Text a reply uses to start the next turn itself: our control tokens typed out, the `User:` transcript
 # style the embedded corpus pretrains on, hh-rlhf's `Human:`, and the instruction format's headers.
 INVENTED_TURN = re.compile(
-    r"<\|(?:user|assistant|system|end|endoftext|pad)\|>|(?:^|\n)\s*(?:user|human|assistant|system)\s*:|###\s*(?:instruction|response)\s*:",
+    "|".join(re.escape(token) for token in chat_format.SPECIAL_TOKENS)
+    + r"|(?:^|\n)\s*(?:user|human|assistant|system)\s*:|###\s*(?:instruction|response)\s*:",
     re.IGNORECASE,
 )
 

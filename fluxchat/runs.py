@@ -3,7 +3,8 @@
     runs/<run_name>/
         tokenizer/   tokenizer.json, chat_template.jinja, tokenizer_stats.json
         pretrain/    model.safetensors, config.json, tokenizer, metrics.json, train.log, checkpoint-N/
-        sft/ reward/ ppo/   same shape
+        sft/ reward/ ppo/ grpo/ dpo/   same shape, plus eval.json
+        data/, summary.json, evaluation.json, report.md, report.json   (run_all's)
 
 A stage folder is *finished* when `stage_complete.json` exists; it is written last, atomically, so a
 crash at any moment leaves either a finished stage or an unfinished one, never a half-finished one
@@ -34,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from fluxchat.config import UsageError, command_path, fail, main_process, resolved_config
+from fluxchat.config import UsageError, command_path, fail, main_process, redact_secrets, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 # The stages with --resume: continue from their newest whole checkpoint (TRL's PPOTrainer saves the policy only;
@@ -69,7 +70,6 @@ EVALUATION_FILE = "evaluation.json"  # pipeline/evaluate.py's report (in the mod
 SUMMARY_FILE = "summary.json"  # pipeline/run_all.py's per-stage summary, in the run folder
 DATA_DIR = "data"  # in the run folder: corpora pipeline/run_all.py writes for its stages
 
-# The command that produces each stage, for "run this first" errors.
 # Each stage's script, in chain order (run_all.py runs them; "run this first" errors name them).
 SCRIPTS = {
     "tokenizer": "tokenizer/train.py",
@@ -86,7 +86,17 @@ def producer(stage: str, run: str) -> str:
     """The command that makes `stage` of run `run`, for a hint that runs from the user's folder: the preset (a
     `--config configs/...` path resolves only in the project folder), the script by `command_path`."""
     launcher = "python" if stage == "tokenizer" else "accelerate launch"
-    return f"{launcher} {command_path(SCRIPTS[stage])} --preset tiny --run_name {run}"
+    return f"{launcher} {command_path(SCRIPTS[stage])} --preset {run_preset(run)} --run_name {run}"
+
+
+def run_preset(run: str) -> str:
+    """The preset the run's stages were made with, as their config.yaml names its recipe file (tiny if none does):
+    a `small` run's "run this first" hint named the tiny recipe."""
+    for stage in STAGES:
+        recipe = Path(read_config(stage_dir(run, stage)).get("config_file") or "")
+        if recipe.parent.parent.name == "configs" and recipe.stem == stage:
+            return recipe.parent.name
+    return "tiny"
 
 
 def adapter_config(folder: str | Path) -> dict | None:
@@ -418,9 +428,15 @@ def _complete_checkpoints(folder: Path) -> list[Path]:
     complete = [
         ckpt
         for ckpt in Path(folder).glob("checkpoint-*")
-        if ckpt.name.split("-")[-1].isdigit() and readable_json(ckpt / TRAINER_STATE_FILE)
+        if checkpoint_step(ckpt) is not None and readable_json(ckpt / TRAINER_STATE_FILE)
     ]
-    return sorted(complete, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    return sorted(complete, key=checkpoint_step, reverse=True)
+
+
+def checkpoint_step(checkpoint: str | Path) -> int | None:
+    """N of a `checkpoint-N` folder (the Trainer's name for it); None for any other name."""
+    step = Path(checkpoint).name.rsplit("-", 1)[-1]
+    return int(step) if Path(checkpoint).name.startswith("checkpoint-") and step.isdigit() else None
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -648,3 +664,12 @@ def device_of(path: str | Path) -> str:
 def save_resolved_config(path: Path, *objs, config_file: Path | None = None) -> None:
     text = yaml.safe_dump(resolved_config(*objs, config_file=config_file), sort_keys=True, allow_unicode=True)
     atomic_write_text(path, text)
+
+
+def read_config(stage_dir: Path) -> dict[str, Any]:
+    """A stage's config.yaml as written by `save_resolved_config` (secrets redacted); {} if missing or unreadable."""
+    try:
+        config = yaml.safe_load((Path(stage_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return redact_secrets(config) if isinstance(config, dict) else {}

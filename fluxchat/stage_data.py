@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from datasets import Dataset, concatenate_datasets
 
-from fluxchat import cards, chat_format, formats, tasks
+from fluxchat import chat_format, formats, runs, tasks
 from fluxchat.arguments import StageArguments
 from fluxchat.config import UsageError, fail
 
@@ -331,7 +331,7 @@ def stage_heldout_pairs(stage_dir: Path, source: str) -> list[dict] | None:
     """The pairs of the preference file `source` that the reward stage in `stage_dir` held out, split again exactly
     as it split them (its config.yaml's --dataset, --max_train_samples, --eval_fraction and --seed): the ones it
     never trained on. None where the stage did not read `source`."""
-    config = cards.read_config(Path(stage_dir))
+    config = runs.read_config(Path(stage_dir))
     if not isinstance(config.get("dataset"), list) or "eval_fraction" not in config:
         return None
     target = Path(source).resolve()

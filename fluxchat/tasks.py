@@ -394,8 +394,8 @@ def corpus_file_problem(corpus_file: str | None) -> str | None:
 def resolve_corpus(corpus_file) -> str:
     if corpus_file is None:
         corpus_file = default_corpus("--corpus_file")  # the flag every command using the tasks has
-    if not Path(corpus_file).is_file():
-        fail(f"corpus file {corpus_file} does not exist (the quote/speaker tasks read their lines from it)")
+    if problem := corpus_file_problem(corpus_file):
+        fail(problem)
     check_utf8(Path(corpus_file), "--corpus_file")  # as --train_file: one line naming the file, not a traceback
     return str(Path(corpus_file).resolve())
 
@@ -492,9 +492,6 @@ class _Generator:
             self.items = None  # phrases are drawn on the fly from a space too large to list
         if self.items is not None and not self.items:
             fail(f"task {task}: no {split} items (corpus too small?)")
-
-    def unique_items(self) -> int | None:
-        return None if self.items is None else len(self.items)
 
     def draw_items(self, rng: random.Random, n: int) -> list:
         if self.items is None and self.split == "eval":  # distinct phrases, like every other eval item

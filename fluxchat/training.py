@@ -639,10 +639,6 @@ def gather_rank_info(info: dict) -> list[dict]:
     return [info]
 
 
-def finite_or_none(value):
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 def is_sharded(trainer) -> bool:
     """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3): then no process can
     save the model from its own copy, and the full weights must be gathered first."""
@@ -738,7 +734,7 @@ def finish_stage(
 
 def resumed_step(run: StageRun) -> int:
     """The step this session started from: 0, or the checkpoint's a --resume continues."""
-    return int(run.resume_from.name.rsplit("-", 1)[-1]) if run.resume_from is not None else 0
+    return runs.checkpoint_step(run.resume_from) if run.resume_from is not None else 0
 
 
 def resumed_figures(log_history: list[dict], resumed: int, metrics: dict, global_step: int) -> dict:

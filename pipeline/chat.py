@@ -50,13 +50,6 @@ class ChatArguments:
     )
 
 
-def split_model_argument(argv: list[str]) -> list[str]:
-    """`chat.py MODEL --flags` is `chat.py --model MODEL --flags`."""
-    if argv and not argv[0].startswith("-"):
-        return ["--model", argv[0], *argv[1:]]
-    return argv
-
-
 def show_history(messages: list[dict], out) -> None:
     if not messages:
         print("(no messages yet)", file=out)
@@ -144,8 +137,7 @@ def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactiv
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = split_model_argument([str(a) for a in (sys.argv[1:] if argv is None else argv)])
-    args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv)
+    args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv, positional="model")
     model = ChatModel.load(args.model)
     system = chat_format.clean_text(args.system) if args.system else None
     model.check_system(system, sampling.max_new_tokens)  # else every message would fail, blaming the message

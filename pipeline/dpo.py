@@ -19,20 +19,18 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
+from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import main_process, parse_config, run_cli
 from fluxchat.report import describe_pairs, wilson_interval
 
 # Raised inside TRL's trainers on every step; nothing we can change.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
 
 
 @dataclass
@@ -168,13 +166,9 @@ def main(argv: list[str] | None = None) -> Path:
     heldout_set, heldout_counts, heldout_pairs = stage_data.dpo_pair_dataset(
         tokenizer, heldout_pairs, args.max_length, held_out=True
     )
-    builtin_pairs = (
-        []
-        if not script_args.eval_examples
-        else tasks.preference_pairs(
-            "eval", n=script_args.eval_examples, corpus_file=script_args.corpus_file, tasks=script_args.tasks
-        )
-    )
+    builtin_pairs = stage_data.task_pairs(
+        script_args
+    )  # the reward stage's: quote/speaker only where a play feeds them
     builtin_set, _, builtin_pairs = (
         stage_data.dpo_pair_dataset(tokenizer, builtin_pairs, args.max_length) if builtin_pairs else (None, {}, [])
     )

@@ -1,5 +1,5 @@
 """Evaluate a model on the held-out built-in tasks, a reward model on held-out preference pairs, and
-the mean reward of a policy's replies. Every stage calls these functions at its end; this is also a CLI.
+the mean reward of a policy's replies, with `fluxchat/evaluation.py`'s functions, which every stage also calls at its end.
 
     python pipeline/evaluate.py runs/demo                        # most aligned finished stage: ppo > grpo > dpo > sft > pretrain
     python pipeline/evaluate.py runs/demo/sft --n_per_task 20 --output_file sft_eval.json
@@ -172,10 +172,7 @@ def _identity(folder) -> tuple[int, int] | None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):  # `evaluate.py runs/demo ...`: the model as first argument
-        argv = ["--model", argv[0], *argv[1:]]
-    args, _config_file = parse_config("evaluate", (EvaluateArguments,), argv)
+    args, _config_file = parse_config("evaluate", (EvaluateArguments,), argv, positional="model")
     if args.report:
         return stage_report(args)
     if args.pairs_file and not args.reward_model:

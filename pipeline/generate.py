@@ -1,4 +1,4 @@
-"""Sample text from a trained model (the roadmap's generate_v2), with the KV cache.
+"""Sample text from a trained model, with the KV cache.
 
     python pipeline/generate.py runs/demo/pretrain --prompt "To be, or not to be" --max_new_tokens 200
     python pipeline/generate.py runs/demo/pretrain --prompt "ROMEO:" --temperature 0.7 --top_k 40 --num_samples 3
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         loading.resolve_model(args.model_name_or_path, "model_name_or_path")
     )
     context = loading.context_length(model)
-    if args.max_new_tokens is None:  # the default adapts to small contexts (the tiny preset has 128)
+    if args.max_new_tokens is None:  # the default adapts to small contexts
         args.max_new_tokens = min(200, context // 2)
     loading.refuse_replies_past_the_context(args.max_new_tokens, context)
     # Temperature 0 is greedy (generation_config): sampling settings set to None beside it made transformers warn

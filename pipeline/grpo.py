@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
 
 # Raised inside TRL's trainers on every step; nothing we can change.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
 
 
 @dataclass

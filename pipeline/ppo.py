@@ -23,13 +23,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # Before TRL is imported: it warns about its experimental modules at import time.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")  # raised inside PPOTrainer
 
 from accelerate import PartialState  # noqa: E402
 from transformers import ProgressCallback  # noqa: E402

@@ -177,11 +177,12 @@ def main(argv: list[str] | None = None) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     world = args.world_size
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size * world
+    length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"
     training.logger.info(
         f"pretrain: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, context {block_size}, "
         f"{len(train_tokens):,} train / {0 if val_tokens is None else len(val_tokens):,} val tokens "
         f"from {data.describe_sources(sources)}, "
-        f"{tokens_per_step:,} tokens/step x {args.max_steps} steps, {world} process(es) x {torch.get_num_threads()} thread(s), "
+        f"{tokens_per_step:,} tokens/step x {length}, {world} process(es) x {torch.get_num_threads()} thread(s), "
         f"{'bf16 autocast' if args.bf16 else 'fp16 autocast' if args.fp16 else 'fp32'}"
     )
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> Path:
     # With load_best_model_at_end (the small preset) the weights saved are the best checkpoint's, so are its figures:
     # the last step's loss and step count described a model that was not the one saved.
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
-    final_step = int(best.rsplit("-", 1)[1]) if best else result.global_step
+    final_step = runs.checkpoint_step(best) if best else result.global_step
     evals = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == final_step]
     final_eval = evals[-1] if evals else (trainer.evaluate() if eval_set is not None else {})
     ranks = training.gather_rank_info(accounting.summary())

@@ -8,7 +8,7 @@ optionally a Gradio Space that chats with the final model.
     python pipeline/sft.py --preset tiny --run_name demo --push_to_hub --hub_model_id alice/demo-sft   # one stage
 
 Every finished stage becomes <hub_user>/<run_name>-<stage>; its model card is rewritten first with
-the Hub names (base_model = the previous stage's repo: sft <- pretrain, reward and ppo <- sft).
+the Hub names (base_model = the previous stage's repo: sft <- pretrain, reward, ppo, grpo and dpo <- sft).
 Checkpoints, optimizer states, logs and training_args.bin stay local. The Space runs app.py with Space
 variables naming its models, among the repos this command pushes or an earlier one did: FLUXCHAT_MODEL =
 the ppo repo (else grpo, dpo, sft, pretrain), FLUXCHAT_COMPARE_MODEL = the sft repo it started from (else the
@@ -102,10 +102,7 @@ def adapter_base_repo(run_folder: Path, stage: str, repos: dict[str, str]) -> st
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    if argv and not argv[0].startswith("-"):
-        argv = ["--run_dir", *argv]  # the run folder as a positional argument
-    args, _ = parse_config("push", (PushArguments,), argv)
+    args, _ = parse_config("push", (PushArguments,), argv, positional="run_dir")
     run_folder = resolve_run_folder(args.run_dir)
     repos = stage_repos(run_folder, args.hub_user)
     for stage in args.stages or []:
@@ -145,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     for stage in selected:
         # A stage trained from a model outside the run is not based on the run's parent repo (a Hub id it named is
         # found by the card itself; a local folder elsewhere has no repo to name).
-        config = cards.read_config(run_folder / stage)
+        config = runs.read_config(run_folder / stage)
         base = None if cards.foreign_parent(run_folder / stage, stage, config) else base_repo(stage, repos)
         url = push_stage(
             run_folder / stage,

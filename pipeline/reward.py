@@ -45,9 +45,7 @@ class RewardArguments(StageArguments):
 def score_pairs(model, tokenizer, pairs) -> dict:
     if not pairs:
         return {}
-
-    evaluation.on_device(model).eval()
-    return evaluation.evaluate_reward_model(model, tokenizer, pairs)
+    return evaluation.evaluate_reward_model(evaluation.on_device(model), tokenizer, pairs)  # in eval mode, restored
 
 
 # What --preset's reward.yaml and the flags fill (tests parse every preset's recipe with it).
@@ -91,7 +89,6 @@ def main(argv: list[str] | None = None) -> Path:
             "builtin": score_pairs(model, tokenizer, builtin_pairs),
             "heldout": score_pairs(model, tokenizer, heldout_pairs),
         }
-        model.train()
 
     trainer = RewardTrainer(
         model=model,

@@ -55,6 +55,7 @@ from fluxchat.config import (
 SCRIPTS = runs.SCRIPTS  # stage -> its script, in chain order
 TEXT_READERS = ("tokenizer", "pretrain", "sft")  # the stages that read the generated texts in runs/<name>/data/
 REPORT = "report"  # after evaluate: every chat stage on the same held-out items (pipeline/evaluate.py --report)
+CHAIN = (*SCRIPTS, "evaluate", REPORT)  # every step this command can run, in order
 CORPORA = ("tinyshakespeare", "embedded")
 FACTS_FILE = "facts.txt"  # pretraining: the facts text, steps table included
 SFT_MIX_FILE = "facts_mix.txt"  # SFT's mixed windows: the same facts prose and dialogues, no steps table
@@ -78,7 +79,7 @@ class RunAllArguments:
         metadata={"help": "Add the built-in facts text to pretraining, so the fact tasks can be learned."},
     )
     stages: list[str] = field(
-        default_factory=lambda: [*SCRIPTS, "evaluate", REPORT],
+        default_factory=lambda: list(CHAIN),
         metadata={"help": "Stages to run (always in chain order: each reads what the one before it made)."},
     )
     accelerate_config: str | None = field(
@@ -410,7 +411,7 @@ def merged_summary(run: Path, rows: list[dict]) -> list[dict]:
     skips finished stages, kept no trace of the chain's timings), in chain order."""
     by_stage = {row["stage"]: row for row in _summary_rows(run)}
     by_stage.update({row["stage"]: row for row in rows if row["status"] == "ran" or row["stage"] not in by_stage})
-    order = [*SCRIPTS, "evaluate", REPORT]
+    order = list(CHAIN)
     return sorted(
         by_stage.values(), key=lambda row: order.index(row["stage"]) if row["stage"] in order else len(order)
     )
@@ -448,19 +449,19 @@ def main(argv: list[str] | None = None) -> Path:
     preset_help = f"Recipe folder for every stage: configs/<preset>/ ({', '.join(presets())}; default tiny)."
     args, _ = parse_config("run_all", (RunAllArguments,), argv, preset_help=preset_help)
     args.preset = preset
-    unknown = [s for s in args.stages if s not in (*SCRIPTS, "evaluate", REPORT)]
+    unknown = [s for s in args.stages if s not in CHAIN]
     if unknown:
         fail(
             f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join([*SCRIPTS, 'evaluate', REPORT])}"
         )
-    chain_order = [stage for stage in (*SCRIPTS, "evaluate", REPORT) if stage in args.stages]
+    chain_order = [stage for stage in CHAIN if stage in args.stages]
     if chain_order != args.stages:  # `--stages sft pretrain`: SFT would fail for want of the model pretrain makes
         print(f"note: --stages run in chain order, once each: {' '.join(chain_order)}", flush=True)
         args.stages = chain_order
     extra: dict[str, list[str]] = {}
     for item in args.stage_args or []:
         stage, _, flag = item.partition(":")
-        if stage not in (*SCRIPTS, "evaluate", REPORT) or not flag.startswith("--"):
+        if stage not in CHAIN or not flag.startswith("--"):
             fail(
                 f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(SCRIPTS)}, evaluate, {REPORT}"
             )

@@ -10,7 +10,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, runs
-from tests.conftest import PYTHON, REPO, run_script
+from pipeline import sft
+from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
+from tokenizer import train
 
 # The tiny preset's recipes with fewer steps and a smaller model: the point here is the orchestration.
 SHRINK = [
@@ -309,6 +311,17 @@ def test_a_hint_from_another_folder_is_a_command_that_runs_there(tmp_path):
         "--preset tiny --run_name nothing` first, or pass a path with the matching flag"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_hint_names_the_preset_the_run_was_made_with(isolated_runs):
+    """A `small` run missing its pretrained model: the hint named the tiny recipe, which builds another model."""
+    train.main(
+        ["--preset", "small", "--run_name", "smallrun", "--train_file", str(SHAKESPEARE), "--vocab_size", "300"]
+    )
+    code, error = run_main(sft.main, ["--preset", "small", "--run_name", "smallrun"])
+    assert code == 2 and error.endswith(
+        "pretrain.py --preset small --run_name smallrun` first, or pass a path with the matching flag"
+    ), error
 
 
 def test_an_evaluation_older_than_a_stage_is_made_again_and_the_summary_keeps_earlier_rows(

@@ -18,8 +18,6 @@ from fluxchat import cards, chat_format, runs
 from fluxchat.config import fail, parse_config, run_cli
 from fluxchat.data import load_text
 
-UNK = "<|unk|>"  # only the word tokenizer needs one: bpe and char fall back to bytes
-
 
 @dataclass
 class TokenizerArguments:
@@ -84,6 +82,7 @@ HEADER_REPEATS = 10_000
 
 
 def build_backend(args: TokenizerArguments, texts: list[str]):
+    # only once the inputs are checked
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = list(chat_format.SPECIAL_TOKENS)
@@ -116,13 +115,13 @@ def build_backend(args: TokenizerArguments, texts: list[str]):
         # joins them as they are, so only words outside the vocabulary are lost
         # (one <|unk|> each). Dropping the spaces and putting single ones back on decoding wrote "590,000" as
         # "5 9 0, 0 0 0" and "Porto-Novo" as "Porto - Novo": no answer with a number could ever be scored right.
-        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        tok = Tokenizer(models.WordLevel(unk_token=chat_format.UNK))
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             digits + [pre_tokenizers.Split(Regex(r"\n| ?\w+| ?[^\w\s]|[^\S\n]+(?!\S)|[^\S\n]+"), behavior="isolated")]
         )
         tok.decoder = decoders.Fuse()
         trainer = trainers.WordLevelTrainer(
-            vocab_size=args.vocab_size, special_tokens=specials + [UNK], show_progress=False
+            vocab_size=args.vocab_size, special_tokens=specials + [chat_format.UNK], show_progress=False
         )
         # The chat format's plain-text headers ("### Response:") must be words of the vocabulary: a corpus without
         # them rendered every turn's header as <|unk|> x4, and the model could not tell whose turn it was.
@@ -135,6 +134,7 @@ def build_backend(args: TokenizerArguments, texts: list[str]):
 
 
 def wrap(backend, args: TokenizerArguments):
+    # transformers' tokenizer classes load only once there is a tokenizer to wrap, after the inputs are checked
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
@@ -142,7 +142,7 @@ def wrap(backend, args: TokenizerArguments):
         bos_token=chat_format.END_OF_TEXT,
         eos_token=chat_format.END_OF_TEXT,
         pad_token=chat_format.PAD,
-        unk_token=UNK if args.tokenizer_type == "word" else None,
+        unk_token=chat_format.UNK if args.tokenizer_type == "word" else None,
         extra_special_tokens=[chat_format.SYSTEM, chat_format.USER, chat_format.ASSISTANT, chat_format.END_OF_TURN],
         clean_up_tokenization_spaces=False,
     )
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     if stats.get("unknown_token_fraction", 0) > UNKNOWN_NOTE_FRACTION:
         print(
-            f"note: {stats['unknown_token_fraction']:.0%} of the held-out text's tokens are {UNK}: the model will "
+            f"note: {stats['unknown_token_fraction']:.0%} of the held-out text's tokens are {chat_format.UNK}: the model will "
             f"never see or say those words (raise --vocab_size, or use --tokenizer_type bpe, which has no unknown)",
             file=sys.stderr,
         )
