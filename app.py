@@ -54,6 +54,7 @@ from fluxchat.serving import (
     GenerationStats,
     RewardScorer,
     Sampling,
+    check_system_flag,
     empty_reply_note,
     resolve_model,
 )
@@ -65,6 +66,7 @@ MAX_UPLOAD_BYTES = 0
 # The longest reply the app can have produced, in characters per token of context: a forged "reply" longer than
 # this never came from the model. Generous: a token of our byte-level BPE is a few characters.
 REPLY_CHARS_PER_TOKEN = 16
+MAX_FEEDBACK_MB = 1_000_000  # 1 TB of choices, far past any real file (1e303 overflowed the byte count)
 INTERNAL_ERROR = "Something went wrong while answering: please try again (the details are in the server log)."
 NOTHING_TO_RATE = "Nothing to rate: press Compare first (each comparison is rated once)."
 # Comparisons rated lately, remembered to refuse a second choice for one: only clicks handled at the same time
@@ -143,10 +145,13 @@ class AppArguments:
     )
 
     def __post_init__(self):
+        # An error names where the value came from: the environment's, with no flag given, blamed a flag.
+        self.model_from = "model" if self.model else "FLUXCHAT_MODEL"
+        self.compare_model_from = "compare_model" if self.compare_model else "FLUXCHAT_COMPARE_MODEL"
         self.model = self.model or os.environ.get("FLUXCHAT_MODEL")
         self.compare_model = self.compare_model or os.environ.get("FLUXCHAT_COMPARE_MODEL")
         self.reward_model = self.reward_model or os.environ.get("FLUXCHAT_REWARD_MODEL")
-        # An error names where the value came from: the environment's, with no flag given, blamed a flag.
+        check_system_flag(self.system)
         auth_from = "--auth" if self.auth is not None else "FLUXCHAT_AUTH"
         self.auth = self.auth if self.auth is not None else os.environ.get("FLUXCHAT_AUTH")
         if self.auth is not None and not self.auth.strip():  # else it reads as unset: the app would open to anyone
@@ -162,8 +167,10 @@ class AppArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ValueError(f"{port_from} must be between 1 and 65535, got {self.port}")
-        if not self.feedback_max_mb > 0:
-            raise ValueError(f"--feedback_max_mb must be above 0, got {self.feedback_max_mb}")
+        if not 0 < self.feedback_max_mb <= MAX_FEEDBACK_MB:  # larger: no file system holds it, and int() overflowed
+            raise ValueError(
+                f"--feedback_max_mb must be above 0 and at most {MAX_FEEDBACK_MB:,}, got {self.feedback_max_mb:g}"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"--log_level must be debug, info, warning or error, got {self.log_level}")
 
@@ -384,9 +391,11 @@ class ChatService:
                     {"session": session, "model": model.source, "messages": prompt.messages}, ensure_ascii=False
                 ),
             )
-            reply = ""
+            reply, said = "", False
             for piece in model.stream(prompt, sampling, stats):
-                reply += piece
+                reply, said = reply + piece, True
+                yield reply
+            if not said:  # else no reply at all: the history lost the turn, and the model saw two user turns in a row
                 yield reply
             if not reply.strip():  # else an empty bubble, which reads like a hang or a lost reply
                 gr.Info(empty_reply_note(stats))
@@ -566,7 +575,7 @@ class ChatService:
         scores = [self.scorer.score(messages + [{"role": "assistant", "content": reply}]) for reply in (first, second)]
         return (
             f"**Reward** ({self.scorer.source}): A = {scores[0]:.3f}, B = {scores[1]:.3f} "
-            f"-> {'A' if scores[0] >= scores[1] else 'B'} preferred"
+            f"-> {'tie' if scores[0] == scores[1] else ('A' if scores[0] > scores[1] else 'B') + ' preferred'}"
         )
 
     def build(
@@ -697,8 +706,9 @@ def main(argv: list[str] | None = None):
     logger.setLevel(args.log_level.upper())
 
     # Folders only, nothing loaded yet: every flag is checked before the first (slow) load.
-    source = resolve_model(args.model)
-    compare_source = resolve_model(args.compare_model, "compare_model") if args.compare_model else None
+    defaults.refuse_out_of_bounds()
+    source = resolve_model(args.model, args.model_from)
+    compare_source = resolve_model(args.compare_model, args.compare_model_from) if args.compare_model else None
     sources, first, second = compare_choices(source, compare_source)
     no_compare_tab = second is None
     # Without --compare_model, a run folder with two finished chat stages has a Compare tab of its own.

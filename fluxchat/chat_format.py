@@ -351,7 +351,15 @@ def trim_to_context(
         return fitted if with_ids else fitted[0]
     if not required:
         return None
+    # The newest turn alone (with the system message, which always stays): whether fewer reply tokens would do
+    newest = [m for m in messages[:1] if m["role"] == "system"] + [messages[-1]]
+    alone = len(render_conversation(tokenizer, newest, add_generation_prompt=generation_prompt)[0])
+    if alone >= max_context:
+        fail(
+            f"message too long for the model: its prompt is {alone} tokens, and the context holds {max_context} "
+            "with the reply; shorten the message"
+        )
     fail(
-        f"message too long for the model: its prompt + {reply_budget} reply tokens exceed the context of "
-        f"{max_context}; shorten the message or lower max_new_tokens"
+        f"message too long for the model: its prompt ({alone} tokens) + {reply_budget} reply tokens exceed the "
+        f"context of {max_context}; shorten the message or lower max_new_tokens to {max_context - alone} or less"
     )

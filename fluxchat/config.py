@@ -368,6 +368,15 @@ def _explain_in_help(parser, stage: str, preset_help: str | None) -> None:
             action.help = RUN_NAME_HELP
 
 
+def _name_the_file(message: str, yaml_values: dict, argv: list[str], config_file: Path | None) -> str:
+    """`message` led by the YAML file's name when the flag it blames (the first it names: others may be remedies)
+    came from the file, not the command line."""
+    cli_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    blamed = re.search(r"--(\w+)", message)
+    from_yaml = blamed is not None and blamed[1] in yaml_values and blamed[1] not in cli_keys
+    return f"{config_file}: {message}" if from_yaml else message
+
+
 def parse_config(
     stage: str,
     dataclass_types: tuple[type, ...],
@@ -391,6 +400,8 @@ def parse_config(
 
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if positional and argv and not argv[0].startswith("-"):
+        if f"--{positional}" in argv or any(a.startswith(f"--{positional}=") for a in argv):
+            fail(f"--{positional} given twice: as the first argument ({argv[0]}) and as --{positional}; give one")
         argv = [f"--{positional}", argv[0], *argv[1:]]
     config_arg = pop_flag(argv, "config")
     preset = pop_flag(argv, "preset")
@@ -435,17 +446,15 @@ def parse_config(
             parsed
         )  # NaN, infinity and out-of-range numbers: one line, before anything is written
     except UsageError as err:
-        message = str(err)
-        cli_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-        from_yaml = [k for k in yaml_values if f"--{k}" in message and k not in cli_keys]
-        raise UsageError(f"{config_file}: {message}" if from_yaml else message) from None
+        raise UsageError(_name_the_file(str(err), yaml_values, argv, config_file)) from None
     except (ValueError, TypeError) as err:  # raised by a dataclass __post_init__ validation
         unused = "Some specified arguments are not used by the HfArgumentParser: "
         if str(err).startswith(unused):  # `--learning_rate 1 2`: a flag given more values than it takes
             extra = str(err)[len(unused) :].strip("[]")
             fail(f"unexpected value(s) {validation.short(extra)}: a flag was given more values than it takes")
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(shorten_quoted(first_line)) from None
+        # A recipe's `temperature: .nan` said "--temperature must be a finite number" without naming the file
+        raise UsageError(_name_the_file(shorten_quoted(first_line), yaml_values, argv, config_file)) from None
     return (*parsed, config_file)
 
 

@@ -10,18 +10,22 @@ from transformers import GenerationConfig
 
 from fluxchat import chat_format, loading
 
+# Sampling this cold picks the likeliest token but for near-exact ties, and from ~1e-38 down the logits divided by
+# the temperature overflow to inf and generate() fails: such temperatures decode greedily.
+GREEDY_BELOW = 1e-3
+
 
 def generation_config(
     tokenizer, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0
 ) -> GenerationConfig:
-    """The one GenerationConfig builder: sampling with the given settings, greedy when temperature <= 0.
+    """The one GenerationConfig builder: sampling with the given settings, greedy when temperature < GREEDY_BELOW.
     Stops at every stop token of the tokenizer's chat format (end of turn and end of text)."""
     ids = dict(
         eos_token_id=chat_format.stop_token_ids(tokenizer),
         pad_token_id=pad_id(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
     )
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return GenerationConfig(
             do_sample=False, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=max_new_tokens, **ids
         )

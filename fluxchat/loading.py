@@ -25,7 +25,9 @@ logger = logging.getLogger("fluxchat")
 
 def resolve_model(value: str | None, flag: str = "model") -> str:
     """A model folder as is; a run folder -> its most aligned finished stage; else a Hub id.
-    None -> the newest finished run under runs/."""
+    None -> the newest finished run under runs/. `flag`: the option's name, or an environment variable's
+    (FLUXCHAT_MODEL: upper case), as errors name it."""
+    said = flag if flag.isupper() else f"--{flag}"
     if not value:
         newest = newest_run_model()
         if newest is None:
@@ -41,7 +43,7 @@ def resolve_model(value: str | None, flag: str = "model") -> str:
         stage = runs.latest_stage(path)
         if stage is None:
             fail(
-                f"--{flag} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo/grpo/dpo stage"
+                f"{said} {path}: neither a model folder (no config.json) nor a run folder with a finished pretrain/sft/ppo/grpo/dpo stage"
             )
         # A later stage still training (or stopped) is passed over: said, or its figures would pass for this one's.
         later = runs.CHAT_STAGES[: runs.CHAT_STAGES.index(stage.name)]
@@ -50,7 +52,7 @@ def resolve_model(value: str | None, flag: str = "model") -> str:
         return str(stage)
     if runs.looks_like_hub_id(value):
         return value
-    fail(f"--{flag} {value}: no such folder (give a model folder, a run folder like runs/<name>, or a Hub id)")
+    fail(f"{said} {value}: no such folder (give a model folder, a run folder like runs/<name>, or a Hub id)")
 
 
 def newest_run_model() -> Path | None:

@@ -26,7 +26,8 @@ from transformers import StoppingCriteriaList, TextIteratorStreamer
 from fluxchat import chat_format, generation, loading, runs
 from fluxchat.config import fail
 
-# Sane bounds for a public demo: values outside are clamped, never passed to generate().
+# Sane bounds for a public demo: a client's values outside are clamped, never passed to generate(); the chat's and
+# the app's own flags outside them are refused (`Sampling.refuse_out_of_bounds`), not changed unsaid.
 SAMPLING_BOUNDS = {
     "max_new_tokens": (1, 1024),
     "temperature": (0.0, 2.0),  # 0 = greedy
@@ -44,15 +45,24 @@ STREAM_TIMEOUT_SECONDS = 300  # a generation thread silent this long is treated 
 @dataclass
 class Sampling:
     max_new_tokens: int = field(
-        default=128, metadata={"help": "Longest reply in tokens (at most half the model's context)."}
+        default=128, metadata={"help": "Longest reply in tokens, 1 to 1024 (at most half the model's context)."}
     )
     temperature: float = field(
-        default=0.8, metadata={"help": "Sampling temperature; 0 = greedy (always the likeliest token)."}
+        default=0.8,
+        metadata={"help": "Sampling temperature, 0 to 2; 0 (or below 0.001) = greedy (always the likeliest token)."},
     )
-    top_k: int = field(default=50, metadata={"help": "Sample among the k likeliest tokens; 0 = no limit."})
+    top_k: int = field(default=50, metadata={"help": "Sample among the k likeliest tokens, 0 to 1000; 0 = no limit."})
     top_p: float = field(
-        default=0.95, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability."}
+        default=0.95,
+        metadata={"help": "Nucleus sampling, 0.05 to 1: the smallest set of tokens with this much probability."},
     )
+
+    def refuse_out_of_bounds(self) -> None:
+        """A command-line value outside SAMPLING_BOUNDS: one line (clamped, as a client's are, it would run
+        unsaid as another value: --temperature 5 sampled at 2)."""
+        for name, (low, high) in SAMPLING_BOUNDS.items():
+            if not low <= getattr(self, name) <= high:
+                fail(f"--{name} {getattr(self, name):g}: chat and the app take {low:g} to {high:g}")
 
     def clamped(self) -> Sampling:
         """The same settings pulled into SAMPLING_BOUNDS (the app never trusts what a client sends)."""
@@ -67,6 +77,13 @@ class Sampling:
                 value = kind(getattr(Sampling, name))
             values[name] = min(max(value, low), high)
         return replace(self, **values)
+
+
+def check_system_flag(system: str | None) -> None:
+    """A `--system` of spaces only: refused, as generate refuses such a `--prompt` (it was sent as a system turn of
+    spaces, which changed the replies; an empty one is no system message)."""
+    if system is not None and system and not system.strip():
+        raise ValueError("--system is only whitespace: give an instruction, or leave it out")
 
 
 @dataclass

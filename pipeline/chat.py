@@ -27,7 +27,7 @@ import torch
 
 from fluxchat import chat_format
 from fluxchat.config import UsageError, parse_config, run_cli, terminal_output
-from fluxchat.serving import ChatModel, GenerationStats, Sampling, empty_reply_note
+from fluxchat.serving import ChatModel, GenerationStats, Sampling, check_system_flag, empty_reply_note
 
 COMMANDS = "/reset /history /quit"
 
@@ -48,6 +48,9 @@ class ChatArguments:
         default=False,
         metadata={"help": "After each reply, print prompt/new tokens, first-token latency and tokens/s to stderr."},
     )
+
+    def __post_init__(self):
+        check_system_flag(self.system)
 
 
 def show_history(messages: list[dict], out) -> None:
@@ -89,6 +92,9 @@ def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactiv
         # editor) dropped, else a first-line /quit was sent to the model as "\ufeff/quit" and answered.
         text = chat_format.clean_text(line).lstrip("\ufeff").strip()
         if not text:
+            continue
+        if text.split()[0] in ("/quit", "/reset", "/history") and " " in text:  # `/reset now` reached the model
+            print(f"{text.split()[0]} takes no argument; commands: {COMMANDS}", file=info)
             continue
         if text == "/quit":
             break
@@ -138,6 +144,7 @@ def converse(model: ChatModel, sampling: Sampling, start: list[dict], interactiv
 
 def main(argv: list[str] | None = None) -> Path:
     args, sampling, _ = parse_config("chat", (ChatArguments, Sampling), argv, positional="model")
+    sampling.refuse_out_of_bounds()
     model = ChatModel.load(args.model)
     system = chat_format.clean_text(args.system) if args.system else None
     model.check_system(system, sampling.max_new_tokens)  # else every message would fail, blaming the message

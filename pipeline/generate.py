@@ -27,7 +27,7 @@ class GenerateArguments:
         default=None,
         metadata={"help": "Tokens to generate; default 200 or half the model's context, whichever is less."},
     )
-    temperature: float = field(default=0.8, metadata={"help": "Softmax temperature; 0 = greedy."})
+    temperature: float = field(default=0.8, metadata={"help": "Softmax temperature; 0 (or below 0.001) = greedy."})
     top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
     num_samples: int = field(default=1, metadata={"help": "Independent samples to print."})
@@ -39,6 +39,13 @@ class GenerateArguments:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
+        # Accepted and ignored before: the loop continues what is typed, and greedy decoding gives one text
+        if self.interactive and self.prompt != "\n":
+            raise ValueError("--prompt and --interactive: give one (--interactive continues each line typed)")
+        if self.num_samples > 1 and self.temperature < generation.GREEDY_BELOW:
+            raise ValueError(
+                f"--num_samples {self.num_samples} with greedy decoding (--temperature {self.temperature:g}) gives the same text each time: sample at a temperature above 0"
+            )
         # One flag and its value per line (nan is refused as no finite number, after these).
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")

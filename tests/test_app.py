@@ -104,7 +104,8 @@ def test_an_empty_reply_is_said_on_the_page(silent_model, monkeypatch):
     threads = torch.get_num_threads()
     service = app.ChatService(ChatModel.load(str(silent_model)))
     torch.set_num_threads(threads)  # loading a tiny model goes single-threaded; later tests train (and must match)
-    assert list(service.chat("hi", [], **{**SAMPLING, "temperature": 0})) in ([], [""])
+    # An empty reply all the same (it yielded nothing: the history lost the turn, two user turns in a row followed)
+    assert list(service.chat("hi", [], **{**SAMPLING, "temperature": 0})) == [""]
     assert shown == ["(the reply is empty: the model ended its turn before writing anything)"]
 
 

@@ -46,8 +46,13 @@ def test_trim_keeps_everything_that_fits_and_refuses_a_message_that_cannot(token
     messages = conversation(2) + [{"role": "user", "content": "and the queen?"}]
     assert chat_format.trim_to_context(tokenizer, messages, 1024, 16) == messages
     too_long = [SYSTEM, {"role": "user", "content": "the king " * 200}]
-    with pytest.raises(UsageError, match="message too long for the model"):
-        chat_format.trim_to_context(tokenizer, too_long, 128, 16)
+    alone = len(chat_format.render_prompt(tokenizer, too_long))
+    with pytest.raises(UsageError, match=f"its prompt is {alone} tokens, .*; shorten the message$"):
+        chat_format.trim_to_context(tokenizer, too_long, 128, 16)  # fewer reply tokens would not help: not said
+    fits_alone = [SYSTEM, {"role": "user", "content": "the king " * 20}]
+    alone = len(chat_format.render_prompt(tokenizer, fits_alone))
+    with pytest.raises(UsageError, match=f"lower max_new_tokens to {128 - alone} or less$"):
+        chat_format.trim_to_context(tokenizer, fits_alone, 128, 128 - alone + 1)
 
 
 def test_typed_control_token_spellings_cannot_forge_a_turn(tokenizer):
@@ -80,7 +85,7 @@ def test_cli_chat_through_piped_stdin(tiny_run):
         "--max_new_tokens",
         "8",
         "--show_stats",
-        input="hello\n" + "far too long " * 40 + "\n/history\n/reset\n/history\n/quit\nnever answered\n",
+        input="hello\n" + "far too long " * 40 + "\n/history\n/reset now\n/reset\n/history\n/quit\nnever answered\n",
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -91,7 +96,8 @@ def test_cli_chat_through_piped_stdin(tiny_run):
     assert "error: message too long for the model" in result.stderr
     history = result.stderr[result.stderr.index("user: hello") :]
     assert history.startswith(
-        f"user: hello\nassistant: {unescape(reply)}\n(conversation cleared)\n(no messages yet)\n"
+        f"user: hello\nassistant: {unescape(reply)}\n/reset takes no argument; commands: /reset /history /quit\n"
+        "(conversation cleared)\n(no messages yet)\n"
     )
     stats = re.findall(r"\[(\d+) prompt \+ (\d+) new tokens", result.stderr)
     assert len(stats) == 1, "exactly one reply: nothing after /quit is answered"

@@ -74,7 +74,7 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
         "--seed",
         "7",
     ]
-    first, second, loop, bad, greedy = two_at_a_time(
+    first, second, loop, bad, greedy, cold = two_at_a_time(
         lambda: run_script(*argv),
         lambda: run_script(*argv),
         lambda: run_script(
@@ -88,6 +88,7 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
         ),
         lambda: run_script(PYTHON, "pipeline/generate.py", tiny_run / "pretrain", "--prompt", "   "),
         lambda: run_script(*argv, "--temperature", 0),
+        lambda: run_script(*argv, "--temperature", 1e-40),  # logits / 1e-40 overflowed: a traceback in generate()
     )
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("To be")
@@ -98,6 +99,7 @@ def test_generate_cli_is_reproducible_and_interactive(tiny_run):
     assert bad.returncode == 2 and "whitespace" in bad.stderr and "Traceback" not in bad.stderr
     # Greedy, without transformers' warning that `temperature` "may be ignored" (it said so of the flag just given).
     assert greedy.returncode == 0 and greedy.stderr == "" and greedy.stdout.startswith("To be"), greedy.stderr
+    assert cold.returncode == 0 and cold.stdout == greedy.stdout, cold.stderr  # that cold is greedy
 
 
 def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context_and_says_so(tiny_run, capsys):
