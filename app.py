@@ -572,11 +572,14 @@ class ChatService:
     def score_table(self, messages: list[dict], first: str, second: str) -> str:
         if self.scorer is None:
             return ""
-        scores = [self.scorer.score(messages + [{"role": "assistant", "content": reply}]) for reply in (first, second)]
-        return (
-            f"**Reward** ({self.scorer.source}): A = {scores[0]:.3f}, B = {scores[1]:.3f} "
-            f"-> {'tie' if scores[0] == scores[1] else ('A' if scores[0] > scores[1] else 'B') + ' preferred'}"
+        scores = self.scorer.score(
+            *(messages + [{"role": "assistant", "content": reply}] for reply in (first, second))
         )
+        # Equal as shown is a tie: one batch's two rows can differ in float noise, and "A preferred" beside two
+        # equal numbers (as `>=` said of every tie) reads as a ranking that is not there.
+        shown = [f"{score:.3f}" for score in scores]
+        better = "tie" if shown[0] == shown[1] else f"{'A' if scores[0] > scores[1] else 'B'} preferred"
+        return f"**Reward** ({self.scorer.source}): A = {shown[0]}, B = {shown[1]} -> {better}"
 
     def build(
         self, defaults: Sampling, concurrency: int = 4, queue_size: int = 64, title: str = "fluxchat"

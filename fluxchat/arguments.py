@@ -9,6 +9,17 @@ from fluxchat.config import fail, main_process
 from fluxchat.tasks import corpus_file_problem, parse_task_weights
 
 
+def resume_field():
+    """`--resume`, as every stage that can continue a checkpoint says it."""
+    return field(
+        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
+    )
+
+
+def overwrite_field():
+    return field(default=False, metadata={"help": "Replace a finished run in the output folder."})
+
+
 @dataclass
 class StageArguments:
     """Fields every alignment stage has."""
@@ -55,7 +66,7 @@ class StageArguments:
         default=True,
         metadata={"help": "Also score the input model before training, so metrics.json shows what the stage changed."},
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in the output folder."})
+    overwrite: bool = overwrite_field()
 
     @property
     def builtin_weights(self) -> dict[str, float]:

@@ -279,6 +279,14 @@ def render_conversation(tokenizer, messages, add_generation_prompt: bool = False
     return render_conversations(tokenizer, [messages], add_generation_prompt, fmt)[0]
 
 
+def prompt_of(messages) -> list[dict]:
+    """The messages before the final assistant reply: what a policy is asked to continue."""
+    messages = list(messages)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    return messages
+
+
 def render_prompt(tokenizer, messages) -> list[int]:
     """Ids that ask the model for the next assistant reply."""
     return render_conversation(tokenizer, messages, add_generation_prompt=True)[0]

@@ -38,7 +38,7 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 ROW_KEYS = {"messages", "conversations", "conversation", "prompt", "completion", "chosen", "rejected", "instruction"}
 
 
-def _read_rows(source: str):
+def read_rows(source: str):
     """(name, iterator of (row label, row)) for a local file or a Hub dataset id."""
 
     path = Path(source)
@@ -299,7 +299,7 @@ def load_conversations(sources: list[str], corpus_file: str | None = None) -> li
                 {"messages": example["messages"]} for example in tasks.conversations("train", corpus_file=corpus_file)
             ]
             continue
-        name, rows = _read_rows(source)
+        name, rows = read_rows(source)
         fmt = None
         count = 0
         for label, row in rows:
@@ -432,7 +432,7 @@ def load_preferences(sources: list[str], corpus_file: str | None = None) -> tupl
             pairs = tasks.preference_pairs("train", corpus_file=corpus_file)
             out += [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
             continue
-        name, rows = _read_rows(source)
+        name, rows = read_rows(source)
         count = 0
         for label, row in rows:
             count += 1

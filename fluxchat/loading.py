@@ -38,7 +38,7 @@ def resolve_model(value: str | None, flag: str = "model") -> str:
         return str(newest)
     path = Path(value)
     if path.is_dir():
-        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        if runs.holds_model(path):
             return str(path)
         stage = runs.latest_stage(path)
         if stage is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fluxchat import runs, tasks
 
-REPORT_STAGES = ("pretrain", "sft", "ppo", "grpo", "dpo")  # stages whose model chats, in chain order
+REPORT_STAGES = tuple(s for s in runs.STAGES if s in runs.CHAT_STAGES)  # stages whose model chats, in chain order
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 BASELINE = "sft"  # the stage every later one is compared with, item by item
@@ -35,6 +35,16 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def task_intervals(result: dict) -> dict[str, dict]:
+    """Per-task {accuracy, n, low, high} from evaluation.evaluate_tasks' result."""
+    out = {}
+    for task, accuracy in (result.get("per_task") or {}).items():
+        n = result["n_per_task"][task]
+        low, high = wilson_interval(round(accuracy * n), n)
+        out[task] = {"accuracy": accuracy, "n": n, "low": low, "high": high}
+    return out
 
 
 def paired_difference_interval(before: list[bool], after: list[bool], z: float = Z_95) -> tuple[float, float, float]:
@@ -87,12 +97,7 @@ def paired_mean_interval(before: list[float], after: list[float], z: float = Z_9
 
 def report_stages(run: Path) -> list[str]:
     """The run's finished stages that hold a chat model, in chain order."""
-    return [
-        stage
-        for stage in REPORT_STAGES
-        if runs.is_finished(run / stage)
-        and any((run / stage / name).is_file() for name in ("config.json", "adapter_config.json"))
-    ]
+    return [stage for stage in REPORT_STAGES if runs.is_finished(run / stage) and runs.holds_model(run / stage)]
 
 
 def score_stage(

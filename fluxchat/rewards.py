@@ -18,7 +18,6 @@ import re
 
 from fluxchat import chat_format, evaluation, formats, tasks
 from fluxchat.config import UsageError, fail
-from fluxchat.report import wilson_interval
 
 MATCH_MODES = ("task", "exact", "contains")  # task: the built-in checker; exact/contains: a user's answer column
 PROMPT_COLUMNS = ("prompt", "messages")
@@ -142,7 +141,7 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
 
     A row has a `prompt` (text or messages) or `messages` (a conversation; a final assistant turn is
     dropped, it is not the answer) and, unless a reward model scores the replies, an `answer`."""
-    name, rows = formats._read_rows(source)  # the one reader that names the bad line
+    name, rows = formats.read_rows(source)  # the one reader that names the bad line
     out = []
     for label, row in rows:
         column = next((c for c in PROMPT_COLUMNS if c in row), None)
@@ -160,9 +159,9 @@ def load_prompt_file(source: str, match: str, need_answers: bool) -> list[dict]:
                 fail(f"{name}: {label}: field '{column}': {err}")
             # Lone surrogates (JSON lets "\ud800" stand alone) become U+FFFD, as every reader of text makes them:
             # Arrow refuses them, in a traceback from the dataset TRL is given.
-            prompt = [{"role": m["role"], "content": chat_format.clean_text(m["content"])} for m in value]
-            while prompt and prompt[-1]["role"] == "assistant":
-                prompt.pop()
+            prompt = chat_format.prompt_of(
+                {"role": m["role"], "content": chat_format.clean_text(m["content"])} for m in value
+            )
             if not prompt or prompt[-1]["role"] != "user":
                 fail(f"{name}: {label}: field '{column}' must end with a user message")
             if (blank := formats.first_blank_turn(prompt)) is not None:
@@ -204,13 +203,3 @@ def _answer_text(name: str, label: str, column: str, answer) -> str | None:
             "dropped): give the answer, or null to leave it to the reward model"
         )
     return text
-
-
-def task_intervals(result: dict) -> dict[str, dict]:
-    """Per-task {accuracy, n, low, high} from evaluation.evaluate_tasks' result."""
-    out = {}
-    for task, accuracy in (result.get("per_task") or {}).items():
-        n = result["n_per_task"][task]
-        low, high = wilson_interval(round(accuracy * n), n)
-        out[task] = {"accuracy": accuracy, "n": n, "low": low, "high": high}
-    return out

@@ -99,6 +99,11 @@ def run_preset(run: str) -> str:
     return "tiny"
 
 
+def holds_model(folder: str | Path) -> bool:
+    """A saved model or a LoRA adapter is in the folder (a stage's output, not a run folder of stages)."""
+    return any((Path(folder) / name).is_file() for name in ("config.json", "adapter_config.json"))
+
+
 def adapter_config(folder: str | Path) -> dict | None:
     """The adapter_config.json of a LoRA adapter folder (`--use_peft --no_merge_adapter`: no config.json of its
     own), None for any other folder; {} where it cannot be read."""

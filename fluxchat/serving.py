@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-from fluxchat import chat_format, generation, loading, runs
+from fluxchat import chat_format, evaluation, generation, loading, runs
 from fluxchat.config import fail
 
 # Sane bounds for a public demo: a client's values outside are clamped, never passed to generate(); the chat's and
@@ -286,12 +286,7 @@ class RewardScorer:
         run_reward = Path(source) / "reward"
         self.source = str(run_reward) if runs.is_finished(run_reward) else source  # a run folder: its reward stage
         self.model, self.tokenizer = load_model_and_tokenizer(self.source, reward=True)
-        self.context_length = loading.context_length(self.model)
 
-    def score(self, messages: list[dict]) -> float:
-        ids = chat_format.render_scored(self.tokenizer, messages)[-self.context_length :]
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
-            ).logits
-        return float(logits[0, 0])
+    def score(self, *conversations: list[dict]) -> list[float]:
+        """Each conversation's score, scored as every stage scores them (one batch)."""
+        return evaluation.score_conversations(self.model, self.tokenizer, list(conversations))

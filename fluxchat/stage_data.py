@@ -202,21 +202,13 @@ def dpo_pair_dataset(tokenizer, pairs: list[dict], max_length: int, held_out: bo
     return Dataset.from_dict(columns), counts, kept
 
 
-def prompt_of(messages) -> list[dict]:
-    """The messages before the final assistant reply: what a policy is asked to continue."""
-    messages = list(messages)
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    return messages
-
-
 def prompt_dataset(tokenizer, conversations: list[dict], max_prompt_tokens: int):
     """Dataset with one column `input_ids`: each conversation's prompt rendered with the generation
     prompt (PPOTrainer's format). Returns (dataset, counts)."""
     prompts = []
     counts = {"prompts": 0, "trimmed": 0, "dropped_too_long": 0, "dropped_empty": 0}
     for conversation in conversations:
-        messages = prompt_of(conversation["messages"])
+        messages = chat_format.prompt_of(conversation["messages"])
         if not messages or messages[-1]["role"] != "user":
             counts["dropped_empty"] += 1
             continue

@@ -25,12 +25,10 @@ from pathlib import Path
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, training
+from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import main_process, parse_config, run_cli
-from fluxchat.report import describe_pairs, wilson_interval
-
-# Raised inside TRL's trainers on every step; nothing we can change.
+from fluxchat.report import describe_pairs, task_intervals, wilson_interval
 
 
 @dataclass
@@ -45,9 +43,7 @@ class DPOArguments(StageArguments):
         default=0.05,
         metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."},
     )
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
-    )
+    resume: bool = arguments.resume_field()
 
     def __post_init__(self):
         super().__post_init__()
@@ -223,7 +219,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     for report_part in (after, before):
         if report_part:
-            report_part["intervals"] = rewards.task_intervals(report_part["tasks"])
+            report_part["intervals"] = task_intervals(report_part["tasks"])
     report = {**after, "preferences": preferences, "before": before}
     metrics = {
         **training.train_metrics(result, seconds),

@@ -285,7 +285,7 @@ def stage_report(args) -> Path:
         )
     if args.split != "eval":
         fail("--report compares the stages on the held-out items: drop --split train")
-    if not run.is_dir() or any((run / name).is_file() for name in ("config.json", "adapter_config.json")):
+    if not run.is_dir() or runs.holds_model(run):
         fail(f"--report: {run} is not a run folder (give runs/<name>, whose stages are compared)")
     stages = stage_reports.report_stages(run)
     if not stages:

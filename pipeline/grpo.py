@@ -29,8 +29,7 @@ from trl import GRPOConfig, GRPOTrainer
 from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
 from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.config import fail, parse_config, run_cli
-
-# Raised inside TRL's trainers on every step; nothing we can change.
+from fluxchat.report import task_intervals
 
 
 @dataclass
@@ -72,9 +71,7 @@ class GRPOArguments(StageArguments):
             "help": "How a prompt file's answers are checked: 'exact' (normalised: case, spaces, outer punctuation ignored) or 'contains'."
         },
     )
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
-    )
+    resume: bool = arguments.resume_field()
 
     def __post_init__(self):
         super().__post_init__()
@@ -229,7 +226,7 @@ def main(argv: list[str] | None = None) -> Path:
         if not examples:
             return {}
         out = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
-        out["intervals"] = rewards.task_intervals(out["tasks"])
+        out["intervals"] = task_intervals(out["tasks"])
         if reward_model is not None:
             evaluation.on_device(reward_model)
             out["reward"] = evaluation.mean_reward(

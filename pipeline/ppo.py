@@ -33,7 +33,17 @@ from accelerate import PartialState  # noqa: E402
 from transformers import ProgressCallback  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
-from fluxchat import arguments, evaluation, hub, loading, rl_monitor, runs, stage_data, training  # noqa: E402
+from fluxchat import (  # noqa: E402
+    arguments,
+    chat_format,
+    evaluation,
+    hub,
+    loading,
+    rl_monitor,
+    runs,
+    stage_data,
+    training,
+)
 from fluxchat.arguments import PeftArguments, StageArguments  # noqa: E402
 from fluxchat.config import fail, parse_config, run_cli  # noqa: E402
 
@@ -190,7 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
         if examples
         else train_set.select(range(min(8, len(train_set))))
     )
-    probe = [stage_data.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
+    probe = [chat_format.prompt_of(c["messages"]) for c in (examples or conversations)[: script_args.probe_prompts]]
     policy = loading.load_causal_lm(sft_path, tokenizer)
     reference = None if peft_args.use_peft else loading.load_causal_lm(sft_path, tokenizer)  # must be a separate copy
     reward_model = loading.load_score_model(reward_path, tokenizer, "--reward_model_path")
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> Path:
     after = measure(policy)
     # The KL of the policy saved, measured on its own sampled replies: TRL's log holds one rollout's noisy estimate
     # per update (the last one was this figure before, and came out negative at times).
-    kl_prompts = examples or [stage_data.prompt_of(c["messages"]) for c in conversations[:KL_PROMPTS]]
+    kl_prompts = examples or [chat_format.prompt_of(c["messages"]) for c in conversations[:KL_PROMPTS]]
     kl_reference = reference if reference is not None else loading.load_causal_lm(sft_path, tokenizer)
     kl = evaluation.policy_kl(policy, kl_reference, tokenizer, kl_prompts, args.response_length, args.temperature)
     updates = [entry for entry in trainer.state.log_history if "objective/kl" in entry]

@@ -21,7 +21,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainingArguments, default_data_collator, set_seed
 
-from fluxchat import data, generation, hub, loading, pretraining, runs, shards, training
+from fluxchat import arguments, data, generation, hub, loading, pretraining, runs, shards, training
 from fluxchat.config import fail, parse_config, run_cli
 
 DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
@@ -109,10 +109,8 @@ class DataArguments:
     )
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts sampled after each evaluation."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples (0: no samples)."})
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in the output folder."})
+    resume: bool = arguments.resume_field()
+    overwrite: bool = arguments.overwrite_field()
 
 
 # What --preset's pretrain.yaml and the flags fill (tests parse every preset's recipe with it).

@@ -45,9 +45,7 @@ class SFTArguments(StageArguments):
         default=False,
         metadata={"help": "Print one tokenized example with the loss-bearing tokens in [[...]] and exit."},
     )
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the newest complete checkpoint in the output folder."}
-    )
+    resume: bool = arguments.resume_field()
     mix_text_file: str | None = field(
         default=None,
         metadata={

@@ -8,10 +8,11 @@ import threading
 
 import gradio as gr
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 
 import app
-from fluxchat import feedback, serving
+from fluxchat import chat_format, feedback, serving
 from fluxchat.config import UsageError
 from fluxchat.serving import ChatModel, RewardScorer, Sampling
 from tests.conftest import run_main
@@ -152,8 +153,16 @@ def test_compare_answers_with_both_models_and_scores_each_reply(model, reward_di
     first, second, scores = updates[-1]
     assert first and second and all(s == "" for _, _, s in updates[:-1])
     messages = [{"role": "user", "content": "speak, friend"}]
-    expected = [scorer.score(messages + [{"role": "assistant", "content": reply}]) for reply in (first, second)]
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir, use_safetensors=True).eval()
+    expected = []
+    for reply in (first, second):  # the reward model's logit on the conversation, computed here
+        ids = chat_format.render_scored(model.tokenizer, messages + [{"role": "assistant", "content": reply}])
+        with torch.no_grad():
+            expected.append(float(reward_model(input_ids=torch.tensor([ids])).logits[0, 0]))
     assert f"A = {expected[0]:.3f}, B = {expected[1]:.3f}" in scores
+    # The same model greedily: the same reply twice, a tie (it said "A preferred")
+    *_, (first, second, scores) = service.compare("speak, friend", **{**SAMPLING, "temperature": 0})
+    assert first == second and scores.endswith("-> tie"), scores
 
     demo = service.build(Sampling(), concurrency=5, queue_size=7)
     by_name = {fn.api_name: fn for fn in demo.fns.values()}
