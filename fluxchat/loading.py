@@ -288,6 +288,15 @@ def context_length(model_or_config) -> int:
     fail(f"cannot tell the context length of a {type(config).__name__} model")
 
 
+def context_with_room(source: str, flag: str, reply_tokens: int) -> int:
+    """The model's context, refused in one line when `reply_tokens` (PPO's and GRPO's reply limit) leave no room
+    for a prompt in it."""
+    context = context_length(load_config(source))
+    if reply_tokens >= context - 4:
+        fail(f"{flag} {reply_tokens} leaves no room for a prompt in the model's context of {context}")
+    return context
+
+
 def _align_config(model, tokenizer) -> None:
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))

@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = loading.load_chat_tokenizer(sft_path)
     if reward_path:
         loading.check_same_tokenizer(tokenizer, reward_path, "--reward_model_path")
-    context = loading.context_length(loading.load_config(sft_path))
-    if args.max_completion_length >= context - 4:
-        fail(
-            f"--max_completion_length {args.max_completion_length} leaves no room for a prompt in the model's context of {context}"
-        )
+    context = loading.context_with_room(sft_path, "--max_completion_length", args.max_completion_length)
 
     rows = stage_data.sample_rows(
         prompt_rows(script_args, reward_path is not None), script_args.max_train_samples, args.seed

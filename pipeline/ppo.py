@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
         fail(
             f"{policy_flag} {sft_path}: its tokenizer's pad token == EOS, which corrupts PPO's masks; retrain the tokenizer with a <|pad|> token"
         )
-    context = loading.context_length(loading.load_config(sft_path))
-    if args.response_length >= context - 4:
-        fail(
-            f"--response_length {args.response_length} leaves no room for a prompt in the model's context of {context}"
-        )
+    context = loading.context_with_room(sft_path, "--response_length", args.response_length)
     if args.stop_token is None and args.stop_token_id is None:
         args.stop_token = "eos"  # the chat tokenizer's EOS is <|end|>: replies end where a turn ends
     conversations = stage_data.load_conversations(script_args)
