@@ -761,3 +761,10 @@ def train_metrics(result, seconds: float) -> dict:
     metrics = {k: v for k, v in (result.metrics if result is not None else {}).items() if k != "total_flos"}
     metrics["train_wall_seconds"] = round(seconds, 1)
     return metrics
+
+
+def say_done(trainer, run, stage: str, steps: int, seconds: float, summary: str, unit: str = "steps") -> None:
+    """A finished stage's last word: its summary in train.log, and on stdout (main process) with where it went."""
+    logger.info(f"after {stage}: {summary}")
+    if trainer.is_world_process_zero():
+        print(f"{stage} done: {steps} {unit} in {seconds:.0f}s, {summary} -> {run.output_dir}")

@@ -242,9 +242,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"implicit-reward accuracy: built-in held-out pairs {describe_pairs(preferences['builtin'])}; held-out given pairs "
         f"{describe_pairs(preferences['heldout'])}; held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}"
     )
-    training.logger.info(f"after dpo: {summary}")
-    if trainer.is_world_process_zero():
-        print(f"dpo done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    training.say_done(trainer, run, "dpo", result.global_step, seconds, summary)
     return run.output_dir
 
 

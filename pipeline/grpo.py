@@ -280,9 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
     summary = f"held-out tasks {evaluation.summarize_tasks(after.get('tasks', {}))}"
     if before:
         summary += f" (before: {evaluation.summarize_tasks(before['tasks'])})"
-    training.logger.info(f"after grpo: {summary}")
-    if trainer.is_world_process_zero():
-        print(f"grpo done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    training.say_done(trainer, run, "grpo", result.global_step, seconds, summary)
     return run.output_dir
 
 

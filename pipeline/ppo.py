@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> Path:
     if kl:
         low, high = kl["interval"]
         summary += f", KL to SFT {kl['mean']:.3f} ({low:.3f} to {high:.3f}, n={kl['n']} sampled replies)"
-    training.logger.info(f"after ppo: {summary}")
-    if trainer.is_world_process_zero():
-        print(f"ppo done: {trainer.state.global_step} updates in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    training.say_done(trainer, run, "ppo", trainer.state.global_step, seconds, summary, unit="updates")
     return run.output_dir
 
 

@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"pair accuracy: built-in held-out pairs {describe_pairs(report['builtin'])}; "
         f"held-out given pairs {describe_pairs(report['heldout'])}"
     )
-    training.logger.info(f"after reward training: {summary}")
-    if trainer.is_world_process_zero():
-        print(f"reward done: {result.global_step} steps in {seconds:.0f}s, {summary} -> {run.output_dir}")
+    training.say_done(trainer, run, "reward", result.global_step, seconds, summary)
     return run.output_dir
 
 

@@ -207,11 +207,8 @@ def main(argv: list[str] | None = None) -> Path:
         "chat_format": format_name,
     }
     training.finish_stage(trainer, run, metrics, report, push_request=push_request)
-    training.logger.info(f"after sft: held-out tasks {evaluation.summarize_tasks(report['tasks'])}")
-    if trainer.is_world_process_zero():
-        print(
-            f"sft done: {result.global_step} steps in {seconds:.0f}s, held-out tasks {evaluation.summarize_tasks(report['tasks'])} -> {run.output_dir}"
-        )
+    summary = f"held-out tasks {evaluation.summarize_tasks(report['tasks'])}"
+    training.say_done(trainer, run, "sft", result.global_step, seconds, summary)
     return run.output_dir
 
 
