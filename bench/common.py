@@ -12,6 +12,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -115,6 +116,10 @@ def print_table(title: str, rows: list[dict], columns: list[str] | None = None) 
 
 def write_results(path: Path, name: str, rows: list[dict], smoke: bool, **extra) -> None:
     path = Path(path)
+    if smoke and path.resolve().parent == RESULTS.resolve():
+        # A smoke run measures nothing: in bench/results it replaced the measured figures, and the README's table
+        # (bench/report.py) then quoted the smoke's.
+        path = Path(tempfile.gettempdir()) / f"fluxchat-bench-smoke-{path.name}"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "smoke": smoke, "machine": machine_info(), **extra, "results": rows}
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -125,8 +130,6 @@ def corpus(smoke: bool) -> Path:
     """tinyshakespeare; in smoke mode its first 40,000 characters, so tokenizing and training take seconds."""
     if not smoke:
         return SHAKESPEARE
-    import tempfile
-
     path = Path(tempfile.gettempdir()) / "fluxchat-bench-smoke-corpus.txt"
     if not path.is_file():
         path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")

@@ -452,9 +452,11 @@ def parse_config(
         if str(err).startswith(unused):  # `--learning_rate 1 2`: a flag given more values than it takes
             extra = str(err)[len(unused) :].strip("[]")
             fail(f"unexpected value(s) {validation.short(extra)}: a flag was given more values than it takes")
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # One line, all of it (bounded): transformers lists what it found on the lines after "... but found"
+        text = " ".join(str(err).split()) or type(err).__name__
+        text = text if len(text) <= 400 else text[:399] + "…"
         # A recipe's `temperature: .nan` said "--temperature must be a finite number" without naming the file
-        raise UsageError(_name_the_file(shorten_quoted(first_line), yaml_values, argv, config_file)) from None
+        raise UsageError(_name_the_file(shorten_quoted(text), yaml_values, argv, config_file)) from None
     return (*parsed, config_file)
 
 

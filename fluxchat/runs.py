@@ -179,6 +179,8 @@ def resolve_input(value: str | None, run_name: str, stage: str) -> str:
     if value and looks_like_hub_id(value):
         return value
     folder = Path(value) if value else stage_dir(run_name, stage)
+    if not folder.exists() and value:  # the producer's hint would make runs/<run>/<stage>, not this folder
+        fail(f"{folder} does not exist: give the folder of a finished {stage} stage (check the path)")
     if not folder.exists():
         hint = producer(stage, run_name)
         fail(f"{folder} does not exist: run `{hint}` first, or pass a path with the matching flag")

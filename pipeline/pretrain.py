@@ -119,6 +119,10 @@ ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
 
 def main(argv: list[str] | None = None) -> Path:
     model_args, data_args, args, config_file = parse_config("pretrain", ARGUMENTS, argv)
+    if args.ddp_find_unused_parameters is None:
+        # GPT-2 uses every weight each step; the Trainer's default (True) made DDP walk the autograd graph again
+        # every step and warn so from each process.
+        args.ddp_find_unused_parameters = False
     run = training.plan_stage(args, "pretrain", overwrite=data_args.overwrite, resume=data_args.resume)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 

@@ -909,6 +909,12 @@ CASES = [
         ("--model given twice: as the first argument (", "give one"),
         stdin="hi\n",
     ),
+    Case(  # transformers' message ends "but found" on its first line: the strategies it found were cut off
+        "a recipe's load_best_model_at_end against --eval_strategy no",
+        "pretrain",
+        lambda i, d: ["--preset", "small", "--run_name", "p", "--eval_strategy", "no", "--output_dir", d / "o"],
+        ("--load_best_model_at_end requires the save and eval strategy to match", "but found - Evaluation strategy"),
+    ),
     # ---- issue 12: outputs checked before the work
     Case(
         "evaluate --output_file naming a folder",

@@ -354,7 +354,7 @@ CASES = [
         "ppo: --model_name_or_path is its input flag",
         "ppo",
         lambda i, d: ["--preset", "tiny", "--model_name_or_path", d / "no_sft", "--output_dir", d / "out"],
-        ("no_sft does not exist",),
+        ("no_sft does not exist: give the folder of a finished sft stage (check the path)",),  # not "run sft.py"
     ),
     Case(
         "11",
