@@ -82,7 +82,7 @@ class Sampling:
 def check_system_flag(system: str | None) -> None:
     """A `--system` of spaces only: refused, as generate refuses such a `--prompt` (it was sent as a system turn of
     spaces, which changed the replies; an empty one is no system message)."""
-    if system is not None and system and not system.strip():
+    if system and not system.strip():
         raise ValueError("--system is only whitespace: give an instruction, or leave it out")
 
 

@@ -246,15 +246,19 @@ class DenseProgress(ProgressCallback):
         super().on_step_end(args, state, control, **kwargs)
         self._last_step_end = (time.perf_counter(), state.global_step)
 
-    def _close_window(self) -> None:
-        """Count the steps since the last log line up to the newest step's end: an evaluation (or the end of
-        training) closes the window, else a run shorter than one logging interval measured nothing."""
+    def _close_window(self) -> tuple[int, float]:
+        """(steps, seconds) from the window's start to the newest step's end, added to the session's totals. A log
+        line, an evaluation or the end of training closes it (else a run shorter than one logging interval measured
+        nothing); the clock restarts at the next step, so evaluation, samples and checkpoints are not counted."""
+        counted = (0, 0.0)
         if self._window is not None and self._last_step_end is not None:
             (start, step), (end, last) = self._window, self._last_step_end
             if last > step and end > start:
-                self.measured_steps += last - step
-                self.measured_seconds += end - start
+                counted = (last - step, end - start)
+                self.measured_steps += counted[0]
+                self.measured_seconds += counted[1]
         self._window = None
+        return counted
 
     def on_evaluate(self, args, state, control, **kwargs):
         super().on_evaluate(args, state, control, **kwargs)
@@ -266,15 +270,11 @@ class DenseProgress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        if self.tokens_per_step and "loss" in logs and self._window is not None:
-            start, step = self._window
-            elapsed = time.perf_counter() - start
-            if state.global_step > step and elapsed > 0:
-                logs["tokens_per_second"] = (state.global_step - step) * self.tokens_per_step / elapsed
-                self.measured_steps += state.global_step - step
-                self.measured_seconds += elapsed
+        if self.tokens_per_step and "loss" in logs:
+            steps, seconds = self._close_window()
+            if steps:
+                logs["tokens_per_second"] = steps * self.tokens_per_step / seconds
                 state.log_history[-1]["tokens_per_second"] = round(logs["tokens_per_second"], 1)
-            self._window = (time.perf_counter(), state.global_step)
         if not state.is_world_process_zero:
             return
         logs.pop("total_flos", None)

@@ -256,12 +256,13 @@ def main(argv: list[str] | None = None) -> Path:
     # Each logged figure is TRL's mean over a logging window (--logging_steps steps), not one step's; a run of a
     # single window has one, which "first" and "last" alike made read as "no change".
     logged = [entry for entry in trainer.state.log_history if "reward" in entry]
-    ends = {"first": logged[0], "last": logged[-1]} if len(logged) > 1 else {"last": logged[-1]} if logged else {}
-    trend = {
-        key: {end: entry.get(key) for end, entry in ends.items()}
-        for key in ("reward", "kl", "completions/mean_length")
-    }
-    if ends:
+    trend = {}
+    if logged:
+        ends = {"first": logged[0], "last": logged[-1]} if len(logged) > 1 else {"last": logged[0]}
+        trend = {
+            key: {end: entry.get(key) for end, entry in ends.items()}
+            for key in ("reward", "kl", "completions/mean_length")
+        }
         trend["logged_at_steps"] = [entry["step"] for entry in ends.values()]
         trend["steps_per_log"] = args.logging_steps
     report = {**after, "before": before, "training": trend, "rewards": dict(zip(names, weights))}
