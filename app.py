@@ -47,7 +47,8 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from fluxchat import chat_format, feedback, runs
-from fluxchat.config import UsageError, fail, parse_config, run_cli
+from fluxchat.cli import UsageError, fail, run_cli
+from fluxchat.config import parse_config
 from fluxchat.serving import (
     SAMPLING_BOUNDS,
     ChatModel,

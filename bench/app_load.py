@@ -45,7 +45,7 @@ from pathlib import Path
 import common
 import httpx
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 REPLY_TIMEOUT_SECONDS = 300
 UPLOAD_BYTES = 5 << 20  # what the issue stored and got served back

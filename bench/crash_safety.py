@@ -41,7 +41,7 @@ from pathlib import Path
 import common
 
 from fluxchat import pretraining, runs
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 STEP_LINE = re.compile(rb"step (\d+)/(\d+)")
 MODEL_FLAGS = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "64"]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import common
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 STEPS_FLAGS = [
     "--max_steps",

@@ -28,7 +28,7 @@ import torch
 from heldout_bpc import heldout_bits_per_char
 
 from fluxchat import loading, tasks
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 from fluxchat.report import wilson_interval
 
 

@@ -16,7 +16,7 @@ import time
 
 import common
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 SHAPES = {
     "tiny": None,  # read from configs/tiny/pretrain.yaml + configs/tiny/tokenizer.yaml

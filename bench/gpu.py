@@ -30,7 +30,7 @@ from pathlib import Path
 
 import common
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 GPT2_SMALL = dict(

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from fluxchat import loading, pretraining
-from fluxchat.config import fail, run_cli
+from fluxchat.cli import fail, run_cli
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import common
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 MODELS = {
     "tiny preset": [],

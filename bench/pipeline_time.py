@@ -24,7 +24,7 @@ from pathlib import Path
 
 import common
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 MARKER = "stage_complete.json"
 TRAIN_TIME_KEYS = ("train_wall_seconds", "train_runtime", "wall_seconds")

@@ -31,7 +31,7 @@ import common
 import plain_gpt
 from transformers import AutoTokenizer
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 SHAPES = {
     # name: (tokenizer, model/batch overrides of configs/tiny/pretrain.yaml)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import common
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 BEGIN, END = "<!-- bench:begin (python bench/report.py) -->", "<!-- bench:end -->"
 

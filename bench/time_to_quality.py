@@ -20,7 +20,7 @@ from pathlib import Path
 
 import common
 
-from fluxchat.config import run_cli
+from fluxchat.cli import run_cli
 
 SMOKE_FLAGS = [
     *common.SMOKE_MODEL_FLAGS,

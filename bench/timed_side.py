@@ -18,7 +18,7 @@ import common
 import plain_gpt
 
 from fluxchat import pretraining
-from fluxchat.config import fail, main_process, run_cli
+from fluxchat.cli import fail, main_process, run_cli
 
 
 def pipeline_side(argv: list[str]) -> list[float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields
 
-from fluxchat.config import fail, main_process
+from fluxchat.cli import fail, main_process
 from fluxchat.tasks import corpus_file_problem, parse_task_weights
 
 

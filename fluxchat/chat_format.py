@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from fluxchat.config import fail
+from fluxchat.cli import fail
 
 END_OF_TEXT = "<|endoftext|>"  # document separator in pretraining; the base model's EOS
 PAD = "<|pad|>"  # distinct from EOS: PPO masks on `ids != pad_token_id`

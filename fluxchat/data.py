@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxchat import chat_format
-from fluxchat.config import REPO_ROOT, fail
+from fluxchat.cli import fail
+from fluxchat.config import REPO_ROOT
 from fluxchat.runs import atomic_write_text
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")

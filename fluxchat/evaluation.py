@@ -12,7 +12,7 @@ import torch
 from accelerate import PartialState
 
 from fluxchat import chat_format, generation, loading, tasks
-from fluxchat.config import fail
+from fluxchat.cli import fail
 
 SAMPLES_PER_TASK = 3  # replies kept in the JSON so a reader sees *how* a task fails
 
@@ -79,6 +79,28 @@ def answer_fit(tokenizer, answers: list[str], limit: int) -> tuple[int, int, int
 
 
 @torch.no_grad()
+def note_answer_fit(
+    tokenizer, texts: list[str], limit: int, flag: str, what: str, cut: str, unknown: str | None = None
+) -> None:
+    """The notes (stderr) of an RL stage whose replies are limited by `flag`: how many of `texts` (`what`) do not fit
+    in `limit` tokens with this tokenizer, and what that does (`cut`); and, where `unknown` says what it does, how
+    many hold words the tokenizer lacks. A char tokenizer spends a token per character: the recipes' limits fit BPE's."""
+    over, longest, unknowns = answer_fit(tokenizer, texts, limit)
+    if over:
+        print(
+            f"note: {over} of {len(texts)} {what} are longer than {flag} {limit} with this tokenizer (the longest: "
+            f"{longest} tokens): {cut}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if unknowns and unknown:
+        print(
+            f"note: {unknowns} of {len(texts)} {what} hold words this tokenizer lacks (<|unk|>): {unknown}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def score_conversations(reward_model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
     """The reward model's scalar (the sequence-classification logit at the last real token) per conversation."""
     was_training = reward_model.training
@@ -121,6 +143,15 @@ def evaluate_reward_model(reward_model, tokenizer, pairs: list[dict], batch_size
         "ties": sum(c == r for c, r in zip(chosen, rejected)),
     }
     return {**result, **pair_groups(pairs, wins)}
+
+
+def score_builtin_pairs(
+    reward_model, tokenizer, examples: list[dict], split: str, seed: int, corpus_file: str | None, batch_size: int
+) -> dict:
+    """The reward model on built-in preference pairs of the evaluated split and tasks, as many as examples."""
+    present = tuple(task for task in tasks.TASKS if any(example["task"] == task for example in examples))
+    pairs = tasks.preference_pairs(split, n=len(examples), seed=seed, corpus_file=corpus_file, tasks=present)
+    return evaluate_reward_model(reward_model, tokenizer, pairs, batch_size)
 
 
 def pair_groups(pairs: list[dict], wins: list[bool]) -> dict:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fluxchat.config import fail
+from fluxchat.cli import fail
 
 CHOICES = ("A", "B", "tie")
 FEEDBACK_FILE = "feedback.jsonl"

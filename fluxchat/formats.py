@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 
 from fluxchat import data, feedback, tasks
-from fluxchat.config import fail
+from fluxchat.cli import fail
 
 BUILTIN = "builtin"
 CONVERSATION_FORMATS = (

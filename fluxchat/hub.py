@@ -21,7 +21,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
 
 from fluxchat import cards, runs
-from fluxchat.config import REPO_ROOT, UsageError, fail, known_tokens, main_process, scrub_secrets
+from fluxchat.cli import UsageError, fail, main_process
+from fluxchat.config import REPO_ROOT, known_tokens, scrub_secrets
 
 # Kept local: resumable-training state (large, useless to a user of the model), our logs (local
 # paths, nothing a model user needs: the card has the metrics and curve) and training_args.bin (a

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.utils import logging as transformers_logging
 
 from fluxchat import chat_format, runs
-from fluxchat.config import fail
+from fluxchat.cli import fail
 
 logger = logging.getLogger("fluxchat")
 

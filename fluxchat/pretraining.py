@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
 from fluxchat import chat_format, generation, loading
-from fluxchat.config import fail
+from fluxchat.cli import fail
 
 logger = logging.getLogger("fluxchat")
 

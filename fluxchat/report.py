@@ -150,6 +150,98 @@ def score_stage(
     return result
 
 
+def measure_policy(model, tokenizer, examples: list[dict], max_new_tokens: int, reward_model=None) -> dict:
+    """An alignment stage's held-out measure of its policy, before and after training: task accuracy with each
+    task's 95% interval, and the mean reward-model score of its replies when a reward model is given; {} without
+    examples."""
+    from fluxchat import evaluation  # torch and transformers only here, as in score_stage
+
+    if not examples:
+        return {}
+    measured = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, max_new_tokens)}
+    measured["intervals"] = task_intervals(measured["tasks"])
+    if reward_model is not None:
+        evaluation.on_device(reward_model)
+        measured["reward"] = evaluation.mean_reward(model, reward_model, tokenizer, examples, max_new_tokens)
+    return measured
+
+
+def before_after_metrics(before: dict, after: dict) -> dict:
+    """metrics.json's task accuracy (and mean reward, where a reward model scored the replies) after training and
+    before, from two measure_policy results."""
+    metrics = {
+        "task_accuracy": after.get("tasks", {}).get("overall"),
+        "task_accuracy_before": before.get("tasks", {}).get("overall"),
+    }
+    if "reward" in after or "reward" in before:
+        metrics["mean_reward"] = after.get("reward", {}).get("mean_reward")
+        metrics["mean_reward_before"] = before.get("reward", {}).get("mean_reward")
+    return metrics
+
+
+def score_run(
+    run: Path,
+    stages: list[str],
+    examples: list[dict],
+    reward_path: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    n_per_task: int,
+    seed: int,
+    corpus_file: str | None,
+) -> dict:
+    """The report of `run`: each stage scored on `examples`, one model in memory at a time, then the reward model's
+    own accuracy on the same tasks' pairs (what its mean-reward row can be trusted to tell: content or only form)."""
+    import torch  # torch and transformers only here, as in score_stage: run_all reads reports without them
+
+    from fluxchat import evaluation, loading  # the same reason
+
+    for stage in stages if reward_path else ():  # before any stage is scored: another tokenizer's ids are noise
+        stage_tokenizer = loading.load_tokenizer(str(run / stage))
+        loading.check_same_tokenizer(stage_tokenizer, reward_path, "--reward_model", against=str(run / stage))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reward_model = None
+    results = {}
+    for stage in stages:
+        context = loading.context_length(loading.load_config(str(run / stage)))
+        loading.refuse_replies_past_the_context(max_new_tokens, context)
+        tokenizer = loading.load_tokenizer(str(run / stage))
+        model = loading.load_model(str(run / stage), tokenizer).to(device)
+        if reward_path and reward_model is None:
+            reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
+        results[stage] = score_stage(model, tokenizer, examples, reward_model, max_new_tokens, batch_size)
+        print(f"{stage}: overall {results[stage]['overall']:.3f} on {results[stage]['n']} examples", flush=True)
+        del model
+    data = build_report(run, results, n_per_task, seed, reward_path)
+    if reward_model is not None:
+        data["reward_pairs"] = evaluation.score_builtin_pairs(
+            reward_model, tokenizer, examples, "eval", seed, corpus_file, batch_size
+        )
+    return data
+
+
+def format_evaluation(report: dict) -> str:
+    """evaluate.py's report as a small table for the terminal."""
+    result = report["tasks"]
+    lines = [f"model {report['model']}", f"{'task':<12} {'accuracy':>8} {'n':>5}"]
+    for task, accuracy in result["per_task"].items():
+        lines.append(f"{task:<12} {accuracy:>8.3f} {result['n_per_task'][task]:>5}")
+    lines.append(
+        f"{'overall':<12} {result['overall']:>8.3f} {result['n']:>5}   (mean over tasks; replies ending at <|end|>: {result['eos_rate']:.0%})"
+    )
+    for source, scored in report.get("reward_pairs", {}).items():
+        lines.append(
+            f"reward accuracy {scored['accuracy']:.3f}, margin {scored['margin']:.3f} on {scored['n']} pairs ({source})"
+        )
+        if scored.get("per_flaw"):
+            lines.append(f"  by flaw of the rejected reply: {describe_flaws(scored)}")
+    if "mean_reward" in report:
+        lines.append(
+            f"mean reward of the model's replies {report['mean_reward']['mean_reward']:.3f} (n {report['mean_reward']['n']})"
+        )
+    return "\n".join(lines)
+
+
 def describe_flaws(result: dict) -> str:
     """'wrong 60% (n=70), truncated 100% (n=35), ...': a reward model that only judges a reply's shape scores
     near 100% on the form flaws and near 50% on the wrong ones."""

@@ -17,7 +17,7 @@ import math
 import re
 
 from fluxchat import chat_format, evaluation, formats, tasks
-from fluxchat.config import UsageError, fail
+from fluxchat.cli import UsageError, fail
 
 MATCH_MODES = ("task", "exact", "contains")  # task: the built-in checker; exact/contains: a user's answer column
 PROMPT_COLUMNS = ("prompt", "messages")
@@ -120,6 +120,23 @@ class ScoreReward:
             for prompt, completion in zip(prompts, completions)
         ]
         return evaluation.score_conversations(self.reward_model, self.tokenizer, conversations, self.batch_size)
+
+
+def weighted_rewards(
+    tokenizer, reward_model, answer_weight: float, format_weight: float, reward_model_weight: float
+) -> tuple[list, list[float]]:
+    """GRPO's reward functions and their weights: the answer checker, the format reward and the reward model (where
+    one is given), each only with a weight above 0."""
+    score = ScoreReward(reward_model, tokenizer) if reward_model is not None else None
+    candidates = (
+        (answer_reward, answer_weight),
+        (format_reward_for(tokenizer), format_weight),
+        (score, reward_model_weight),
+    )
+    chosen = [(func, weight) for func, weight in candidates if func is not None and weight > 0]
+    if not chosen:
+        fail("every reward has weight 0: give --answer_weight, --format_weight or --reward_model_weight above 0")
+    return [func for func, _ in chosen], [weight for _, weight in chosen]
 
 
 def training_name(func) -> str:

@@ -7,7 +7,7 @@ import sys
 from transformers import TrainerCallback
 
 from fluxchat import chat_format, generation, training
-from fluxchat.config import main_process
+from fluxchat.cli import main_process
 from fluxchat.training import logger
 
 
@@ -133,3 +133,20 @@ def ppo_progress():
             super().on_log(args, state, control, logs=logs, **kwargs)
 
     return PPOProgress()
+
+
+def grpo_trend(log_history: list[dict], steps_per_log: int) -> dict:
+    """GRPO's training reward, KL and reply length at its first and last logging window. Each logged figure is TRL's
+    mean over a window (--logging_steps steps), not one step's; a run of a single window has one, which "first" and
+    "last" alike made read as "no change"."""
+    logged = [entry for entry in log_history if "reward" in entry]
+    if not logged:
+        return {}
+    ends = {"first": logged[0], "last": logged[-1]} if len(logged) > 1 else {"last": logged[0]}
+    trend: dict = {
+        key: {end: entry.get(key) for end, entry in ends.items()}
+        for key in ("reward", "kl", "completions/mean_length")
+    }
+    trend["logged_at_steps"] = [entry["step"] for entry in ends.values()]
+    trend["steps_per_log"] = steps_per_log
+    return trend

@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-from fluxchat.config import UsageError, command_path, fail, main_process, redact_secrets, resolved_config
+from fluxchat.cli import UsageError, fail, main_process
+from fluxchat.config import command_path, redact_secrets, resolved_config
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 # The stages with --resume: continue from their newest whole checkpoint (TRL's PPOTrainer saves the policy only;
@@ -241,6 +242,38 @@ def check_writable(folder: Path, what: str) -> None:
     existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         fail(f"{what}: {existing} is not writable")
+
+
+def check_output_file(path: Path, own_keys: set[str], flag: str = "--output_file") -> None:
+    """A JSON report's file, checked before the work (a folder, or a path under a file, failed only once the work
+    was done): a regular file or none, writable, and replacing only an earlier report of the same kind (one holding
+    `own_keys`), never a file of the user's (a --pairs_file, notes, a config)."""
+    if path.is_dir():
+        fail(f"{flag} {path} is a folder: name a file, e.g. {path / 'evaluation.json'}")
+    if path.exists() and not path.is_file():  # the report is renamed into place: /dev/null would go
+        fail(f"{flag} {path} is not a regular file (a device, FIFO or socket): name a file")
+    if blocking := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        fail(f"{flag} {path}: {blocking} is a file, so nothing can be written under it")
+    check_writable(path.parent, f"{flag} {path}")
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and own_keys <= earlier.keys()):
+        fail(
+            f"{flag} {path} exists and is not an evaluation report: name a new file (only an earlier report is replaced)"
+        )
+
+
+def folder_identity(folder: str | Path) -> tuple[int, int] | None:
+    """The folder as the file system knows it: a stage replaced by --overwrite is another folder renamed over it."""
+    try:
+        stat = os.stat(folder)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 _HELD_LOCKS: dict[tuple[int, int], int] = {}  # (device, inode) of a stage folder -> the open fd that locks it

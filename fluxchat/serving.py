@@ -24,7 +24,7 @@ import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from fluxchat import chat_format, evaluation, generation, loading, runs
-from fluxchat.config import fail
+from fluxchat.cli import fail
 
 # Sane bounds for a public demo: a client's values outside are clamped, never passed to generate(); the chat's and
 # the app's own flags outside them are refused (`Sampling.refuse_out_of_bounds`), not changed unsaid.

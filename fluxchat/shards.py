@@ -32,7 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from fluxchat import chat_format, data, pretraining
-from fluxchat.config import fail, main_process
+from fluxchat.cli import fail, main_process
 from fluxchat.runs import atomic_write_text
 
 FORMAT = 1  # bump when the layout or the tokenization of the shards changes: old caches are then rebuilt

@@ -17,7 +17,7 @@ from datasets import Dataset, concatenate_datasets
 
 from fluxchat import chat_format, formats, runs, tasks
 from fluxchat.arguments import StageArguments
-from fluxchat.config import UsageError, fail
+from fluxchat.cli import UsageError, fail
 
 FIT_LIMIT = "the model's context, or --max_length if lower"  # what "fits in N tokens" measures, in the errors
 IGNORE_INDEX = -100  # a label the loss skips (torch's cross-entropy default, what TRL and transformers use)
@@ -380,3 +380,53 @@ def task_pairs(stage_args: StageArguments) -> list[dict]:
     return tasks.preference_pairs(
         "eval", n=stage_args.eval_examples, corpus_file=stage_args.corpus_file, tasks=runnable
     )
+
+
+def evaluation_examples(split: str, n_per_task: int, seed: int, corpus_file: str | None, names) -> list[dict]:
+    """evaluate.py's examples: `n_per_task` of each task of `names` (default all) from `split`. With no corpus named
+    and no tinyshakespeare to be had, quote/speaker are skipped with a note (an explicit --corpus_file must work)."""
+    chosen = tasks.select_tasks(names)
+    corpus_tasks = [t for t in chosen if t in tasks.CORPUS_TASKS]
+    if corpus_tasks and corpus_file is None:
+        try:
+            tasks.resolve_corpus(None)
+        except UsageError:
+            print(
+                f"note: skipping {', '.join(corpus_tasks)}: tinyshakespeare is neither shipped (data/) nor cached nor downloadable; pass --corpus_file PATH to include them",
+                file=sys.stderr,
+            )
+            chosen = tuple(t for t in chosen if t not in tasks.CORPUS_TASKS)
+            if not chosen:
+                fail("no task left to evaluate: pass --corpus_file for the quote/speaker tasks")
+    return tasks.conversations(split, n=n_per_task * len(chosen), seed=seed, corpus_file=corpus_file, tasks=chosen)
+
+
+def pairs_to_score(
+    sources: list[str],
+    reward_path: str | None,
+    corpus_file: str | None,
+    heldout_fraction: float | None,
+    seed: int,
+    max_pairs: int,
+) -> dict[str, list[dict]]:
+    """Each --pairs_file's pairs to score. Of a file the reward stage trained on, only those it held out, split
+    again as it split them: a third of a --pairs_heldout_fraction split of the file alone had been trained on."""
+    out = {}
+    for source in sources:
+        heldout = stage_heldout_pairs(Path(reward_path), source) if reward_path else None
+        if heldout is not None:
+            print(
+                f"note: {source}: scoring the {len(heldout)} pairs {reward_path} held out (it trained on the others)",
+                file=sys.stderr,
+            )
+            if not heldout:
+                fail(f"--pairs_file {source}: {reward_path} held none of its pairs out; score a file it never read")
+            out[source] = heldout[:max_pairs]
+            continue
+        rows, dropped = formats.load_preferences([source], corpus_file=corpus_file)
+        if dropped:
+            print(f"note: {source}: dropped {dropped} pairs with chosen == rejected", file=sys.stderr)
+        if heldout_fraction is not None:
+            rows = formats.split_heldout(rows, heldout_fraction, seed)[1]
+        out[source] = rows[:max_pairs]
+    return out

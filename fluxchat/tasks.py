@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
 
-from fluxchat.config import fail
+from fluxchat.cli import fail
 from fluxchat.data import check_utf8, default_corpus
 
 TASKS = ("quote", "speaker", "arithmetic", "copy", "upper", "capital", "followup")

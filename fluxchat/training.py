@@ -31,7 +31,8 @@ from transformers import AutoTokenizer, ProgressCallback, TrainerCallback, Train
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluxchat import cards, generation, hub, runs
-from fluxchat.config import Interrupted, after_interrupt, fail, main_process, resolved_config
+from fluxchat.cli import Interrupted, after_interrupt, fail, main_process
+from fluxchat.config import resolved_config
 
 logger = logging.getLogger("fluxchat")
 

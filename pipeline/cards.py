@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fluxchat import runs
 from fluxchat.cards import stage_of, write_model_card
-from fluxchat.config import fail, run_cli
+from fluxchat.cli import fail, run_cli
 
 USAGE = "python pipeline/cards.py <stage folder>, e.g. runs/demo/sft"
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from fluxchat import chat_format
-from fluxchat.config import UsageError, parse_config, run_cli, terminal_output
+from fluxchat.cli import UsageError, run_cli, terminal_output
+from fluxchat.config import parse_config
 from fluxchat.serving import ChatModel, GenerationStats, Sampling, check_system_flag, empty_reply_note
 
 COMMANDS = "/reset /history /quit"

@@ -27,8 +27,9 @@ from trl import DPOConfig, DPOTrainer
 
 from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import main_process, parse_config, run_cli
-from fluxchat.report import describe_pairs, task_intervals, wilson_interval
+from fluxchat.cli import main_process, run_cli
+from fluxchat.config import parse_config
+from fluxchat.report import before_after_metrics, describe_pairs, measure_policy, wilson_interval
 
 
 @dataclass
@@ -183,8 +184,9 @@ def main(argv: list[str] | None = None) -> Path:
         f"{n_identical} dropped with chosen == rejected{stage_data.same_once_tokenized(counts)}), {heldout_counts['pairs']} held out, {len(builtin_pairs)} built-in held-out pairs"
     )
     before = {}
-    if script_args.eval_baseline and examples and not run.resume_from:
-        before = {"tasks": evaluation.evaluate_policy(policy, tokenizer, examples, script_args.eval_max_new_tokens)}
+    if script_args.eval_baseline and not run.resume_from:
+        before = measure_policy(policy, tokenizer, examples, script_args.eval_max_new_tokens)
+    if before:
         training.logger.info(f"before dpo: held-out tasks {evaluation.summarize_tasks(before['tasks'])}")
 
     trainer = RenderedDPOTrainer(
@@ -212,14 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
             for source in script_args.dataset
         }
     policy = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)
-    after = (
-        {"tasks": evaluation.evaluate_policy(policy, tokenizer, examples, script_args.eval_max_new_tokens)}
-        if examples
-        else {}
-    )
-    for report_part in (after, before):
-        if report_part:
-            report_part["intervals"] = task_intervals(report_part["tasks"])
+    after = measure_policy(policy, tokenizer, examples, script_args.eval_max_new_tokens)
     report = {**after, "preferences": preferences, "before": before}
     metrics = {
         **training.train_metrics(result, seconds),
@@ -227,8 +222,7 @@ def main(argv: list[str] | None = None) -> Path:
         "reward_margin": preferences["builtin"].get("margin"),
         "reward_accuracy_by_flaw": preferences["builtin"].get("per_flaw"),
         "heldout_accuracy": preferences["heldout"].get("accuracy"),
-        "task_accuracy": after.get("tasks", {}).get("overall"),
-        "task_accuracy_before": before.get("tasks", {}).get("overall"),
+        **before_after_metrics(before, after),
         "data": {
             "train": counts,
             "heldout": heldout_counts,

@@ -15,18 +15,16 @@ token, with the expected answer. Writes JSON (default: evaluation.json in the mo
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fluxchat import cards, evaluation, formats, loading, runs, stage_data, tasks
+from fluxchat import cards, evaluation, loading, runs, stage_data, tasks
 from fluxchat import report as stage_reports
-from fluxchat.config import UsageError, fail, parse_config, run_cli
+from fluxchat.cli import fail, run_cli
+from fluxchat.config import parse_config
 
 SPLITS = ("eval", "train")
 # Its own default file for the train split: a validation run never replaces the test figures.
@@ -119,88 +117,28 @@ class EvaluateArguments:
             raise ValueError(f"--pairs_heldout_fraction must be between 0 and 1, got {self.pairs_heldout_fraction}")
 
 
-def _examples(args) -> list[dict]:
-    chosen = tasks.select_tasks(args.tasks)
-    corpus_tasks = [t for t in chosen if t in tasks.CORPUS_TASKS]
-    if corpus_tasks and args.corpus_file is None:
-        try:
-            tasks.resolve_corpus(None)
-        except UsageError:
-            print(
-                f"note: skipping {', '.join(corpus_tasks)}: tinyshakespeare is neither shipped (data/) nor cached nor downloadable; pass --corpus_file PATH to include them",
-                file=sys.stderr,
-            )
-            chosen = tuple(t for t in chosen if t not in tasks.CORPUS_TASKS)
-            if not chosen:
-                fail("no task left to evaluate: pass --corpus_file for the quote/speaker tasks")
-    return tasks.conversations(
-        args.split, n=args.n_per_task * len(chosen), seed=args.seed, corpus_file=args.corpus_file, tasks=chosen
-    )
-
-
-def _pairs_from_files(args, reward_path: str | None) -> dict[str, list[dict]]:
-    """Each --pairs_file's pairs to score. Of a file the reward stage trained on, only those it held out, split
-    again as it split them: a third of a --pairs_heldout_fraction split of the file alone had been trained on."""
-    out = {}
-    for source in args.pairs_file or []:
-        heldout = stage_data.stage_heldout_pairs(Path(reward_path), source) if reward_path else None
-        if heldout is not None:
-            print(
-                f"note: {source}: scoring the {len(heldout)} pairs {reward_path} held out (it trained on the others)",
-                file=sys.stderr,
-            )
-            if not heldout:
-                fail(f"--pairs_file {source}: {reward_path} held none of its pairs out; score a file it never read")
-            out[source] = heldout[: args.max_pairs]
-            continue
-        rows, dropped = formats.load_preferences([source], corpus_file=args.corpus_file)
-        if dropped:
-            print(f"note: {source}: dropped {dropped} pairs with chosen == rejected", file=sys.stderr)
-        if args.pairs_heldout_fraction is not None:
-            rows = formats.split_heldout(rows, args.pairs_heldout_fraction, args.seed)[1]
-        out[source] = rows[: args.max_pairs]
-    return out
-
-
-def _identity(folder) -> tuple[int, int] | None:
-    """The folder as the file system knows it: a stage replaced by --overwrite is another folder renamed over it."""
-    try:
-        stat = os.stat(folder)
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino
-
-
 def main(argv: list[str] | None = None) -> Path:
     args, _config_file = parse_config("evaluate", (EvaluateArguments,), argv, positional="model")
     if args.report:
-        return stage_report(args)
+        return write_stage_report(args)
     if args.pairs_file and not args.reward_model:
         fail("--pairs_file needs --reward_model (the pairs are scored by a reward model)")
     model_path = loading.resolve_model(args.model)
     reward_path = loading.resolve_model(args.reward_model, "reward_model") if args.reward_model else None
-    examples = _examples(args)
-    file_pairs = _pairs_from_files(args, reward_path)
+    examples = stage_data.evaluation_examples(args.split, args.n_per_task, args.seed, args.corpus_file, args.tasks)
+    file_pairs = stage_data.pairs_to_score(
+        args.pairs_file or [], reward_path, args.corpus_file, args.pairs_heldout_fraction, args.seed, args.max_pairs
+    )
     if args.output_file:
         output_file = Path(args.output_file)
-    elif Path(model_path).is_dir():
-        output_file = Path(model_path) / OUTPUT_FILES[args.split]
     else:
-        output_file = Path(OUTPUT_FILES[args.split])
-    # Checked before the work: a folder (or a path under a file) would fail only after the whole evaluation ran.
-    if output_file.is_dir():
-        fail(f"--output_file {output_file} is a folder: name a file, e.g. {output_file / 'evaluation.json'}")
-    if output_file.exists() and not output_file.is_file():  # the report is renamed into place: /dev/null would go
-        fail(f"--output_file {output_file} is not a regular file (a device, FIFO or socket): name a file")
-    if blocking := next((p for p in output_file.parents if p.exists() and not p.is_dir()), None):
-        fail(f"--output_file {output_file}: {blocking} is a file, so nothing can be written under it")
-    runs.check_writable(output_file.parent, f"--output_file {output_file}")
-    refuse_other_files(output_file)
+        output_file = (Path(model_path) if Path(model_path).is_dir() else Path()) / OUTPUT_FILES[args.split]
+    runs.check_output_file(output_file, own_keys={"model", "tasks"})
     loading.refuse_replies_past_the_context(
         args.max_new_tokens, loading.context_length(loading.load_config(model_path))
     )
 
-    evaluated = _identity(model_path)
+    evaluated = runs.folder_identity(model_path)
     tokenizer = loading.load_tokenizer(model_path)
     if reward_path:  # before the evaluation: its scores of another tokenizer's ids would be noise
         loading.check_same_tokenizer(tokenizer, reward_path, "--reward_model", against=model_path)
@@ -216,7 +154,11 @@ def main(argv: list[str] | None = None) -> Path:
     if reward_path:
         reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
         report["reward_model"] = reward_path
-        report["reward_pairs"] = {"builtin": _score_builtin_pairs(args, reward_model, tokenizer, examples)}
+        builtin = evaluation.score_builtin_pairs(
+            reward_model, tokenizer, examples, args.split, args.seed, args.corpus_file, args.batch_size
+        )
+        # The train split's pairs under their own name: read beside held-out figures, "builtin" would pass for them.
+        report["reward_pairs"] = {"builtin" if args.split == "eval" else "builtin-train": builtin}
         for source, pairs in file_pairs.items():
             report["reward_pairs"][source] = evaluation.evaluate_reward_model(
                 reward_model, tokenizer, pairs, args.batch_size
@@ -226,12 +168,12 @@ def main(argv: list[str] | None = None) -> Path:
         )
     report["seconds"] = round(time.perf_counter() - start, 1)
     try:
-        print(format_report(report), flush=True)  # first: a file that cannot be written keeps the figures on screen
+        print(stage_reports.format_evaluation(report), flush=True)  # first: an unwritable file keeps them on screen
     except OSError as err:  # and a screen that cannot show them (`| head`, a full disk) keeps the file
         unshown: OSError | None = err
     else:
         unshown = None
-    if output_file.parent.resolve() == Path(model_path).resolve() and _identity(model_path) != evaluated:
+    if output_file.parent.resolve() == Path(model_path).resolve() and runs.folder_identity(model_path) != evaluated:
         # `--overwrite` swapped a new stage in while this ran: these figures are the old model's, not its
         fail(
             f"{model_path} was replaced while this evaluation ran (--overwrite): its figures describe the model "
@@ -249,34 +191,7 @@ def main(argv: list[str] | None = None) -> Path:
     return output_file
 
 
-def refuse_other_files(output_file: Path) -> None:
-    """An evaluation replaces its own earlier report, never a file of the user's (a --pairs_file, notes, a config)."""
-    if not output_file.is_file():
-        return
-    try:
-        earlier = json.loads(output_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        earlier = None
-    if not (isinstance(earlier, dict) and {"model", "tasks"} <= earlier.keys()):
-        fail(
-            f"--output_file {output_file} exists and is not an evaluation report: name a new file (only an earlier "
-            "report is replaced)"
-        )
-
-
-def _score_builtin_pairs(args, reward_model, tokenizer, examples: list[dict]) -> dict:
-    """The reward model on built-in preference pairs of the evaluated split and tasks, as many as examples."""
-    pairs = tasks.preference_pairs(
-        args.split,
-        n=len(examples),
-        seed=args.seed,
-        corpus_file=args.corpus_file,
-        tasks=tuple(task for task in tasks.TASKS if any(example["task"] == task for example in examples)),
-    )
-    return evaluation.evaluate_reward_model(reward_model, tokenizer, pairs, args.batch_size)
-
-
-def stage_report(args) -> Path:
+def write_stage_report(args) -> Path:
     """--report: score every finished chat stage of a run on the same held-out items (fluxchat/report.py)."""
     run = Path(args.model)
     if args.output_file or args.pairs_file:
@@ -294,29 +209,19 @@ def stage_report(args) -> Path:
         reward_path = loading.resolve_model(args.reward_model, "reward_model")
     else:
         reward_path = str(run / "reward") if runs.is_finished(run / "reward") else None
-    for stage in stages if reward_path else ():  # before any stage is scored: another tokenizer's ids are noise
-        stage_tokenizer = loading.load_tokenizer(str(run / stage))
-        loading.check_same_tokenizer(stage_tokenizer, reward_path, "--reward_model", against=str(run / stage))
-    examples = _examples(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    examples = stage_data.evaluation_examples("eval", args.n_per_task, args.seed, args.corpus_file, args.tasks)
     start = time.perf_counter()
-    reward_model = None
-    results = {}
-    for stage in stages:
-        context = loading.context_length(loading.load_config(str(run / stage)))
-        loading.refuse_replies_past_the_context(args.max_new_tokens, context)
-        tokenizer = loading.load_tokenizer(str(run / stage))
-        model = loading.load_model(str(run / stage), tokenizer).to(device)
-        if reward_path and reward_model is None:
-            reward_model = loading.load_model(reward_path, tokenizer, reward=True).to(device)
-        results[stage] = stage_reports.score_stage(
-            model, tokenizer, examples, reward_model, args.max_new_tokens, args.batch_size
-        )
-        print(f"{stage}: overall {results[stage]['overall']:.3f} on {results[stage]['n']} examples", flush=True)
-        del model
-    data = stage_reports.build_report(run, results, args.n_per_task, args.seed, reward_path)
-    if reward_model is not None:  # what its mean-reward row can be trusted to tell: content or only form
-        data["reward_pairs"] = _score_builtin_pairs(args, reward_model, tokenizer, examples)
+    data = stage_reports.score_run(
+        run,
+        stages,
+        examples,
+        reward_path,
+        args.max_new_tokens,
+        args.batch_size,
+        args.n_per_task,
+        args.seed,
+        args.corpus_file,
+    )
     data["seconds"] = round(time.perf_counter() - start, 1)
     runs.write_json(run / stage_reports.REPORT_JSON, data)
     markdown = stage_reports.to_markdown(data)
@@ -327,28 +232,6 @@ def stage_report(args) -> Path:
         f"\nstage report of {run}\n{markdown}wrote {run / stage_reports.REPORT_JSON}, {run / stage_reports.REPORT_MD} and {final / 'README.md'}"
     )
     return run / stage_reports.REPORT_JSON
-
-
-def format_report(report: dict) -> str:
-    """A small table for the terminal."""
-    result = report["tasks"]
-    lines = [f"model {report['model']}", f"{'task':<12} {'accuracy':>8} {'n':>5}"]
-    for task, accuracy in result["per_task"].items():
-        lines.append(f"{task:<12} {accuracy:>8.3f} {result['n_per_task'][task]:>5}")
-    lines.append(
-        f"{'overall':<12} {result['overall']:>8.3f} {result['n']:>5}   (mean over tasks; replies ending at <|end|>: {result['eos_rate']:.0%})"
-    )
-    for source, scored in report.get("reward_pairs", {}).items():
-        lines.append(
-            f"reward accuracy {scored['accuracy']:.3f}, margin {scored['margin']:.3f} on {scored['n']} pairs ({source})"
-        )
-        if scored.get("per_flaw"):
-            lines.append(f"  by flaw of the rejected reply: {stage_reports.describe_flaws(scored)}")
-    if "mean_reward" in report:
-        lines.append(
-            f"mean reward of the model's replies {report['mean_reward']['mean_reward']:.3f} (n {report['mean_reward']['n']})"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

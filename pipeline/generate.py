@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass, field
 
 from fluxchat import chat_format, generation, loading
-from fluxchat.config import fail, parse_config, run_cli, terminal_output
+from fluxchat.cli import fail, run_cli, terminal_output
+from fluxchat.config import parse_config
 
 
 @dataclass

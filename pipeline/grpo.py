@@ -18,7 +18,6 @@ eval.json, log_history.json and train.log to runs/<run_name>/grpo.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,11 @@ from pathlib import Path
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from fluxchat import arguments, evaluation, hub, loading, rewards, runs, stage_data, tasks, training
+from fluxchat import arguments, evaluation, hub, loading, rewards, rl_monitor, runs, stage_data, tasks, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import fail, parse_config, run_cli
-from fluxchat.report import task_intervals
+from fluxchat.cli import fail, run_cli
+from fluxchat.config import parse_config
+from fluxchat.report import before_after_metrics, measure_policy
 
 
 @dataclass
@@ -159,23 +159,15 @@ def main(argv: list[str] | None = None) -> Path:
         prompt_rows(script_args, reward_path is not None), script_args.max_train_samples, args.seed
     )
     rows, counts = stage_data.grpo_prompt_rows(tokenizer, rows, context - args.max_completion_length)
-    answers = [row["answer"] for row in rows if row.get("answer")]
-    over, longest, unknown = evaluation.answer_fit(tokenizer, answers, args.max_completion_length)
-    if over:  # a char tokenizer spends a token per character: the recipe's limit fits BPE's answers
-        print(
-            f"note: {over} of {len(answers)} prompts' answers are longer than --max_completion_length "
-            f"{args.max_completion_length} with this tokenizer (the longest: {longest} tokens): their replies are cut "
-            "before the answer ends and never rewarded",
-            file=sys.stderr,
-            flush=True,
-        )
-    if unknown:
-        print(
-            f"note: {unknown} of {len(answers)} prompts' answers hold words this tokenizer lacks (<|unk|>): no reply "
-            "can match them, so they are never rewarded",
-            file=sys.stderr,
-            flush=True,
-        )
+    evaluation.note_answer_fit(
+        tokenizer,
+        [row["answer"] for row in rows if row.get("answer")],
+        args.max_completion_length,
+        "--max_completion_length",
+        "prompts' answers",
+        cut="their replies are cut before the answer ends and never rewarded",
+        unknown="no reply can match them, so they are never rewarded",
+    )
     # TRL samples whole batches of distinct prompts and drops a short last one: with fewer prompts it trained no step
     # at all and saved the SFT model unchanged as this stage, exit 0.
     prompts_per_batch = args.generation_batch_size // args.num_generations
@@ -190,20 +182,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     policy = loading.load_causal_lm(sft_path, tokenizer)  # before writing anything: a broken input leaves no trace
     reward_model = loading.load_score_model(reward_path, tokenizer, "--reward_model_path") if reward_path else None
-    reward_funcs, weights = [], []
-    for func, weight in (
-        (rewards.answer_reward, script_args.answer_weight),
-        (rewards.format_reward_for(tokenizer), script_args.format_weight),
-        (
-            rewards.ScoreReward(reward_model, tokenizer) if reward_model is not None else None,
-            script_args.reward_model_weight,
-        ),
-    ):
-        if func is not None and weight > 0:
-            reward_funcs.append(func)
-            weights.append(weight)
-    if not reward_funcs:
-        fail("every reward has weight 0: give --answer_weight, --format_weight or --reward_model_weight above 0")
+    reward_funcs, weights = rewards.weighted_rewards(
+        tokenizer, reward_model, script_args.answer_weight, script_args.format_weight, script_args.reward_model_weight
+    )
     args.reward_weights = weights
 
     peft_config = arguments.lora_config(peft_args, "CAUSAL_LM", policy)
@@ -219,16 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
 
     def measure(model) -> dict:
-        if not examples:
-            return {}
-        out = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
-        out["intervals"] = task_intervals(out["tasks"])
-        if reward_model is not None:
-            evaluation.on_device(reward_model)
-            out["reward"] = evaluation.mean_reward(
-                model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens
-            )
-        return out
+        return measure_policy(model, tokenizer, examples, script_args.eval_max_new_tokens, reward_model)
 
     before = measure(policy) if script_args.eval_baseline and not run.resume_from else {}
     if before:
@@ -253,25 +225,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     policy = training.save_model(trainer, trainer.model, tokenizer, run.work_dir, peft_args.merge_adapter)
     after = measure(policy)
-    # Each logged figure is TRL's mean over a logging window (--logging_steps steps), not one step's; a run of a
-    # single window has one, which "first" and "last" alike made read as "no change".
-    logged = [entry for entry in trainer.state.log_history if "reward" in entry]
-    trend = {}
-    if logged:
-        ends = {"first": logged[0], "last": logged[-1]} if len(logged) > 1 else {"last": logged[0]}
-        trend = {
-            key: {end: entry.get(key) for end, entry in ends.items()}
-            for key in ("reward", "kl", "completions/mean_length")
-        }
-        trend["logged_at_steps"] = [entry["step"] for entry in ends.values()]
-        trend["steps_per_log"] = args.logging_steps
+    trend = rl_monitor.grpo_trend(trainer.state.log_history, args.logging_steps)
     report = {**after, "before": before, "training": trend, "rewards": dict(zip(names, weights))}
     metrics = {
         **training.train_metrics(result, seconds),
-        "task_accuracy": after.get("tasks", {}).get("overall"),
-        "task_accuracy_before": before.get("tasks", {}).get("overall"),
-        "mean_reward": after.get("reward", {}).get("mean_reward"),
-        "mean_reward_before": before.get("reward", {}).get("mean_reward"),
+        **before_after_metrics(before, after),
         "train_reward": trend.get("reward", {}).get("last"),
         "kl": trend.get("kl", {}).get("last"),
         "data": counts,

@@ -45,7 +45,9 @@ from fluxchat import (  # noqa: E402
     training,
 )
 from fluxchat.arguments import PeftArguments, StageArguments  # noqa: E402
-from fluxchat.config import fail, parse_config, run_cli  # noqa: E402
+from fluxchat.cli import fail, run_cli  # noqa: E402
+from fluxchat.config import parse_config  # noqa: E402
+from fluxchat.report import before_after_metrics, measure_policy  # noqa: E402
 
 
 @dataclass
@@ -168,18 +170,16 @@ def main(argv: list[str] | None = None) -> Path:
     conversations = stage_data.load_conversations(script_args)
     conversations = stage_data.sample_rows(conversations, script_args.max_train_samples, args.seed)
     train_set, counts = stage_data.prompt_dataset(tokenizer, conversations, context - args.response_length)
-    # A char tokenizer spends a token per character: the recipe's limit fits BPE's replies, and a reply cut at it is
-    # one the reward model ranks low (it learned cut-short replies are the rejected ones) however right it was.
-    replies = [c["messages"][-1]["content"] for c in conversations if c["messages"][-1]["role"] == "assistant"]
-    over, longest, _ = evaluation.answer_fit(tokenizer, replies, args.response_length)
-    if over:
-        print(
-            f"note: {over} of {len(replies)} conversations' replies are longer than --response_length "
-            f"{args.response_length} with this tokenizer (the longest: {longest} tokens): the policy's replies to "
-            "them are cut before they can end, and scored as cut",
-            file=sys.stderr,
-            flush=True,
-        )
+    # A reply cut at the limit is one the reward model ranks low (it learned cut-short replies are the rejected ones)
+    # however right it was.
+    evaluation.note_answer_fit(
+        tokenizer,
+        [c["messages"][-1]["content"] for c in conversations if c["messages"][-1]["role"] == "assistant"],
+        args.response_length,
+        "--response_length",
+        "conversations' replies",
+        cut="the policy's replies to them are cut before they can end, and scored as cut",
+    )
     # TRL's rollout loader drops a short last batch and repeats itself forever: with fewer prompts than one rollout
     # it yielded nothing, and PPO hung at its first step.
     processes = PartialState().num_processes  # PPOConfig's own world_size is filled in by the trainer, later
@@ -212,14 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
 
     def measure(model) -> dict:
-        if not examples:
-            return {}
-        evaluation.on_device(reward_model)
-        out = {"tasks": evaluation.evaluate_policy(model, tokenizer, examples, script_args.eval_max_new_tokens)}
-        out["reward"] = evaluation.mean_reward(
-            model, reward_model, tokenizer, examples, script_args.eval_max_new_tokens
-        )
-        return out
+        return measure_policy(model, tokenizer, examples, script_args.eval_max_new_tokens, reward_model)
 
     before = measure(policy) if script_args.eval_baseline else {}
     tokenizer.padding_side = "left"  # PPOTrainer generates from a batch of prompts
@@ -270,10 +263,7 @@ def main(argv: list[str] | None = None) -> Path:
     report = {**after, "kl": kl, "before": before, "warnings": monitor.warnings}
     metrics = {
         **training.train_metrics(None, seconds),
-        "task_accuracy": after.get("tasks", {}).get("overall"),
-        "task_accuracy_before": before.get("tasks", {}).get("overall"),
-        "mean_reward": after.get("reward", {}).get("mean_reward"),
-        "mean_reward_before": before.get("reward", {}).get("mean_reward"),
+        **before_after_metrics(before, after),
         "kl": kl.get("mean"),
         "kl_interval": kl.get("interval"),
         "updates": trainer.state.global_step,

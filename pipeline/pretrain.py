@@ -22,7 +22,8 @@ from accelerate import PartialState
 from transformers import TrainingArguments, default_data_collator, set_seed
 
 from fluxchat import arguments, data, generation, hub, loading, pretraining, runs, shards, training
-from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.cli import fail, run_cli
+from fluxchat.config import parse_config
 
 DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
 # GPT-2's attention implementations in transformers 5 -> (module, pip package) each needs beyond torch.

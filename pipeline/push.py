@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxchat import cards, runs
-from fluxchat.config import REPO_ROOT, fail, parse_config, run_cli
+from fluxchat.cli import fail, run_cli
+from fluxchat.config import REPO_ROOT, parse_config
 from fluxchat.hub import (
     REPO_ID_PATTERN,
     base_repo,

@@ -22,7 +22,8 @@ from trl import RewardConfig, RewardTrainer
 
 from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import parse_config, run_cli
+from fluxchat.cli import run_cli
+from fluxchat.config import parse_config
 from fluxchat.report import describe_pairs
 
 

@@ -24,7 +24,8 @@ from trl import SFTConfig, SFTTrainer
 
 from fluxchat import arguments, chat_format, data, evaluation, formats, hub, loading, runs, stage_data, training
 from fluxchat.arguments import PeftArguments, StageArguments
-from fluxchat.config import parse_config, run_cli
+from fluxchat.cli import run_cli
+from fluxchat.config import parse_config
 
 
 @dataclass

@@ -96,7 +96,7 @@ def isolated_runs(tmp_path, monkeypatch):
 
 def run_main(main, argv) -> tuple[int, str]:
     """Call a stage's real `main(argv)` as the CLI would; returns (exit code, error line)."""
-    from fluxchat.config import UsageError
+    from fluxchat.cli import UsageError
 
     try:
         main([str(a) for a in argv])

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 import app
 from fluxchat import chat_format, feedback, serving
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 from fluxchat.serving import ChatModel, RewardScorer, Sampling
 from tests.conftest import run_main
 

@@ -1577,7 +1577,7 @@ def test_hub_token_without_push_is_never_written(tiny_run, tmp_path):
 def test_push_scans_every_file_binary_or_not(tmp_path, monkeypatch, name):
     """Every file that would be uploaded is scanned, in chunks: here the token straddles a chunk boundary."""
     from fluxchat import hub
-    from fluxchat.config import UsageError
+    from fluxchat.cli import UsageError
 
     monkeypatch.setattr(hub, "SCAN_CHUNK_BYTES", 1000)
     (tmp_path / "config.json").write_text("{}")

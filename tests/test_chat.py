@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fluxchat import chat_format
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 from tests.conftest import PYTHON, REPO, run_main, run_script, two_at_a_time
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}

@@ -9,7 +9,7 @@ import pytest
 from conftest import DATA, SHAKESPEARE
 
 from fluxchat import data, tasks
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 from fluxchat.formats import load_conversations, load_preferences, split_heldout
 
 SELF_INSTRUCT = DATA / "sft" / "self-instruct_seed_tasks.jsonl"

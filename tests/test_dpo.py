@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, loading, stage_data, tasks
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 from pipeline import dpo
 from tests.conftest import REPO, SHAKESPEARE, assert_chat_stage_files, run_main, run_script
 

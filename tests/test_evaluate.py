@@ -145,14 +145,22 @@ def test_cli_on_a_run_folder_writes_json(tiny_run, tmp_path):
     assert code == 2 and "is a language model (GPT2LMHeadModel), not a reward model" in error
 
 
-def test_train_split_scores_training_pool_items_into_its_own_file(tiny_run, tmp_path):
+def test_train_split_scores_training_pool_items_into_its_own_file(tiny_run, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "pretrain", run / "pretrain")
+    reward_dir = tmp_path / "reward"  # an untrained one-logit head: its pairs' key is what is checked
+    AutoModelForSequenceClassification.from_pretrained(tiny_run / "pretrain", num_labels=1).save_pretrained(reward_dir)
+    AutoTokenizer.from_pretrained(tiny_run / "pretrain").save_pretrained(reward_dir)
     argv = [run / "pretrain", "--split", "train", "--seed", 999, "--tasks", "copy", "arithmetic", "--n_per_task", 3]
-    code, error = run_main(evaluate.main, argv + ["--max_new_tokens", 4])
+    code, error = run_main(evaluate.main, argv + ["--max_new_tokens", 4, "--reward_model", reward_dir])
     assert code == 0, error
     report = json.loads((run / "pretrain" / "evaluation-train.json").read_text())
     assert report["split"] == "train" and report["tasks"]["n"] == 6
+    # Train-split pairs are not filed as the built-in held-out ones.
+    assert list(report["reward_pairs"]) == ["builtin-train"] and report["reward_pairs"]["builtin-train"]["n"] == 6
+    assert "pairs (builtin-train)" in capsys.readouterr().out
     assert not (run / "pretrain" / "evaluation.json").exists()  # the test figures' file is left alone
     prompts = {task: [sample["prompt"] for sample in samples] for task, samples in report["tasks"]["samples"].items()}
     phrases = [prompt.removeprefix("Repeat after me: ") for prompt in prompts["copy"]]

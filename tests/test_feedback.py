@@ -12,7 +12,7 @@ import pytest
 from conftest import run_main
 
 from fluxchat import feedback, formats
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 
 CONVERSATION = [{"role": "user", "content": "What's the capital of France?"}]
 BIG = "x" * 70_000  # a line longer than a pipe buffer and a page: a torn or interleaved write would show

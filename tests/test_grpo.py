@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
 from fluxchat import chat_format, loading, rewards, tasks, training
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 from pipeline import grpo
 from tests.conftest import PYTHON, REPO, SHAKESPEARE, assert_chat_stage_files, run_main, run_script
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import PYTHON, REPO, run_main, run_script
 
 from fluxchat import cards, hub, runs
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 from pipeline import push
 from tests.hub_server import LocalHub, split_front_matter
 

@@ -12,9 +12,10 @@ import time
 import pytest
 from conftest import run_main
 
-from fluxchat import runs
-from fluxchat.config import CONFIGS_DIR, UsageError, load_yaml, parse_config, presets, run_cli
-from pipeline import chat, dpo, generate, grpo, ppo, pretrain, reward, run_all, sft
+from fluxchat import launch, runs
+from fluxchat.cli import UsageError, run_cli
+from fluxchat.config import CONFIGS_DIR, load_yaml, parse_config, presets
+from pipeline import chat, dpo, generate, grpo, ppo, pretrain, reward, sft
 from tokenizer import train as tokenizer_train
 
 STAGES = {
@@ -53,9 +54,9 @@ def test_accelerate_config_loads_as_run_all_and_accelerate_read_it(config, capsy
     if config.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         # Refused before any stage: it was an ImportError traceback at pretraining, after the tokenizer ran.
         with pytest.raises(UsageError, match=r"runs DeepSpeed, which is not installed: `pip install deepspeed`"):
-            run_all.check_accelerate_config(path)
+            launch.check_accelerate_config(path)
         return
-    run_all.check_accelerate_config(path)  # raises UsageError if not
+    launch.check_accelerate_config(path)  # raises UsageError if not
     processes = load_yaml(CONFIGS_DIR / "accelerate" / config).get("num_processes", 1)
     many = on_cpu_only() and processes > (os.cpu_count() or 1)  # the GPU configs on a CPU machine: said, not silent
     assert (f"note: --accelerate_config {path} starts {processes} processes" in capsys.readouterr().err) is many

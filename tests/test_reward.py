@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fluxchat import chat_format, evaluation, loading, stage_data, tasks
 from fluxchat.arguments import StageArguments
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 from pipeline import evaluate, reward, sft
 from tests.conftest import DATA, SHAKESPEARE, run_main
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fluxchat import chat_format, runs
+from fluxchat import chain, chat_format, launch, runs
 from pipeline import sft
 from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
 from tokenizer import train
@@ -147,11 +147,10 @@ def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
     from tests.conftest import run_main
 
     data_dir = tmp_path / "data"
-    args = run_all.RunAllArguments(corpus="embedded")
-    files, flags = run_all.prepare_corpus(args, data_dir)
-    assert files == [str(data_dir / "embedded_corpus.txt")] and flags == ["--tasks", *run_all.OFFLINE_TASKS]
+    files, flags = chain.prepare_corpus(data_dir, None, "embedded", with_facts=True)
+    assert files == [str(data_dir / "embedded_corpus.txt")] and flags == ["--tasks", *chain.OFFLINE_TASKS]
     assert "User: What is" in (data_dir / "embedded_corpus.txt").read_text()
-    files, flags = run_all.prepare_corpus(run_all.RunAllArguments(), tmp_path / "default")
+    files, flags = chain.prepare_corpus(tmp_path / "default", None, "tinyshakespeare", with_facts=True)
     assert (
         files[0].endswith("data/tinyshakespeare.txt")
         and files[1].endswith("facts.txt")
@@ -222,16 +221,15 @@ def test_ctrl_c_in_a_stage_stops_the_chain_with_what_to_run_next(tmp_path):
     later, perhaps mid-save) and ends in one line naming the command that continues."""
     import pytest
 
-    from fluxchat.config import Interrupted
-    from pipeline import run_all
+    from fluxchat.cli import Interrupted
 
     with pytest.raises(Interrupted, match="run the same run_all command again to continue"):
-        run_all.run_stage([PYTHON, "-c", "import sys; sys.exit(130)"])
+        launch.run_stage([PYTHON, "-c", "import sys; sys.exit(130)"])
     with pytest.raises(Interrupted):  # a plain Python ended by SIGINT
-        run_all.run_stage(
+        launch.run_stage(
             [PYTHON, "-c", "import os, signal; signal.signal(2, signal.SIG_DFL); os.kill(os.getpid(), 2)"]
         )
-    assert run_all.run_stage([PYTHON, "-c", "import sys; sys.exit(3)"]) == 3
+    assert launch.run_stage([PYTHON, "-c", "import sys; sys.exit(3)"]) == 3
 
 
 @pytest.mark.parametrize(
@@ -248,13 +246,13 @@ def test_a_signal_to_run_all_alone_reaches_the_stage_and_stops_the_chain(signals
     """`timeout` or `kill` signal run_all alone: it passes SIGTERM on to the stage, waits for it, and ends the way
     Ctrl-C ends it, exit 128 + the signal it got. It used to die on its own and leave the stage running unwatched."""
     stage = (
-        "import time; from fluxchat.config import run_cli\n"
+        "import time; from fluxchat.cli import run_cli\n"
         "def main():\n    print('training', flush=True)\n    time.sleep(60)\n"
         "run_cli(main)"
     )
-    chain = f"from fluxchat.config import run_cli; from pipeline import run_all; run_cli(lambda: run_all.run_stage([{PYTHON!r}, '-c', {stage!r}]))"
+    waiter = f"from fluxchat.cli import run_cli; from fluxchat import launch; run_cli(lambda: launch.run_stage([{PYTHON!r}, '-c', {stage!r}]))"
     proc = subprocess.Popen(
-        [PYTHON, "-c", chain],
+        [PYTHON, "-c", waiter],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

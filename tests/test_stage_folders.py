@@ -739,7 +739,7 @@ def test_offline_without_a_corpus_the_error_names_the_commands_own_flag(entry, i
 
 
 def test_ctrl_c_names_what_to_run_next_and_an_unresumable_stage_is_not_told_to_resume(tmp_path):
-    from fluxchat.config import UsageError
+    from fluxchat.cli import UsageError
     from fluxchat.training import StageRun, next_step_after_interrupt
 
     def checkpoint(folder, step):

@@ -10,7 +10,7 @@ from conftest import SHAKESPEARE
 
 from fluxchat import stage_data, tasks
 from fluxchat.arguments import StageArguments
-from fluxchat.config import UsageError
+from fluxchat.cli import UsageError
 
 
 def item_key(example: dict) -> str:

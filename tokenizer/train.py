@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxchat import cards, chat_format, runs
-from fluxchat.config import fail, parse_config, run_cli
+from fluxchat.cli import fail, run_cli
+from fluxchat.config import parse_config
 from fluxchat.data import load_text
 
 
