@@ -42,6 +42,19 @@ def test_evaluate_tasks_reports_every_task(pretrained):
     assert {s["expected"] for samples in result["samples"].values() for s in samples} <= {
         tasks.prompt_and_answer(e)[1] for e in examples
     }
+    # Each task's accuracy is the share of its replies the checker accepts, recomputed here from the same greedy
+    # replies; overall is the mean of the per-task accuracies (as evaluate_tasks documents).
+    replies = generation.generate_replies(model, tokenizer, [tasks.prompt_and_answer(e)[0] for e in examples], 8)
+    hits: dict[str, list[bool]] = {}
+    for example, reply in zip(examples, replies):
+        hits.setdefault(example["task"], []).append(tasks.check(example, reply["reply"]))
+    assert result["per_task"] == {task: sum(h) / len(h) for task, h in hits.items()}
+    assert math.isclose(result["overall"], sum(result["per_task"].values()) / len(result["per_task"]))
+    by_prompt = {(tasks.prompt_and_answer(e)[0][-1]["content"], tasks.prompt_and_answer(e)[1]): e for e in examples}
+    samples = [s for task_samples in result["samples"].values() for s in task_samples]
+    assert samples
+    for sample in samples:
+        assert sample["correct"] == tasks.check(by_prompt[sample["prompt"], sample["expected"]], sample["reply"])
 
 
 def test_batched_left_padded_generation_matches_one_at_a_time(pretrained):
@@ -65,6 +78,22 @@ def test_batched_left_padded_generation_matches_one_at_a_time(pretrained):
         for e, p, r in zip(examples, prompts, batched)
     ]
     assert evaluation.evaluate_tasks(model, tokenizer, wrong, max_new_tokens=new_tokens)["overall"] == 0.0
+    # Mixed: every third example's expected answer differs from the reply, so tasks score 0%, 50% or 100%.
+    mixed = [right if i % 3 else bad for i, (right, bad) in enumerate(zip(own, wrong))]
+    result = evaluation.evaluate_tasks(model, tokenizer, mixed, max_new_tokens=new_tokens, batch_size=5)
+    expected: dict[str, list[bool]] = {}
+    for i, example in enumerate(mixed):
+        expected.setdefault(example["task"], []).append(i % 3 != 0)
+    per_task = {task: sum(h) / len(h) for task, h in expected.items()}
+    assert result["per_task"] == per_task and set(per_task.values()) == {0.0, 0.5, 1.0}
+    assert math.isclose(result["overall"], sum(per_task.values()) / len(per_task))
+    assert result["n_per_task"] == {task: len(h) for task, h in expected.items()}
+    by_prompt = {(tasks.prompt_and_answer(e)[0][-1]["content"], tasks.prompt_and_answer(e)[1]): e for e in mixed}
+    samples = [s for task_samples in result["samples"].values() for s in task_samples]
+    assert len(samples) == 14  # two a task: all kept
+    for sample in samples:
+        example = by_prompt[sample["prompt"], sample["expected"]]
+        assert sample["correct"] == tasks.check(example, sample["reply"]) == (mixed.index(example) % 3 != 0)
 
 
 def test_reward_model_accuracy_and_margin(pretrained):

@@ -107,8 +107,13 @@ def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs, capsys)
             max_new_tokens=16,
             do_sample=False,
         )
-    assert output.shape[1] > len(prompt)
-    assert isinstance(tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True), str)
+    reply = output[0, len(prompt) :].tolist()
+    # The policy answers in its own turn and closes it, as SFT taught it: some text, then <|end|> (generation stops
+    # there), and no turn marker of its own (an invented <|user|> turn, another <|assistant|> header).
+    assert reply[-1] == tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN) and len(reply) < 16
+    markers = tokenizer.convert_tokens_to_ids([chat_format.SYSTEM, chat_format.USER, chat_format.ASSISTANT])
+    assert not set(markers) & set(reply)
+    assert tokenizer.decode(reply[:-1], skip_special_tokens=True).strip()
 
 
 def test_collapse_stops_training_and_nothing_is_marked_finished(chain, isolated_runs, capsys):

@@ -356,7 +356,10 @@ def test_ctrl_c_stops_two_processes_at_the_same_step_with_one_line(isolated_runs
 def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
     # Missing previous stage: the error names the command that makes it.
     code, err = run_main(pretrain.main, ["--preset", "tiny", "--run_name", "nothing", "--train_file", SHAKESPEARE])
-    assert code == 2 and "tokenizer/train.py" in err
+    assert (
+        code == 2
+        and "tokenizer does not exist: run `python tokenizer/train.py --preset tiny --run_name nothing`" in err
+    )
     code, err = run_main(
         pretrain.main,
         [
@@ -371,7 +374,7 @@ def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
             "--resume",
         ],
     )
-    assert code == 2 and "--resume" in err
+    assert code == 2 and "--resume: no complete checkpoint in" in err and "drop --resume to start afresh" in err
     # A model whose vocabulary is smaller than the tokenizer's.
     small_tok = tmp_path / "small_tok"
     from tokenizer import train
@@ -412,7 +415,11 @@ def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
             tmp_path / "mismatch",
         ],
     )
-    assert code == 2 and "vocab_size" in err and not (tmp_path / "mismatch").exists()
+    assert (
+        code == 2
+        and "has vocab_size 300: use the tokenizer it was trained with" in err
+        and not (tmp_path / "mismatch").exists()
+    )
     # A finished output is not overwritten without --overwrite, and is left intact.
     before = (small_model / "model.safetensors").read_bytes()
     code, err = run_main(
@@ -430,11 +437,15 @@ def test_bad_inputs(isolated_runs, tmp_path, tiny_run):
             2,
         ],
     )
-    assert code == 2 and "--overwrite" in err and (small_model / "model.safetensors").read_bytes() == before
+    assert (
+        code == 2
+        and "already holds a finished run: pass --overwrite" in err
+        and (small_model / "model.safetensors").read_bytes() == before
+    )
     code, err = run_main(pretrain.main, ["--preset", "tiny", "--n_embd", 65, "--n_head", 2])
-    assert code == 2 and "n_embd" in err
+    assert code == 2 and "--n_embd 65 must be divisible by --n_head 2" in err
     code, err = run_main(pretrain.main, ["--preset", "tiny", "--learning_rate", "fast"])
-    assert code == 2 and "learning_rate" in err
+    assert code == 2 and "--learning_rate" in err and "invalid float value: 'fast'" in err
 
 
 def test_workers_killed_by_the_stop_are_not_reported_but_other_unraisable_errors_are(monkeypatch, capsys):

@@ -18,7 +18,8 @@ from tokenizer import train
 SHRINK = [
     "pretrain:--max_steps=40",
     "pretrain:--save_steps=10",
-    "pretrain:--eval_steps=20",
+    "pretrain:--eval_steps=40",  # one evaluation, at the end: the chain reads its result, not a mid-run one
+    "pretrain:--sample_max_new_tokens=0",  # no samples after it: nothing here reads them
     "pretrain:--n_layer=2",
     "pretrain:--n_embd=64",
     "pretrain:--n_head=2",
@@ -157,7 +158,7 @@ def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
         and flags[0] == "--corpus_file"
     )
     code, error = run_main(run_all.main, ["--corpus", "wikipedia"])
-    assert code == 2 and "--corpus wikipedia" in error
+    assert code == 2 and "--corpus wikipedia: choose from" in error
     code, error = run_main(run_all.main, ["--corpus", "embedded", "--train_file", tmp_path / "x.txt"])
     assert code == 2 and "give one" in error
     # A stage's flags are parsed before the chain starts: a typo for SFT surfaced once pretraining had run.

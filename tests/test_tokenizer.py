@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fluxchat import chat_format, loading, pretraining, runs, serving
+from fluxchat import chat_format, config, loading, pretraining, runs, serving
 from tests.conftest import SHAKESPEARE, run_main
 from tokenizer import train
 
@@ -233,22 +233,37 @@ def test_bad_inputs_name_the_culprit(tmp_path, corpus):
     blank = tmp_path / "blank.txt"
     blank.write_text("   \n\n\t  \n")
     assert _err(["--train_file", blank, *out]) == f"{blank}: no text in the file (only whitespace)"  # not "column"
-    assert "empty.txt" in _err(["--train_file", empty, *out]) and "empty" in _err(["--train_file", empty, *out])
-    assert "blob.txt" in _err(["--train_file", binary, *out])
-    assert "latin1.txt" in _err(["--train_file", latin1, *out]) and "UTF-8" in _err(["--train_file", latin1, *out])
-    assert "images" in _err(["--train_file", no_text, *out])
-    assert "nope.txt" in _err(["--train_file", tmp_path / "nope.txt", *out])
-    assert "vocab_size" in _err(["--train_file", corpus, "--vocab_size", 100, *out])
+    assert _err(["--train_file", empty, *out]) == f"--train_file {empty}: file is empty"
+    assert _err(["--train_file", binary, *out]) == (
+        f"--train_file {binary}: looks binary (NUL bytes at offset 0), expected UTF-8 text"
+    )
+    assert _err(["--train_file", latin1, *out]) == (
+        f"--train_file {latin1}: not UTF-8 text (invalid byte at offset 3); re-encode it as UTF-8"
+    )
+    assert _err(["--train_file", no_text, *out]) == (
+        f"--train_file {no_text}: folder has no .txt/.jsonl/.json/.parquet files (hidden ones left out)"
+    )
+    nope = tmp_path / "nope.txt"
+    assert _err(["--train_file", nope, *out]) == f"--train_file {nope}: no such file or folder"
+    assert _err(["--train_file", corpus, "--vocab_size", 100, *out]) == (
+        "--vocab_size 100 is too small for a bpe tokenizer: it needs at least 263 (alphabet + 6 special tokens)"
+    )
     # Sizes the trainers cannot even allocate for: a Rust out-of-memory abort (2^31), an OverflowError (1e20).
     for huge in (2**31, 10**20):
         assert (
             _err(["--train_file", corpus, "--vocab_size", huge, *out])
             == f"--vocab_size {huge} is too large: at most 1,048,576"
         )
-    assert "vocab_sise" in _err(["--config", bad_yaml, "--train_file", corpus, *out])
-    assert "typed.yaml" in _err(["--config", typed_yaml, "--train_file", corpus, *out])
-    assert "unknown preset 'tinyy'" in _err(["--preset", "tinyy", *out])
-    assert "--vocab_sise" in _err(["--vocab_sise", 3, *out])
+    assert _err(["--config", bad_yaml, "--train_file", corpus, *out]) == (
+        f"{bad_yaml}: unknown key 'vocab_sise' (did you mean 'vocab_size'?)"
+    )
+    assert _err(["--config", typed_yaml, "--train_file", corpus, *out]) == (
+        f"{typed_yaml}: argument --vocab_size/--vocab-size: invalid int value: 'lots'"
+    )
+    assert _err(["--preset", "tinyy", *out]) == (
+        f"unknown preset 'tinyy' (did you mean 'tiny'?); choose from {', '.join(config.presets())}"
+    )
+    assert _err(["--vocab_sise", 3, *out]) == "unknown flag --vocab_sise (did you mean 'vocab_size'?)"
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
