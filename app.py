@@ -258,10 +258,8 @@ def compare_choices(source: str, compare_source: str | None) -> tuple[dict[str, 
         same = [name for name, path in sources.items() if _same_folder(path, compare_source)]
         second = same[0] if same else compare_source
         sources.setdefault(second, compare_source)
-    others = [name for name in sources if name != first]
-    if second is None and others:
-        later = list(sources)[list(sources).index(first) + 1 :]
-        second = "sft" if "sft" in others else (later or others)[0]
+    if second is None:
+        second = runs.compared_stage(first, list(sources))
     return sources, first, second
 
 

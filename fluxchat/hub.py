@@ -266,9 +266,8 @@ def space_variables(repos: dict[str, str]) -> dict[str, str]:
     if not served:
         return {}
     variables = {"FLUXCHAT_MODEL": repos[served[0]]}
-    others = served[1:] if served[0] != "pretrain" else []
-    if others:
-        variables["FLUXCHAT_COMPARE_MODEL"] = repos["sft" if "sft" in others else others[0]]
+    if compared := runs.compared_stage(served[0], served):
+        variables["FLUXCHAT_COMPARE_MODEL"] = repos[compared]
     if "reward" in repos:
         variables["FLUXCHAT_REWARD_MODEL"] = repos["reward"]
     return variables

@@ -633,6 +633,17 @@ def latest_stage(folder: str | Path) -> Path | None:
     return None
 
 
+def compared_stage(served: str, stages: list[str]) -> str | None:
+    """The stage the app compares a served one with, of `stages` (most aligned first): SFT, which PPO, GRPO and DPO
+    start from; else the next one after the served stage; else any other; None when there is no other. The app's
+    Compare tab and a pushed Space pick alike."""
+    others = [stage for stage in stages if stage != served]
+    if not others:
+        return None
+    later = stages[stages.index(served) + 1 :] if served in stages else []
+    return "sft" if "sft" in others else (later or others)[0]
+
+
 # A failed write as torch.save and safetensors report it, neither an OSError: torch's C++ stream ("basic_ios::clear:
 # iostream error", then "unexpected pos N vs M" as the zip writer closes) and safetensors' "I/O error: No space left
 # on device (os error 28)". Anything else raised during a save is a bug, kept as the traceback it is.

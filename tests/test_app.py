@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import app
-from fluxchat import chat_format, feedback, serving
+from fluxchat import chat_format, feedback, runs, serving
 from fluxchat.cli import UsageError
 from fluxchat.serving import ChatModel, RewardScorer, Sampling
 from tests.conftest import run_main
@@ -350,6 +350,12 @@ def test_compare_lists_the_run_stages_with_their_defaults(two_stage_run, model, 
     outside = str(reward_dir)
     assert app.compare_choices(sft, outside) == ({**both, outside: outside}, "sft", outside)
     assert app.compare_choices(outside, None) == ({outside: outside}, outside, None), "outside a run: no Compare tab"
+    # The rule beneath (a pushed Space's FLUXCHAT_COMPARE_MODEL picks alike): SFT, else the next stage, else another.
+    chain = ["ppo", "grpo", "dpo", "sft", "pretrain"]
+    assert [runs.compared_stage(stage, chain) for stage in chain] == ["sft", "sft", "sft", "pretrain", "sft"]
+    assert runs.compared_stage("dpo", ["grpo", "dpo", "pretrain"]) == "pretrain"
+    assert runs.compared_stage("pretrain", ["grpo", "dpo", "pretrain"]) == "grpo"
+    assert runs.compared_stage("pretrain", ["pretrain"]) is None
 
     # The labels follow the picks; a name that is not listed is refused, whatever a client sends.
     choices = app.ModelChoices(both, {"sft": model}, "sft", "pretrain")
