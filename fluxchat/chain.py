@@ -45,12 +45,13 @@ def split_stage_args(items: list[str]) -> dict[str, list[str]]:
         stage, _, flag = item.partition(":")
         if stage not in CHAIN or not flag.startswith("--"):
             fail(f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(CHAIN)}")
-        if flag.split("=")[0].lstrip("-").replace("-", "_") in OWNED_FLAGS:
-            fail(f"--stage_args {item}: the chain sets where its stages write; give run_all --run_name")
-        if flag in ("--help", "-h"):  # it printed the stage's help as run_all's, and exited 0
-            path = "pipeline/evaluate.py" if stage in RUN_LEVEL else SCRIPTS[stage]
-            fail(f"--stage_args {item}: a stage's flags are listed by `python {command_path(path)} --help`")
         extra.setdefault(stage, []).append(flag)
+    for stage, flags in extra.items():
+        if owned := [f for f in flags if f.split("=")[0].lstrip("-").replace("-", "_") in OWNED_FLAGS]:
+            fail(f"--stage_args {stage}:{owned[0]}: the chain sets where its stages write; give run_all --run_name")
+        if "--help" in flags:  # it printed the stage's help as run_all's, and exited 0
+            path = "pipeline/evaluate.py" if stage in RUN_LEVEL else SCRIPTS[stage]
+            fail(f"--stage_args {stage}:--help: a stage's flags are listed by `python {command_path(path)} --help`")
     return extra
 
 

@@ -78,7 +78,6 @@ def answer_fit(tokenizer, answers: list[str], limit: int) -> tuple[int, int, int
     return sum(n > limit for n in lengths), max(lengths, default=0), unknown
 
 
-@torch.no_grad()
 def note_answer_fit(
     tokenizer, texts: list[str], limit: int, flag: str, what: str, cut: str, unknown: str | None = None
 ) -> None:
@@ -101,6 +100,7 @@ def note_answer_fit(
         )
 
 
+@torch.no_grad()
 def score_conversations(reward_model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
     """The reward model's scalar (the sequence-classification logit at the last real token) per conversation."""
     was_training = reward_model.training

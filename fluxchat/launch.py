@@ -108,7 +108,7 @@ def run_stage(cmd: list[str]) -> int:
     at our terminal, sent to run_all alone (`timeout`, `kill`, `docker stop`) is passed on to the stage as SIGTERM
     (the launcher leaves SIGINT to the terminal; the stages stop the same way on both, once, ignoring a repeat).
     Then stop the chain."""
-    # In the user's folder, as run_all: see `script`. run_all says itself which later stages an --overwrite leaves.
+    # In the user's folder, as run_all. run_all says itself which later stages an --overwrite leaves.
     process = subprocess.Popen(cmd, env={**os.environ, runs.LATER_STAGES_NOTED: "1"})
     signals: list[int] = []  # what reached us, the first deciding how the chain ends
     passed_on = False

@@ -191,14 +191,12 @@ def score_run(
     corpus_file: str | None,
 ) -> dict:
     """The report of `run`: each stage scored on `examples`, one model in memory at a time, then the reward model's
-    own accuracy on the same tasks' pairs (what its mean-reward row can be trusted to tell: content or only form)."""
+    own accuracy on the same tasks' pairs (what its mean-reward row can be trusted to tell: content or only form).
+    The stages' tokenizers are the reward model's (`loading.check_same_tokenizer`, checked by the caller first)."""
     import torch  # torch and transformers only here, as in score_stage: run_all reads reports without them
 
     from fluxchat import evaluation, loading  # the same reason
 
-    for stage in stages if reward_path else ():  # before any stage is scored: another tokenizer's ids are noise
-        stage_tokenizer = loading.load_tokenizer(str(run / stage))
-        loading.check_same_tokenizer(stage_tokenizer, reward_path, "--reward_model", against=str(run / stage))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reward_model = None
     results = {}

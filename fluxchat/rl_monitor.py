@@ -1,4 +1,4 @@
-"""Watching an RL stage (PPO): probe replies, collapse warnings, the dense PPO log line."""
+"""Watching an RL stage: PPO's probe replies, collapse warnings and dense log line; GRPO's training trend."""
 
 from __future__ import annotations
 

@@ -245,8 +245,8 @@ def check_writable(folder: Path, what: str) -> None:
 
 
 def check_output_file(path: Path, own_keys: set[str], flag: str = "--output_file") -> None:
-    """A JSON report's file, checked before the work (a folder, or a path under a file, failed only once the work
-    was done): a regular file or none, writable, and replacing only an earlier report of the same kind (one holding
+    """evaluate.py's report file, checked before the work (a folder, or a path under a file, failed only once the
+    work was done): a regular file or none, writable, and replacing only an earlier report (a JSON object holding
     `own_keys`), never a file of the user's (a --pairs_file, notes, a config)."""
     if path.is_dir():
         fail(f"{flag} {path} is a folder: name a file, e.g. {path / 'evaluation.json'}")

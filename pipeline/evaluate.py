@@ -209,6 +209,9 @@ def write_stage_report(args) -> Path:
         reward_path = loading.resolve_model(args.reward_model, "reward_model")
     else:
         reward_path = str(run / "reward") if runs.is_finished(run / "reward") else None
+    for stage in stages if reward_path else ():  # before any stage is scored: another tokenizer's ids are noise
+        stage_tokenizer = loading.load_tokenizer(str(run / stage))
+        loading.check_same_tokenizer(stage_tokenizer, reward_path, "--reward_model", against=str(run / stage))
     examples = stage_data.evaluation_examples("eval", args.n_per_task, args.seed, args.corpus_file, args.tasks)
     start = time.perf_counter()
     data = stage_reports.score_run(

@@ -32,6 +32,22 @@ def pretrained(tiny_run):
     )
 
 
+def test_reward_scores_build_no_gradient_graph(pretrained):
+    """The reward model scores under no_grad (GRPO's reward, PPO's and the report's mean reward, the app): a graph per
+    forward pass cost memory and time, and torch warned of it at every score."""
+    tokenizer, _, reward_model = pretrained
+    graphs = []
+    hook = reward_model.register_forward_hook(
+        lambda module, inputs, output: graphs.append(output.logits.requires_grad)
+    )
+    try:
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        scores = evaluation.score_conversations(reward_model, tokenizer, [chat, chat])
+    finally:
+        hook.remove()
+    assert graphs == [False] and len(scores) == 2 and scores[0] == scores[1]
+
+
 def test_evaluate_tasks_reports_every_task(pretrained):
     tokenizer, model, _ = pretrained
     examples = tasks.conversations("eval", n=21, corpus_file=SHAKESPEARE)
