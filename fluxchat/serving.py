@@ -109,7 +109,8 @@ class GenerationStats:
         first = "-" if self.first_token_seconds is None else f"{self.first_token_seconds * 1000:.0f} ms"
         rate = self.tokens_per_second
         return (
-            f"[{self.prompt_tokens} prompt + {self.new_tokens} new tokens | first token {first} | "
+            f"[{self.prompt_tokens} prompt + {self.new_tokens} new token{'' if self.new_tokens == 1 else 's'} | "
+            f"first token {first} | "
             f"{'-' if rate is None else f'{rate:,.0f}'} tokens/s]"
         )
 

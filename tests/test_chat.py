@@ -99,9 +99,13 @@ def test_cli_chat_through_piped_stdin(tiny_run):
         f"user: hello\nassistant: {unescape(reply)}\n/reset takes no argument; commands: /reset /history /quit\n"
         "(conversation cleared)\n(no messages yet)\n"
     )
-    stats = re.findall(r"\[(\d+) prompt \+ (\d+) new tokens", result.stderr)
+    stats = re.findall(r"\[(\d+) prompt \+ (\d+) new tokens? \|", result.stderr)
     assert len(stats) == 1, "exactly one reply: nothing after /quit is answered"
     assert 1 <= int(stats[0][1]) <= 8
+    from fluxchat.serving import GenerationStats
+
+    one = GenerationStats(prompt_tokens=3, new_tokens=1)  # an empty reply: its <|end|> alone
+    assert one.summary() == "[3 prompt + 1 new token | first token - | - tokens/s]"
     assert str(tiny_run / "pretrain") in result.stderr, "a run folder serves its latest finished stage"
     assert "(context 64 tokens, replies up to 8)" in result.stderr
 
@@ -241,7 +245,7 @@ def test_lone_surrogates_and_invalid_utf8_are_replaced(tokenizer, tiny_run):
     )
     assert chat.returncode == 0, chat.stderr.decode()[-2000:]
     assert b"Traceback" not in chat.stderr
-    assert len(re.findall(rb"\[\d+ prompt \+ \d+ new tokens", chat.stderr)) == 2, "both lines answered"
+    assert len(re.findall(rb"\[\d+ prompt \+ \d+ new tokens? \|", chat.stderr)) == 2, "both lines answered"
     assert "user: caf\ufffd au lait" in chat.stderr.decode("utf-8")  # piped, /history answers on stderr
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode()[-2000:]
     assert result.stdout.decode("utf-8").startswith("ROMEO: caf\ufffd")
