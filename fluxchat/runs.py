@@ -244,10 +244,11 @@ def check_writable(folder: Path, what: str) -> None:
         fail(f"{what}: {existing} is not writable")
 
 
-def check_output_file(path: Path, own_keys: set[str], flag: str = "--output_file") -> None:
-    """evaluate.py's report file, checked before the work (a folder, or a path under a file, failed only once the
-    work was done): a regular file or none, writable, and replacing only an earlier report (a JSON object holding
-    `own_keys`), never a file of the user's (a --pairs_file, notes, a config)."""
+def check_evaluation_file(path: Path) -> None:
+    """evaluate.py's --output_file, checked before the work (a folder, or a path under a file, failed only once the
+    work was done): a regular file or none, writable, and replacing only an earlier evaluation report (a JSON object
+    with "model" and "tasks"), never a file of the user's (a --pairs_file, notes, a config)."""
+    flag = "--output_file"
     if path.is_dir():
         fail(f"{flag} {path} is a folder: name a file, e.g. {path / 'evaluation.json'}")
     if path.exists() and not path.is_file():  # the report is renamed into place: /dev/null would go
@@ -261,7 +262,7 @@ def check_output_file(path: Path, own_keys: set[str], flag: str = "--output_file
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         earlier = None
-    if not (isinstance(earlier, dict) and own_keys <= earlier.keys()):
+    if not (isinstance(earlier, dict) and {"model", "tasks"} <= earlier.keys()):
         fail(
             f"{flag} {path} exists and is not an evaluation report: name a new file (only an earlier report is replaced)"
         )

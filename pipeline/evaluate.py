@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> Path:
         output_file = Path(args.output_file)
     else:
         output_file = (Path(model_path) if Path(model_path).is_dir() else Path()) / OUTPUT_FILES[args.split]
-    runs.check_output_file(output_file, own_keys={"model", "tasks"})
+    runs.check_evaluation_file(output_file)
     loading.refuse_replies_past_the_context(
         args.max_new_tokens, loading.context_length(loading.load_config(model_path))
     )
