@@ -16,70 +16,18 @@ runs/<run_name>/dpo.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
 
 from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
-from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.cli import main_process, run_cli
 from fluxchat.config import parse_config
 from fluxchat.report import before_after_metrics, describe_pairs, measure_policy, wilson_interval
-
-
-@dataclass
-class DPOArguments(StageArguments):
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "SFT model folder or Hub id: the policy and the frozen reference; default runs/<run_name>/sft."
-        },
-    )
-    eval_fraction: float = field(
-        default=0.05,
-        metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."},
-    )
-    resume: bool = arguments.resume_field()
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
-
-
-# TRL 1.12's DPO losses; it names a wrong one only at the first training step, in a traceback.
-DPO_LOSSES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
-
-
-@dataclass
-class StageDPOConfig(DPOConfig):
-    def __post_init__(self):
-        losses = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
-        unknown = [loss for loss in losses if loss not in DPO_LOSSES]
-        if unknown:
-            raise ValueError(f"--loss_type {' '.join(unknown)}: choose from {', '.join(DPO_LOSSES)}")
-        if self.beta <= 0:  # TRL trains at 0 or below: every pair then ties, or the preference is reversed
-            raise ValueError(f"--beta must be > 0 (it scales the implicit reward), got {self.beta:g}")
-        weights = self.loss_weights or []
-        # A list escapes the NaN check every number gets, and TRL multiplies the losses by these unchecked.
-        if not all(math.isfinite(w) and w >= 0 for w in weights) or (weights and not any(weights)):
-            shown = " ".join(f"{w:g}" for w in weights)
-            raise ValueError(f"--loss_weights {shown}: each must be a finite number >= 0, and not all 0")
-        # The chance a preference label is flipped (robust, aot, exo_pair): at 0.5 robust divides by 0, above it
-        # the preference is reversed; TRL only warns.
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing:g}")
-        if "exo_pair" in losses and self.label_smoothing == 0:  # TRL refuses it only once the trainer is built
-            raise ValueError("--loss_type exo_pair needs --label_smoothing > 0 (the EXO paper uses 0.001)")
-        super().__post_init__()
+from fluxchat.stage_arguments import ARGUMENTS
 
 
 class RenderedDPOTrainer(DPOTrainer):
@@ -131,12 +79,8 @@ def implicit_rewards(trainer, dataset, pairs: list[dict], batch_size: int = 32) 
     return {**result, **evaluation.pair_groups(pairs, wins)}
 
 
-# What --preset's dpo.yaml and the flags fill (tests parse every preset's recipe with it).
-ARGUMENTS = (DPOArguments, PeftArguments, StageDPOConfig)
-
-
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config("dpo", ARGUMENTS, argv)
+    script_args, peft_args, args, config_file = parse_config("dpo", ARGUMENTS["dpo"], argv)
     run = training.plan_stage(args, "dpo", overwrite=script_args.overwrite, resume=script_args.resume)
     run_name = training.run_name(args)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint

@@ -16,105 +16,18 @@ token, with the expected answer. Writes JSON (default: evaluation.json in the mo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fluxchat import cards, evaluation, loading, runs, stage_data, tasks
+from fluxchat import cards, evaluation, loading, runs, stage_data
 from fluxchat import report as stage_reports
+from fluxchat.arguments import EvaluateArguments
 from fluxchat.cli import fail, run_cli
 from fluxchat.config import parse_config
 
-SPLITS = ("eval", "train")
 # Its own default file for the train split: a validation run never replaces the test figures.
 OUTPUT_FILES = {"eval": runs.EVALUATION_FILE, "train": "evaluation-train.json"}
-N_PER_TASK = 50
-# The report compares stages that mostly keep their answers: at 50 items even GRPO's +6 points of sums (3 items)
-# had an interval from -2 to +15; at 200, +6 (16 gained, 3 lost) is +2 to +11 (bench/results/issue14-2026-12-06).
-REPORT_N_PER_TASK = 200
-
-
-@dataclass
-class EvaluateArguments:
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Model folder, run folder (its most aligned finished stage: ppo > grpo > dpo > sft > pretrain) or Hub id; may be given as the first argument."
-        },
-    )
-    reward_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward model folder: scores its accuracy on held-out pairs and the mean reward of the model's replies."
-        },
-    )
-    pairs_file: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Preference files (TRL or hh-rlhf, .jsonl.gz ok) to score the reward model on, besides the built-in held-out pairs."
-        },
-    )
-    pairs_heldout_fraction: float | None = field(
-        default=None,
-        metadata={
-            "help": "Score only this fraction of each --pairs_file, split by --seed; default all pairs. A file the --reward_model's stage trained on is always scored on the pairs that stage held out, split again as it split them."
-        },
-    )
-    max_pairs: int = field(
-        default=1000,
-        metadata={"help": "Score at most this many pairs per --pairs_file (the first ones after splitting)."},
-    )
-    n_per_task: int | None = field(
-        default=None,
-        metadata={
-            "help": f"Held-out examples per built-in task; default {N_PER_TASK}, and {REPORT_N_PER_TASK} with --report (capital/followup have 51 distinct items)."
-        },
-    )
-    tasks: list[str] | None = field(
-        default=None, metadata={"help": f"Built-in tasks to evaluate; default all: {' '.join(tasks.TASKS)}."}
-    )
-    corpus_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Corpus for the quote/speaker tasks; default the shipped tinyshakespeare (data/). Without it, those tasks are skipped."
-        },
-    )
-    max_new_tokens: int = field(default=48, metadata={"help": "Longest reply generated per prompt."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts generated (or pairs scored) together."})
-    seed: int = field(
-        default=0, metadata={"help": "Seed of the held-out examples and of --pairs_heldout_fraction's split."}
-    )
-    output_file: str | None = field(
-        default=None, metadata={"help": "Where to write the JSON; default evaluation.json in the model folder."}
-    )
-    split: str = field(
-        default="eval",
-        metadata={
-            "help": "'eval': the held-out items, which every reported figure uses; 'train': fresh draws (by --seed) from the training items' pool, to choose between recipes without looking at the test items (items may repeat, and some were trained on). Default output then evaluation-train.json."
-        },
-    )
-    report: bool = field(
-        default=False,
-        metadata={
-            "help": "Stage report: every finished stage of the run folder (pretrain, sft, ppo, grpo, dpo) on the same held-out items -> <run>/report.json and report.md; the final stage's model card shows it."
-        },
-    )
-
-    def __post_init__(self):
-        if not self.model:
-            raise ValueError("give the model to evaluate: python pipeline/evaluate.py <model or run folder>")
-        if self.n_per_task is None:
-            self.n_per_task = REPORT_N_PER_TASK if self.report else N_PER_TASK
-        for flag in ("n_per_task", "max_new_tokens", "batch_size", "max_pairs"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
-        if self.split not in SPLITS:
-            raise ValueError(f"--split {self.split}: choose {' or '.join(SPLITS)}")
-        if problem := tasks.corpus_file_problem(self.corpus_file):
-            raise ValueError(problem)
-        if self.pairs_heldout_fraction is not None and not 0 < self.pairs_heldout_fraction < 1:
-            raise ValueError(f"--pairs_heldout_fraction must be between 0 and 1, got {self.pairs_heldout_fraction}")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -19,100 +19,16 @@ eval.json, log_history.json and train.log to runs/<run_name>/grpo.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from fluxchat import arguments, evaluation, hub, loading, rewards, rl_monitor, runs, stage_data, tasks, training
-from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.cli import fail, run_cli
 from fluxchat.config import parse_config
 from fluxchat.report import before_after_metrics, measure_policy
-
-
-@dataclass
-class GRPOArguments(StageArguments):
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "SFT model folder or Hub id to start from (and the KL reference); default runs/<run_name>/sft."
-        },
-    )
-    reward_model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A trained reward model (pipeline/reward.py) whose score is added to the rewards; default none."
-        },
-    )
-    train_tasks: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Built-in tasks whose train prompts are sampled (e.g. arithmetic, where sampling finds right answers); default --tasks. Evaluation stays on --tasks."
-        },
-    )
-    answer_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the answer reward (1 when the reply is the expected answer); 0 turns it off."},
-    )
-    format_weight: float = field(
-        default=0.25,
-        metadata={
-            "help": "Weight of the format reward (1 when the reply ends with <|end|> and invents no next turn); 0 turns it off."
-        },
-    )
-    reward_model_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the reward model's score (only with --reward_model_path)."}
-    )
-    answer_match: str = field(
-        default="exact",
-        metadata={
-            "help": "How a prompt file's answers are checked: 'exact' (normalised: case, spaces, outer punctuation ignored) or 'contains'."
-        },
-    )
-    resume: bool = arguments.resume_field()
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.answer_match not in ("exact", "contains"):
-            raise ValueError(f"--answer_match {self.answer_match}: choose exact or contains")
-        if min(self.answer_weight, self.format_weight, self.reward_model_weight) < 0:
-            raise ValueError("--answer_weight, --format_weight and --reward_model_weight must be >= 0")
-
-
-@dataclass
-class StageGRPOConfig(GRPOConfig):
-    def __post_init__(self):
-        # Here, not in main(): run_all parses every stage's flags before the chain starts.
-        if self.reward_weights is not None:
-            raise ValueError(
-                "--reward_weights: set --answer_weight, --format_weight and --reward_model_weight instead (the stage "
-                "picks the reward functions)"
-            )
-        if self.use_vllm:
-            raise ValueError("--use_vllm: not supported by this stage (it generates with transformers); drop the flag")
-        # TRL says the same, but without naming the flag.
-        if self.num_generations is not None and self.num_generations < 2:
-            raise ValueError(
-                f"--num_generations {self.num_generations}: GRPO compares replies within a group, so it needs at least 2"
-            )
-        # TRL derives the generation batch from it: at 0 or below torch's data loader failed once training started
-        if self.steps_per_generation is not None and self.steps_per_generation < 1:
-            raise ValueError(f"--steps_per_generation must be >= 1, got {self.steps_per_generation}")
-        if self.temperature <= 0:  # transformers would refuse it at the first step, in a traceback
-            raise ValueError(
-                f"--temperature must be > 0, got {self.temperature:g}: GRPO samples each group (at 0 its replies would all be one)"
-            )
-        try:
-            super().__post_init__()
-        except ValueError as err:  # TRL's line names its derived generation_batch_size, not a flag a user typed
-            if "must be divisible by num_generations" not in str(err):
-                raise
-            raise ValueError(
-                f"--per_device_train_batch_size {self.per_device_train_batch_size} (x processes x --steps_per_generation) "
-                f"must hold whole groups of --num_generations {self.num_generations}: {err}"
-            ) from None
+from fluxchat.stage_arguments import ARGUMENTS, GRPOArguments
 
 
 def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict]:
@@ -134,12 +50,8 @@ def prompt_rows(script_args: GRPOArguments, has_reward_model: bool) -> list[dict
     return rows
 
 
-# What --preset's grpo.yaml and the flags fill (tests parse every preset's recipe with it).
-ARGUMENTS = (GRPOArguments, PeftArguments, StageGRPOConfig)
-
-
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config("grpo", ARGUMENTS, argv)
+    script_args, peft_args, args, config_file = parse_config("grpo", ARGUMENTS["grpo"], argv)
     run = training.plan_stage(args, "grpo", overwrite=script_args.overwrite, resume=script_args.resume)
     run_name = training.run_name(args)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 # Before TRL is imported: it warns about its experimental modules at import time.
@@ -31,7 +30,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from accelerate import PartialState  # noqa: E402
 from transformers import ProgressCallback  # noqa: E402
-from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from trl.experimental.ppo import PPOTrainer  # noqa: E402
 
 from fluxchat import (  # noqa: E402
     arguments,
@@ -44,89 +43,11 @@ from fluxchat import (  # noqa: E402
     stage_data,
     training,
 )
-from fluxchat.arguments import PeftArguments, StageArguments  # noqa: E402
 from fluxchat.cli import fail, run_cli  # noqa: E402
 from fluxchat.config import parse_config  # noqa: E402
 from fluxchat.report import before_after_metrics, measure_policy  # noqa: E402
+from fluxchat.stage_arguments import ARGUMENTS  # noqa: E402
 
-
-@dataclass
-class PPOArguments(StageArguments):
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Policy and reference model (the SFT model); default runs/<run_name>/sft. Alias: --sft_model_path."
-        },
-    )
-    value_model_path: str | None = field(
-        default=None,
-        metadata={"help": "Value model initialisation; default the reward model (as TRL's example does)."},
-    )
-    max_kl: float = field(
-        default=10.0,
-        metadata={
-            "help": "Warn when the KL to the SFT reference (summed over a reply) exceeds this (negative: every update)."
-        },
-    )
-    min_eos_rate: float = field(
-        default=0.1, metadata={"help": "Warn when fewer probe replies than this end with <|end|>."}
-    )
-    max_repetition: float = field(
-        default=0.5, metadata={"help": "Warn when probe replies repeat more token trigrams than this share."}
-    )
-    stop_on_collapse: bool = field(
-        default=False, metadata={"help": "Stop (and mark nothing finished) when a warning above fires."}
-    )
-    probe_prompts: int = field(
-        default=16,
-        metadata={
-            "help": "Held-out prompts answered greedily every logging step to measure reply length and repetition."
-        },
-    )
-
-
-@dataclass
-class StagePPOConfig(PPOConfig):
-    # TRL defaults both to a Hub model; ours default to this run's stages.
-    sft_model_path: str | None = field(
-        default=None, metadata={"help": "TRL's name for --model_name_or_path (an alias)."}
-    )
-    reward_model_path: str | None = field(
-        default=None, metadata={"help": "Reward model; default runs/<run_name>/reward."}
-    )
-
-    def __post_init__(self):
-        if self.max_steps > 0:  # TRL's PPOTrainer counts episodes; it trained the recipe's length, the card saying 2
-            raise ValueError(
-                f"--max_steps {self.max_steps}: PPO's length is --total_episodes (prompts sampled), not steps: set that instead"
-            )
-        if self.temperature <= 0:  # TRL divides by it (+1e-7): at 0 the policy's log-probs are meaningless
-            raise ValueError(f"--temperature must be > 0, got {self.temperature:g}: PPO learns from sampled replies")
-        # TRL checks these only once its trainer is built (after the models are loaded), as tracebacks.
-        rollout = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if self.num_mini_batches >= 1 and rollout >= 1 and rollout % self.num_mini_batches:  # < 1: check_numbers
-            raise ValueError(
-                f"--num_mini_batches {self.num_mini_batches} must divide the rollout batch of {rollout} prompts per "
-                f"process (--per_device_train_batch_size {self.per_device_train_batch_size} x "
-                f"--gradient_accumulation_steps {self.gradient_accumulation_steps})"
-            )
-        elif self.whiten_rewards and self.num_mini_batches >= 1 and rollout // self.num_mini_batches < 8:
-            raise ValueError(  # TRL asserts it once the models are loaded: whitening needs enough rewards to normalise
-                f"--whiten_rewards needs mini-batches of at least 8 prompts per process, got {rollout // self.num_mini_batches} "
-                f"(--per_device_train_batch_size {self.per_device_train_batch_size} x --gradient_accumulation_steps "
-                f"{self.gradient_accumulation_steps} / --num_mini_batches {self.num_mini_batches})"
-            )
-        if self.stop_token and self.stop_token_id is not None:
-            raise ValueError(
-                f"--stop_token_id {self.stop_token_id} and --stop_token {self.stop_token} both choose where replies stop "
-                "(every --preset's ppo.yaml sets stop_token: eos, and no flag unsets it): drop --stop_token_id, "
-                "or use --config with a copy of the recipe without stop_token"
-            )
-        super().__post_init__()
-
-
-# What --preset's ppo.yaml and the flags fill (tests parse every preset's recipe with it).
-ARGUMENTS = (PPOArguments, PeftArguments, StagePPOConfig)
 KL_PROMPTS = 64  # training prompts the final KL is measured on when the data has no held-out task items
 
 
@@ -136,7 +57,7 @@ def main(argv: list[str] | None = None) -> Path:
         fail(
             "--resume: PPO cannot continue from a checkpoint (TRL's PPOTrainer saves the policy only); rerun the stage with --overwrite"
         )
-    script_args, peft_args, args, config_file = parse_config("ppo", ARGUMENTS, argv)
+    script_args, peft_args, args, config_file = parse_config("ppo", ARGUMENTS["ppo"], argv)
     if (
         script_args.model_name_or_path
         and args.sft_model_path

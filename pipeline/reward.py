@@ -14,33 +14,16 @@ held-out pairs and on a held-out part of the given data (e.g. hh-rlhf).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import set_seed
-from trl import RewardConfig, RewardTrainer
+from trl import RewardTrainer
 
 from fluxchat import arguments, evaluation, hub, loading, runs, stage_data, training
-from fluxchat.arguments import PeftArguments, StageArguments
 from fluxchat.cli import run_cli
 from fluxchat.config import parse_config
 from fluxchat.report import describe_pairs
-
-
-@dataclass
-class RewardArguments(StageArguments):
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "SFT model folder or Hub id to start from; default runs/<run_name>/sft."}
-    )
-    eval_fraction: float = field(
-        default=0.05,
-        metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."},
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
+from fluxchat.stage_arguments import ARGUMENTS
 
 
 def score_pairs(model, tokenizer, pairs) -> dict:
@@ -49,12 +32,8 @@ def score_pairs(model, tokenizer, pairs) -> dict:
     return evaluation.evaluate_reward_model(evaluation.on_device(model), tokenizer, pairs)  # in eval mode, restored
 
 
-# What --preset's reward.yaml and the flags fill (tests parse every preset's recipe with it).
-ARGUMENTS = (RewardArguments, PeftArguments, RewardConfig)
-
-
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config("reward", ARGUMENTS, argv)
+    script_args, peft_args, args, config_file = parse_config("reward", ARGUMENTS["reward"], argv)
     run = training.plan_stage(args, "reward", overwrite=script_args.overwrite)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 

@@ -24,7 +24,6 @@ generated task corpus instead (no Shakespeare, so the quote/speaker tasks are le
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import shlex
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 from fluxchat import chain, launch, runs
 from fluxchat import report as stage_reports
 from fluxchat.cli import UsageError, fail, run_cli
-from fluxchat.config import REPO_ROOT, parse_config, pop_flag, presets
+from fluxchat.config import parse_config, pop_flag, presets
 
 
 @dataclass
@@ -69,18 +68,18 @@ class RunAllArguments:
 def check_stage_args(preset: str, extra: dict[str, list[str]]) -> None:
     """Each step's --stage_args, parsed now as the stage will parse them: a typo for SFT used to surface only once
     the tokenizer and the whole of pretraining had run."""
+    if not extra:
+        return
+    # Here, not at the top: the training stages' arguments import TRL (seconds), needed only with --stage_args.
+    from fluxchat.stage_arguments import ARGUMENTS
+
     for stage, flags in extra.items():
-        path = "pipeline/evaluate.py" if stage in chain.RUN_LEVEL else chain.SCRIPTS[stage]
-        # By path: run as a script, run_all has pipeline/ on sys.path, not the folder above it.
-        spec = importlib.util.spec_from_file_location(f"fluxchat_stage_{stage}", REPO_ROOT / path)
-        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-        spec.loader.exec_module(module)
         with contextlib.redirect_stderr(io.StringIO()):  # its notes (no bf16 on this CPU) come when it runs
             try:
                 if stage in chain.SCRIPTS:
-                    parse_config(stage, module.ARGUMENTS, ["--preset", preset, *flags])
+                    parse_config(stage, ARGUMENTS[stage], ["--preset", preset, *flags])
                 else:
-                    parse_config("evaluate", (module.EvaluateArguments,), ["--model", "runs/<run>", *flags])
+                    parse_config("evaluate", ARGUMENTS["evaluate"], ["--model", "runs/<run>", *flags])
             except UsageError as err:
                 fail(f"--stage_args {stage}: {err}")
 

@@ -17,83 +17,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
-from fluxchat import arguments, chat_format, data, evaluation, formats, hub, loading, runs, stage_data, training
-from fluxchat.arguments import PeftArguments, StageArguments
+from fluxchat import arguments, chat_format, evaluation, formats, hub, loading, runs, stage_data, training
 from fluxchat.cli import run_cli
 from fluxchat.config import parse_config
-
-
-@dataclass
-class SFTArguments(StageArguments):
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Model folder or Hub id to fine-tune; default runs/<run_name>/pretrain."}
-    )
-    chat_format: str | None = field(
-        default=None,
-        metadata={
-            "help": f"Chat template the model learns: {' or '.join(chat_format.FORMATS)}; default the one its tokenizer was trained with. Later stages inherit it."
-        },
-    )
-    eval_fraction: float = field(
-        default=0.02, metadata={"help": "Share of the training conversations held out for the eval loss (0 = none)."}
-    )
-    inspect: bool = field(
-        default=False,
-        metadata={"help": "Print one tokenized example with the loss-bearing tokens in [[...]] and exit."},
-    )
-    resume: bool = arguments.resume_field()
-    mix_text_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Plain text mixed into SFT as language-modelling rows (loss on every token), e.g. the facts prose of pretraining, so SFT reaches what pretraining stored; default none."
-        },
-    )
-    mix_text_fraction: float = field(
-        default=0.3,
-        metadata={
-            "help": "Share of the loss-bearing tokens that come from --mix_text_file windows (the rest: the replies), in [0, 1)."
-        },
-    )
-    mix_text_window: int = field(
-        default=64,
-        metadata={
-            "help": "Tokens per --mix_text_file window (capped at the context); about a conversation's length, so batches stay short."
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.chat_format is not None and self.chat_format not in chat_format.FORMATS:
-            raise ValueError(f"--chat_format {self.chat_format}: choose from {', '.join(chat_format.FORMATS)}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.mix_text_file and Path(self.mix_text_file).is_dir():  # refuse before any folder is made
-            raise ValueError(f"--mix_text_file {self.mix_text_file} is a folder: name a text file")
-        if self.mix_text_file and not Path(self.mix_text_file).is_file():
-            raise ValueError(f"--mix_text_file {self.mix_text_file}: no such file")
-        if self.mix_text_file:
-            data.check_utf8(Path(self.mix_text_file), "--mix_text_file")
-        if not 0 <= self.mix_text_fraction < 1:
-            raise ValueError(f"--mix_text_fraction must be in [0, 1), got {self.mix_text_fraction}")
-        if self.mix_text_window < 2:
-            raise ValueError(f"--mix_text_window must be at least 2, got {self.mix_text_window}")
-
-
-# TRL 1.12's SFT losses; it names a wrong one only once the trainer is built, in a traceback.
-SFT_LOSSES = ("nll", "chunked_nll", "dft")
-
-
-@dataclass
-class StageSFTConfig(SFTConfig):
-    def __post_init__(self):
-        if self.loss_type is not None and self.loss_type not in SFT_LOSSES:
-            raise ValueError(f"--loss_type {self.loss_type}: choose from {', '.join(SFT_LOSSES)}")
-        super().__post_init__()
+from fluxchat.stage_arguments import ARGUMENTS
 
 
 def inspect(tokenizer, train_set, counts) -> None:
@@ -111,12 +42,8 @@ def inspect(tokenizer, train_set, counts) -> None:
     print(stage_data.marked_example(tokenizer, train_set[index]["input_ids"], masks[index]))
 
 
-# What --preset's sft.yaml and the flags fill (tests parse every preset's recipe with it).
-ARGUMENTS = (SFTArguments, PeftArguments, StageSFTConfig)
-
-
 def main(argv: list[str] | None = None) -> Path:
-    script_args, peft_args, args, config_file = parse_config("sft", ARGUMENTS, argv)
+    script_args, peft_args, args, config_file = parse_config("sft", ARGUMENTS["sft"], argv)
     if script_args.inspect:  # writes nothing: no output folder to check
         run = training.StageRun(
             "sft", training.resolve_output_dir(args, "sft"), training.resolve_output_dir(args, "sft")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import DATA, PYTHON, SHAKESPEARE, run_main, run_script, two_at_a_time
 
-from fluxchat import chat_format, evaluation, generation, tasks
+from fluxchat import arguments, chat_format, evaluation, generation, tasks
 from fluxchat import report as stage_reports
 from pipeline import evaluate
 
@@ -290,9 +290,9 @@ def test_paired_change_interval_covers_the_true_change():
 
 
 def test_the_report_defaults_to_200_items_per_task_and_one_model_to_50():
-    assert evaluate.EvaluateArguments(model="runs/x", report=True).n_per_task == evaluate.REPORT_N_PER_TASK == 200
-    assert evaluate.EvaluateArguments(model="runs/x/sft").n_per_task == evaluate.N_PER_TASK == 50
-    assert evaluate.EvaluateArguments(model="runs/x", report=True, n_per_task=7).n_per_task == 7
+    assert arguments.EvaluateArguments(model="runs/x", report=True).n_per_task == arguments.REPORT_N_PER_TASK == 200
+    assert arguments.EvaluateArguments(model="runs/x/sft").n_per_task == arguments.N_PER_TASK == 50
+    assert arguments.EvaluateArguments(model="runs/x", report=True, n_per_task=7).n_per_task == 7
 
 
 def test_report_markdown_compares_later_stages_with_sft_item_by_item():

@@ -11,6 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chat_format, evaluation
+from fluxchat.stage_arguments import PPOArguments
 from pipeline import ppo
 from tests.conftest import SHAKESPEARE, assert_chat_stage_files, run_main
 
@@ -75,7 +76,7 @@ def test_ppo_saves_a_policy_that_reloads_and_chats(chain, isolated_runs, capsys)
     # estimate from TRL's log, negative at times), and it is what the policy's own replies give again.
     kl = metrics["eval"]["kl"]
     recipe = yaml.safe_load((stage / "config.yaml").read_text())
-    held_out = ppo.PPOArguments(eval_examples=7, corpus_file=str(SHAKESPEARE), tasks=recipe["tasks"])  # the stage's
+    held_out = PPOArguments(eval_examples=7, corpus_file=str(SHAKESPEARE), tasks=recipe["tasks"])  # the stage's
     assert kl["n"] == 14 and kl["temperature"] == 0.7 and metrics["kl"] == kl["mean"]
     assert 0 < kl["interval"][0] <= kl["mean"] <= kl["interval"][1]
     policy, sft = (AutoModelForCausalLM.from_pretrained(p, use_safetensors=True) for p in (stage, chain / "sft"))

@@ -15,18 +15,10 @@ from conftest import run_main
 from fluxchat import launch, runs
 from fluxchat.cli import UsageError, run_cli
 from fluxchat.config import CONFIGS_DIR, load_yaml, parse_config, presets
-from pipeline import chat, dpo, generate, grpo, ppo, pretrain, reward, sft
-from tokenizer import train as tokenizer_train
+from fluxchat.stage_arguments import ARGUMENTS
+from pipeline import chat, generate, sft
 
-STAGES = {
-    "tokenizer": tokenizer_train,
-    "pretrain": pretrain,
-    "sft": sft,
-    "reward": reward,
-    "ppo": ppo,
-    "grpo": grpo,
-    "dpo": dpo,
-}
+STAGES = [stage for stage in ARGUMENTS if stage != "evaluate"]  # the stages with a recipe
 
 
 def test_every_preset_has_a_recipe_for_every_stage():
@@ -37,10 +29,10 @@ def test_every_preset_has_a_recipe_for_every_stage():
 
 
 @pytest.mark.parametrize("preset", presets())
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", STAGES)
 def test_recipe_parses_with_strict_keys_types_and_value_rules(preset, stage):
     # Raises UsageError (an unknown key, a wrong type, a value out of range) where the command would refuse it.
-    *_, config_file = parse_config(stage, STAGES[stage].ARGUMENTS, ["--preset", preset])
+    *_, config_file = parse_config(stage, ARGUMENTS[stage], ["--preset", preset])
     assert config_file == CONFIGS_DIR / preset / f"{stage}.yaml"
 
 
@@ -66,30 +58,30 @@ def test_the_switches_help_lists_are_accepted_and_an_empty_preset_or_config_is_r
     """`--help` lists `--no_eval_baseline` (HfArgumentParser adds `--no_<switch>` for each switch on by default); the
     strict flag check used to refuse it as unknown. `--preset ''` (an unset shell variable) was silently no preset."""
     with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
-        parse_config("sft", sft.ARGUMENTS, ["--help"])
+        parse_config("sft", ARGUMENTS["sft"], ["--help"])
     assert "--no_eval_baseline" in out.getvalue() and "--no_merge_adapter" in out.getvalue()
     # Said as what it does: transformers repeats the switch's own help on it ("Save the adapter merged ...").
     help_text = " ".join(out.getvalue().split())
     assert "--no_merge_adapter, --no-merge-adapter Turn off --merge_adapter (on by default)." in help_text
     assert "--preset NAME The recipe configs/<preset>/sft.yaml" in help_text
     script, peft, *_ = parse_config(
-        "sft", sft.ARGUMENTS, ["--preset", "tiny", "--no_eval_baseline", "--no-merge-adapter"]
+        "sft", ARGUMENTS["sft"], ["--preset", "tiny", "--no_eval_baseline", "--no-merge-adapter"]
     )
     assert script.eval_baseline is False and peft.merge_adapter is False
-    script, *_ = parse_config("sft", sft.ARGUMENTS, ["--preset", "tiny"])
+    script, *_ = parse_config("sft", ARGUMENTS["sft"], ["--preset", "tiny"])
     assert script.eval_baseline is True  # the recipe's value where the switch is not given
     with pytest.raises(UsageError, match="unknown flag --no_bogus"):
-        parse_config("sft", sft.ARGUMENTS, ["--preset", "tiny", "--no_bogus"])
+        parse_config("sft", ARGUMENTS["sft"], ["--preset", "tiny", "--no_bogus"])
     with pytest.raises(UsageError, match="unknown preset ''"):
-        parse_config("sft", sft.ARGUMENTS, ["--preset", ""])
+        parse_config("sft", ARGUMENTS["sft"], ["--preset", ""])
     with pytest.raises(UsageError, match="--config needs a YAML file, got an empty string"):
-        parse_config("sft", sft.ARGUMENTS, ["--config", ""])
+        parse_config("sft", ARGUMENTS["sft"], ["--config", ""])
     with pytest.raises(UsageError, match="configs/tiny is a folder: give a YAML file in it"):
-        parse_config("sft", sft.ARGUMENTS, ["--config", str(CONFIGS_DIR / "tiny")])
+        parse_config("sft", ARGUMENTS["sft"], ["--config", str(CONFIGS_DIR / "tiny")])
     fifo = tmp_path / "recipe.yaml"
     os.mkfifo(fifo)  # reading it would wait for a writer forever; it used to be called missing
     with pytest.raises(UsageError, match="recipe.yaml is not a regular file: give a YAML file"):
-        parse_config("sft", sft.ARGUMENTS, ["--config", str(fifo)])
+        parse_config("sft", ARGUMENTS["sft"], ["--config", str(fifo)])
 
 
 def refused(stage: str, tmp_path, text: str, *flags: str) -> str:
@@ -97,7 +89,7 @@ def refused(stage: str, tmp_path, text: str, *flags: str) -> str:
     recipe = tmp_path / "x.yaml"
     recipe.write_text(text, encoding="utf-8")
     with pytest.raises(UsageError) as err:
-        parse_config(stage, STAGES[stage].ARGUMENTS, ["--config", str(recipe), *flags])
+        parse_config(stage, ARGUMENTS[stage], ["--config", str(recipe), *flags])
     message = str(err.value)
     assert "\n" not in message
     return message
@@ -136,7 +128,7 @@ def test_a_one_value_key_given_any_list_is_refused(tmp_path):
     )
     recipe = tmp_path / "lists.yaml"
     recipe.write_text("dataset: [builtin]\ntask_weights: [upper=2]\n")  # list-valued keys: one item is a list
-    script, *_ = parse_config("sft", sft.ARGUMENTS, ["--config", str(recipe)])
+    script, *_ = parse_config("sft", ARGUMENTS["sft"], ["--config", str(recipe)])
     assert script.dataset == ["builtin"] and script.task_weights == ["upper=2"]
 
 
@@ -148,7 +140,7 @@ def test_a_long_value_is_cut_short_in_the_error_line(tmp_path):
     )
     assert len(refused("tokenizer", tmp_path, f"{'k' * 100_000}: 1\n")) < 300  # an unknown key
     with pytest.raises(UsageError) as err:
-        parse_config("tokenizer", tokenizer_train.ARGUMENTS, [f"--{'f' * 100_000}"])
+        parse_config("tokenizer", ARGUMENTS["tokenizer"], [f"--{'f' * 100_000}"])
     assert len(str(err.value)) < 300
 
 
@@ -180,10 +172,10 @@ def test_a_seed_out_of_range_is_refused_when_parsed(stage):
     # 4000 digits: an int, cut short in the line (int() refuses more than 4300)
     for seed, shown in (("-1", "-1"), ("4294967296", "4294967296"), ("9" * 4000, "9" * 60 + "...")):
         with pytest.raises(UsageError, match=rf"^--seed must be in \[0, 4294967295\], got {shown}$"):
-            parse_config(stage, STAGES[stage].ARGUMENTS, ["--preset", "tiny", "--seed", seed])
+            parse_config(stage, ARGUMENTS[stage], ["--preset", "tiny", "--seed", seed])
     with pytest.raises(UsageError, match=r"^--data_seed must be in \[0, 4294967295\], got -1$"):
-        parse_config(stage, STAGES[stage].ARGUMENTS, ["--preset", "tiny", "--data_seed", "-1"])
-    *_, args, _ = parse_config(stage, STAGES[stage].ARGUMENTS, ["--preset", "tiny", "--seed", "4294967295"])
+        parse_config(stage, ARGUMENTS[stage], ["--preset", "tiny", "--data_seed", "-1"])
+    *_, args, _ = parse_config(stage, ARGUMENTS[stage], ["--preset", "tiny", "--seed", "4294967295"])
     assert args.seed == 4294967295
 
 
@@ -240,7 +232,7 @@ def test_precision_flags_in_either_form_decide_the_cpu_precision(monkeypatch, ca
 
     monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    parsed = parse_config("pretrain", pretrain.ARGUMENTS, ["--preset", "tiny", *flags])
+    parsed = parse_config("pretrain", ARGUMENTS["pretrain"], ["--preset", "tiny", *flags])
     (training_args,) = [args for args in parsed if hasattr(args, "fp16")]
     assert (training_args.bf16, training_args.fp16) == (bf16, False)
     assert capsys.readouterr().err.strip() == note

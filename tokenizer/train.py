@@ -11,56 +11,13 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxchat import cards, chat_format, runs
+from fluxchat.arguments import TokenizerArguments
 from fluxchat.cli import fail, run_cli
 from fluxchat.config import parse_config
 from fluxchat.data import load_text
-
-
-@dataclass
-class TokenizerArguments:
-    run_name: str = field(default="default", metadata={"help": "Run folder: runs/<run_name>/tokenizer."})
-    output_dir: str | None = field(default=None, metadata={"help": "Write here instead of the run folder."})
-    train_file: list[str] | None = field(
-        default=None, metadata={"help": "Text files or folders (.txt/.jsonl/.parquet); default: tinyshakespeare."}
-    )
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id to train on instead of files."})
-    text_column: str = field(default="text", metadata={"help": "Column holding text in jsonl/parquet/Hub data."})
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Held-out tail of each file, used for the compression report."}
-    )
-    tokenizer_type: str = field(
-        default="bpe",
-        metadata={
-            "help": "bpe (byte-level, lossless), char (byte fallback, lossless) or word (words outside its vocabulary become <|unk|>).",
-            "choices": ["bpe", "char", "word"],
-        },
-    )
-    vocab_size: int = field(default=1024, metadata={"help": "Total vocabulary size, special tokens included."})
-    split_digits: bool = field(
-        default=True, metadata={"help": "One token per digit (as LLaMA): arithmetic gets much easier to learn."}
-    )
-    chat_format: str = field(
-        default=chat_format.DEFAULT_FORMAT,
-        metadata={"help": "Chat template to bake in: " + ", ".join(chat_format.FORMATS) + "."},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace a finished tokenizer in the output folder."})
-
-    def __post_init__(self):
-        if self.output_dir is not None and not self.output_dir.strip():  # else it reads as unset: runs/<run_name>
-            raise ValueError(
-                "--output_dir is empty: give a folder, or leave it out to write to runs/<run_name>/tokenizer"
-            )
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.chat_format not in chat_format.FORMATS:
-            raise ValueError(
-                f"--chat_format must be one of {', '.join(chat_format.FORMATS)}, got '{self.chat_format}'"
-            )
-
 
 # Above any model's vocabulary (GPT-2 50,257; Llama 3 128,256; Gemma 262,144). The trainers allocate for the size
 # asked before reading a word: 2^31 aborted the process in a Rust out-of-memory backtrace, 1e20 overflowed.
@@ -168,11 +125,10 @@ def compression_stats(tokenizer, texts: list[str], tokenizer_type: str) -> dict:
 
 
 # What --preset's tokenizer.yaml and the flags fill (tests parse every preset's recipe with it).
-ARGUMENTS = (TokenizerArguments,)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args, config_file = parse_config("tokenizer", ARGUMENTS, argv)
+    args, config_file = parse_config("tokenizer", (TokenizerArguments,), argv)
     if args.vocab_size < minimum_vocab_size(args.tokenizer_type):
         fail(
             f"--vocab_size {args.vocab_size} is too small for a {args.tokenizer_type} tokenizer: it needs at least "
