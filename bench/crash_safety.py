@@ -152,7 +152,7 @@ def save_initial_model(work: Path, seed: int) -> None:
     from their first step (see --fresh_init) and the comparison would measure that, not the resume."""
     from transformers import AutoTokenizer, set_seed
 
-    from fluxchat.stage_arguments import ModelArguments
+    from fluxchat.arguments import ModelArguments
 
     if (work / "init" / "model.safetensors").is_file():
         return

@@ -1,9 +1,10 @@
 """Argument dataclasses that need neither transformers nor TRL: the fields every alignment stage shares (data
-sources, evaluation, overwrite, LoRA), the tokenizer's and the evaluation's. The training stages' own are
-stage_arguments.py's."""
+sources, evaluation, overwrite, LoRA), the tokenizer's, pretraining's model and data arguments, and the evaluation's.
+The alignment stages' own, on TRL's configs, are stage_arguments.py's."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -155,6 +156,94 @@ def check_lora_targets(model, targets: list[str]) -> None:
         if not found & set(LORA_ADAPTABLE):
             what = f"a {'/'.join(sorted(found))}, which LoRA cannot adapt" if found else "no module of the model"
             fail(f"--lora_target_modules {target}: {what}; choose from {' '.join(sorted(adaptable))}")
+
+
+# GPT-2's attention implementations in transformers 5 -> (module, pip package) each needs beyond torch.
+ATTENTION_PACKAGES = {
+    "sdpa": None,
+    "eager": None,
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
+}
+
+
+@dataclass
+class ModelArguments:
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id; default runs/<run_name>/tokenizer."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from this causal LM instead of a fresh GPT-2."}
+    )
+    n_layer: int = field(default=4, metadata={"help": "Transformer blocks."})
+    n_embd: int = field(default=128, metadata={"help": "Hidden width."})
+    n_head: int = field(default=4, metadata={"help": "Attention heads (must divide n_embd)."})
+    block_size: int = field(default=128, metadata={"help": "Context length in tokens (GPT-2's n_positions)."})
+    dropout: float = field(
+        default=0.0, metadata={"help": "For pretraining 0 is good; for small data and many epochs try 0.1+."}
+    )
+    pad_vocab_to_multiple_of: int = field(
+        default=0, metadata={"help": "Round the embedding up (64 helps GPUs); 0 = exact."}
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "sdpa (fused attention), eager, or flash_attention_2/3 (CUDA, with the flash-attn package)."
+        },
+    )
+
+    def __post_init__(self):
+        # Below 1, check_numbers' range line says so (here it would be a ZeroDivisionError).
+        if self.n_head >= 1 and self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+        if self.attn_implementation not in ATTENTION_PACKAGES:
+            raise ValueError(
+                f"--attn_implementation {self.attn_implementation!r}: choose from {', '.join(ATTENTION_PACKAGES)}"
+            )
+        package = ATTENTION_PACKAGES[self.attn_implementation]
+        # transformers can also take flash attention from the `kernels` package; without either it fails mid-load.
+        if package and not any(importlib.util.find_spec(name) for name in (package[0], "kernels")):
+            raise ValueError(
+                f"--attn_implementation {self.attn_implementation} needs the {package[1]} package "
+                f"(pip install {package[1]}, CUDA only); or use sdpa"
+            )
+
+
+@dataclass
+class DataArguments:
+    train_file: list[str] | None = field(
+        default=None,
+        metadata={"help": "Text files/folders (.txt/.jsonl/.parquet); default the shipped tinyshakespeare (data/)."},
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id (or local dataset folder) instead of files."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The Hub dataset's configuration (e.g. wikitext-103-raw-v1)."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "The Hub dataset's split to read."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the Hub dataset into token shards without downloading it whole first."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column with text for jsonl/parquet/Hub data."})
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Held-out tail of each text file (nanoGPT: the last tenth); streamed: every 1/fraction-th document."
+        },
+    )
+    token_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where token shards are cached; default $FLUXCHAT_CACHE/tokens (~/.cache/fluxchat/tokens)."},
+    )
+    tokenize_threads: int = field(
+        default=0, metadata={"help": "Threads tokenizing a new corpus (the tokenizer's own); 0 = one per CPU core."}
+    )
+    sample_prompts: list[str] | None = field(default=None, metadata={"help": "Prompts sampled after each evaluation."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those samples (0: no samples)."})
+    resume: bool = resume_field()
+    overwrite: bool = overwrite_field()
 
 
 @dataclass

@@ -17,18 +17,20 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import default_data_collator, set_seed
+from transformers import TrainingArguments, default_data_collator, set_seed
 
 from fluxchat import data, generation, hub, loading, pretraining, runs, shards, training
+from fluxchat.arguments import DataArguments, ModelArguments
 from fluxchat.cli import fail, run_cli
 from fluxchat.config import parse_config
-from fluxchat.stage_arguments import ARGUMENTS
 
 DEFAULT_PROMPTS = ["ROMEO:\n", "To be, or not to be", "First Citizen:\n"]
 
 
 def main(argv: list[str] | None = None) -> Path:
-    model_args, data_args, args, config_file = parse_config("pretrain", ARGUMENTS["pretrain"], argv)
+    model_args, data_args, args, config_file = parse_config(
+        "pretrain", (ModelArguments, DataArguments, TrainingArguments), argv
+    )
     if args.ddp_find_unused_parameters is None:
         # GPT-2 uses every weight each step; the Trainer's default (True) made DDP walk the autograd graph again
         # every step and warn so from each process.

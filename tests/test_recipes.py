@@ -16,7 +16,8 @@ from fluxchat import launch, runs
 from fluxchat.cli import UsageError, run_cli
 from fluxchat.config import CONFIGS_DIR, load_yaml, parse_config, presets
 from fluxchat.stage_arguments import ARGUMENTS
-from pipeline import chat, generate, sft
+from pipeline import chat, dpo, evaluate, generate, grpo, ppo, pretrain, reward, sft
+from tokenizer import train as tokenizer_train
 
 STAGES = [stage for stage in ARGUMENTS if stage != "evaluate"]  # the stages with a recipe
 
@@ -26,6 +27,35 @@ def test_every_preset_has_a_recipe_for_every_stage():
     assert {"tiny", "small", "gpt2-small"} <= set(presets())
     for preset in presets():
         assert sorted(p.stem for p in (CONFIGS_DIR / preset).glob("*.yaml")) == sorted(STAGES), preset
+
+
+COMMANDS = {
+    "tokenizer": tokenizer_train,
+    "pretrain": pretrain,
+    "sft": sft,
+    "reward": reward,
+    "ppo": ppo,
+    "grpo": grpo,
+    "dpo": dpo,
+    "evaluate": evaluate,
+}
+
+
+@pytest.mark.parametrize("step", list(ARGUMENTS))
+def test_each_command_parses_with_the_arguments_run_all_checks(step, monkeypatch):
+    # run_all checks --stage_args, and these tests parse the recipes, with ARGUMENTS; the tokenizer, pretraining and
+    # the evaluation name their own (they must not import TRL), so a class added to one side only is caught here.
+    assert set(COMMANDS) == set(ARGUMENTS)
+    parsed = []
+
+    def parse_config_spy(name, classes, argv, **kwargs):
+        parsed.append((name, classes))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(COMMANDS[step], "parse_config", parse_config_spy)
+    with pytest.raises(SystemExit):
+        COMMANDS[step].main([])
+    assert parsed == [(step, ARGUMENTS[step])]
 
 
 @pytest.mark.parametrize("preset", presets())

@@ -320,9 +320,11 @@ def test_builtin_examples_sets_how_many_task_conversations_sft_trains_on(tiny_ru
     trainer = recorded_trainer["trainer"]
     prompts = [trainer.processing_class.decode(row["input_ids"]) for row in trainer.train_dataset]
     assert len(prompts) == 70
-    # The tiny recipe gives capital and followup half shares and upper a double one: 70 = 7 units of 10.
-    assert sum("Repeat after me:" in text for text in prompts) == 10
+    # The tiny recipe gives quote, speaker, capital and followup half shares and copy and upper double ones:
+    # 70 = 7 units of 10.
+    assert sum("Repeat after me:" in text for text in prompts) == 20
     assert sum('Say "' in text and "in capital letters" in text for text in prompts) == 20
+    assert sum("Complete this Shakespeare quote:" in text for text in prompts) == 5
 
 
 def test_ctrl_c_before_training_says_to_run_the_same_command_again(tiny_run, tmp_path):

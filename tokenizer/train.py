@@ -124,9 +124,6 @@ def compression_stats(tokenizer, texts: list[str], tokenizer_type: str) -> dict:
     return stats
 
 
-# What --preset's tokenizer.yaml and the flags fill (tests parse every preset's recipe with it).
-
-
 def main(argv: list[str] | None = None) -> Path:
     args, config_file = parse_config("tokenizer", (TokenizerArguments,), argv)
     if args.vocab_size < minimum_vocab_size(args.tokenizer_type):
