@@ -171,8 +171,9 @@ def stage_command(
     else:
         cmd += task_flags
     mix = run / runs.DATA_DIR / SFT_MIX_FILE
-    if stage == "sft" and with_facts and mix.is_file():
-        # Mixed training: the facts prose beside the chat rows keeps SFT from overwriting what pretraining stored.
+    if stage in ("sft", "dpo") and with_facts and mix.is_file():
+        # Mixed training: the facts prose beside the chat rows keeps SFT (and DPO, as a language-modelling term in
+        # its loss) from overwriting what pretraining stored.
         # Not the sums' steps table: in SFT's windows it took capital transfer (validation countries 34% -> 24%)
         # and gave the sums nothing (64% -> 60% of validation sums); pretraining alone stores it.
         cmd += ["--mix_text_file", str(mix)]

@@ -30,6 +30,18 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.ppo import PPOConfig  # noqa: E402
 
 
+def check_mix_text(path: str | None, window: int) -> None:
+    """--mix_text_file and --mix_text_window (SFT's and DPO's), refused before any folder is made."""
+    if path and Path(path).is_dir():
+        raise ValueError(f"--mix_text_file {path} is a folder: name a text file")
+    if path and not Path(path).is_file():
+        raise ValueError(f"--mix_text_file {path}: no such file")
+    if path:
+        data.check_utf8(Path(path), "--mix_text_file")
+    if window < 2:
+        raise ValueError(f"--mix_text_window must be at least 2, got {window}")
+
+
 # pipeline/sft.py
 @dataclass
 class SFTArguments(StageArguments):
@@ -75,16 +87,9 @@ class SFTArguments(StageArguments):
             raise ValueError(f"--chat_format {self.chat_format}: choose from {', '.join(chat_format.FORMATS)}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.mix_text_file and Path(self.mix_text_file).is_dir():  # refuse before any folder is made
-            raise ValueError(f"--mix_text_file {self.mix_text_file} is a folder: name a text file")
-        if self.mix_text_file and not Path(self.mix_text_file).is_file():
-            raise ValueError(f"--mix_text_file {self.mix_text_file}: no such file")
-        if self.mix_text_file:
-            data.check_utf8(Path(self.mix_text_file), "--mix_text_file")
+        check_mix_text(self.mix_text_file, self.mix_text_window)
         if not 0 <= self.mix_text_fraction < 1:
             raise ValueError(f"--mix_text_fraction must be in [0, 1), got {self.mix_text_fraction}")
-        if self.mix_text_window < 2:
-            raise ValueError(f"--mix_text_window must be at least 2, got {self.mix_text_window}")
 
 
 # TRL 1.12's SFT losses; it names a wrong one only once the trainer is built, in a traceback.
@@ -214,11 +219,29 @@ class DPOArguments(StageArguments):
         metadata={"help": "Share of the given pairs held out and scored at the end (and as eval during training)."},
     )
     resume: bool = arguments.resume_field()
+    mix_text_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Plain text (e.g. pretraining's facts prose) whose language-modelling loss is added to DPO's at every training step, so the preference training does not overwrite what pretraining stored; default none."
+        },
+    )
+    mix_text_weight: float = field(
+        default=1.0, metadata={"help": "Weight of that loss (its mean per token) in the sum with DPO's."}
+    )
+    mix_text_rows: int = field(default=8, metadata={"help": "--mix_text_file windows per training step."})
+    mix_text_window: int = field(
+        default=64, metadata={"help": "Tokens per --mix_text_file window (capped at the context)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        check_mix_text(self.mix_text_file, self.mix_text_window)
+        if not (math.isfinite(self.mix_text_weight) and self.mix_text_weight >= 0):
+            raise ValueError(f"--mix_text_weight must be a finite number >= 0, got {self.mix_text_weight:g}")
+        if self.mix_text_rows < 1:
+            raise ValueError(f"--mix_text_rows must be at least 1, got {self.mix_text_rows}")
 
 
 # TRL 1.12's DPO losses; it names a wrong one only at the first training step, in a traceback.

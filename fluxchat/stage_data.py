@@ -64,16 +64,9 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required:
     return Dataset.from_dict(columns), counts
 
 
-def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int, seed: int):
-    """`train_set` plus language-modelling rows of a plain text, so that they carry `fraction` of the loss tokens.
-
-    Each row is a random window of `window` tokens of the text, its labels all its ids (loss on every token, no
-    chat tokens). Mixing the prose that states facts with the chat data during fine-tuning ("mixed training",
-    Allen-Zhu & Li, Physics of Language Models 3.1) keeps SFT from overwriting what pretraining stored and lets
-    questions about some entities teach extraction for the others. The share counts loss tokens, not rows:
-    a chat row carries ~10 reply tokens, a text window all of its tokens, so 30% of the rows as full-context
-    windows made ~90% of the loss prose and the model lost the copy/upper tasks (issue 14).
-    Returns (dataset, number of text rows)."""
+def read_mix_text(tokenizer, path: str) -> list[int]:
+    """The ids of --mix_text_file's text (SFT's mixed rows, DPO's language-modelling term); a one-line error when
+    it cannot be read or holds no text."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as handle:
             text = handle.read()
@@ -84,6 +77,20 @@ def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int,
     ids = chat_format.encode_text(tokenizer, text)
     if len(ids) < 2:
         fail(f"--mix_text_file {path}: no text to mix in")
+    return ids
+
+
+def mix_text_rows(train_set, tokenizer, path: str, fraction: float, window: int, seed: int):
+    """`train_set` plus language-modelling rows of a plain text, so that they carry `fraction` of the loss tokens.
+
+    Each row is a random window of `window` tokens of the text, its labels all its ids (loss on every token, no
+    chat tokens). Mixing the prose that states facts with the chat data during fine-tuning ("mixed training",
+    Allen-Zhu & Li, Physics of Language Models 3.1) keeps SFT from overwriting what pretraining stored and lets
+    questions about some entities teach extraction for the others. The share counts loss tokens, not rows:
+    a chat row carries ~10 reply tokens, a text window all of its tokens, so 30% of the rows as full-context
+    windows made ~90% of the loss prose and the model lost the copy/upper tasks (issue 14).
+    Returns (dataset, number of text rows)."""
+    ids = read_mix_text(tokenizer, path)
     window = min(window, len(ids))
     reply_tokens = sum(len(labels) - labels.count(IGNORE_INDEX) for labels in train_set["labels"])
     n_rows = max(1, round(reply_tokens * fraction / (1 - fraction) / window))

@@ -5,6 +5,7 @@ frozen copy of itself, with no reward model and no sampling (TRL DPOTrainer).
     python pipeline/dpo.py --preset tiny --run_name demo --dataset builtin ../shared/data/pref/hh-rlhf_helpful-base_test.jsonl.gz
     python pipeline/dpo.py --preset tiny --run_name demo --dataset runs/demo/feedback.jsonl --beta 0.2
     python pipeline/dpo.py --preset tiny --run_name demo --use_peft          # LoRA policy; the reference is the adapter switched off
+    python pipeline/dpo.py --preset tiny --run_name demo --mix_text_file runs/demo/data/facts_mix.txt   # + its LM loss
 
 Reads runs/<run_name>/sft (or --model_name_or_path): the policy, and again as the reference model.
 Pairs: the built-in tasks' train pairs, hh-rlhf transcripts, TRL preference files (explicit or implicit
@@ -16,6 +17,7 @@ runs/<run_name>/dpo.
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from pathlib import Path
@@ -32,10 +34,35 @@ from fluxchat.stage_arguments import ARGUMENTS
 
 class RenderedDPOTrainer(DPOTrainer):
     """DPOTrainer on pairs already tokenized by `stage_data.dpo_pair_dataset`: TRL would render them with the Jinja
-    template, which turns typed control-token spellings into control tokens and ends each reply with the separator."""
+    template, which turns typed control-token spellings into control tokens and ends each reply with the separator.
+
+    With `mix_text` (the ids of --mix_text_file) every training step adds the language-modelling loss of
+    `mix_rows` random windows of that text, times `mix_weight`: InstructGPT's PPO-ptx term, for DPO. The chain
+    mixes in the facts prose, as SFT does; without it DPO reshuffled the facts the chat recalls only just (issue
+    14: on validation countries, follow-up questions 86.4% after SFT, 77.6% and 79.6% after DPO for two seeds)."""
+
+    def __init__(self, *args, mix_text=None, mix_weight: float = 1.0, mix_rows: int = 8, mix_window: int = 64, **kw):
+        super().__init__(*args, **kw)
+        self.mix_text, self.mix_weight, self.mix_rows = mix_text or [], mix_weight, mix_rows
+        self.mix_window = min(mix_window, len(self.mix_text), self.args.max_length)
+        # Each process draws its own windows; a resumed run draws afresh (a random sample of the text either way).
+        self.mix_rng = random.Random(f"{self.args.seed}:dpo_mix_text:{self.accelerator.process_index}")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not (self.mix_text and self.mix_weight and model.training):  # evaluation scores the pairs alone
+            return out
+        starts = [self.mix_rng.randrange(len(self.mix_text) - self.mix_window + 1) for _ in range(self.mix_rows)]
+        ids = torch.tensor([self.mix_text[s : s + self.mix_window] for s in starts], device=self.accelerator.device)
+        text_loss = model(input_ids=ids, labels=ids).loss
+        self._metrics["train"]["mix_text_loss"].append(text_loss.item())  # logged with TRL's own DPO metrics
+        if return_outputs:
+            loss, outputs = out
+            return loss + self.mix_weight * text_loss, outputs
+        return out + self.mix_weight * text_loss
 
 
 def _sequence_logps(model, inputs) -> torch.Tensor:
@@ -114,6 +141,7 @@ def main(argv: list[str] | None = None) -> Path:
         stage_data.dpo_pair_dataset(tokenizer, builtin_pairs, args.max_length) if builtin_pairs else (None, {}, [])
     )
     examples = stage_data.task_examples(script_args)
+    mix_text = stage_data.read_mix_text(tokenizer, script_args.mix_text_file) if script_args.mix_text_file else None
 
     policy = loading.load_causal_lm(sft_path, tokenizer)  # before writing anything: a broken input leaves no trace
     # The reference is the SFT model reloaded from its folder: a separate object (TRL refuses the policy itself).
@@ -141,7 +169,16 @@ def main(argv: list[str] | None = None) -> Path:
         eval_dataset=heldout_set if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=peft_config,
+        mix_text=mix_text,
+        mix_weight=script_args.mix_text_weight,
+        mix_rows=script_args.mix_text_rows,
+        mix_window=script_args.mix_text_window,
     )
+    if mix_text and script_args.mix_text_weight:
+        training.logger.info(
+            f"dpo: plus the language-modelling loss of {script_args.mix_text_file} ({len(mix_text)} tokens) at weight "
+            f"{script_args.mix_text_weight:g}, {trainer.mix_rows} windows of {trainer.mix_window} tokens a step"
+        )
     training.use_dense_progress(trainer)
     start = time.perf_counter()
     result = training.train(trainer, run)

@@ -44,6 +44,11 @@ def sft_model(tiny_chat_chain):
     return tiny_chat_chain / "sft"
 
 
+def _write_text(path, text):
+    path.write_text(text)
+    return path
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -218,6 +223,30 @@ def test_dpo_with_lora_measures_against_the_adapter_switched_off(sft_model, tmp_
     assert (output / "stage_complete.json").is_file() and not (output / "adapter_config.json").exists()
 
 
+def test_the_text_mix_adds_its_language_modelling_loss_at_its_weight(sft_model, tmp_path, capsys):
+    """--mix_text_file: each training step's loss is DPO's plus --mix_text_weight times the language-modelling loss
+    of --mix_text_rows windows of the text. The first logged step is computed before any update, so against the
+    same run without the text the loss differs by exactly weight x that step's text loss."""
+    text = tmp_path / "facts.txt"
+    text.write_text(tasks.facts_corpus(table_repeats=0)[:20000])
+    argv = [*DPO_FAST, "--max_steps", 1, "--logging_steps", 1, "--eval_strategy", "no", "--eval_examples", 0]
+    argv += ["--model_name_or_path", sft_model]
+    logs = {}
+    for name, extra in (
+        ("plain", []),
+        ("mixed", ["--mix_text_file", text, "--mix_text_weight", 3, "--mix_text_rows", 4]),
+    ):
+        code, error = run_main(dpo.main, [*argv, *extra, "--output_dir", tmp_path / name])
+        assert code == 0, error
+        history = json.loads((tmp_path / name / "log_history.json").read_text())
+        logs[name] = next(entry for entry in history if "loss" in entry)
+    text_loss = logs["mixed"]["mix_text_loss"]
+    assert "mix_text_loss" not in logs["plain"] and 0.5 < text_loss < 10  # a trained model's loss on prose
+    assert logs["mixed"]["loss"] - logs["plain"]["loss"] == pytest.approx(3 * text_loss, rel=1e-3, abs=1e-3)
+    train_log = (tmp_path / "mixed" / "train.log").read_text()
+    assert f"plus the language-modelling loss of {text}" in train_log and "4 windows of 64 tokens a step" in train_log
+
+
 def test_a_policy_that_has_not_moved_says_its_pairs_tie(sft_model, tmp_path, capsys):
     """One step, all of it in warm-up (learning rate 0): the policy is its reference and every margin is 0. Ties
     are not ranked right, so 0.0%; the line says they tied, where "0.0% [0.0%, ...]" alone read as every pair
@@ -243,6 +272,14 @@ def test_bad_inputs_are_one_line_and_write_nothing(sft_model, isolated_runs, tmp
     assert code == 2 and "--beta must be > 0" in error
     code, error = run_main(dpo.main, [*base, "--loss_type", "sigmoid", "hingee", "--loss_weights", 1, 1])
     assert code == 2 and "--loss_type hingee: choose from sigmoid, hinge" in error  # TRL: at the first step
+    for flags, message in (
+        (["--mix_text_file", tmp_path / "none.txt"], f"--mix_text_file {tmp_path / 'none.txt'}: no such file"),
+        (["--mix_text_weight", -1], "--mix_text_weight must be a finite number >= 0, got -1"),
+        (["--mix_text_rows", 0], "--mix_text_rows must be at least 1, got 0"),
+        (["--mix_text_file", _write_text(tmp_path / "blank.txt", " \n\n")], "no text to mix in (only whitespace)"),
+    ):
+        code, error = run_main(dpo.main, [*base, *flags])
+        assert code == 2 and message in error and "\n" not in error, error
     code, error = run_main(dpo.main, ["--preset", "tiny", "--run_name", "nosft"])
     assert code == 2 and "pipeline/sft.py" in error and "nosft" in error
     assert not (isolated_runs / "bad").exists() and not (isolated_runs / "nosft" / "dpo").exists()
@@ -256,6 +293,9 @@ def test_dpo_on_two_processes_trains_with_the_recipe(sft_model, tmp_path):
 
     output = tmp_path / "dpo-ddp"
     argv = [*DPO_FAST, "--max_steps", 2, "--eval_examples", 7, "--eval_strategy", "no"]
+    mix = tmp_path / "facts.txt"  # the chain's text mix: a second forward pass before DDP's backward
+    mix.write_text(tasks.facts_corpus(table_repeats=0)[:20000])
+    argv += ["--mix_text_file", mix, "--logging_steps", 1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
     cmd += [REPO / "pipeline" / "dpo.py", *argv, "--model_name_or_path", sft_model, "--output_dir", output]
     result = run_script(*cmd, timeout=300)
@@ -265,3 +305,5 @@ def test_dpo_on_two_processes_trains_with_the_recipe(sft_model, tmp_path):
         json.loads((output / "stage_complete.json").read_text())["global_step"] == 2
         and result.stdout.count("dpo done") == 1
     )
+    history = json.loads((output / "log_history.json").read_text())
+    assert sum("mix_text_loss" in entry for entry in history) == 2

@@ -90,9 +90,10 @@ def test_offline_chain_stopped_by_ctrl_c_continues(isolated_runs):
     assert "loss_type=None" not in result.stderr  # GPT-2's class name, not a setting anyone made
     assert "Passing `generation_config` together" not in result.stderr  # TRL's PPO calling generate(), not ours
     assert "pipeline/pretrain.py" in out and "--resume" in out.split("== pretrain:")[1].splitlines()[0]
-    # SFT mixes the facts prose without the steps table that pretraining read
-    sft_line = out.split("== sft:")[1].splitlines()[0]
-    assert sft_line.split("--mix_text_file ")[1].split()[0].endswith("data/facts_mix.txt")
+    # SFT and DPO mix in the facts prose without the steps table that pretraining read
+    for stage in ("sft", "dpo"):
+        line = out.split(f"== {stage}:")[1].splitlines()[0]
+        assert line.split("--mix_text_file ")[1].split()[0].endswith("data/facts_mix.txt"), line
     data_dir = runs.run_dir("chain") / runs.DATA_DIR
     assert "7+8=15." in (data_dir / "facts.txt").read_text() and "=" not in (data_dir / "facts_mix.txt").read_text()
     summary = json.loads((runs.run_dir("chain") / "summary.json").read_text())
