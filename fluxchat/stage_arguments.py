@@ -37,7 +37,10 @@ def check_mix_text(path: str | None, window: int) -> None:
     if path and not Path(path).is_file():
         raise ValueError(f"--mix_text_file {path}: no such file")
     if path:
-        data.check_utf8(Path(path), "--mix_text_file")
+        try:
+            data.check_utf8(Path(path), "--mix_text_file")
+        except OSError as err:  # a file it may not read: a one-line error, not a traceback
+            raise ValueError(f"--mix_text_file {path}: cannot read it ({err.strerror or err})") from None
     if window < 2:
         raise ValueError(f"--mix_text_window must be at least 2, got {window}")
 

@@ -58,7 +58,8 @@ class RenderedDPOTrainer(DPOTrainer):
         starts = [self.mix_rng.randrange(len(self.mix_text) - self.mix_window + 1) for _ in range(self.mix_rows)]
         ids = torch.tensor([self.mix_text[s : s + self.mix_window] for s in starts], device=self.accelerator.device)
         text_loss = model(input_ids=ids, labels=ids).loss
-        self._metrics["train"]["mix_text_loss"].append(text_loss.item())  # logged with TRL's own DPO metrics
+        # Logged with TRL's own DPO metrics, averaged over the processes as they are. The logged `loss` is the sum.
+        self._metrics["train"]["mix_text_loss"].append(self.accelerator.gather(text_loss.detach()[None]).mean().item())
         if return_outputs:
             loss, outputs = out
             return loss + self.mix_weight * text_loss, outputs

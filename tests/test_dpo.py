@@ -44,11 +44,6 @@ def sft_model(tiny_chat_chain):
     return tiny_chat_chain / "sft"
 
 
-def _write_text(path, text):
-    path.write_text(text)
-    return path
-
-
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -243,6 +238,9 @@ def test_the_text_mix_adds_its_language_modelling_loss_at_its_weight(sft_model, 
     text_loss = logs["mixed"]["mix_text_loss"]
     assert "mix_text_loss" not in logs["plain"] and 0.5 < text_loss < 10  # a trained model's loss on prose
     assert logs["mixed"]["loss"] - logs["plain"]["loss"] == pytest.approx(3 * text_loss, rel=1e-3, abs=1e-3)
+    # and it trains: the one update differs from the plain run's (a term added without its gradient would not)
+    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / name).lm_head.weight for name in ("plain", "mixed")]
+    assert not torch.equal(*weights)
     train_log = (tmp_path / "mixed" / "train.log").read_text()
     assert f"plus the language-modelling loss of {text}" in train_log and "4 windows of 64 tokens a step" in train_log
 
@@ -272,11 +270,16 @@ def test_bad_inputs_are_one_line_and_write_nothing(sft_model, isolated_runs, tmp
     assert code == 2 and "--beta must be > 0" in error
     code, error = run_main(dpo.main, [*base, "--loss_type", "sigmoid", "hingee", "--loss_weights", 1, 1])
     assert code == 2 and "--loss_type hingee: choose from sigmoid, hinge" in error  # TRL: at the first step
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\n")
     for flags, message in (
         (["--mix_text_file", tmp_path / "none.txt"], f"--mix_text_file {tmp_path / 'none.txt'}: no such file"),
         (["--mix_text_weight", -1], "--mix_text_weight must be a finite number >= 0, got -1"),
         (["--mix_text_rows", 0], "--mix_text_rows must be at least 1, got 0"),
-        (["--mix_text_file", _write_text(tmp_path / "blank.txt", " \n\n")], "no text to mix in (only whitespace)"),
+        (["--mix_text_file", tmp_path], f"--mix_text_file {tmp_path} is a folder: name a text file"),
+        (["--mix_text_file", blank], f"--mix_text_file {blank}: no text to mix in (only whitespace)"),
+        (["--mix_text_weight", "nan"], "--mix_text_weight must be a finite number >= 0, got nan"),
+        (["--mix_text_window", 1], "--mix_text_window must be at least 2, got 1"),
     ):
         code, error = run_main(dpo.main, [*base, *flags])
         assert code == 2 and message in error and "\n" not in error, error
