@@ -225,13 +225,15 @@ class DPOArguments(StageArguments):
     mix_text_file: str | None = field(
         default=None,
         metadata={
-            "help": "Plain text (e.g. pretraining's facts prose) whose language-modelling loss is added to DPO's at every training step, so the preference training does not overwrite what pretraining stored; default none."
+            "help": "Plain text (e.g. pretraining's facts prose) whose language-modelling loss is added to DPO's on every batch of pairs, so the preference training does not overwrite what pretraining stored; default none."
         },
     )
     mix_text_weight: float = field(
         default=1.0, metadata={"help": "Weight of that loss (its mean per token) in the sum with DPO's."}
     )
-    mix_text_rows: int = field(default=8, metadata={"help": "--mix_text_file windows per training step."})
+    mix_text_rows: int = field(
+        default=8, metadata={"help": "--mix_text_file windows per batch of pairs (per gradient-accumulation step)."}
+    )
     mix_text_window: int = field(
         default=64, metadata={"help": "Tokens per --mix_text_file window (capped at the context)."}
     )

@@ -36,7 +36,7 @@ class RenderedDPOTrainer(DPOTrainer):
     """DPOTrainer on pairs already tokenized by `stage_data.dpo_pair_dataset`: TRL would render them with the Jinja
     template, which turns typed control-token spellings into control tokens and ends each reply with the separator.
 
-    With `mix_text` (the ids of --mix_text_file) every training step adds the language-modelling loss of
+    With `mix_text` (the ids of --mix_text_file) every training batch of pairs adds the language-modelling loss of
     `mix_rows` random windows of that text, times `mix_weight`: InstructGPT's PPO-ptx term, for DPO. The chain
     mixes in the facts prose, as SFT does; without it DPO reshuffled the facts the chat recalls only just (issue
     14: on validation countries, follow-up questions 86.4% after SFT, 77.6% and 79.6% after DPO for two seeds)."""
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
     if mix_text and script_args.mix_text_weight:
         training.logger.info(
             f"dpo: plus the language-modelling loss of {script_args.mix_text_file} ({len(mix_text)} tokens) at weight "
-            f"{script_args.mix_text_weight:g}, {trainer.mix_rows} windows of {trainer.mix_window} tokens a step"
+            f"{script_args.mix_text_weight:g}, {trainer.mix_rows} windows of {trainer.mix_window} tokens a batch of pairs"
         )
     training.use_dense_progress(trainer)
     start = time.perf_counter()

@@ -242,7 +242,10 @@ def test_the_text_mix_adds_its_language_modelling_loss_at_its_weight(sft_model, 
     weights = [AutoModelForCausalLM.from_pretrained(tmp_path / name).lm_head.weight for name in ("plain", "mixed")]
     assert not torch.equal(*weights)
     train_log = (tmp_path / "mixed" / "train.log").read_text()
-    assert f"plus the language-modelling loss of {text}" in train_log and "4 windows of 64 tokens a step" in train_log
+    assert (
+        f"plus the language-modelling loss of {text}" in train_log
+        and "4 windows of 64 tokens a batch of pairs" in train_log
+    )
 
 
 def test_a_policy_that_has_not_moved_says_its_pairs_tie(sft_model, tmp_path, capsys):
