@@ -38,8 +38,9 @@ class RenderedDPOTrainer(DPOTrainer):
 
     With `mix_text` (the ids of --mix_text_file) every training batch of pairs adds the language-modelling loss of
     `mix_rows` random windows of that text, times `mix_weight`: InstructGPT's PPO-ptx term, for DPO. The chain
-    mixes in the facts prose, as SFT does; without it DPO reshuffled the facts the chat recalls only just (issue
-    14: on validation countries, follow-up questions 86.4% after SFT, 77.6% and 79.6% after DPO for two seeds)."""
+    mixes in the facts prose, as SFT does; without it DPO answered follow-up questions with another country's city
+    or a garbled figure (issue 14: on validation countries 86.4% right after SFT, 77.6% and 79.6% after DPO for two
+    seeds)."""
 
     def __init__(self, *args, mix_text=None, mix_weight: float = 1.0, mix_rows: int = 8, mix_window: int = 64, **kw):
         super().__init__(*args, **kw)
