@@ -17,7 +17,7 @@ from datasets import Dataset, concatenate_datasets
 
 from fluxchat import chat_format, formats, runs, tasks
 from fluxchat.arguments import StageArguments
-from fluxchat.cli import UsageError, fail
+from fluxchat.cli import UsageError, fail, main_process
 
 FIT_LIMIT = "the model's context, or --max_length if lower"  # what "fits in N tokens" measures, in the errors
 IGNORE_INDEX = -100  # a label the loss skips (torch's cross-entropy default, what TRL and transformers use)
@@ -62,6 +62,20 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required:
             f"no conversation fits in {max_length} tokens ({FIT_LIMIT}) ({counts}): use shorter data or a model with a longer context"
         )
     return Dataset.from_dict(columns), counts
+
+
+def note_no_mix_text(script_args, name: str) -> None:
+    """A text mix set away from its default (`name`: SFT's mix_text_fraction, DPO's mix_text_weight) by a recipe or
+    a flag, with no --mix_text_file, mixes in nothing: say so, as for LoRA settings without --use_peft. The tiny
+    recipes ask for the facts prose that run_all.py passes; the same stage typed without it trained unmixed, unsaid."""
+    amount = getattr(script_args, name)
+    default = next(f.default for f in dataclasses.fields(script_args) if f.name == name)
+    if not script_args.mix_text_file and amount and amount != default and main_process():
+        print(
+            f"note: --{name} {amount:g} mixes in nothing without --mix_text_file: give one (run_all.py gives the "
+            f"run's {runs.DATA_DIR}/facts_mix.txt), or --{name} 0",
+            file=sys.stderr,
+        )
 
 
 def read_mix_text(tokenizer, path: str) -> list[int]:

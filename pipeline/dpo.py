@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
         stage_data.dpo_pair_dataset(tokenizer, builtin_pairs, args.max_length) if builtin_pairs else (None, {}, [])
     )
     examples = stage_data.task_examples(script_args)
+    stage_data.note_no_mix_text(script_args, "mix_text_weight")
     mix_text = stage_data.read_mix_text(tokenizer, script_args.mix_text_file) if script_args.mix_text_file else None
 
     policy = loading.load_causal_lm(sft_path, tokenizer)  # before writing anything: a broken input leaves no trace

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> Path:
                 file=sys.stderr,
             )
     train_set, counts = stage_data.sft_dataset(tokenizer, conversations, args.max_length)
+    stage_data.note_no_mix_text(script_args, "mix_text_fraction")
     if script_args.mix_text_file and script_args.mix_text_fraction:
         train_set, counts["text_rows"] = stage_data.mix_text_rows(
             train_set,

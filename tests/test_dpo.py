@@ -226,7 +226,7 @@ def test_the_text_mix_adds_its_language_modelling_loss_at_its_weight(sft_model, 
     text.write_text(tasks.facts_corpus(table_repeats=0)[:20000])
     argv = [*DPO_FAST, "--max_steps", 1, "--logging_steps", 1, "--eval_strategy", "no", "--eval_examples", 0]
     argv += ["--model_name_or_path", sft_model]
-    logs = {}
+    logs, notes = {}, {}
     for name, extra in (
         ("plain", []),
         ("mixed", ["--mix_text_file", text, "--mix_text_weight", 3, "--mix_text_rows", 4]),
@@ -235,6 +235,10 @@ def test_the_text_mix_adds_its_language_modelling_loss_at_its_weight(sft_model, 
         assert code == 0, error
         history = json.loads((tmp_path / name / "log_history.json").read_text())
         logs[name] = next(entry for entry in history if "loss" in entry)
+        notes[name] = capsys.readouterr().err
+    # The recipe's weight (10) with no file to mix in does nothing: the stage says so, and only then.
+    note = "note: --mix_text_weight 10 mixes in nothing without --mix_text_file: give one (run_all.py gives the run's data/facts_mix.txt)"
+    assert note in notes["plain"] and "--mix_text_weight" not in notes["mixed"]
     text_loss = logs["mixed"]["mix_text_loss"]
     assert "mix_text_loss" not in logs["plain"] and 0.5 < text_loss < 10  # a trained model's loss on prose
     assert logs["mixed"]["loss"] - logs["plain"]["loss"] == pytest.approx(3 * text_loss, rel=1e-3, abs=1e-3)

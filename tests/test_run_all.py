@@ -2,9 +2,11 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -364,3 +366,53 @@ def test_an_evaluation_older_than_a_stage_is_made_again_and_the_summary_keeps_ea
         "note: --stage_args pretrain:--max_steps=2 not applied: pretrain is finished and is skipped; add "
         "pretrain:--overwrite to train it again with them"
     ) in capsys.readouterr().out
+
+
+def _readme_chain_by_hand() -> dict[str, list[str]]:
+    """The README's "same chain by hand" block: each stage's arguments, by the script it runs."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("The same chain by hand")[1].split("```bash\n")[1].split("```")[0]
+    commands = {}
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line.split(" #")[0])
+        script = next((w for w in words if w.endswith(".py")), None)
+        if script and script.startswith("pipeline/") and Path(script).stem in runs.STAGES:
+            commands.setdefault(Path(script).stem, words[words.index(script) + 1 :])
+    return commands
+
+
+def _values_after(flag: str, argv: list[str]) -> list[str]:
+    if flag not in argv:
+        return []
+    values = argv[argv.index(flag) + 1 :]
+    return values[: next((i for i, word in enumerate(values) if word.startswith("--")), len(values))]
+
+
+def test_the_readme_chain_by_hand_is_the_chain_run_all_runs(isolated_runs, tmp_path, monkeypatch):
+    """Each training stage of the README's by-hand chain parses as the stage parses its flags, and gives the data
+    run_all gives it: the facts text to pretraining, the facts prose mixed into SFT and DPO. The by-hand lines had
+    neither, so SFT and DPO trained without the recipes' text mix, and pretraining without the facts, unsaid."""
+    from fluxchat.config import parse_config
+    from fluxchat.stage_arguments import ARGUMENTS  # imports TRL (seconds): only this test parses stage flags
+
+    by_hand = _readme_chain_by_hand()
+    assert set(by_hand) == {"pretrain", "sft", "reward", "ppo", "grpo", "dpo"}
+    corpus_files, task_flags = chain.prepare_corpus(
+        runs.run_dir("demo") / runs.DATA_DIR, None, "tinyshakespeare", True
+    )
+    for stage, argv in by_hand.items():
+        ours = chain.stage_command(stage, "demo", "tiny", None, corpus_files, task_flags, [], True)
+        for flag in ("--train_file", "--mix_text_file"):
+            # The README's paths from the project folder: runs/ is the run folder's parent, here a test's own.
+            readme_paths = [
+                isolated_runs.joinpath(*Path(v).parts[1:]) if v.startswith("runs/") else REPO / v
+                for v in _values_after(flag, argv)
+            ]
+            assert readme_paths == [Path(v) for v in _values_after(flag, ours)], (stage, flag, argv)
+    # Parsed where the README's relative paths lead: its recipes, the shipped corpus, the run's data folder.
+    for name in ("configs", "data"):
+        (tmp_path / name).symlink_to(REPO / name)
+    assert isolated_runs == tmp_path / "runs"  # the README's runs/demo/data/, from this folder
+    monkeypatch.chdir(tmp_path)
+    for stage, argv in by_hand.items():
+        parse_config(stage, ARGUMENTS[stage], argv)  # raises UsageError on an unknown flag or a missing file

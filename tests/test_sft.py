@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fluxchat import chat_format, runs
+from fluxchat import chat_format, runs, stage_data
 from pipeline import sft
 from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
 
@@ -152,6 +152,8 @@ def test_sft_by_run_dir_learns_the_format_and_saves_a_chat_model(tiny_run, isola
     # not yet ending their turn in one run of 2026-12-05.
     code, error = run_main(sft.main, [*base, *FAST, "--max_steps", 60, "--eval_steps", 30, "--save_steps", 30])
     assert code == 0, error
+    # The recipe mixes 60% facts text into the loss tokens; by hand, without the file run_all passes, it says it cannot.
+    assert "note: --mix_text_fraction 0.6 mixes in nothing without --mix_text_file" in capsys.readouterr().err
     stage = isolated_runs / "demo" / "sft"
     for name in (
         "model.safetensors",
@@ -235,7 +237,7 @@ def test_missing_pretrained_model_is_one_line_naming_the_command(isolated_runs):
 
 
 def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_tokens(
-    tiny_run, isolated_runs, tmp_path, recorded_trainer
+    tiny_run, isolated_runs, tmp_path, recorded_trainer, capsys
 ):
     _copy_run(tiny_run, isolated_runs, "mix")
     data_file = tmp_path / "chat.jsonl"
@@ -267,6 +269,7 @@ def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_t
         ],
     )
     assert code == 0, error
+    assert "--mix_text_fraction" not in capsys.readouterr().err  # no note: the text is mixed in
     trainer = recorded_trainer["trainer"]
     tokenizer = trainer.processing_class
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
@@ -282,6 +285,18 @@ def test_mixed_text_rows_carry_loss_on_every_token_and_their_share_of_the_loss_t
         assert labels == input_ids  # loss on every token, no chat tokens
         assert len(input_ids) == 8
         assert " ".join(tokenizer.decode(input_ids).split()[1:-1]) in text
+
+
+def test_a_text_mix_without_its_file_is_noted_where_a_recipe_or_flag_set_it(capsys, monkeypatch):
+    """As LoRA settings without --use_peft: only a fraction moved from its default says it mixes in nothing, once."""
+    from fluxchat.stage_arguments import SFTArguments  # imports TRL (seconds): only this test needs the class
+
+    for fraction, noted in ((0.3, False), (0.0, False), (0.6, True)):  # 0.3: the default, 0.6: the tiny recipe's
+        stage_data.note_no_mix_text(SFTArguments(mix_text_fraction=fraction), "mix_text_fraction")
+        assert ("--mix_text_fraction" in capsys.readouterr().err) == noted, fraction
+    monkeypatch.setenv("RANK", "1")  # another process of a multi-process run: the main one says it
+    stage_data.note_no_mix_text(SFTArguments(mix_text_fraction=0.6), "mix_text_fraction")
+    assert capsys.readouterr().err == ""
 
 
 def test_missing_mix_text_file_is_one_line(isolated_runs, tmp_path):
