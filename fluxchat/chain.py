@@ -21,6 +21,7 @@ RUN_LEVEL = ("evaluate", REPORT)  # steps that write into the run folder itself,
 CORPORA = ("tinyshakespeare", "embedded")
 FACTS_FILE = "facts.txt"  # pretraining: the facts text, steps table included
 FACTS_MIX_FILE = "facts_mix.txt"  # what SFT and DPO mix in: the same facts prose and dialogues, no steps table
+MIX_SETTING = {"sft": "mix_text_fraction", "dpo": "mix_text_weight"}  # how much of it each mixes in
 OFFLINE_TASKS = ("arithmetic", "copy", "upper", "capital", "followup")
 OWNED_FLAGS = ("run_name", "output_dir", "output_file")  # where a stage writes: the chain decides
 
@@ -171,12 +172,16 @@ def stage_command(
     else:
         cmd += task_flags
     mix = run / runs.DATA_DIR / FACTS_MIX_FILE
-    if stage in ("sft", "dpo") and with_facts and mix.is_file():
+    if stage in MIX_SETTING and with_facts and mix.is_file():
         # Mixed training: the facts prose beside the chat rows keeps SFT (and DPO, as a language-modelling term in
         # its loss) from overwriting what pretraining stored.
         # Not the sums' steps table: in SFT's windows it took capital transfer (validation countries 34% -> 24%)
         # and gave the sums nothing (64% -> 60% of validation sums); pretraining alone stores it.
         cmd += ["--mix_text_file", str(mix)]
+    elif stage in MIX_SETTING and not any(flag.split("=")[0] == "--mix_text_file" for flag in extra):
+        # No facts prose (--with_facts false, --corpus embedded) and no file of the user's: the recipe's mix is off,
+        # said on the command line rather than in the stage's note that a mix without its file does nothing.
+        cmd += [f"--{MIX_SETTING[stage]}", "0"]
     folder = runs.stage_dir(run_name, stage)
     if folder.exists() and not runs.is_finished(folder) and not redo(extra):  # interrupted earlier
         cmd += ["--resume"] if stage in runs.RESUMABLE and runs.latest_checkpoint(folder) else ["--overwrite"]

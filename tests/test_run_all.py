@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluxchat import chain, chat_format, launch, runs
-from pipeline import sft
+from pipeline import run_all, sft
 from tests.conftest import PYTHON, REPO, SHAKESPEARE, run_main, run_script
 from tokenizer import train
 
@@ -147,9 +147,6 @@ def test_offline_chain_stopped_by_ctrl_c_continues(isolated_runs):
 
 
 def test_embedded_corpus_option_and_bad_corpus_flags(isolated_runs, tmp_path):
-    from pipeline import run_all
-    from tests.conftest import run_main
-
     data_dir = tmp_path / "data"
     files, flags = chain.prepare_corpus(data_dir, None, "embedded", with_facts=True)
     assert files == [str(data_dir / "embedded_corpus.txt")] and flags == ["--tasks", *chain.OFFLINE_TASKS]
@@ -194,9 +191,6 @@ def test_a_finished_stage_is_redone_with_its_overwrite_flag(tiny_run, isolated_r
     """`--stage_args tokenizer:--overwrite` redoes a finished stage (before, it was skipped without a word) and says
     which later stages stay as they were."""
     import shutil
-
-    from pipeline import run_all
-    from tests.conftest import run_main
 
     shutil.copytree(tiny_run, isolated_runs / "redo")
     before = (isolated_runs / "redo" / "tokenizer" / "stage_complete.json").read_text()
@@ -334,9 +328,6 @@ def test_an_evaluation_older_than_a_stage_is_made_again_and_the_summary_keeps_ea
     --stage_args for a stage that does not run were dropped without a word."""
     import shutil
 
-    from pipeline import run_all
-    from tests.conftest import run_main
-
     shutil.copytree(tiny_run, isolated_runs / "stale")
     run = isolated_runs / "stale"
     argv = ["--run_name", "stale", "--stages", "evaluate", "--stage_args", "evaluate:--n_per_task=1"]
@@ -374,7 +365,7 @@ def _readme_chain_by_hand() -> dict[str, list[str]]:
     block = readme.split("The same chain by hand")[1].split("```bash\n")[1].split("```")[0]
     commands = {}
     for line in block.replace("\\\n", " ").splitlines():
-        words = shlex.split(line.split(" #")[0])
+        words = shlex.split(line, comments=True)
         script = next((w for w in words if w.endswith(".py")), None)
         if script and script.startswith("pipeline/") and Path(script).stem in runs.STAGES:
             commands.setdefault(Path(script).stem, words[words.index(script) + 1 :])
@@ -382,6 +373,7 @@ def _readme_chain_by_hand() -> dict[str, list[str]]:
 
 
 def _values_after(flag: str, argv: list[str]) -> list[str]:
+    argv = [part for word in argv for part in (word.split("=", 1) if word.startswith("--") else [word])]
     if flag not in argv:
         return []
     values = argv[argv.index(flag) + 1 :]
@@ -397,9 +389,12 @@ def test_the_readme_chain_by_hand_is_the_chain_run_all_runs(isolated_runs, tmp_p
 
     by_hand = _readme_chain_by_hand()
     assert set(by_hand) == {"pretrain", "sft", "reward", "ppo", "grpo", "dpo"}
-    corpus_files, task_flags = chain.prepare_corpus(
-        runs.run_dir("demo") / runs.DATA_DIR, None, "tinyshakespeare", True
-    )
+    # Its first line, as typed: the tokenizer, and the facts texts the later lines name.
+    code, error = run_main(run_all.main, ["--preset", "tiny", "--run_name", "demo", "--stages", "tokenizer"])
+    assert code == 0, error
+    data_dir = runs.run_dir("demo") / runs.DATA_DIR
+    assert (data_dir / chain.FACTS_FILE).is_file() and (data_dir / chain.FACTS_MIX_FILE).is_file()
+    corpus_files, task_flags = chain.prepare_corpus(data_dir, None, "tinyshakespeare", True, write=False)
     for stage, argv in by_hand.items():
         ours = chain.stage_command(stage, "demo", "tiny", None, corpus_files, task_flags, [], True)
         for flag in ("--train_file", "--mix_text_file"):
@@ -416,3 +411,16 @@ def test_the_readme_chain_by_hand_is_the_chain_run_all_runs(isolated_runs, tmp_p
     monkeypatch.chdir(tmp_path)
     for stage, argv in by_hand.items():
         parse_config(stage, ARGUMENTS[stage], argv)  # raises UsageError on an unknown flag or a missing file
+
+
+def test_without_the_facts_prose_the_chain_turns_the_recipes_text_mix_off(isolated_runs):
+    """--with_facts false (or --corpus embedded) leaves SFT and DPO no facts prose to mix in: their command lines say
+    the mix is off, where the tiny recipes' fraction and weight would each have printed that it mixes in nothing. A
+    file the user gives by --stage_args is theirs to mix."""
+    files, flags = chain.prepare_corpus(runs.run_dir("bare") / runs.DATA_DIR, None, "tinyshakespeare", False)
+    for stage, setting in (("sft", "--mix_text_fraction"), ("dpo", "--mix_text_weight")):
+        command = chain.stage_command(stage, "bare", "tiny", None, files, flags, [], False)
+        assert command[command.index(setting) + 1] == "0" and "--mix_text_file" not in command, command
+        given = ["--mix_text_file=mine.txt"]
+        assert setting not in chain.stage_command(stage, "bare", "tiny", None, files, flags, given, False)
+    assert "--mix_text_fraction" not in chain.stage_command("reward", "bare", "tiny", None, files, flags, [], False)
