@@ -19,8 +19,6 @@ REPORT = "report"  # after evaluate: every chat stage on the same held-out items
 CHAIN = (*SCRIPTS, "evaluate", REPORT)  # every step run_all can run, in order
 RUN_LEVEL = ("evaluate", REPORT)  # steps that write into the run folder itself, not a stage folder
 CORPORA = ("tinyshakespeare", "embedded")
-FACTS_FILE = "facts.txt"  # pretraining: the facts text, steps table included
-FACTS_MIX_FILE = "facts_mix.txt"  # what SFT and DPO mix in: the same facts prose and dialogues, no steps table
 MIX_SETTING = {"sft": "mix_text_fraction", "dpo": "mix_text_weight"}  # how much of it each mixes in
 OFFLINE_TASKS = ("arithmetic", "copy", "upper", "capital", "followup")
 OWNED_FLAGS = ("run_name", "output_dir", "output_file")  # where a stage writes: the chain decides
@@ -103,11 +101,11 @@ def prepare_corpus(
             print(f"note: {err}; pretraining on the embedded task corpus instead", flush=True)
             return embedded_corpus(data_dir, write)
     if with_facts:
-        path = data_dir / FACTS_FILE
+        path = data_dir / runs.FACTS_FILE
         if write and not path.is_file():
             runs.atomic_write_text(path, tasks.facts_corpus())
-        if write and not (data_dir / FACTS_MIX_FILE).is_file():
-            runs.atomic_write_text(data_dir / FACTS_MIX_FILE, tasks.facts_corpus(table_repeats=0))
+        if write and not (data_dir / runs.FACTS_MIX_FILE).is_file():
+            runs.atomic_write_text(data_dir / runs.FACTS_MIX_FILE, tasks.facts_corpus(table_repeats=0))
         files.append(str(path))
     return files, task_flags
 
@@ -171,7 +169,7 @@ def stage_command(
         cmd += ["--train_file", *corpus_files]
     else:
         cmd += task_flags
-    mix = run / runs.DATA_DIR / FACTS_MIX_FILE
+    mix = run / runs.DATA_DIR / runs.FACTS_MIX_FILE
     if stage in MIX_SETTING and with_facts and mix.is_file():
         # Mixed training: the facts prose beside the chat rows keeps SFT (and DPO, as a language-modelling term in
         # its loss) from overwriting what pretraining stored.

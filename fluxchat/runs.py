@@ -70,6 +70,8 @@ TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a c
 EVALUATION_FILE = "evaluation.json"  # pipeline/evaluate.py's report (in the model folder, or the run folder)
 SUMMARY_FILE = "summary.json"  # pipeline/run_all.py's per-stage summary, in the run folder
 DATA_DIR = "data"  # in the run folder: corpora pipeline/run_all.py writes for its stages
+FACTS_FILE = "facts.txt"  # in DATA_DIR, pretraining's: the facts text, steps table included
+FACTS_MIX_FILE = "facts_mix.txt"  # in DATA_DIR, what SFT and DPO mix in: the facts prose and dialogues, no steps table
 
 # Each stage's script, in chain order (run_all.py runs them; "run this first" errors name them).
 SCRIPTS = {

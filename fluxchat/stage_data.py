@@ -73,7 +73,7 @@ def note_no_mix_text(script_args, name: str) -> None:
     if not script_args.mix_text_file and amount and amount != default and main_process():
         print(
             f"note: --{name} {amount:g} mixes in nothing without --mix_text_file: give one (run_all.py gives the "
-            f"run's {runs.DATA_DIR}/facts_mix.txt), or --{name} 0",
+            f"run's {runs.DATA_DIR}/{runs.FACTS_MIX_FILE}), or --{name} 0",
             file=sys.stderr,
         )
 

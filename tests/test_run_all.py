@@ -393,7 +393,7 @@ def test_the_readme_chain_by_hand_is_the_chain_run_all_runs(isolated_runs, tmp_p
     code, error = run_main(run_all.main, ["--preset", "tiny", "--run_name", "demo", "--stages", "tokenizer"])
     assert code == 0, error
     data_dir = runs.run_dir("demo") / runs.DATA_DIR
-    assert (data_dir / chain.FACTS_FILE).is_file() and (data_dir / chain.FACTS_MIX_FILE).is_file()
+    assert (data_dir / runs.FACTS_FILE).is_file() and (data_dir / runs.FACTS_MIX_FILE).is_file()
     corpus_files, task_flags = chain.prepare_corpus(data_dir, None, "tinyshakespeare", True, write=False)
     for stage, argv in by_hand.items():
         ours = chain.stage_command(stage, "demo", "tiny", None, corpus_files, task_flags, [], True)
