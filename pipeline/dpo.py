@@ -46,8 +46,23 @@ class RenderedDPOTrainer(DPOTrainer):
         super().__init__(*args, **kw)
         self.mix_text, self.mix_weight, self.mix_rows = mix_text or [], mix_weight, mix_rows
         self.mix_window = min(mix_window, len(self.mix_text), self.args.max_length)
-        # Each process draws its own windows; a resumed run draws afresh (a random sample of the text either way).
+        # Each process draws its own windows; the generator is saved with each checkpoint (below).
         self.mix_rng = random.Random(f"{self.args.seed}:dpo_mix_text:{self.accelerator.process_index}")
+
+    def _mix_rng_file(self, checkpoint) -> Path:
+        return Path(checkpoint) / f"rng_state_mix_text_{self.args.process_index}.pth"
+
+    def _save_rng_state(self, output_dir):
+        # The Trainer saves and restores only the global generators: without this one a resumed run drew its text
+        # windows from the start again, and trained on other windows than the uninterrupted run.
+        super()._save_rng_state(output_dir)
+        if self.mix_text:
+            torch.save(self.mix_rng.getstate(), self._mix_rng_file(output_dir))
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if self.mix_text and checkpoint and self._mix_rng_file(checkpoint).is_file():  # none in a run without text
+            self.mix_rng.setstate(torch.load(self._mix_rng_file(checkpoint), weights_only=True))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fluxchat import chat_format, loading, stage_data, tasks
+from fluxchat import chat_format, loading, runs, stage_data, tasks
 from fluxchat.cli import UsageError
 from pipeline import dpo
 from tests.conftest import REPO, SHAKESPEARE, assert_chat_stage_files, run_main, run_script
@@ -250,6 +250,32 @@ def test_the_text_mix_adds_its_language_modelling_loss_at_its_weight(sft_model, 
         f"plus the language-modelling loss of {text}" in train_log
         and "4 windows of 64 tokens a batch of pairs" in train_log
     )
+
+
+def test_a_resumed_run_trains_on_the_text_windows_the_uninterrupted_one_does(sft_model, tmp_path):
+    """The windows' generator is saved with each checkpoint: a resumed run drew them from the start again (steps 3-4
+    on the windows of steps 1-2), so it trained on other text than the uninterrupted run and ended elsewhere."""
+    import shutil
+
+    text = tmp_path / "facts.txt"
+    text.write_text(tasks.facts_corpus(table_repeats=0)[:20000])
+    argv = [*DPO_FAST, "--max_steps", 4, "--logging_steps", 1, "--eval_strategy", "no", "--eval_examples", 0]
+    argv += ["--save_strategy", "steps", "--save_steps", 2, "--model_name_or_path", sft_model]
+    argv += ["--mix_text_file", text, "--mix_text_rows", 4]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_main(dpo.main, [*argv, "--output_dir", whole]) == (0, "")
+    # A run stopped after its step-2 checkpoint: that checkpoint and the folder's start marker.
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(whole / runs.STARTED_MARKER, resumed / runs.STARTED_MARKER)
+    assert run_main(dpo.main, [*argv, "--output_dir", resumed, "--resume"]) == (0, "")
+    text_losses = {}
+    for folder in (whole, resumed):
+        history = json.loads((folder / "log_history.json").read_text())
+        text_losses[folder.name] = [e["mix_text_loss"] for e in history if "mix_text_loss" in e and e["step"] > 2]
+    assert len(text_losses["whole"]) == 2 and text_losses["resumed"] == pytest.approx(text_losses["whole"], rel=1e-5)
+    weights = [AutoModelForCausalLM.from_pretrained(folder).lm_head.weight for folder in (whole, resumed)]
+    assert torch.allclose(*weights, atol=1e-6)
 
 
 def test_a_policy_that_has_not_moved_says_its_pairs_tie(sft_model, tmp_path, capsys):
