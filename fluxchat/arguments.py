@@ -5,10 +5,12 @@ The alignment stages' own, on TRL's configs, are stage_arguments.py's."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-from fluxchat import chat_format, tasks
+from fluxchat import chat_format, runs, tasks
 from fluxchat.cli import fail, main_process
 from fluxchat.tasks import corpus_file_problem, parse_task_weights
 
@@ -167,6 +169,43 @@ ATTENTION_PACKAGES = {
 }
 
 
+def check_model_folder(source: str) -> None:
+    """pretrain's --model_name_or_path, before anything is read: transformers' own errors for a tokenizer folder, a
+    run folder or a typo were tracebacks ("Unrecognized model ... Should have a `model_type` key")."""
+    path = Path(source)
+    flag = f"--model_name_or_path {source}"
+    if path.is_dir() and any(runs.is_finished(path / stage) for stage in runs.STAGES):
+        raise ValueError(f"{flag} is a run folder: give one of its stages' folders, such as {path / 'pretrain'}")
+    if path.is_dir() and not runs.holds_model(path):
+        raise ValueError(f"{flag}: no model in it (no config.json): give a model folder, such as runs/<name>/pretrain")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} is a file: give a model folder or a Hub id")
+    if not path.exists() and not runs.looks_like_hub_id(source):
+        raise ValueError(f"{flag}: no such folder (give a model folder or a Hub id)")
+
+
+def check_model_fits(n_layer: int, n_embd: int, block_size: int) -> None:
+    """A fresh model whose weights alone (float32, not counting the embedding of a vocabulary not known yet) exceed
+    this machine's memory: torch's "can't allocate memory: you tried to allocate 1099511627776 bytes" was a
+    traceback. Training needs about four times the weights (gradients, two Adam moments) on its device on top."""
+    body, positions = 12 * n_layer * n_embd**2, block_size * n_embd
+    weights = 4 * (body + positions)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the allocation says so itself
+        return
+    if weights > memory:
+        # The flag that makes most of the size first: an error line is said to come from the recipe's file where the
+        # first flag it names came from there.
+        sizes = {"block_size": block_size, "n_embd": n_embd, "n_layer": n_layer}
+        order = ["block_size", "n_embd", "n_layer"] if positions > body else ["n_embd", "n_layer", "block_size"]
+        raise ValueError(
+            " ".join(f"--{name} {sizes[name]}" for name in order)
+            + f": the weights alone would take {weights / 2**30:,.0f} GiB, more than this machine's "
+            f"{memory / 2**30:,.0f} GiB of memory: choose a smaller model"
+        )
+
+
 @dataclass
 class ModelArguments:
     tokenizer_name_or_path: str | None = field(
@@ -196,6 +235,10 @@ class ModelArguments:
         # Below 1, check_numbers' range line says so (here it would be a ZeroDivisionError).
         if self.n_head >= 1 and self.n_embd % self.n_head:
             raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+        if self.model_name_or_path:
+            check_model_folder(self.model_name_or_path)
+        else:
+            check_model_fits(self.n_layer, self.n_embd, self.block_size)
         if self.attn_implementation not in ATTENTION_PACKAGES:
             raise ValueError(
                 f"--attn_implementation {self.attn_implementation!r}: choose from {', '.join(ATTENTION_PACKAGES)}"

@@ -521,8 +521,5 @@ def write_model_card(
 
 
 def stage_of(stage_dir: Path) -> str:
-    """The stage a folder holds: its finished marker says so, else its folder name."""
-    marker = _read_json(Path(stage_dir) / runs.FINISHED_MARKER)
-    if isinstance(marker, dict) and isinstance(marker.get("stage"), str):
-        return marker["stage"]
-    return Path(stage_dir).name
+    """The stage a folder holds: its markers say so, else its folder name."""
+    return runs.marked_stage(stage_dir) or Path(stage_dir).name

@@ -346,6 +346,7 @@ def parse_config(
         validation.check_numbers(
             parsed
         )  # NaN, infinity and out-of-range numbers: one line, before anything is written
+        validation.check_report_to(parsed)
     except UsageError as err:
         raise UsageError(_name_the_file(str(err), yaml_values, argv, config_file)) from None
     except (ValueError, TypeError) as err:  # raised by a dataclass __post_init__ validation

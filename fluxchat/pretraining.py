@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
 from fluxchat import chat_format, generation, loading
 from fluxchat.cli import fail
@@ -162,10 +162,8 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
     )
     if model_args.model_name_or_path:
         loading.refuse_pickle_only(model_args.model_name_or_path, "model_name_or_path")
-        loading.refuse_score_model(model_args.model_name_or_path)
-        model = loading.count_predicted_tokens(
-            AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
-        )
+        # load_model: a reward model refused, a LoRA adapter merged, a folder that will not load said in one line
+        model = loading.count_predicted_tokens(loading.load_model(model_args.model_name_or_path).train())
         if model.config.vocab_size < len(tokenizer):
             fail(
                 f"--tokenizer_name_or_path has {len(tokenizer)} tokens but --model_name_or_path "
@@ -190,7 +188,15 @@ def build_model(model_args, tokenizer) -> GPT2LMHeadModel:
         activation_function="gelu_pytorch_tanh",
         **ids,
     )
-    model = GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
+    try:
+        model = GPT2LMHeadModel._from_config(config, attn_implementation=model_args.attn_implementation)
+    except (RuntimeError, MemoryError) as err:  # torch's "can't allocate memory" (ModelArguments checks the body)
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        fail(
+            f"cannot allocate the model (--n_layer {model_args.n_layer} --n_embd {model_args.n_embd} --block_size "
+            f"{model_args.block_size}, {vocab_size} tokens in the vocabulary): choose a smaller model"
+        )
     return loading.count_predicted_tokens(model)
 
 

@@ -170,6 +170,18 @@ def is_finished(folder: str | Path) -> bool:
     return (Path(folder) / FINISHED_MARKER).is_file()
 
 
+def marked_stage(folder: str | Path) -> str | None:
+    """The stage a folder's finished marker (else its started marker) names; None where neither says."""
+    for name in (FINISHED_MARKER, STARTED_MARKER):
+        try:
+            marker = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(marker, dict) and isinstance(marker.get("stage"), str):
+            return marker["stage"]
+    return None
+
+
 def looks_like_hub_id(value: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not Path(value).exists()
 
@@ -320,10 +332,12 @@ def release_stage_locks() -> None:
 
 
 def check_output_dir(
-    folder: str | Path, *, overwrite: bool, resume: bool = False, resumable: bool = True
+    folder: str | Path, *, overwrite: bool, resume: bool = False, resumable: bool = True, stage: str | None = None
 ) -> Path | None:
     """Every check on a stage's output folder, run before any input is read and anything written.
-    Returns the checkpoint to resume from (`resume`), else None. `resumable`: the stage has a --resume."""
+    Returns the checkpoint to resume from (`resume`), else None. `resumable`: the stage has a --resume. `stage`: the
+    stage about to write there, refused where the folder holds another (`sft --output_dir runs/x/tokenizer
+    --overwrite` replaced the run's tokenizer with an SFT model without a word)."""
     folder = Path(folder)
     check_path_text(folder, "--output_dir")
     lock_stage(folder, hold=False)  # first: what follows may repair or remove what another command is writing
@@ -334,6 +348,12 @@ def check_output_dir(
     check_writable(folder, f"--output_dir {folder}")
     if resume and overwrite:
         fail(f"--resume continues the run in {folder} and --overwrite replaces it: give one of them")
+    other = marked_stage(folder) if stage is not None else None
+    if other is not None and other != stage:
+        fail(
+            f"{folder} holds a {other} stage, not {stage}: choose another --output_dir (--overwrite replaces a "
+            "stage only with the same stage)"
+        )
     if not is_stage_folder(folder):
         fail(
             f"{folder} is not empty and holds no fluxchat stage (no {FINISHED_MARKER}, no checkpoint-N): refusing to "

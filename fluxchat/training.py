@@ -80,7 +80,7 @@ def plan_stage(training_args, stage: str, *, overwrite: bool, resume: bool = Fal
         )
     output_dir = resolve_output_dir(training_args, stage)
     resume_from = runs.check_output_dir(
-        output_dir, overwrite=overwrite, resume=resume, resumable=stage in runs.RESUMABLE
+        output_dir, overwrite=overwrite, resume=resume, resumable=stage in runs.RESUMABLE, stage=stage
     )
     return StageRun(stage, output_dir, runs.work_dir(output_dir, overwrite), overwrite, resume_from)
 

@@ -6,6 +6,9 @@ training arguments), so a bad number is one line before anything is loaded or wr
 
 Rules go by field name, so one rule covers every stage that has the field. A field with no rule is still
 refused when it is NaN or infinite: argparse's `float` accepts "nan" and "inf", no recipe means them.
+`check_report_to` does the same for `--report_to`: an integration transformers does not know, or one whose package
+is not installed, failed in the Trainer's constructor, in a traceback, after the stage folder was made.
+
 Raises ValueError (parse_config turns it into the one-line UsageError); imports nothing of ours.
 """
 
@@ -141,3 +144,26 @@ def check_numbers(instances: Iterable) -> None:
             rule = RULES.get(spec.name)
             if rule is not None and not rule.ok(value):
                 raise ValueError(f"--{spec.name} must be {rule.text}, got {show_number(value)}")
+
+
+def check_report_to(instances: Iterable) -> None:
+    """Raise ValueError for a `--report_to` name the Trainer would fail on: unknown, or its package not installed."""
+    # transformers is imported by then (parse_config parsed with it); imported here, not at the top, for the
+    # commands that import this module and never train
+    from transformers.integrations import integration_utils
+
+    known = integration_utils.INTEGRATION_TO_CALLBACK
+    installed = set(integration_utils.get_available_reporting_integrations())
+    # The names get_available_reporting_integrations can find installed (flyte, for one, it cannot)
+    checkable = {"azure_ml", "comet_ml", "dagshub", "dvclive", "mlflow", "neptune", "tensorboard", "wandb"}
+    checkable |= {"codecarbon", "clearml", "swanlab", "trackio", "kubeflow"}
+    for instance in instances:
+        names = getattr(instance, "report_to", None)
+        for name in [names] if isinstance(names, str) else names or []:
+            if name not in known:
+                choices = ", ".join(["none", "all", *known])
+                raise ValueError(f"--report_to {short(name)}: unknown; choose from {choices}")
+            if name in checkable and name not in installed:
+                raise ValueError(
+                    f"--report_to {name}: its package is not installed here: install it, or use --report_to none"
+                )

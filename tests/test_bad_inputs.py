@@ -247,6 +247,20 @@ CASES = [
         ("types.yaml: argument --vocab_size", "invalid int value: 'lots'"),
         prepare=write_yaml("types.yaml", "vocab_size: lots\n"),
     ),
+    Case(  # Arrow's JSON reader crashed the process (segfault, exit 139, nothing said)
+        "a JSON-lines corpus whose row is null",
+        "tokenizer",
+        lambda i, d: ["--train_file", i.null_rows_jsonl, "--output_dir", d / "tok"],
+        ("null_rows.jsonl: line 1 must be a JSON object, got null",),
+        cli=True,
+    ),
+    Case(  # --overwrite replaced the run's tokenizer with an SFT model without a word
+        "another stage's folder as --output_dir, with --overwrite",
+        "sft",
+        lambda i, d: [*sft_of_shared(i), "--output_dir", d / "tok", "--overwrite"],
+        ("tok holds a tokenizer stage, not sft", "choose another --output_dir"),
+        prepare=copy_stage("tokenizer", "tok"),
+    ),
     Case(
         "existing finished output kept",
         "tokenizer",
@@ -354,6 +368,44 @@ CASES = [
             d / "out",
         ],
         ("--block_size 128", "context (64 positions)"),
+    ),
+    Case(  # a null line after good ones: the reader crashes where a block of lines starts with one
+        "a JSON-lines corpus with a null line",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d)[:-4], "--train_file", i.null_line_jsonl, "--output_dir", d / "out"],
+        ("null_line.jsonl: line 3 must be a JSON object, got null",),
+    ),
+    Case(  # transformers' "Unrecognized model ... Should have a `model_type` key", in a traceback
+        "a tokenizer folder as the model to continue",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--model_name_or_path", i.shared / "tokenizer"],
+        ("--model_name_or_path", "tokenizer: no model in it (no config.json)"),
+        cli=True,
+    ),
+    Case(
+        "a run folder as the model to continue",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--model_name_or_path", i.shared],
+        ("is a run folder: give one of its stages' folders", "pretrain"),
+    ),
+    Case(  # the Trainer's constructor raised, in a traceback, after the stage folder was made
+        "an unknown --report_to",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--report_to", "tensorbord"],
+        ("--report_to tensorbord: unknown; choose from none, all,", "tensorboard"),
+        cli=True,
+    ),
+    Case(
+        "a --report_to whose package is not installed",
+        "sft",
+        lambda i, d: [*sft_of_shared(i), "--output_dir", d / "out", "--report_to", "clearml"],
+        ("--report_to clearml: its package is not installed here",),
+    ),
+    Case(  # torch's "can't allocate memory: you tried to allocate 1099511627776 bytes", in a traceback
+        "a model too large for the machine",
+        "pretrain",
+        lambda i, d: [*tiny_pretrain(i, d), "--block_size", 2**31],
+        ("--block_size 2147483648", "the weights alone would take 1,024 GiB", "choose a smaller model"),
     ),
     Case(
         "unfinished checkpoints without --resume",
@@ -1373,6 +1425,8 @@ def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
             [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": 4}]}],
         ),
         long_jsonl=jsonl("long.jsonl", [{"instruction": "word " * 200, "output": "answer " * 50}] * 3),
+        null_rows_jsonl=jsonl("null_rows.jsonl", ["null", "null"]),
+        null_line_jsonl=jsonl("null_line.jsonl", [{"text": "To be."}, {"text": "Or not."}, "null"]),
         identical_pairs=jsonl(
             "identical.jsonl", [{"prompt": f"Q{n}?", "chosen": "Same.", "rejected": "Same."} for n in range(6)]
         ),

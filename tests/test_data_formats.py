@@ -438,3 +438,37 @@ def test_a_dataset_saved_with_save_to_disk_is_read_as_rows(tmp_path):
         data.load_text([str(tmp_path / "splits")], None)
     with pytest.raises(UsageError, match=r"is a dataset saved with save_to_disk: pass it as --train_file"):
         data.load_text(None, str(corpus))
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("nulls.jsonl", b"null\nnull\n", "line 1 must be a JSON object, got null"),
+        ("late.jsonl", b'{"text": "a"}\n\n{"text": "b"}\nnull\n', "line 4 must be a JSON object, got null"),
+        ("numbers.jsonl", b'{"text": "a"}\n  7\n', "line 2 must be a JSON object, got a number"),
+        ("prose.jsonl", b'{"text": "a"}\nTo be or not\n', "line 2 is not a JSON object (one object per line"),
+        ("null.json", b"null", "line 1 must be a JSON object, got null"),
+        ("list.json", b'[{"text": "a"}, null]', "row 2 must be a JSON object, got null"),
+    ],
+)
+def test_a_corpus_row_that_is_no_json_object_is_named_before_arrow_reads_it(tmp_path, name, content, expected):
+    """Arrow's JSON reader ended the process in a segfault (exit 139, nothing said) on a `null` row where a block of
+    lines starts; other such rows were read as empty documents or said "Column() changed from object to number"."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UsageError, match=f"{name}: {expected}".replace("(", r"\(")):
+        data.load_text([str(tmp_path / name)], None)
+
+
+def test_corpus_json_shapes_the_row_check_lets_through(tmp_path):
+    """What the check on rows must not refuse: a byte-order mark, a list of texts, one object over several lines
+    (a .json file datasets reads as one row), blank lines between rows."""
+    files = {
+        "bom.jsonl": b'\xef\xbb\xbf{"text": "ROMEO: hi"}\n',
+        "texts.json": b'["ROMEO: hi", "JULIET: yo"]',
+        "pretty.json": b'{\n  "text": "ROMEO: hi"\n}\n',
+        "blanks.jsonl": b'{"text": "ROMEO: hi"}\n\n   \n{"text": "JULIET: yo"}\n',
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        train, validation = data.load_text([str(tmp_path / name)], None, validation_fraction=0)
+        assert "ROMEO: hi" in "".join(train), name

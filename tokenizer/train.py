@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
         fail(f"--vocab_size {args.vocab_size} is too large: at most {MAXIMUM_VOCAB_SIZE:,}")
     runs.check_run_name(args.run_name)
     output_dir = Path(args.output_dir) if args.output_dir else runs.stage_dir(args.run_name, "tokenizer")
-    runs.check_output_dir(output_dir, overwrite=args.overwrite)
+    runs.check_output_dir(output_dir, overwrite=args.overwrite, stage="tokenizer")
     train_texts, heldout_texts = load_text(
         args.train_file, args.dataset_name, args.text_column, args.validation_fraction
     )
