@@ -209,7 +209,10 @@ def check_model_fits(n_layer: int, n_embd: int, block_size: int) -> None:
 @dataclass
 class ModelArguments:
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder or Hub id; default runs/<run_name>/tokenizer."}
+        default=None,
+        metadata={
+            "help": "Tokenizer folder or Hub id; default the --model_name_or_path folder's own, else runs/<run_name>/tokenizer."
+        },
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Continue from this causal LM instead of a fresh GPT-2."}

@@ -44,6 +44,9 @@ def split_stage_args(items: list[str]) -> dict[str, list[str]]:
         stage, _, flag = item.partition(":")
         if stage not in CHAIN or not flag.startswith("--"):
             fail(f"--stage_args {item!r}: expected 'stage:--flag=value' with a stage from {', '.join(CHAIN)}")
+        name, space, value = flag.partition(" ")
+        if space and "=" not in name:  # `"sft:--max_steps 5"`: the stage read "--max_steps 5" as one unknown flag
+            fail(f"--stage_args {item!r}: join a flag to its value with '=': {stage}:{name}={value.strip()}")
         extra.setdefault(stage, []).append(flag)
     for stage, flags in extra.items():
         if owned := [f for f in flags if f.split("=")[0].lstrip("-").replace("-", "_") in OWNED_FLAGS]:

@@ -85,6 +85,8 @@ def expand_files(paths: list[str], flag: str = "--train_file", check: bool = Tru
             if path.suffix not in TEXT_SUFFIXES:
                 fail(f"{flag} {path}: unsupported file type '{path.suffix}' (use {', '.join(TEXT_SUFFIXES)})")
             files.append(path)
+        elif path.exists():  # a pipe, a device (/dev/null), a socket: `no such file` was untrue
+            fail(f"{flag} {path}: not a regular file or folder (a pipe or a device): give a text file")
         else:
             fail(f"{flag} {path}: no such file or folder")
     seen: dict[Path, Path] = {}

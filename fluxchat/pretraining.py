@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,6 +153,13 @@ class Blocks(RandomWindows):
 
     def __getitem__(self, i):
         return super().__getitem__(i * self.block_size)
+
+
+def own_tokenizer(model_source: str | None) -> str | None:
+    """The folder of a model to continue, where it holds a tokenizer of its own (every stage saves one)."""
+    if model_source and (Path(model_source) / "tokenizer.json").is_file():
+        return model_source
+    return None
 
 
 def build_model(model_args, tokenizer) -> GPT2LMHeadModel:

@@ -212,6 +212,11 @@ def resolve_input(value: str | None, run_name: str, stage: str) -> str:
                 else f"which it does not hold finished ({folder / stage})"
             )
         )
+    if value and stage != "tokenizer" and is_finished(folder) and not holds_model(folder):
+        # A tokenizer's folder where a model is read: "cannot read the model config ... re-run the stage" misled
+        fail(
+            f"{folder} holds a {marked_stage(folder) or 'finished'} stage, not a model: give the folder of a finished {stage} stage"
+        )
     if value and not is_finished(folder) and not _is_plain_model_dir(folder):
         fail(
             f"{folder} holds no finished {stage} output (no {FINISHED_MARKER}) and no saved model (no tokenizer.json): "

@@ -65,17 +65,24 @@ def sft_dataset(tokenizer, conversations: list[dict], max_length: int, required:
 
 
 def note_no_mix_text(script_args, name: str) -> None:
-    """A text mix set away from its default (`name`: SFT's mix_text_fraction, DPO's mix_text_weight) by a recipe or
-    a flag, with no --mix_text_file, mixes in nothing: say so, as for LoRA settings without --use_peft. The tiny
-    recipes ask for the facts prose that run_all.py passes; the same stage typed without it trained unmixed, unsaid."""
+    """SFT's mix_text_fraction or DPO's mix_text_weight with no --mix_text_file: the tiny recipes ask for the facts
+    prose that run_all.py passes; the same stage typed without it trained unmixed, unsaid."""
+    note_unused_setting(
+        script_args,
+        name,
+        "mix_text_file",
+        "mixes in nothing",
+        f"give one (run_all.py gives the run's {runs.DATA_DIR}/{runs.FACTS_MIX_FILE}), or --{name} 0",
+    )
+
+
+def note_unused_setting(script_args, name: str, needed: str, effect: str, remedy: str) -> None:
+    """A setting moved from its default by a recipe or a flag that does nothing without --`needed`: said (main
+    process only), as for LoRA settings without --use_peft. At its default it is no choice of the user's: quiet."""
     amount = getattr(script_args, name)
     default = next(f.default for f in dataclasses.fields(script_args) if f.name == name)
-    if not script_args.mix_text_file and amount and amount != default and main_process():
-        print(
-            f"note: --{name} {amount:g} mixes in nothing without --mix_text_file: give one (run_all.py gives the "
-            f"run's {runs.DATA_DIR}/{runs.FACTS_MIX_FILE}), or --{name} 0",
-            file=sys.stderr,
-        )
+    if not getattr(script_args, needed) and amount and amount != default and main_process():
+        print(f"note: --{name} {amount:g} {effect} without --{needed}: {remedy}", file=sys.stderr)
 
 
 def read_mix_text(tokenizer, path: str) -> list[int]:

@@ -576,6 +576,8 @@ def parse_task_weights(entries) -> dict[str, float]:
                 f"--task_weights {entry!r}: expected task=weight with a weight > 0 (at most {MAX_TASK_WEIGHT:,.0f})"
                 f" and a task among {', '.join(TASKS)}"
             )
+        if name in weights:  # the last would win unsaid (a recipe's YAML refuses a repeated key)
+            raise ValueError(f"--task_weights names {name} twice ({name}={weights[name]:g}, {entry}): give it once")
         weights[name] = weight
     return weights
 

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> Path:
         if script_args.reward_model_path
         else None
     )
+    stage_data.note_unused_setting(
+        script_args, "reward_model_weight", "reward_model_path", "weighs nothing", "give a reward stage's folder"
+    )
     tokenizer = loading.load_chat_tokenizer(sft_path)
     if reward_path:
         loading.check_same_tokenizer(tokenizer, reward_path, "--reward_model_path")

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> Path:
     run = training.plan_stage(args, "pretrain", overwrite=data_args.overwrite, resume=data_args.resume)
     push_request = hub.take_over_push(args)  # we push the finished folder once, not every checkpoint
 
-    tokenizer_path = runs.resolve_input(model_args.tokenizer_name_or_path, training.run_name(args), "tokenizer")
+    # A model continued from its own folder brings its tokenizer: the run's (runs/default/tokenizer unless
+    # --run_name) was demanded instead, and could be another one with as many tokens, its ids meaning other text.
+    tokenizer_source = model_args.tokenizer_name_or_path or pretraining.own_tokenizer(model_args.model_name_or_path)
+    tokenizer_path = runs.resolve_input(tokenizer_source, training.run_name(args), "tokenizer")
     tokenizer = loading.load_tokenizer(tokenizer_path)
     sources = data.text_sources(
         data_args.train_file,

@@ -261,6 +261,30 @@ CASES = [
         ("tok holds a tokenizer stage, not sft", "choose another --output_dir"),
         prepare=copy_stage("tokenizer", "tok"),
     ),
+    Case(  # said "no such file or folder", which was untrue
+        "a device as the training text",
+        "tokenizer",
+        lambda i, d: ["--train_file", "/dev/null", "--output_dir", d / "tok"],
+        ("--train_file /dev/null: not a regular file or folder (a pipe or a device)",),
+    ),
+    Case(  # "cannot read the model config ... re-run the stage that wrote it": nothing was wrong with the folder
+        "a tokenizer's folder as the model to fine-tune",
+        "sft",
+        lambda i, d: ["--preset", "tiny", "--model_name_or_path", i.shared / "tokenizer", "--output_dir", d / "out"],
+        ("tokenizer holds a tokenizer stage, not a model", "finished pretrain stage"),
+    ),
+    Case(  # the last weight won, unsaid
+        "a task weighted twice",
+        "sft",
+        lambda i, d: [*sft_of_shared(i), "--output_dir", d / "out", "--task_weights", "capital=1", "capital=2"],
+        ("--task_weights names capital twice (capital=1, capital=2): give it once",),
+    ),
+    Case(  # the stage read "--max_steps 5" as one unknown flag, and suggested 'max_steps'
+        "a stage flag and its value in one word with a space",
+        "run_all",
+        lambda i, d: ["--run_name", "x", "--stage_args", "sft:--max_steps 5"],
+        ("--stage_args 'sft:--max_steps 5': join a flag to its value with '=': sft:--max_steps=5",),
+    ),
     Case(
         "existing finished output kept",
         "tokenizer",

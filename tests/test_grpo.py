@@ -246,10 +246,11 @@ def test_grpo_with_lora_saves_the_merged_policy(chain, tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_path):
+def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_path, capsys):
     no_answers = _write_jsonl(tmp_path / "no_answers.jsonl", [{"prompt": "Say yes."}, {"prompt": "Say no."}])
     base = [*GRPO_FAST, "--run_name", "bad", "--model_name_or_path", chain / "sft"]
-    code, error = run_main(grpo.main, [*base, "--dataset", no_answers])
+    capsys.readouterr()
+    code, error = run_main(grpo.main, [*base, "--dataset", no_answers, "--reward_model_weight", 2])
     assert (
         code == 2
         and str(no_answers) in error
@@ -257,6 +258,11 @@ def test_bad_inputs_are_one_line_and_write_nothing(chain, isolated_runs, tmp_pat
         and "answer" in error
         and "--reward_model_path" in error
     )
+    # A reward model's weight with no reward model weighs nothing: said, as a text mix without its file is.
+    note = "note: --reward_model_weight 2 weighs nothing without --reward_model_path: give a reward stage's folder"
+    assert note in capsys.readouterr().err
+    run_main(grpo.main, [*base, "--dataset", no_answers])
+    assert "--reward_model_weight" not in capsys.readouterr().err  # at its default: no choice of the user's
     null_answer = _write_jsonl(
         tmp_path / "null.jsonl", [{"prompt": "Say yes.", "answer": "yes"}, {"prompt": "Hi", "answer": None}]
     )

@@ -182,6 +182,19 @@ def _stop_after_the_first_checkpoint(cmd, run_name, tmp_path, stop) -> tuple[int
     return code, text, text.replace("\r", "\n").strip().splitlines()
 
 
+def test_a_model_continued_from_its_folder_brings_its_own_tokenizer(tiny_run, isolated_runs):
+    """Continuing a model needs the tokenizer its ids mean: the folder's own, where no --tokenizer_name_or_path says
+    otherwise. The run's was demanded (runs/<run_name>/tokenizer, here one that does not exist) and, where it
+    existed, used: another tokenizer of as many tokens would have trained on ids that meant other text."""
+    argv = [*_pretrain_cmd("continued", 2)[2:], "--model_name_or_path", tiny_run / "pretrain", "--eval_strategy", "no"]
+    argv += ["--block_size", AutoModelForCausalLM.from_pretrained(tiny_run / "pretrain").config.n_positions]
+    assert run_main(pretrain.main, argv) == (0, "")
+    stage = runs.stage_dir("continued", "pretrain")
+    saved = AutoTokenizer.from_pretrained(stage)
+    assert saved.get_vocab() == AutoTokenizer.from_pretrained(tiny_run / "pretrain").get_vocab()
+    assert not runs.stage_dir("continued", "tokenizer").exists()
+
+
 def test_resume_after_ctrl_c_matches_an_uninterrupted_one(isolated_runs, tmp_path):
     train_tiny_tokenizer("ref")
     train_tiny_tokenizer("killed")
