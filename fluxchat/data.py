@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import mmap
 import os
 import re
 import sys
@@ -394,7 +395,6 @@ def _refuse_rows_that_are_not_objects(path: Path) -> None:
     whole process on a `null` row where a block of lines starts (a segfault, exit 139, not a word said): a corpus
     file of nulls ended pretraining and the tokenizer so. Searched in the mapped file by a compiled pattern, not
     parsed in Python: a corpus may be gigabytes. A .json list (read whole by datasets as well) is checked row by row."""
-    import mmap  # only where a JSON corpus is read
 
     if path.stat().st_size == 0:  # nothing to map; the reader's own line says the file is empty
         return
