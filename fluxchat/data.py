@@ -379,7 +379,10 @@ def load_rows_file(path: Path):
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:
-        fail(f"{path}: could not be read as {builder} ({_json_fault(path) or _cause(err)})")
+        cause = _json_fault(path) or _cause(err)
+        if "corresponds to no data" in cause:  # datasets' words for a file of blank lines or `{}` rows
+            fail(f"{path}: no rows with any field (only blank lines or empty objects)")
+        fail(f"{path}: could not be read as {builder} ({cause})")
     finally:
         datasets_logging.set_verbosity(level)
 

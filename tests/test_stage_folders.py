@@ -76,11 +76,16 @@ def inputs(tiny_run, tmp_path_factory) -> SimpleNamespace:
 
 
 # ---- preparations: what the case folder holds before the command runs
-def finished_stage(name: str = "out", source: str = "pretrain"):
-    """A finished stage (the shared tiny run's) at <case>/<name>: what --overwrite may replace."""
+def finished_stage(name: str = "out", source: str = "pretrain", marked: str | None = None):
+    """A finished stage (the shared tiny run's) at <case>/<name>: what --overwrite may replace. `marked`: its markers
+    name that stage instead (--overwrite replaces a stage only with the same stage; the shared run has no sft)."""
 
     def prepare(i, d):
         shutil.copytree(i.shared / source, d / name)
+        for marker in (runs.FINISHED_MARKER, runs.STARTED_MARKER):
+            if marked and (d / name / marker).is_file():
+                content = json.loads((d / name / marker).read_text())
+                (d / name / marker).write_text(json.dumps({**content, "stage": marked}))
 
     return prepare
 
@@ -215,7 +220,7 @@ CASES = [
         "reward",
         lambda i, d: model_stage(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"),
         ("broken.jsonl",),
-        finished_stage(),
+        finished_stage(marked="reward"),
         cli=True,
     ),
     Case(
@@ -224,7 +229,7 @@ CASES = [
         "ppo",
         lambda i, d: ppo_args(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"),
         ("broken.jsonl",),
-        finished_stage(),
+        finished_stage(marked="ppo"),
         cli=True,
     ),
     Case(
@@ -233,7 +238,7 @@ CASES = [
         "sft",
         lambda i, d: model_stage(i, d, "--dataset", i.broken, "--output_dir", d / "out", "--overwrite"),
         ("broken.jsonl",),
-        finished_stage(),
+        finished_stage(marked="sft"),
     ),
     Case(
         "2",
