@@ -391,6 +391,7 @@ def load_rows_file(path: Path):
 # array, text). Led by the newline, not `^` in MULTILINE mode: the engine then skips from newline to newline
 # (2 GB/s here, against 0.2).
 _NOT_AN_OBJECT_LINE = re.compile(rb"\n[ \t\r]*[^{\s]")
+_FIRST_CHARACTER = re.compile(rb"\S")
 
 
 def _refuse_rows_that_are_not_objects(path: Path) -> None:
@@ -398,12 +399,11 @@ def _refuse_rows_that_are_not_objects(path: Path) -> None:
     whole process on a `null` row where a block of lines starts (a segfault, exit 139, not a word said): a corpus
     file of nulls ended pretraining and the tokenizer so. Searched in the mapped file by a compiled pattern, not
     parsed in Python: a corpus may be gigabytes. A .json list (read whole by datasets as well) is checked row by row."""
-
     if path.stat().st_size == 0:  # nothing to map; the reader's own line says the file is empty
         return
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
         start = 3 if view[:3] == codecs.BOM_UTF8 else 0
-        first = re.compile(rb"\S").search(view, start)
+        first = _FIRST_CHARACTER.search(view, start)
         if first is None:
             return
         if view[first.start() : first.start() + 1] == b"[":
